@@ -1,0 +1,92 @@
+"""Backend registry: names, capability checks, and the choice of backend.
+
+Every backend module exposes ``NAME``, ``available() -> (bool, reason)``,
+``supports(call) -> None | reason``, ``fwd(...)`` and ``bwd(...)``.
+"""
+
+import contextlib
+import contextvars
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import cpu, cuda, reference, triton
+
+BACKENDS = {m.NAME: m for m in (triton, cuda, cpu, reference)}
+NAMES = ("auto",) + tuple(BACKENDS)
+ENV_VAR = "FLASHATTN_LITE_BACKEND"
+
+# auto's order of preference per device type; reference is always last.
+_AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}
+
+_current = contextvars.ContextVar("flashattn_lite_backend", default=None)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a backend needs to know to decide whether it can serve a call."""
+    device: torch.device
+    dtype: torch.dtype
+    head_dim: int
+
+
+def _check_name(name):
+    if not isinstance(name, str) or name not in NAMES:
+        raise ValueError(f"unknown flashattn_lite backend {name!r}; choose one of {', '.join(NAMES)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Force a backend inside a ``with`` block ("auto" restores the automatic choice).
+
+    An explicitly chosen backend that cannot serve a call raises with the reason;
+    it never hands the call to another backend.
+    """
+    token = _current.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def requested_backend():
+    """The backend asked for: ``use_backend`` first, then $FLASHATTN_LITE_BACKEND, then auto."""
+    name = _current.get()
+    if name is None:
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env:
+            if env not in NAMES:
+                raise ValueError(f"{ENV_VAR}={env!r} is not a flashattn_lite backend; "
+                                 f"choose one of {', '.join(NAMES)}")
+            name = env
+        else:
+            name = "auto"
+    return name
+
+
+def available_backends():
+    """{name: (usable here, why or why not)} for every concrete backend."""
+    return {name: tuple(mod.available()) for name, mod in BACKENDS.items()}
+
+
+def select(call):
+    """Name of the backend that will serve ``call``; raises if none can."""
+    name = requested_backend()
+    if name != "auto":
+        why = BACKENDS[name].supports(call)
+        if why is not None:
+            raise RuntimeError(f"flashattn_lite backend {name!r} cannot run this call: {why}")
+        return name
+    reasons = []
+    for candidate in _AUTO_ORDER.get(call.device.type, ("reference",)):
+        why = BACKENDS[candidate].supports(call)
+        if why is None:
+            return candidate
+        reasons.append(f"{candidate}: {why}")
+    raise RuntimeError("no flashattn_lite backend can run this call (" + "; ".join(reasons) + ")")
+
+
+def get(name):
+    return BACKENDS[_check_name(name)]

@@ -1,0 +1,80 @@
+"""Pure-PyTorch attention: the oracle of the tests and the last-resort backend.
+
+Materialises the (Sq, Sk) score matrix, so it is O(N^2) in memory.  Computes in
+float32 (float64 for float64 input) and casts the result to the input dtype.
+"""
+
+import torch
+
+NAME = "reference"
+
+
+def visibility_mask(seqlen_q, seqlen_k, diag_offset, window_left, window_right, device):
+    """(Sq, Sk) bool: may query i see key j?  Band i+off-left <= j <= i+off+right."""
+    i = torch.arange(seqlen_q, device=device)[:, None]
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    rel = j - i - diag_offset
+    mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if window_right >= 0:
+        mask &= rel <= window_right
+    if window_left >= 0:
+        mask &= rel >= -window_left
+    return mask
+
+
+def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window_right=-1, upcast=True):
+    """Attention on (B, S, H, D) tensors, differentiable by autograd.
+
+    ``upcast=True`` computes in float32 (float64 stays float64) and returns the
+    input dtype; ``upcast=False`` keeps every step in the input dtype, which is
+    what a plain same-dtype PyTorch implementation would do (the tests use it
+    as the yardstick of achievable accuracy).  Returns ``(out, lse)`` with lse
+    float32 of shape (B, H, Sq); a row that sees no key gives 0 and -inf.
+    """
+    dtype = q.dtype
+    if upcast:
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        q, k, v = q.to(work), k.to(work), v.to(work)
+    hq, hk = q.shape[2], k.shape[2]
+    if hq != hk:
+        k = k.repeat_interleave(hq // hk, dim=2)
+        v = v.repeat_interleave(hq // hk, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * softmax_scale
+    mask = visibility_mask(q.shape[1], k.shape[1], diag_offset, window_left, window_right, q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True) if scores.shape[-1] else scores.new_full(
+        scores.shape[:-1] + (1,), float("-inf"))
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max).detach()
+    p = torch.exp(scores - row_max)
+    denom = p.sum(dim=-1, keepdim=True)
+    empty = denom == 0
+    denom_safe = torch.where(empty, torch.ones_like(denom), denom)
+    out = torch.einsum("bhqk,bkhd->bqhd", p / denom_safe, v)
+    lse = torch.where(empty, torch.full_like(denom, float("-inf")), row_max + torch.log(denom_safe))
+    return out.to(dtype), lse.squeeze(-1).float()
+
+
+def supports(call):
+    return None
+
+
+def available():
+    return True, "pure PyTorch, always available"
+
+
+def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right):
+    with torch.no_grad():
+        return attention_math(q, k, v, softmax_scale, diag_offset, window_left, window_right)
+
+
+def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, deterministic):
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        o, lse_ = attention_math(*leaves, softmax_scale, diag_offset, window_left, window_right)
+        outputs, grads = [o], [dout]
+        if dlse is not None:
+            # -inf rows have no dependence on q, k, v; keep their gradient out of the graph
+            outputs.append(torch.where(torch.isinf(lse_), 0.0, lse_))
+            grads.append(dlse)
+        dq, dk, dv = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip((q, k, v), (dq, dk, dv)))

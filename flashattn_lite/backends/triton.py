@@ -1,0 +1,127 @@
+"""Launches the Triton kernels of ``flashattn_lite.triton_kernels``.
+
+Serves CUDA tensors, and CPU tensors when ``TRITON_INTERPRET=1`` (Triton's
+interpreter; that is how the kernels are tested without a GPU).  Kernel modules
+are imported on first use only, so importing flashattn_lite never initialises
+Triton's GPU driver.
+"""
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+NAME = "triton"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreter_enabled():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available():
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if torch.cuda.is_available():
+        return True, "triton on CUDA"
+    if interpreter_enabled():
+        return True, "triton interpreter on CPU tensors (TRITON_INTERPRET=1)"
+    return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter)"
+
+
+def supports(call):
+    """None if this backend can serve ``call``, else the reason it cannot."""
+    ok, why = available()
+    if not ok:
+        return why
+    if call.device.type == "cuda":
+        pass
+    elif call.device.type == "cpu" and interpreter_enabled():
+        pass
+    else:
+        return f"tensors on {call.device.type}; triton needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)"
+    if call.dtype not in _DTYPES:
+        return f"dtype {call.dtype} is not supported by triton (fp16, bf16, fp32)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    from flashattn_lite.triton_kernels import attention, configs
+    return attention, configs
+
+
+def _capability(device):
+    return None if device.type == "cpu" else torch.cuda.get_device_capability(device)
+
+
+def _dot_precision(dtype):
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _common(q, k, softmax_scale, diag_offset, window_left, window_right, cfg, configs):
+    head_dim = q.shape[3]
+    block_d = configs.padded_head_dim(head_dim)
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    args = dict(seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim, group=q.shape[2] // k.shape[2],
+                offset=diag_offset, left=max(window_left, 0), right=max(window_right, 0),
+                qk_scale=softmax_scale * 1.4426950408889634)
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                EVEN_M=seqlen_q % cfg.block_m == 0, EVEN_N=seqlen_k % cfg.block_n == 0,
+                PAD_D=head_dim != block_d, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+                DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return args, meta
+
+
+def _s(t):
+    """(batch, seq, head) strides of a (B, S, H, D) tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right):
+    attention, configs = _kernels()
+    batch, seqlen_q, heads, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    cfg = configs.fwd_config(q.shape[3], q.dtype, _capability(q.device))
+    args, meta = _common(q, k, softmax_scale, diag_offset, window_left, window_right, cfg, configs)
+    grid = (triton_cdiv(seqlen_q, cfg.block_m), heads, batch)
+    attention.fwd_kernel[grid](q, k, v, out, lse, *_s(q), *_s(k), *_s(v), *_s(out), lse.stride(0), lse.stride(1),
+                               **args, **meta)
+    return out, lse
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, deterministic):
+    attention, configs = _kernels()
+    batch, seqlen_q, heads, _ = q.shape
+    heads_k = k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    cfg = configs.bwd_config(q.shape[3], q.dtype, _capability(q.device))
+    args, meta = _common(q, k, softmax_scale, diag_offset, window_left, window_right, cfg, configs)
+    delta = torch.empty_like(lse)
+    lse2 = torch.empty_like(lse)
+    num_m = triton_cdiv(seqlen_q, cfg.block_m)
+    attention.bwd_preprocess_kernel[(num_m, heads, batch)](
+        out, dout, lse, lse if dlse is None else dlse, delta, lse2, *_s(out), *_s(dout), lse.stride(0), lse.stride(1),
+        seqlen_q, q.shape[3], BLOCK_M=cfg.block_m, BLOCK_D=meta["BLOCK_D"], EVEN_M=meta["EVEN_M"],
+        PAD_D=meta["PAD_D"], HAS_DLSE=dlse is not None,
+        num_warps=cfg.num_warps)
+    attention.bwd_dkdv_kernel[(triton_cdiv(k.shape[1], cfg.block_n), heads_k, batch)](
+        q, k, v, dout, lse2, delta, dk, dv, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dk), *_s(dv),
+        lse.stride(0), lse.stride(1), **args, sm_scale=softmax_scale, **meta)
+    attention.bwd_dq_kernel[(num_m, heads, batch)](
+        q, k, v, dout, lse2, delta, dq, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dq),
+        lse.stride(0), lse.stride(1), **args, sm_scale=softmax_scale, **meta)
+    return dq, dk, dv

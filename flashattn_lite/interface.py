@@ -1,0 +1,148 @@
+"""Functional API: validate inputs, normalise layout, pick a backend, call the op.
+
+Everything a user can get wrong is checked here, on the host, before any kernel
+runs, and raises an exception that names the problem.
+"""
+
+import math
+
+import torch
+
+from . import backends
+from .ops import fwd as _fwd_op  # noqa: F401  (registers torch.ops.flashattn_lite.*)
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+
+def _check_tensor(name, t, ndim, layout):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+
+
+def _unit_last_stride(t):
+    # Kernels address the head dim with stride 1; anything else is copied once.
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    return t
+
+
+def _validate_qkv(q, k, v, names, layout):
+    """Checks common to both layouts; tensors given as logical (B, S, H, D)."""
+    nq, nk, nv = names
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{nq}, {nk}, {nv} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, {v.device}")
+    b, sq, hq, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"{nk} and {nv} must have the same shape {layout}, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != b:
+        raise ValueError(f"batch size differs: {nq} has {b}, {nk} has {k.shape[0]}")
+    if k.shape[3] != d:
+        raise ValueError(f"head dim differs: {nq} has {d}, {nk}/{nv} have {k.shape[3]} "
+                         "(a different value head dim is not supported)")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in 1..{MAX_HEAD_DIM}, got {d}")
+    hk = k.shape[2]
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"number of query heads ({hq}) must be a multiple of the number of key/value heads ({hk})")
+
+
+def _check_scale(scale, name):
+    if isinstance(scale, torch.Tensor):
+        raise TypeError(f"{name} must be a Python number, not a tensor")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"{name} must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def _check_window(window_size):
+    try:
+        left, right = window_size
+        left, right = int(left), int(right)
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size must be a pair (left, right) of ints, got {window_size!r}") from None
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= 0, or -1 for unbounded, got {window_size!r}")
+    return left, right
+
+
+def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right):
+    call = backends.Call(device=q.device, dtype=q.dtype, head_dim=q.shape[3])
+    backend = backends.select(call)
+    return torch.ops.flashattn_lite.fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, backend)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Exact attention in flash-attn's layout.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim).
+        k, v: (batch, seqlen_k, nheads_k, headdim); ``nheads % nheads_k == 0`` (GQA/MQA).
+        softmax_scale: defaults to ``headdim ** -0.5``.
+        causal: bottom-right aligned when seqlen_q != seqlen_k: query i sees keys
+            ``j <= i + seqlen_k - seqlen_q`` (flash-attn >= 2.1).
+        window_size: (left, right) local attention on the same diagonal; -1 = unbounded.
+        deterministic: accepted for compatibility; every backward here is deterministic.
+        return_attn_probs: also return ``softmax_lse`` (float32, (batch, nheads, seqlen_q)).
+
+    Returns ``out`` (batch, seqlen_q, nheads, headdim), or ``(out, softmax_lse, None)``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, 4, "(batch, seqlen, heads, headdim)")
+    _validate_qkv(q, k, v, ("q", "k", "v"), "(batch, seqlen, heads, headdim)")
+    if dropout_p != 0.0:
+        raise NotImplementedError("dropout_p > 0 is not implemented yet in flashattn_lite")
+    if softcap != 0.0:
+        raise NotImplementedError("softcap is not implemented yet in flashattn_lite")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes is not implemented yet in flashattn_lite")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else _check_scale(softmax_scale, "softmax_scale")
+    left, right = _check_window(window_size)
+    if causal:
+        right = 0
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    out, lse = _run(q, k, v, scale, k.shape[1] - q.shape[1], left, right)
+    if return_attn_probs:
+        return out, lse, None
+    return out
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Layout (batch, heads, seqlen, headdim) (or (heads, seqlen, headdim)); causal is
+    aligned top-left as in torch: query i sees keys ``j <= i``.  With
+    ``enable_gqa=True`` key/value may have fewer heads than query.  Internally
+    the tensors are viewed as (B, S, H, D) through strides: nothing is copied.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    unbatched = query.dim() == 3
+    if unbatched and key.dim() == 3 and value.dim() == 3:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t, 4, "(batch, heads, seqlen, headdim)")
+    if attn_mask is not None:
+        raise NotImplementedError("attn_mask is not implemented yet in flashattn_lite")
+    if dropout_p != 0.0:
+        raise NotImplementedError("dropout_p > 0 is not implemented yet in flashattn_lite")
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(f"query has {query.shape[1]} heads and key {key.shape[1]}: pass enable_gqa=True for "
+                         "grouped-query attention")
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    _validate_qkv(q, k, v, ("query", "key", "value"), "(batch, heads, seqlen, headdim)")
+    softmax_scale = q.shape[-1] ** -0.5 if scale is None else _check_scale(scale, "scale")
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    out, _ = _run(q, k, v, softmax_scale, 0, -1, 0 if is_causal else -1)
+    out = out.transpose(1, 2)
+    return out.squeeze(0) if unbatched else out

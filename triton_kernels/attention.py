@@ -1,0 +1,441 @@
+"""Triton kernels for exact attention: tiled online-softmax forward and
+recomputation-based backward (FlashAttention-2 style).
+
+Conventions shared by every kernel here:
+
+* Tensors are addressed through strides in the logical layout
+  (batch, seqlen, heads, headdim) with a contiguous last dimension, so both the
+  flash layout (B, S, H, D) and torch's (B, H, S, D) are read without copies.
+* Visibility of key ``j`` to query ``i`` is one band around a diagonal:
+  ``i + offset - left <= j <= i + offset + right``.  ``offset`` is ``Sk - Sq``
+  for bottom-right causal (flash-attn) and ``0`` for top-left (torch);
+  causal is ``right == 0``; a missing side (``HAS_LEFT``/``HAS_RIGHT`` false)
+  is unbounded.
+* Scores are carried in base 2: ``s2 = (q . k) * scale * log2(e)`` so the
+  softmax uses ``exp2``; ``lse`` is stored as the natural log.
+* A query row that sees no key yields ``out = 0`` and ``lse = -inf``.  The
+  backward replaces that ``-inf`` with ``+inf`` so every probability of the row
+  is ``exp2(-inf) = 0`` and its gradients vanish without a NaN.
+
+Kernels know nothing of autograd or of torch; the launcher lives in
+``flashattn_lite.backends.triton``.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, offs_d, head_dim,
+               CHECK_ROWS: tl.constexpr, CHECK_D: tl.constexpr):
+    """Load a (rows, headdim) tile; masks are compiled in only when needed."""
+    if CHECK_ROWS:
+        if CHECK_D:
+            t = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < head_dim), other=0.0)
+        else:
+            t = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if CHECK_D:
+            t = tl.load(ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+        else:
+            t = tl.load(ptrs)
+    return t
+
+
+@triton.jit
+def _store_tile(ptrs, val, rows, n_rows, offs_d, head_dim,
+                CHECK_ROWS: tl.constexpr, CHECK_D: tl.constexpr):
+    if CHECK_ROWS:
+        if CHECK_D:
+            tl.store(ptrs, val, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < head_dim))
+        else:
+            tl.store(ptrs, val, mask=rows[:, None] < n_rows)
+    else:
+        if CHECK_D:
+            tl.store(ptrs, val, mask=offs_d[None, :] < head_dim)
+        else:
+            tl.store(ptrs, val)
+
+
+@triton.jit
+def _visible(rows, cols, seqlen_k, offset, left, right,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Boolean tile: may query ``rows`` see key ``cols``?  (broadcast shapes)"""
+    rel = cols - rows - offset
+    ok = cols < seqlen_k
+    if HAS_RIGHT:
+        ok = ok & (rel <= right)
+    if HAS_LEFT:
+        ok = ok & (rel >= -left)
+    return ok
+
+
+@triton.jit
+def _block_ranges(start, n_cols, offset, left, right,
+                  BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, EVEN_COLS: tl.constexpr,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Column-block ranges for the row block [start, start + BLOCK_ROWS).
+
+    Rows see columns in ``row + offset - left .. row + offset + right``.
+    Returns ``lo <= full_lo <= full_hi <= hi``: blocks in ``[lo, full_lo)`` and
+    ``[full_hi, hi)`` are partly visible (need a mask), blocks in
+    ``[full_lo, full_hi)`` are visible to every row and in bounds, and blocks
+    outside ``[lo, hi)`` are invisible to every row and never touched.  The
+    same function serves the transposed question (which query rows see a key
+    block) with ``offset -> -offset`` and ``left <-> right``.
+    """
+    last = start + BLOCK_ROWS - 1
+    lo = 0
+    hi = n_cols
+    if HAS_LEFT:
+        lo = tl.maximum(start + offset - left, 0)
+        lo = (lo // BLOCK_COLS) * BLOCK_COLS
+    if HAS_RIGHT:
+        hi = tl.minimum(last + offset + right + 1, n_cols)
+        hi = tl.maximum(hi, lo)
+    full_lo = lo
+    if HAS_LEFT:
+        first_full = tl.maximum(last + offset - left, 0)
+        full_lo = tl.maximum(lo, ((first_full + BLOCK_COLS - 1) // BLOCK_COLS) * BLOCK_COLS)
+    if EVEN_COLS:
+        end_full = n_cols
+    else:
+        end_full = (n_cols // BLOCK_COLS) * BLOCK_COLS
+    if HAS_RIGHT:
+        end_full = tl.minimum(end_full, tl.maximum(start + offset + right + 1, 0))
+    full_hi = (end_full // BLOCK_COLS) * BLOCK_COLS
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
+               offs_m, offs_n, offs_d, lo, hi,
+               seqlen_k, head_dim, offset, left, right, qk_scale,
+               MASKED: tl.constexpr, PAD_D: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
+        if MASKED:
+            if PAD_D:
+                kt = tl.load(kt_ptrs, mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < head_dim), other=0.0)
+            else:
+                kt = tl.load(kt_ptrs, mask=cols[None, :] < seqlen_k, other=0.0)
+        else:
+            if PAD_D:
+                kt = tl.load(kt_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
+            else:
+                kt = tl.load(kt_ptrs)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            vis = _visible(offs_m[:, None], cols[None, :], seqlen_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with nothing visible so far keeps m = -inf; subtract 0 instead
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, seqlen_k, offs_d, head_dim,
+                       MASKED, PAD_D)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def fwd_kernel(Q, K, V, O, LSE,
+               stride_qb, stride_qs, stride_qh,
+               stride_kb, stride_ks, stride_kh,
+               stride_vb, stride_vs, stride_vh,
+               stride_ob, stride_os, stride_oh,
+               stride_lb, stride_lh,
+               seqlen_q, seqlen_k, head_dim, group, offset, left, right, qk_scale,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program per (query block, query head, batch)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    off_hk = (off_h // group).to(tl.int64)
+    off_h = off_h.to(tl.int64)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+
+    q = _load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], offs_m, seqlen_q, offs_d, head_dim,
+                   not EVEN_M, PAD_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    lo, full_lo, full_hi, hi = _block_ranges(start_m, seqlen_k, offset, left, right,
+                                             BLOCK_M, BLOCK_N, EVEN_N, HAS_LEFT, HAS_RIGHT)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
+                               offs_m, offs_n, offs_d, lo, full_lo,
+                               seqlen_k, head_dim, offset, left, right, qk_scale,
+                               True, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
+                               offs_m, offs_n, offs_d, full_lo, full_hi,
+                               seqlen_k, head_dim, offset, left, right, qk_scale,
+                               False, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
+                               offs_m, offs_n, offs_d, full_hi, hi,
+                               seqlen_k, head_dim, offset, left, right, qk_scale,
+                               True, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_N, DOT_PRECISION)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
+
+    o_base = O + off_b * stride_ob + off_h * stride_oh
+    _store_tile(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(O.dtype.element_ty),
+                offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
+    lse_ptrs = LSE + off_b * stride_lb + off_h * stride_lh + offs_m
+    if EVEN_M:
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def bwd_preprocess_kernel(O, DO, LSE, DLSE, DELTA, LSE2,
+                          stride_ob, stride_os, stride_oh,
+                          stride_dob, stride_dos, stride_doh,
+                          stride_lb, stride_lh,
+                          seqlen_q, head_dim,
+                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                          EVEN_M: tl.constexpr, PAD_D: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse; lse2 = lse * log2(e), with -inf rows turned into +inf.
+
+    dS = P * (dP - delta): the rowsum term is the softmax Jacobian; a gradient
+    flowing into lse adds P * dlse (d lse / d s = P), folded into delta here.
+    """
+    start_m = tl.program_id(0) * BLOCK_M
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+                   offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+                    offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row = off_b * stride_lb + off_h * stride_lh + offs_m
+    if EVEN_M:
+        lse = tl.load(LSE + row)
+    else:
+        lse = tl.load(LSE + row, mask=offs_m < seqlen_q, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    if HAS_DLSE:
+        if EVEN_M:
+            delta -= tl.load(DLSE + row)
+        else:
+            delta -= tl.load(DLSE + row, mask=offs_m < seqlen_q, other=0.0)
+    if EVEN_M:
+        tl.store(DELTA + row, delta)
+        tl.store(LSE2 + row, lse2)
+    else:
+        tl.store(DELTA + row, delta, mask=offs_m < seqlen_q)
+        tl.store(LSE2 + row, lse2, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
+                    stride_qs, stride_dos, offs_n, offs_m, offs_d, lo, hi,
+                    seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale,
+                    MASKED: tl.constexpr, PAD_D: tl.constexpr,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over the query blocks [lo, hi).
+
+    Works on transposed tiles (keys x queries) so both products reduce over
+    the query axis: dV += P^T dO, dK += dS^T Q.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        q = _load_tile(q_base + rows[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q, offs_d, head_dim,
+                       MASKED, PAD_D)
+        do = _load_tile(do_base + rows[:, None] * stride_dos + offs_d[None, :], rows, seqlen_q, offs_d, head_dim,
+                        MASKED, PAD_D)
+        if MASKED:
+            # rows past the end get lse2 = +inf, hence P = 0
+            lse2 = tl.load(lse2_base + rows, mask=rows < seqlen_q, other=float("inf"))
+            delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
+        else:
+            lse2 = tl.load(lse2_base + rows)
+            delta = tl.load(delta_base + rows)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        pt = tl.exp2(st - lse2[None, :])
+        if MASKED:
+            vis = _visible(rows[None, :], offs_n[:, None], seqlen_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
+            pt = tl.where(vis, pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
+                    stride_qb, stride_qs, stride_qh,
+                    stride_kb, stride_ks, stride_kh,
+                    stride_vb, stride_vs, stride_vh,
+                    stride_dob, stride_dos, stride_doh,
+                    stride_dkb, stride_dks, stride_dkh,
+                    stride_dvb, stride_dvs, stride_dvh,
+                    stride_lb, stride_lh,
+                    seqlen_q, seqlen_k, head_dim, group, offset, left, right, qk_scale, sm_scale,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program per (key block, kv head, batch).
+
+    The program loops over every query head of its GQA group, so dK/dV are
+    summed over the group in registers: no atomics, a fixed summation order.
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    off_hk = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    k = _load_tile(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+                   offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
+    v = _load_tile(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+                   offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # queries that see this key block: the transposed band (offset -> -offset, left <-> right)
+    lo, full_lo, full_hi, hi = _block_ranges(start_n, seqlen_q, -offset, right, left,
+                                             BLOCK_N, BLOCK_M, EVEN_M, HAS_RIGHT, HAS_LEFT)
+    for g in range(0, group):
+        off_h = off_hk * group + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        lse2_base = LSE2 + off_b * stride_lb + off_h * stride_lh
+        delta_base = DELTA + off_b * stride_lb + off_h * stride_lh
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
+                                 stride_qs, stride_dos, offs_n, offs_m, offs_d, lo, full_lo,
+                                 seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale,
+                                 True, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_M, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
+                                 stride_qs, stride_dos, offs_n, offs_m, offs_d, full_lo, full_hi,
+                                 seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale,
+                                 False, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_M, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
+                                 stride_qs, stride_dos, offs_n, offs_m, offs_d, full_hi, hi,
+                                 seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale,
+                                 True, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_M, DOT_PRECISION)
+
+    dk = dk * sm_scale
+    _store_tile(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
+                dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
+    _store_tile(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
+                dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
+                  offs_m, offs_n, offs_d, lo, hi,
+                  seqlen_k, head_dim, offset, left, right, qk_scale,
+                  MASKED: tl.constexpr, PAD_D: tl.constexpr,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(k_base + cols[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k, offs_d, head_dim,
+                       MASKED, PAD_D)
+        v = _load_tile(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, seqlen_k, offs_d, head_dim,
+                       MASKED, PAD_D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            # also masks columns past the end, whose zero keys would give P = exp(-lse) != 0
+            vis = _visible(offs_m[:, None], cols[None, :], seqlen_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
+                  stride_qb, stride_qs, stride_qh,
+                  stride_kb, stride_ks, stride_kh,
+                  stride_vb, stride_vs, stride_vh,
+                  stride_dob, stride_dos, stride_doh,
+                  stride_dqb, stride_dqs, stride_dqh,
+                  stride_lb, stride_lh,
+                  seqlen_q, seqlen_k, head_dim, group, offset, left, right, qk_scale, sm_scale,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program per (query block, query head, batch); loops over key blocks."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    off_hk = (off_h // group).to(tl.int64)
+    off_h = off_h.to(tl.int64)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                   offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+                    offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
+    row = off_b * stride_lb + off_h * stride_lh + offs_m
+    if EVEN_M:
+        lse2 = tl.load(LSE2 + row)
+        delta = tl.load(DELTA + row)
+    else:
+        lse2 = tl.load(LSE2 + row, mask=offs_m < seqlen_q, other=float("inf"))
+        delta = tl.load(DELTA + row, mask=offs_m < seqlen_q, other=0.0)
+
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _block_ranges(start_m, seqlen_k, offset, left, right,
+                                             BLOCK_M, BLOCK_N, EVEN_N, HAS_LEFT, HAS_RIGHT)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
+                       offs_m, offs_n, offs_d, lo, full_lo, seqlen_k, head_dim, offset, left, right, qk_scale,
+                       True, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_N, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
+                       offs_m, offs_n, offs_d, full_lo, full_hi, seqlen_k, head_dim, offset, left, right, qk_scale,
+                       False, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_N, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
+                       offs_m, offs_n, offs_d, full_hi, hi, seqlen_k, head_dim, offset, left, right, qk_scale,
+                       True, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_N, DOT_PRECISION)
+    dq = dq * sm_scale
+    _store_tile(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
+                dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)

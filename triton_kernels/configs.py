@@ -1,0 +1,142 @@
+"""Block sizes, warps and pipeline stages for the attention kernels.
+
+One plain table per kernel, keyed by (head-dim bucket, dtype class, GPU arch).
+Read it, or override it with :func:`override` (tests and tuning do).  Every
+config shipped here is compiled for sm_80 and sm_90 by
+``benches/static_gpu_report.py``; the test suite asserts that none of them
+spills registers and that sm_90 uses warp-group tensor-core instructions.
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Head dims are padded to a power of two (min 16, the smallest tl.dot tile).
+HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
+
+# (arch, dtype class, padded head dim) -> config.  "lowp" = fp16/bf16; "fp32" uses
+# the FMA path (or tf32 when torch allows it), which holds fewer registers per element.
+# "interp" is the CPU interpreter: tiny tiles so small test shapes still span
+# several blocks and exercise every masked/unmasked code path.
+_FWD = {
+    ("sm80", "lowp", 16): KernelConfig(128, 64, 4, 3),
+    ("sm80", "lowp", 32): KernelConfig(128, 64, 4, 3),
+    ("sm80", "lowp", 64): KernelConfig(128, 64, 4, 3),
+    ("sm80", "lowp", 128): KernelConfig(128, 32, 4, 2),
+    ("sm80", "lowp", 256): KernelConfig(64, 32, 4, 2),
+    ("sm90", "lowp", 16): KernelConfig(128, 64, 4, 3),
+    ("sm90", "lowp", 32): KernelConfig(128, 64, 4, 3),
+    ("sm90", "lowp", 64): KernelConfig(128, 64, 4, 3),
+    ("sm90", "lowp", 128): KernelConfig(128, 64, 8, 2),
+    ("sm90", "lowp", 256): KernelConfig(64, 64, 4, 2),
+    ("sm80", "fp32", 16): KernelConfig(64, 32, 4, 2),
+    ("sm80", "fp32", 32): KernelConfig(64, 32, 4, 2),
+    ("sm80", "fp32", 64): KernelConfig(64, 32, 4, 2),
+    ("sm80", "fp32", 128): KernelConfig(32, 32, 4, 2),
+    ("sm80", "fp32", 256): KernelConfig(32, 16, 4, 1),
+    ("sm90", "fp32", 16): KernelConfig(64, 32, 4, 2),
+    ("sm90", "fp32", 32): KernelConfig(64, 32, 4, 2),
+    ("sm90", "fp32", 64): KernelConfig(64, 32, 4, 2),
+    ("sm90", "fp32", 128): KernelConfig(32, 32, 4, 2),
+    ("sm90", "fp32", 256): KernelConfig(32, 16, 4, 1),
+}
+
+# The backward kernels hold two (block, head dim) fp32 accumulators plus K, V (or
+# Q, dO) tiles, so they use smaller blocks than the forward.
+_BWD = {
+    ("sm80", "lowp", 16): KernelConfig(64, 64, 4, 2),
+    ("sm80", "lowp", 32): KernelConfig(64, 64, 4, 2),
+    ("sm80", "lowp", 64): KernelConfig(64, 64, 4, 2),
+    ("sm80", "lowp", 128): KernelConfig(64, 64, 8, 2),
+    ("sm80", "lowp", 256): KernelConfig(32, 32, 8, 1),
+    ("sm90", "lowp", 16): KernelConfig(64, 64, 4, 2),
+    ("sm90", "lowp", 32): KernelConfig(64, 64, 4, 2),
+    ("sm90", "lowp", 64): KernelConfig(64, 64, 4, 2),
+    ("sm90", "lowp", 128): KernelConfig(64, 64, 8, 2),
+    ("sm90", "lowp", 256): KernelConfig(64, 64, 8, 1),
+    ("sm80", "fp32", 16): KernelConfig(32, 32, 4, 1),
+    ("sm80", "fp32", 32): KernelConfig(32, 32, 4, 1),
+    ("sm80", "fp32", 64): KernelConfig(32, 32, 4, 1),
+    ("sm80", "fp32", 128): KernelConfig(32, 32, 8, 1),
+    ("sm80", "fp32", 256): KernelConfig(16, 16, 8, 1),
+    ("sm90", "fp32", 16): KernelConfig(32, 32, 4, 1),
+    ("sm90", "fp32", 32): KernelConfig(32, 32, 4, 1),
+    ("sm90", "fp32", 64): KernelConfig(32, 32, 4, 1),
+    ("sm90", "fp32", 128): KernelConfig(32, 32, 8, 1),
+    ("sm90", "fp32", 256): KernelConfig(16, 16, 8, 1),
+}
+
+_INTERPRETER = KernelConfig(16, 16, 4, 1)
+
+_overrides = {}
+
+
+def padded_head_dim(head_dim: int) -> int:
+    for bucket in HEAD_DIM_BUCKETS:
+        if head_dim <= bucket:
+            return bucket
+    raise ValueError(f"head dim {head_dim} > 256 is not supported")
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "lowp"
+
+
+def arch_name(capability) -> str:
+    """(major, minor) -> table key; anything newer than Hopper uses the sm90 rows."""
+    if capability is None:
+        return "interp"
+    major = capability[0]
+    return "sm90" if major >= 9 else "sm80"
+
+
+def _lookup(table, kernel, head_dim, dtype, capability):
+    if kernel in _overrides:
+        return _overrides[kernel]
+    arch = arch_name(capability)
+    if arch == "interp":
+        return _INTERPRETER
+    return table[(arch, dtype_class(dtype), padded_head_dim(head_dim))]
+
+
+def fwd_config(head_dim: int, dtype: torch.dtype, capability=None) -> KernelConfig:
+    """Config of ``fwd_kernel``; ``capability`` None means the CPU interpreter."""
+    return _lookup(_FWD, "fwd", head_dim, dtype, capability)
+
+
+def bwd_config(head_dim: int, dtype: torch.dtype, capability=None) -> KernelConfig:
+    """Config of the backward kernels (preprocess, dK/dV and dQ share block sizes)."""
+    return _lookup(_BWD, "bwd", head_dim, dtype, capability)
+
+
+def shipped_configs():
+    """Every (kernel, arch, dtype class, padded head dim, config) in the tables."""
+    for name, table in (("fwd", _FWD), ("bwd", _BWD)):
+        for (arch, dclass, hd), cfg in sorted(table.items()):
+            yield name, arch, dclass, hd, cfg
+
+
+@contextlib.contextmanager
+def override(kernel: str, config: KernelConfig):
+    """Temporarily force the config of ``kernel`` ("fwd" or "bwd")."""
+    if kernel not in ("fwd", "bwd"):
+        raise ValueError(f"unknown kernel {kernel!r}; expected 'fwd' or 'bwd'")
+    previous = _overrides.get(kernel)
+    _overrides[kernel] = config
+    try:
+        yield
+    finally:
+        if previous is None:
+            _overrides.pop(kernel, None)
+        else:
+            _overrides[kernel] = previous
