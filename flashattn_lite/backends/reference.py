@@ -68,13 +68,31 @@ def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right):
 
 
 def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, deterministic):
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        o, lse_ = attention_math(*leaves, softmax_scale, diag_offset, window_left, window_right)
-        outputs, grads = [o], [dout]
-        if dlse is not None:
-            # -inf rows have no dependence on q, k, v; keep their gradient out of the graph
-            outputs.append(torch.where(torch.isinf(lse_), 0.0, lse_))
-            grads.append(dlse)
-        dq, dk, dv = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
-    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip((q, k, v), (dq, dk, dv)))
+    """Explicit softmax-attention gradients (autograd is unavailable inside an operator kernel).
+
+    dV = P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(P * dP) + dlse);  dQ = s dS K;  dK = s dS^T Q,
+    with dK, dV summed over each GQA group.
+    """
+    dtype = q.dtype
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    q, k, v, dout = (t.to(work) for t in (q, k, v, dout))
+    batch, seqlen_k, hk, _ = k.shape
+    group = q.shape[2] // hk
+    kr = k.repeat_interleave(group, dim=2)
+    vr = v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, kr) * softmax_scale
+    mask = visibility_mask(q.shape[1], seqlen_k, diag_offset, window_left, window_right, q.device)
+    lse_safe = torch.where(torch.isinf(lse), float("inf"), lse).to(work)  # empty rows: P = 0
+    p = torch.exp(scores - lse_safe[..., None]).masked_fill(~mask, 0.0)
+    dp = torch.einsum("bqhd,bkhd->bhqk", dout, vr)
+    shift = (p * dp).sum(-1, keepdim=True)
+    if dlse is not None:
+        shift = shift - dlse.to(work)[..., None]
+    ds = p * (dp - shift)
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kr) * softmax_scale
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q) * softmax_scale
+    dv = torch.einsum("bhqk,bqhd->bkhd", p, dout)
+    if group > 1:
+        dk = dk.reshape(batch, seqlen_k, hk, group, -1).sum(3)
+        dv = dv.reshape(batch, seqlen_k, hk, group, -1).sum(3)
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype)

@@ -1,0 +1,142 @@
+"""Static GPU report: compile every shipped Triton kernel config for sm_80 and
+sm_90 on the CPU (no GPU needed) and read registers, spills, shared memory and
+tensor-core instructions from ptxas and the SASS.
+
+Run ``python benches/static_gpu_report.py`` (or import :func:`report`).  Must run
+with ``TRITON_INTERPRET`` unset: the interpreter replaces ``triton.jit`` functions
+by Python ones that cannot be compiled.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+# The causal specialisation of each kernel holds both the masked (diagonal) and
+# the unmasked inner loop, so it is the largest code of each config.
+_CAUSAL = dict(HAS_LEFT=False, HAS_RIGHT=True, EVEN_M=True, EVEN_N=True, PAD_D=False)
+_KERNELS = {"fwd": ("fwd_kernel",), "bwd": ("bwd_dkdv_kernel", "bwd_dq_kernel")}
+_FP32_ARGS = ("qk_scale", "sm_scale")
+_LSE_ARGS = ("LSE", "LSE2", "DELTA", "DLSE")
+
+
+def _signature(fn, elem, constexprs):
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _FP32_ARGS:
+            sig[name] = "fp32"
+        elif name in _LSE_ARGS:
+            sig[name] = "*fp32"
+        elif name.isupper():
+            sig[name] = "*" + elem
+        else:
+            sig[name] = "i32"
+        # What the launcher's specialisation sees for aligned tensors whose head
+        # dim is a multiple of 16: 16-byte aligned pointers, strides divisible by 16.
+        if sig[name].startswith("*") or name.startswith("stride_"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def compile_one(kernel_name, arch, dclass, head_dim, block_m, block_n, num_warps, num_stages):
+    """Compile one kernel config; returns a dict of its static facts."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    from triton.compiler import ASTSource
+
+    from flashattn_lite.triton_kernels import attention
+
+    fn = getattr(attention, kernel_name)
+    elem = "fp32" if dclass == "fp32" else "fp16"
+    constexprs = dict(_CAUSAL, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim,
+                      DOT_PRECISION="ieee" if dclass == "fp32" else "tf32")
+    sig, attrs = _signature(fn, elem, constexprs)
+    capability = int(arch[2:])
+    compiled = triton.compile(ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", capability, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        # The same ptxas and flags Triton uses, rerun with -v so the facts do not
+        # depend on Triton's on-disk cache.
+        log = subprocess.run([get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                              f"--gpu-name={sm_arch_from_capability(capability)}", ptx, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True).stderr
+        cubin = os.path.join(tmp, "k2.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        nvdisasm = os.path.join(os.path.dirname(get_ptxas(capability).path), "nvdisasm")
+        sass = subprocess.run([nvdisasm, cubin], capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill_st = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+    spill_ld = int(re.search(r"(\d+) bytes spill loads", log).group(1))
+    stack = int(re.search(r"(\d+) bytes stack frame", log).group(1))
+    hgmma = len(re.findall(r"\bHGMMA\.", sass))
+    hmma = len(re.findall(r"\bHMMA\.", sass))
+    warnings = [line for line in log.splitlines() if "warning" in line.lower()]
+    return dict(kernel=kernel_name, arch=arch, dtype="fp16/bf16" if dclass == "lowp" else "fp32",
+                head_dim=head_dim, block_m=block_m, block_n=block_n, num_warps=num_warps,
+                num_stages=num_stages, registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
+                stack_bytes=stack, shared_bytes=compiled.metadata.shared, hgmma=hgmma, hmma=hmma,
+                ptxas_warnings=warnings)
+
+
+def _jobs():
+    from flashattn_lite.triton_kernels import configs
+
+    for table, arch, dclass, head_dim, cfg in configs.shipped_configs():
+        for kernel_name in _KERNELS[table]:
+            yield (kernel_name, arch, dclass, head_dim, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+
+
+def report(workers=None):
+    """Compile every shipped config (in parallel processes); list of result dicts."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("the static GPU report needs TRITON_INTERPRET unset (the interpreter cannot compile)")
+    jobs = list(_jobs())
+    workers = workers or os.cpu_count() or 1
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(compile_one, *zip(*jobs)))
+
+
+def format_table(rows):
+    head = ("kernel", "arch", "dtype", "hdim", "BMxBN", "warps", "stages", "regs", "spill B", "smem B",
+            "tensor cores")
+    lines = [head]
+    for r in rows:
+        tc = f"HGMMA x{r['hgmma']}" if r["hgmma"] else (f"HMMA x{r['hmma']}" if r["hmma"] else "none (FMA)")
+        lines.append((r["kernel"], r["arch"], r["dtype"], str(r["head_dim"]), f"{r['block_m']}x{r['block_n']}",
+                      str(r["num_warps"]), str(r["num_stages"]), str(r["registers"]),
+                      str(r["spill_stores"] + r["spill_loads"]), str(r["shared_bytes"]), tc))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    rows = report(args.workers)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+    print(f"\n{len(rows)} kernel configs compiled; {len(bad)} spill.", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Triton kernels (run in Triton's CPU interpreter) against the float64 reference.
+
+Interpreter tiles are 16 x 16, so these small shapes still span several key and
+query blocks, partial tail blocks, and both masked and unmasked inner loops.
+"""
+
+import pytest
+import torch
+
+import flashattn_lite as fl
+from flashattn_lite.backends import triton as triton_backend
+
+from helpers import assert_matches_reference, make_qkv, run_flash
+
+pytestmark = pytest.mark.triton
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+SEQLENS = [(32, 32), (33, 47), (48, 17), (1, 37), (37, 1), (16, 64)]
+
+
+def _check(batch, sq, sk, hq, hk, d, dtype, causal=False, window=(-1, -1), memory="bshd", scale=None):
+    q, k, v = make_qkv(batch, sq, sk, hq, hk, d, dtype, memory)
+    dout = torch.randn(batch, sq, hq, d, dtype=dtype)
+    ours = run_flash("triton", q, k, v, dout, causal=causal, window_size=window, softmax_scale=scale)
+    assert_matches_reference(ours, q, k, v, dout, causal=causal, window_size=window, softmax_scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", SEQLENS)
+def test_seqlens(sq, sk, causal, dtype):
+    _check(1, sq, sk, 2, 1, 40, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("d", [1, 8, 40, 72, 96, 160, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims(d, causal):
+    _check(1, 20, 24, 1, 1, d, torch.float16, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hk", [(2, 2), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+def test_gqa(hq, hk, dtype):
+    _check(2, 24, 40, hq, hk, 32, dtype, causal=True)
+
+
+@pytest.mark.parametrize("memory", ["bhsd", "padded"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_layouts(memory, causal):
+    _check(2, 21, 35, 2, 1, 24, torch.float32, causal=causal, memory=memory)
+
+
+@pytest.mark.parametrize("window", [(8, 0), (5, 3), (-1, 4), (20, -1), (0, 0)])
+@pytest.mark.parametrize("sq,sk", [(40, 40), (24, 50), (50, 24)])
+def test_window(window, sq, sk):
+    _check(1, sq, sk, 2, 1, 16, torch.float32, window=window)
+
+
+def test_softmax_scale():
+    _check(1, 20, 30, 2, 2, 32, torch.float32, causal=True, scale=0.3)
+
+
+@pytest.mark.parametrize("sq,sk", [(0, 16), (16, 0), (0, 0)])
+def test_empty_sequences(sq, sk):
+    q, k, v = make_qkv(2, sq, sk, 2, 1, 16, torch.float16)
+    dout = torch.randn(2, sq, 2, 16, dtype=torch.float16)
+    ours = run_flash("triton", q, k, v, dout, causal=True)
+    assert ours["out"].shape == (2, sq, 2, 16) and ours["lse"].shape == (2, 2, sq)
+    assert (ours["out"] == 0).all() and (ours["lse"] == float("-inf")).all()
+    for key in ("dq", "dk", "dv"):
+        assert (ours[key] == 0).all()
+
+
+def test_fully_masked_rows_give_zero_and_no_nan():
+    # bottom-right causal with Sq > Sk: the first Sq - Sk queries see no key
+    q, k, v = make_qkv(1, 40, 8, 2, 2, 16, torch.float16)
+    dout = torch.randn(1, 40, 2, 16, dtype=torch.float16)
+    ours = run_flash("triton", q, k, v, dout, causal=True)
+    assert (ours["out"][:, :32] == 0).all()
+    assert (ours["lse"][:, :, :32] == float("-inf")).all()
+    assert (ours["dq"][:, :32] == 0).all()
+    assert_matches_reference(ours, q, k, v, dout, causal=True)
+
+
+def test_every_element_written(monkeypatch):
+    """Outputs and gradients are pre-filled with NaN; every element must be overwritten."""
+    real = torch.empty_like
+
+    def nan_empty_like(t, *args, **kwargs):
+        out = real(t, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(triton_backend.torch, "empty_like", nan_empty_like)
+    real_empty = torch.empty
+    monkeypatch.setattr(triton_backend.torch, "empty",
+                        lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    q, k, v = make_qkv(2, 33, 47, 4, 2, 40, torch.float32)
+    dout = torch.randn(2, 33, 4, 40)
+    ours = run_flash("triton", q, k, v, dout, causal=False)
+    for key, t in ours.items():
+        assert not torch.isnan(t).any(), f"{key} has untouched elements"
+    assert_matches_reference(ours, q, k, v, dout)
+
+
+def test_repeated_fwd_bwd_is_bitwise_equal():
+    q, k, v = make_qkv(1, 35, 50, 4, 2, 32, torch.bfloat16)
+    dout = torch.randn(1, 35, 4, 32, dtype=torch.bfloat16)
+    first = run_flash("triton", q, k, v, dout, causal=True)
+    second = run_flash("triton", q, k, v, dout, causal=True)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_gradient_through_lse():
+    """A loss that uses softmax_lse gets its gradient (d lse / d s = P)."""
+    q, k, v = make_qkv(1, 20, 33, 2, 1, 16, torch.float32)
+    grads = {}
+    for backend in ("triton", "reference"):
+        with fl.use_backend(backend):
+            out, lse, _ = fl.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+            loss = (out * out).sum() + (lse.masked_fill(torch.isinf(lse), 0) ** 2).sum()
+            grads[backend] = torch.autograd.grad(loss, (q, k, v))
+    for ours, ref in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(24, 24), (20, 36), (36, 20)])
+def test_sdpa_api_matches_torch(causal, sq, sk):
+    """The torch-layout API: top-left causal, compared with torch's own SDPA in float64."""
+    query = torch.randn(2, 4, sq, 32, requires_grad=True)
+    key = torch.randn(2, 2, sk, 32, requires_grad=True)
+    value = torch.randn(2, 2, sk, 32, requires_grad=True)
+    with fl.use_backend("triton"):
+        out = fl.scaled_dot_product_attention(query, key, value, is_causal=causal, enable_gqa=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (query, key, value), dout)
+    leaves = [t.detach().double().requires_grad_() for t in (query, key, value)]
+    expected = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=causal, enable_gqa=True)
+    expected_grads = torch.autograd.grad(expected, leaves, dout.double())
+    assert out.shape == expected.shape and out.stride() == torch.empty_like(query).stride()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
