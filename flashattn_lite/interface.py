@@ -73,9 +73,20 @@ def _check_window(window_size):
     return left, right
 
 
+def _select_backend(device, dtype, head_dim):
+    return backends.select(backends.Call(device=device, dtype=dtype, head_dim=head_dim))
+
+
+# Under torch.compile the backend choice is made once, at trace time, and baked into
+# the graph.  This attribute is all ``torch.compiler.assume_constant_result`` sets; it is
+# set directly because calling that function imports torch._dynamo (about 2 s, and it
+# imports Triton before a CLI can switch on TRITON_INTERPRET).
+# tests/test_ops.py::test_torch_compile_fullgraph_matches_eager guards the mechanism.
+_select_backend._dynamo_marked_constant = True
+
+
 def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right):
-    call = backends.Call(device=q.device, dtype=q.dtype, head_dim=q.shape[3])
-    backend = backends.select(call)
+    backend = _select_backend(q.device, q.dtype, int(q.shape[3]))
     return torch.ops.flashattn_lite.fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, backend)
 
 

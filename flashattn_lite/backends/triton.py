@@ -46,8 +46,38 @@ def supports(call):
     return None
 
 
+def patch_interpreter_bf16_dot():
+    """Work around Triton's CPU interpreter multiplying bf16 ``tl.dot`` operands as raw
+    uint16 bits: widen bf16 operands to fp32 (exact) first, as tensor cores do.
+
+    Touches only the interpreter (never GPU code generation) and is idempotent; it
+    is applied whenever the kernels are first used under TRITON_INTERPRET=1.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_flashattn_lite_bf16_patch", False):
+        return
+    original = builder.create_dot
+
+    def widen(handle):
+        if handle.dtype.scalar == interpreter.tl.bfloat16:
+            data = (handle.data.astype(np.uint32) << 16).view(np.float32)
+            return interpreter.TensorHandle(data, interpreter.tl.float32)
+        return handle
+
+    def create_dot(self, a, b, d, *args, **kwargs):
+        return original(self, widen(a), widen(b), d, *args, **kwargs)
+
+    builder.create_dot = create_dot
+    builder._flashattn_lite_bf16_patch = True
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels():
+    if interpreter_enabled():
+        patch_interpreter_bf16_dot()
     from flashattn_lite.triton_kernels import attention, configs
     return attention, configs
 

@@ -1,0 +1,149 @@
+"""``flashattn-lite`` command line (also ``python -m flashattn_lite``).
+
+    flashattn-lite info    versions, device, and every backend's state
+    flashattn-lite check   quick self-test of every usable backend against the float64 reference
+    flashattn-lite demo    run attention on a small problem and print its error against the reference
+"""
+
+import argparse
+import os
+import platform
+import sys
+
+
+def _enable_interpreter_without_gpu():
+    """Without a GPU, run the Triton kernels in Triton's CPU interpreter.
+
+    Must happen before the kernels are first imported (they are imported lazily)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def cmd_info(args):
+    import torch
+
+    import flashattn_lite
+    from flashattn_lite import available_backends
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    print(f"flashattn_lite {flashattn_lite.__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    print(f"device: {device}")
+    print("backends:")
+    for name, (usable, why) in available_backends().items():
+        print(f"  {name:<10} {'yes' if usable else 'no ':<4} {why}")
+    return 0
+
+
+def _cases():
+    import torch
+
+    # (batch, sq, sk, hq, hk, d, causal)
+    yield 2, 33, 47, 4, 2, 40, False
+    yield 1, 48, 17, 2, 1, 64, True
+    yield 1, 1, 29, 2, 2, 96, True
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        yield dtype
+
+
+def cmd_check(args):
+    import torch
+
+    import flashattn_lite as fl
+    from flashattn_lite.testing import check_against_reference, reference_results
+
+    _enable_interpreter_without_gpu()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [(2, 33, 47, 4, 2, 40, False), (1, 48, 17, 2, 1, 64, True), (1, 1, 29, 2, 2, 96, True)]
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    failures = 0
+    for name, (usable, why) in fl.available_backends().items():
+        if not usable:
+            print(f"{name:<10} skipped: {why}")
+            continue
+        for dtype in dtypes:
+            for batch, sq, sk, hq, hk, d, causal in shapes:
+                gen = torch.Generator().manual_seed(sq * 1000 + sk)
+                q, k, v = (torch.randn(batch, s, h, d, generator=gen, dtype=dtype).to(device).requires_grad_()
+                           for s, h in ((sq, hq), (sk, hk), (sk, hk)))
+                dout = torch.randn(batch, sq, hq, d, generator=gen, dtype=dtype).to(device)
+                label = f"{name:<10} {str(dtype)[6:]:<8} B={batch} Sq={sq} Sk={sk} H={hq}/{hk} D={d} causal={causal}"
+                try:
+                    with fl.use_backend(name):
+                        out, lse, _ = fl.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+                        grads = torch.autograd.grad(out, (q, k, v), dout)
+                except RuntimeError as exc:
+                    if "cannot run this call" in str(exc):
+                        print(f"{label}: not supported ({exc})")
+                        continue
+                    raise
+                ours = dict(out=out.detach().cpu(), lse=lse.cpu(), dq=grads[0].cpu(), dk=grads[1].cpu(),
+                            dv=grads[2].cpu())
+                cpu = [t.detach().cpu() for t in (q, k, v)]
+                ref, base = reference_results(*cpu, dout.cpu(), d ** -0.5, sk - sq, -1, 0 if causal else -1)
+                checks = check_against_reference(ours, ref, base, dtype)
+                bad = [str(c) for c in checks if not c.ok]
+                failures += bool(bad)
+                print(f"{label}: {'FAIL ' + '; '.join(bad) if bad else 'ok'}")
+    print("all checks passed" if not failures else f"{failures} check(s) FAILED")
+    return 1 if failures else 0
+
+
+def cmd_demo(args):
+    import time
+
+    import torch
+
+    _enable_interpreter_without_gpu()
+    import flashattn_lite as fl
+    from flashattn_lite.backends.reference import attention_math
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    batch, seqlen, heads, kv_heads, head_dim = 1, 96, 4, 2, 64
+    q = torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=torch.float16, requires_grad=True)
+    k = torch.randn(batch, seqlen, kv_heads, head_dim, device=device, dtype=torch.float16, requires_grad=True)
+    v = torch.randn(batch, seqlen, kv_heads, head_dim, device=device, dtype=torch.float16, requires_grad=True)
+    print(f"causal GQA attention: batch={batch} seqlen={seqlen} heads={heads}/{kv_heads} head_dim={head_dim} fp16 "
+          f"on {device}")
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_out, _ = attention_math(*ref_leaves, head_dim ** -0.5, 0, -1, 0)
+    ref_out.sum().backward()
+    for name, (usable, why) in fl.available_backends().items():
+        if not usable:
+            print(f"  {name:<10} not available: {why}")
+            continue
+        start = time.perf_counter()
+        with fl.use_backend(name):
+            out = fl.flash_attn_func(q, k, v, causal=True)
+            grads = torch.autograd.grad(out.sum(), (q, k, v))
+        elapsed = time.perf_counter() - start
+        err = (out.double().cpu() - ref_out).abs().max().item()
+        gerr = max((g.double().cpu() - r.grad).abs().max().item() for g, r in zip(grads, ref_leaves))
+        print(f"  {name:<10} max |out - ref| = {err:.2e}   max |grad - ref| = {gerr:.2e}   ({elapsed:.2f} s)")
+    if device == "cpu":
+        print("(no GPU: the triton backend ran in Triton's CPU interpreter, so its time says nothing about speed)")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="flashattn-lite", description="flashattn_lite command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device and backends").set_defaults(func=cmd_info)
+    sub.add_parser("check", help="self-test every usable backend against the reference").set_defaults(
+        func=cmd_check)
+    sub.add_parser("demo", help="run attention once and print its error against the reference").set_defaults(
+        func=cmd_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

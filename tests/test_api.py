@@ -1,0 +1,152 @@
+"""Public API: backend selection, argument handling and bad input."""
+
+import pytest
+import torch
+
+import flashattn_lite as fl
+from flashattn_lite import backends
+
+from helpers import make_qkv
+
+
+def _qkv(**kw):
+    return make_qkv(1, 8, 8, 2, 2, 16, torch.float32, requires_grad=False, **kw)
+
+
+def test_available_backends_lists_every_backend():
+    states = fl.available_backends()
+    assert set(states) == {"triton", "cuda", "cpu", "reference"}
+    assert states["reference"][0] is True
+    for usable, why in states.values():
+        assert isinstance(usable, bool) and why
+
+
+def test_auto_picks_reference_for_cpu_without_cpu_backend():
+    call = backends.Call(device=torch.device("cpu"), dtype=torch.float32, head_dim=16)
+    assert backends.select(call) == "reference"
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown flashattn_lite backend 'nope'"):
+        with fl.use_backend("nope"):
+            pass
+
+
+def test_env_var_backend(monkeypatch):
+    q, k, v = _qkv()
+    monkeypatch.setenv("FLASHATTN_LITE_BACKEND", "nope")
+    with pytest.raises(ValueError, match="FLASHATTN_LITE_BACKEND='nope'"):
+        fl.flash_attn_func(q, k, v)
+    monkeypatch.setenv("FLASHATTN_LITE_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run this call"):
+        fl.flash_attn_func(q, k, v)
+    with fl.use_backend("reference"):  # the context manager wins over the environment
+        fl.flash_attn_func(q, k, v)
+
+
+def test_forced_backend_never_falls_back(monkeypatch):
+    q, k, v = _qkv()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with fl.use_backend("triton"), pytest.raises(RuntimeError, match="backend 'triton' cannot run this call"):
+        fl.flash_attn_func(q, k, v)
+    with fl.use_backend("cpu"), pytest.raises(RuntimeError, match="backend 'cpu' cannot run this call"):
+        fl.flash_attn_func(q, k, v)
+
+
+def test_triton_declines_float64():
+    q, k, v = make_qkv(1, 4, 4, 1, 1, 8, torch.float64, requires_grad=False)
+    with fl.use_backend("triton"), pytest.raises(RuntimeError, match="float64 is not supported by triton"):
+        fl.flash_attn_func(q, k, v)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("dropout_p", dict(dropout_p=0.1)),
+    ("softcap", dict(softcap=30.0)),
+    ("alibi_slopes", dict(alibi_slopes=torch.ones(2))),
+])
+def test_unimplemented_features_raise(name, kwargs):
+    q, k, v = _qkv()
+    with pytest.raises(NotImplementedError, match=name):
+        fl.flash_attn_func(q, k, v, **kwargs)
+
+
+def test_sdpa_unimplemented_features_raise():
+    q, k, v = (t.transpose(1, 2) for t in _qkv())
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        fl.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        fl.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+
+
+def test_return_attn_probs():
+    q, k, v = _qkv()
+    with fl.use_backend("reference"):
+        out, lse, probs = fl.flash_attn_func(q, k, v, return_attn_probs=True)
+    assert out.shape == q.shape and lse.shape == (1, 2, 8) and lse.dtype == torch.float32 and probs is None
+
+
+def test_sdpa_unbatched_and_default_scale():
+    q, k, v = (torch.randn(2, 6, 8, dtype=torch.float64) for _ in range(3))
+    with fl.use_backend("reference"):
+        out = fl.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, expected)
+
+
+def test_last_dim_not_contiguous_is_copied():
+    base = torch.randn(1, 8, 2, 16, 2)
+    q = base[..., 0]  # last-dim stride 2
+    assert q.stride(-1) == 2
+    with fl.use_backend("reference"):
+        out = fl.flash_attn_func(q, q, q)
+        expected = fl.flash_attn_func(q.contiguous(), q.contiguous(), q.contiguous())
+    torch.testing.assert_close(out, expected)
+
+
+BAD = [
+    ("3 dims", lambda q, k, v: (q[0], k, v), ValueError, "q must have 4 dims"),
+    ("batch", lambda q, k, v: (q, k[:, :, :, :].expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)), ValueError,
+     "batch size differs"),
+    ("head dim", lambda q, k, v: (q, k[..., :8], v[..., :8]), ValueError, "head dim differs"),
+    ("kv shapes", lambda q, k, v: (q, k, v[:, :4]), ValueError, "must have the same shape"),
+    ("heads", lambda q, k, v: (torch.randn(1, 8, 3, 16), k, v), ValueError, "multiple of the number of key/value"),
+    ("dtype mix", lambda q, k, v: (q.half(), k, v), TypeError, "share one dtype"),
+    ("int dtype", lambda q, k, v: (q.int(), k.int(), v.int()), TypeError, "has dtype torch.int32"),
+    ("big head dim", lambda q, k, v: (torch.randn(1, 8, 2, 257),) * 3, ValueError, r"head dim must be in 1..256"),
+    ("not tensor", lambda q, k, v: ([1.0], k, v), TypeError, "q must be a torch.Tensor"),
+    ("device mix", lambda q, k, v: (q, k.to("meta"), v), ValueError, "one device"),
+]
+
+
+@pytest.mark.parametrize("case,make,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(case, make, exc, match):
+    q, k, v = make(*_qkv())
+    with pytest.raises(exc, match=match):
+        fl.flash_attn_func(q, k, v)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(window_size=(-2, 0)), ValueError, "window_size"),
+    (dict(window_size=5), ValueError, "window_size"),
+    (dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    (dict(softmax_scale=torch.tensor(0.5)), TypeError, "softmax_scale"),
+])
+def test_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fl.flash_attn_func(*_qkv(), **kwargs)
+
+
+def test_sdpa_bad_input():
+    q, k, v = (t.transpose(1, 2) for t in _qkv())
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        fl.scaled_dot_product_attention(q, k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match="query must have 4 dims"):
+        fl.scaled_dot_product_attention(q[0, 0], k, v)
+
+
+def test_validation_happens_before_any_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(backends.reference, "fwd", lambda *a: calls.append(a))
+    with fl.use_backend("reference"), pytest.raises(ValueError):
+        fl.flash_attn_func(*make_qkv(1, 8, 8, 3, 2, 16, torch.float32, requires_grad=False))
+    assert calls == []

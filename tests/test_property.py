@@ -1,0 +1,56 @@
+"""Property-based: random valid shapes and options, forward and gradients
+against the float64 reference, on the reference and Triton backends."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import assert_matches_reference, make_qkv, run_flash
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@st.composite
+def attention_cases(draw):
+    hk = draw(st.integers(1, 2))
+    window = draw(st.sampled_from([(-1, -1), (-1, -1), (4, 0), (6, 3), (-1, 2), (10, -1)]))
+    return dict(
+        batch=draw(st.integers(1, 2)),
+        sq=draw(st.integers(0, 40)),
+        sk=draw(st.integers(0, 40)),
+        hk=hk,
+        hq=hk * draw(st.integers(1, 3)),
+        d=draw(st.integers(1, 72)),
+        dtype=draw(st.sampled_from(DTYPES)),
+        causal=draw(st.booleans()),
+        window=window,
+        memory=draw(st.sampled_from(["bshd", "bhsd", "padded"])),
+        scale=draw(st.sampled_from([None, 0.1, 1.0])),
+    )
+
+
+def _property(backend, case):
+    q, k, v = make_qkv(case["batch"], case["sq"], case["sk"], case["hq"], case["hk"], case["d"], case["dtype"],
+                       case["memory"])
+    dout = torch.randn(case["batch"], case["sq"], case["hq"], case["d"], dtype=case["dtype"])
+    ours = run_flash(backend, q, k, v, dout, causal=case["causal"], window_size=case["window"],
+                     softmax_scale=case["scale"])
+    assert_matches_reference(ours, q, k, v, dout, causal=case["causal"], window_size=case["window"],
+                             softmax_scale=case["scale"])
+
+
+_SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+@settings(max_examples=40, **_SETTINGS)
+@given(case=attention_cases())
+def test_reference_backend_property(case):
+    _property("reference", case)
+
+
+@pytest.mark.triton
+@settings(max_examples=30, **_SETTINGS)
+@given(case=attention_cases())
+def test_triton_backend_property(case):
+    _property("triton", case)

@@ -1,0 +1,48 @@
+"""The oracle itself: the reference math against torch's own SDPA in float64,
+and the reference backend (explicit backward) against autograd of the oracle."""
+
+import pytest
+import torch
+
+import flashattn_lite as fl
+from flashattn_lite.backends.reference import attention_math, visibility_mask
+
+from helpers import assert_matches_reference, make_qkv, run_flash
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [(-1, -1), (3, 2), (0, -1)])
+@pytest.mark.parametrize("sq,sk", [(7, 7), (5, 11), (11, 5), (1, 9)])
+@pytest.mark.parametrize("hq,hk", [(4, 4), (4, 2)])
+def test_oracle_matches_torch_sdpa(causal, window, sq, sk, hq, hk):
+    """Bottom-right causal/window masks expressed as a boolean attn_mask for torch."""
+    q, k, v = make_qkv(2, sq, sk, hq, hk, 12, torch.float64)
+    left, right = window
+    if causal:
+        right = 0
+    out, lse = attention_math(q, k, v, 0.37, sk - sq, left, right)
+    mask = visibility_mask(sq, sk, sk - sq, left, right, "cpu")
+    kr, vr = (t.repeat_interleave(hq // hk, dim=2) for t in (k, v))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), kr.transpose(1, 2), vr.transpose(1, 2), attn_mask=mask, scale=0.37).transpose(1, 2)
+    rows = mask.any(-1)  # torch gives NaN for rows that see nothing; ours gives 0
+    torch.testing.assert_close(out[:, rows], expected[:, rows], rtol=1e-12, atol=1e-12)
+    assert (out[:, ~rows] == 0).all()
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, kr) * 0.37
+    expected_lse = scores.masked_fill(~mask, float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(lse.double(), expected_lse.float().double(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_backend(dtype, causal):
+    q, k, v = make_qkv(2, 13, 21, 4, 2, 24, dtype)
+    dout = torch.randn(2, 13, 4, 24, dtype=dtype)
+    ours = run_flash("reference", q, k, v, dout, causal=causal)
+    assert_matches_reference(ours, q, k, v, dout, causal=causal)
+
+
+def test_reference_gradcheck():
+    q, k, v = make_qkv(1, 5, 7, 2, 1, 4, torch.float64)
+    with fl.use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda a, b, c: fl.flash_attn_func(a, b, c, causal=True), (q, k, v))
