@@ -19,7 +19,6 @@ import tempfile
 # The causal specialisation of each kernel holds both the masked (diagonal) and
 # the unmasked inner loop, so it is the largest code of each config.
 _CAUSAL = dict(HAS_LEFT=False, HAS_RIGHT=True, EVEN_M=True, EVEN_N=True, PAD_D=False)
-_KERNELS = {"fwd": ("fwd_kernel",), "bwd": ("bwd_dkdv_kernel", "bwd_dq_kernel")}
 _FP32_ARGS = ("qk_scale", "sm_scale")
 _LSE_ARGS = ("LSE", "LSE2", "DELTA", "DLSE")
 
@@ -94,8 +93,8 @@ def _jobs():
     from flashattn_lite.triton_kernels import configs
 
     for table, arch, dclass, head_dim, cfg in configs.shipped_configs():
-        for kernel_name in _KERNELS[table]:
-            yield (kernel_name, arch, dclass, head_dim, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+        yield (configs.KERNELS[table], arch, dclass, head_dim, cfg.block_m, cfg.block_n, cfg.num_warps,
+               cfg.num_stages)
 
 
 def report(workers=None):

@@ -30,7 +30,7 @@ HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
 # several blocks and exercise every masked/unmasked code path.
 _FWD = {
     ("sm80", "lowp", 16): KernelConfig(128, 64, 4, 3),
-    ("sm80", "lowp", 32): KernelConfig(128, 64, 4, 3),
+    ("sm80", "lowp", 32): KernelConfig(128, 64, 8, 3),
     ("sm80", "lowp", 64): KernelConfig(128, 64, 4, 3),
     ("sm80", "lowp", 128): KernelConfig(128, 32, 4, 2),
     ("sm80", "lowp", 256): KernelConfig(64, 32, 4, 2),
@@ -41,38 +41,63 @@ _FWD = {
     ("sm90", "lowp", 256): KernelConfig(64, 64, 4, 2),
     ("sm80", "fp32", 16): KernelConfig(64, 32, 4, 2),
     ("sm80", "fp32", 32): KernelConfig(64, 32, 4, 2),
-    ("sm80", "fp32", 64): KernelConfig(64, 32, 4, 2),
+    ("sm80", "fp32", 64): KernelConfig(64, 64, 8, 2),
     ("sm80", "fp32", 128): KernelConfig(32, 32, 4, 2),
     ("sm80", "fp32", 256): KernelConfig(32, 16, 4, 1),
     ("sm90", "fp32", 16): KernelConfig(64, 32, 4, 2),
     ("sm90", "fp32", 32): KernelConfig(64, 32, 4, 2),
-    ("sm90", "fp32", 64): KernelConfig(64, 32, 4, 2),
+    ("sm90", "fp32", 64): KernelConfig(64, 32, 8, 2),
     ("sm90", "fp32", 128): KernelConfig(32, 32, 4, 2),
     ("sm90", "fp32", 256): KernelConfig(32, 16, 4, 1),
 }
 
-# The backward kernels hold two (block, head dim) fp32 accumulators plus K, V (or
-# Q, dO) tiles, so they use smaller blocks than the forward.
-_BWD = {
-    ("sm80", "lowp", 16): KernelConfig(64, 64, 4, 2),
+# The dK/dV kernel holds two (BLOCK_N, head dim) fp32 accumulators plus the K, V
+# tiles; the dQ kernel one (BLOCK_M, head dim) accumulator plus Q and dO.  Each has
+# its own table so each can use the block shape that suits it (on sm_90 the
+# warp-group MMA wants 64 rows in the dimension a kernel keeps resident).
+_BWD_DKDV = {
+    ("sm80", "lowp", 16): KernelConfig(64, 64, 8, 2),
     ("sm80", "lowp", 32): KernelConfig(64, 64, 4, 2),
-    ("sm80", "lowp", 64): KernelConfig(64, 64, 4, 2),
-    ("sm80", "lowp", 128): KernelConfig(64, 64, 8, 2),
+    ("sm80", "lowp", 64): KernelConfig(64, 32, 8, 2),
+    ("sm80", "lowp", 128): KernelConfig(64, 64, 8, 1),
     ("sm80", "lowp", 256): KernelConfig(32, 32, 8, 1),
     ("sm90", "lowp", 16): KernelConfig(64, 64, 4, 2),
     ("sm90", "lowp", 32): KernelConfig(64, 64, 4, 2),
-    ("sm90", "lowp", 64): KernelConfig(64, 64, 4, 2),
-    ("sm90", "lowp", 128): KernelConfig(64, 64, 8, 2),
+    ("sm90", "lowp", 64): KernelConfig(64, 64, 8, 2),
+    ("sm90", "lowp", 128): KernelConfig(16, 64, 8, 1),
     ("sm90", "lowp", 256): KernelConfig(64, 64, 8, 1),
-    ("sm80", "fp32", 16): KernelConfig(32, 32, 4, 1),
+    ("sm80", "fp32", 16): KernelConfig(64, 64, 8, 2),
     ("sm80", "fp32", 32): KernelConfig(32, 32, 4, 1),
     ("sm80", "fp32", 64): KernelConfig(32, 32, 4, 1),
-    ("sm80", "fp32", 128): KernelConfig(32, 32, 8, 1),
+    ("sm80", "fp32", 128): KernelConfig(32, 32, 8, 2),
     ("sm80", "fp32", 256): KernelConfig(16, 16, 8, 1),
     ("sm90", "fp32", 16): KernelConfig(32, 32, 4, 1),
     ("sm90", "fp32", 32): KernelConfig(32, 32, 4, 1),
-    ("sm90", "fp32", 64): KernelConfig(32, 32, 4, 1),
-    ("sm90", "fp32", 128): KernelConfig(32, 32, 8, 1),
+    ("sm90", "fp32", 64): KernelConfig(32, 32, 8, 2),
+    ("sm90", "fp32", 128): KernelConfig(16, 16, 4, 1),
+    ("sm90", "fp32", 256): KernelConfig(16, 16, 8, 1),
+}
+
+_BWD_DQ = {
+    ("sm80", "lowp", 16): KernelConfig(64, 64, 8, 2),
+    ("sm80", "lowp", 32): KernelConfig(64, 64, 4, 2),
+    ("sm80", "lowp", 64): KernelConfig(64, 32, 8, 2),
+    ("sm80", "lowp", 128): KernelConfig(64, 64, 8, 1),
+    ("sm80", "lowp", 256): KernelConfig(32, 32, 8, 1),
+    ("sm90", "lowp", 16): KernelConfig(64, 64, 4, 2),
+    ("sm90", "lowp", 32): KernelConfig(64, 64, 4, 2),
+    ("sm90", "lowp", 64): KernelConfig(64, 64, 8, 2),
+    ("sm90", "lowp", 128): KernelConfig(64, 64, 8, 2),
+    ("sm90", "lowp", 256): KernelConfig(64, 32, 4, 2),
+    ("sm80", "fp32", 16): KernelConfig(64, 64, 8, 2),
+    ("sm80", "fp32", 32): KernelConfig(32, 32, 4, 1),
+    ("sm80", "fp32", 64): KernelConfig(32, 32, 4, 1),
+    ("sm80", "fp32", 128): KernelConfig(32, 32, 8, 2),
+    ("sm80", "fp32", 256): KernelConfig(16, 16, 8, 1),
+    ("sm90", "fp32", 16): KernelConfig(32, 32, 4, 1),
+    ("sm90", "fp32", 32): KernelConfig(32, 32, 4, 1),
+    ("sm90", "fp32", 64): KernelConfig(32, 32, 8, 2),
+    ("sm90", "fp32", 128): KernelConfig(16, 16, 4, 1),
     ("sm90", "fp32", 256): KernelConfig(16, 16, 8, 1),
 }
 
@@ -114,23 +139,31 @@ def fwd_config(head_dim: int, dtype: torch.dtype, capability=None) -> KernelConf
     return _lookup(_FWD, "fwd", head_dim, dtype, capability)
 
 
-def bwd_config(head_dim: int, dtype: torch.dtype, capability=None) -> KernelConfig:
-    """Config of the backward kernels (preprocess, dK/dV and dQ share block sizes)."""
-    return _lookup(_BWD, "bwd", head_dim, dtype, capability)
+def bwd_dkdv_config(head_dim: int, dtype: torch.dtype, capability=None) -> KernelConfig:
+    """Config of ``bwd_dkdv_kernel``."""
+    return _lookup(_BWD_DKDV, "bwd_dkdv", head_dim, dtype, capability)
+
+
+def bwd_dq_config(head_dim: int, dtype: torch.dtype, capability=None) -> KernelConfig:
+    """Config of ``bwd_dq_kernel`` (and of the preprocess kernel, which shares its BLOCK_M)."""
+    return _lookup(_BWD_DQ, "bwd_dq", head_dim, dtype, capability)
+
+
+KERNELS = {"fwd": "fwd_kernel", "bwd_dkdv": "bwd_dkdv_kernel", "bwd_dq": "bwd_dq_kernel"}
 
 
 def shipped_configs():
-    """Every (kernel, arch, dtype class, padded head dim, config) in the tables."""
-    for name, table in (("fwd", _FWD), ("bwd", _BWD)):
+    """Every (table, arch, dtype class, padded head dim, config) in the tables."""
+    for name, table in (("fwd", _FWD), ("bwd_dkdv", _BWD_DKDV), ("bwd_dq", _BWD_DQ)):
         for (arch, dclass, hd), cfg in sorted(table.items()):
             yield name, arch, dclass, hd, cfg
 
 
 @contextlib.contextmanager
 def override(kernel: str, config: KernelConfig):
-    """Temporarily force the config of ``kernel`` ("fwd" or "bwd")."""
-    if kernel not in ("fwd", "bwd"):
-        raise ValueError(f"unknown kernel {kernel!r}; expected 'fwd' or 'bwd'")
+    """Temporarily force the config of ``kernel`` ("fwd", "bwd_dkdv" or "bwd_dq")."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
     previous = _overrides.get(kernel)
     _overrides[kernel] = config
     try:

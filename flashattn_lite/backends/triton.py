@@ -133,25 +133,28 @@ def triton_cdiv(a, b):
 
 def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, deterministic):
     attention, configs = _kernels()
-    batch, seqlen_q, heads, _ = q.shape
+    batch, seqlen_q, heads, head_dim = q.shape
     heads_k = k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    cfg = configs.bwd_config(q.shape[3], q.dtype, _capability(q.device))
-    args, meta = _common(q, k, softmax_scale, diag_offset, window_left, window_right, cfg, configs)
+    capability = _capability(q.device)
+    window = (softmax_scale, diag_offset, window_left, window_right)
+    dq_cfg = configs.bwd_dq_config(head_dim, q.dtype, capability)
+    dkdv_cfg = configs.bwd_dkdv_config(head_dim, q.dtype, capability)
+    dq_args, dq_meta = _common(q, k, *window, dq_cfg, configs)
+    dkdv_args, dkdv_meta = _common(q, k, *window, dkdv_cfg, configs)
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
-    num_m = triton_cdiv(seqlen_q, cfg.block_m)
+    num_m = triton_cdiv(seqlen_q, dq_cfg.block_m)
     attention.bwd_preprocess_kernel[(num_m, heads, batch)](
         out, dout, lse, lse if dlse is None else dlse, delta, lse2, *_s(out), *_s(dout), lse.stride(0), lse.stride(1),
-        seqlen_q, q.shape[3], BLOCK_M=cfg.block_m, BLOCK_D=meta["BLOCK_D"], EVEN_M=meta["EVEN_M"],
-        PAD_D=meta["PAD_D"], HAS_DLSE=dlse is not None,
-        num_warps=cfg.num_warps)
-    attention.bwd_dkdv_kernel[(triton_cdiv(k.shape[1], cfg.block_n), heads_k, batch)](
+        seqlen_q, head_dim, BLOCK_M=dq_cfg.block_m, BLOCK_D=dq_meta["BLOCK_D"], EVEN_M=dq_meta["EVEN_M"],
+        PAD_D=dq_meta["PAD_D"], HAS_DLSE=dlse is not None, num_warps=dq_cfg.num_warps)
+    attention.bwd_dkdv_kernel[(triton_cdiv(k.shape[1], dkdv_cfg.block_n), heads_k, batch)](
         q, k, v, dout, lse2, delta, dk, dv, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dk), *_s(dv),
-        lse.stride(0), lse.stride(1), **args, sm_scale=softmax_scale, **meta)
+        lse.stride(0), lse.stride(1), **dkdv_args, sm_scale=softmax_scale, **dkdv_meta)
     attention.bwd_dq_kernel[(num_m, heads, batch)](
         q, k, v, dout, lse2, delta, dq, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dq),
-        lse.stride(0), lse.stride(1), **args, sm_scale=softmax_scale, **meta)
+        lse.stride(0), lse.stride(1), **dq_args, sm_scale=softmax_scale, **dq_meta)
     return dq, dk, dv

@@ -1,0 +1,60 @@
+"""Static GPU facts: every shipped Triton kernel config compiled for sm_80 and
+sm_90 on the CPU, read back from ptxas and the SASS (no GPU involved)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(_BIN, "ptxas")),
+                                reason="Triton's bundled ptxas is missing")
+
+# Largest shared memory one block may use: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
+SHARED_LIMIT = {"sm80": 163 * 1024, "sm90": 227 * 1024}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("static") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "flashattn_lite.static_report", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    return json.loads(out.read_text())
+
+
+def test_every_shipped_config_compiled(report):
+    from flashattn_lite.triton_kernels import configs
+
+    expected = {(configs.KERNELS[t], arch, hd, dclass) for t, arch, dclass, hd, _ in configs.shipped_configs()}
+    got = {(r["kernel"], r["arch"], r["head_dim"], "fp32" if r["dtype"] == "fp32" else "lowp") for r in report}
+    assert got == expected
+
+
+def test_no_register_spills(report):
+    spilling = [r for r in report if r["spill_stores"] or r["spill_loads"]]
+    assert not spilling, [(r["kernel"], r["arch"], r["dtype"], r["head_dim"], r["spill_stores"]) for r in spilling]
+
+
+def test_no_ptxas_warnings(report):
+    assert not [r["ptxas_warnings"] for r in report if r["ptxas_warnings"]]
+
+
+def test_shared_memory_within_architecture_limit(report):
+    over = [r for r in report if r["shared_bytes"] > SHARED_LIMIT[r["arch"]]]
+    assert not over, [(r["kernel"], r["arch"], r["head_dim"], r["shared_bytes"]) for r in over]
+
+
+def test_tensor_cores_used_for_half_precision(report):
+    for r in report:
+        if r["dtype"] == "fp32":
+            continue  # fp32 runs on the FMA units unless torch allows tf32
+        if r["arch"] == "sm90":
+            assert r["hgmma"] > 0, f"{r['kernel']} hd={r['head_dim']}: no HGMMA on sm_90"
+        else:
+            assert r["hmma"] > 0, f"{r['kernel']} hd={r['head_dim']}: no HMMA on sm_80"
