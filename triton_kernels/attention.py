@@ -28,6 +28,15 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _rows_at(base, start, stride):
+    """``base + start * stride`` in 64-bit: row offsets of long sequences overflow int32.
+
+    Offsets inside a tile (``arange * stride``) stay small and 32-bit.
+    """
+    return base + (tl.zeros([], dtype=tl.int64) + start) * stride
+
+
+@triton.jit
 def _load_tile(ptrs, rows, n_rows, offs_d, head_dim,
                CHECK_ROWS: tl.constexpr, CHECK_D: tl.constexpr):
     """Load a (rows, headdim) tile; masks are compiled in only when needed."""
@@ -123,7 +132,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
+        kt_ptrs = _rows_at(k_base, start_n, stride_ks) + offs_n[None, :] * stride_ks + offs_d[:, None]
         if MASKED:
             if PAD_D:
                 kt = tl.load(kt_ptrs, mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < head_dim), other=0.0)
@@ -147,8 +156,8 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, seqlen_k, offs_d, head_dim,
-                       MASKED, PAD_D)
+        v = _load_tile(_rows_at(v_base, start_n, stride_vs) + offs_n[:, None] * stride_vs + offs_d[None, :], cols,
+                       seqlen_k, offs_d, head_dim, MASKED, PAD_D)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -173,7 +182,8 @@ def fwd_kernel(Q, K, V, O, LSE,
     off_hk = (off_h // group).to(tl.int64)
     off_h = off_h.to(tl.int64)
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rel_m = tl.arange(0, BLOCK_M)
+    offs_m = start_m + rel_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
@@ -181,8 +191,8 @@ def fwd_kernel(Q, K, V, O, LSE,
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
 
-    q = _load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], offs_m, seqlen_q, offs_d, head_dim,
-                   not EVEN_M, PAD_D)
+    q = _load_tile(_rows_at(q_base, start_m, stride_qs) + rel_m[:, None] * stride_qs + offs_d[None, :], offs_m,
+                   seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -209,7 +219,8 @@ def fwd_kernel(Q, K, V, O, LSE,
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
 
     o_base = O + off_b * stride_ob + off_h * stride_oh
-    _store_tile(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(O.dtype.element_ty),
+    _store_tile(_rows_at(o_base, start_m, stride_os) + rel_m[:, None] * stride_os + offs_d[None, :],
+                acc.to(O.dtype.element_ty),
                 offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
     lse_ptrs = LSE + off_b * stride_lb + off_h * stride_lh + offs_m
     if EVEN_M:
@@ -237,11 +248,14 @@ def bwd_preprocess_kernel(O, DO, LSE, DLSE, DELTA, LSE2,
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rel_m = tl.arange(0, BLOCK_M)
+    offs_m = start_m + rel_m
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+    o = _load_tile(_rows_at(O + off_b * stride_ob + off_h * stride_oh, start_m, stride_os)
+                   + rel_m[:, None] * stride_os + offs_d[None, :],
                    offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
-    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+    do = _load_tile(_rows_at(DO + off_b * stride_dob + off_h * stride_doh, start_m, stride_dos)
+                    + rel_m[:, None] * stride_dos + offs_d[None, :],
                     offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     row = off_b * stride_lb + off_h * stride_lh + offs_m
@@ -277,10 +291,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
     """
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        q = _load_tile(q_base + rows[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q, offs_d, head_dim,
-                       MASKED, PAD_D)
-        do = _load_tile(do_base + rows[:, None] * stride_dos + offs_d[None, :], rows, seqlen_q, offs_d, head_dim,
-                        MASKED, PAD_D)
+        q = _load_tile(_rows_at(q_base, start_m, stride_qs) + offs_m[:, None] * stride_qs + offs_d[None, :], rows,
+                       seqlen_q, offs_d, head_dim, MASKED, PAD_D)
+        do = _load_tile(_rows_at(do_base, start_m, stride_dos) + offs_m[:, None] * stride_dos + offs_d[None, :], rows,
+                        seqlen_q, offs_d, head_dim, MASKED, PAD_D)
         if MASKED:
             # rows past the end get lse2 = +inf, hence P = 0
             lse2 = tl.load(lse2_base + rows, mask=rows < seqlen_q, other=float("inf"))
@@ -322,13 +336,16 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
     off_hk = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
 
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    rel_n = tl.arange(0, BLOCK_N)
+    offs_n = start_n + rel_n
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
 
-    k = _load_tile(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+    k = _load_tile(_rows_at(K + off_b * stride_kb + off_hk * stride_kh, start_n, stride_ks)
+                   + rel_n[:, None] * stride_ks + offs_d[None, :],
                    offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
-    v = _load_tile(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+    v = _load_tile(_rows_at(V + off_b * stride_vb + off_hk * stride_vh, start_n, stride_vs)
+                   + rel_n[:, None] * stride_vs + offs_d[None, :],
                    offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -356,9 +373,11 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
                                  True, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_M, DOT_PRECISION)
 
     dk = dk * sm_scale
-    _store_tile(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
+    _store_tile(_rows_at(DK + off_b * stride_dkb + off_hk * stride_dkh, start_n, stride_dks)
+                + rel_n[:, None] * stride_dks + offs_d[None, :],
                 dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
-    _store_tile(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
+    _store_tile(_rows_at(DV + off_b * stride_dvb + off_hk * stride_dvh, start_n, stride_dvs)
+                + rel_n[:, None] * stride_dvs + offs_d[None, :],
                 dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
 
 
@@ -371,10 +390,10 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(k_base + cols[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k, offs_d, head_dim,
-                       MASKED, PAD_D)
-        v = _load_tile(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, seqlen_k, offs_d, head_dim,
-                       MASKED, PAD_D)
+        k = _load_tile(_rows_at(k_base, start_n, stride_ks) + offs_n[:, None] * stride_ks + offs_d[None, :], cols,
+                       seqlen_k, offs_d, head_dim, MASKED, PAD_D)
+        v = _load_tile(_rows_at(v_base, start_n, stride_vs) + offs_n[:, None] * stride_vs + offs_d[None, :], cols,
+                       seqlen_k, offs_d, head_dim, MASKED, PAD_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
@@ -406,13 +425,16 @@ def bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
     off_hk = (off_h // group).to(tl.int64)
     off_h = off_h.to(tl.int64)
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rel_m = tl.arange(0, BLOCK_M)
+    offs_m = start_m + rel_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+    q = _load_tile(_rows_at(Q + off_b * stride_qb + off_h * stride_qh, start_m, stride_qs)
+                   + rel_m[:, None] * stride_qs + offs_d[None, :],
                    offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
-    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+    do = _load_tile(_rows_at(DO + off_b * stride_dob + off_h * stride_doh, start_m, stride_dos)
+                    + rel_m[:, None] * stride_dos + offs_d[None, :],
                     offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
     row = off_b * stride_lb + off_h * stride_lh + offs_m
     if EVEN_M:
@@ -437,5 +459,6 @@ def bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
                        offs_m, offs_n, offs_d, full_hi, hi, seqlen_k, head_dim, offset, left, right, qk_scale,
                        True, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_N, DOT_PRECISION)
     dq = dq * sm_scale
-    _store_tile(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
+    _store_tile(_rows_at(DQ + off_b * stride_dqb + off_h * stride_dqh, start_m, stride_dqs)
+                + rel_m[:, None] * stride_dqs + offs_d[None, :],
                 dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
