@@ -34,23 +34,15 @@ def cmd_info(args):
         triton_version = "not installed"
     print(f"flashattn_lite {flashattn_lite.__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}")
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()})"
     print(f"device: {device}")
     print("backends:")
     for name, (usable, why) in available_backends().items():
         print(f"  {name:<10} {'yes' if usable else 'no ':<4} {why}")
     return 0
-
-
-def _cases():
-    import torch
-
-    # (batch, sq, sk, hq, hk, d, causal)
-    yield 2, 33, 47, 4, 2, 40, False
-    yield 1, 48, 17, 2, 1, 64, True
-    yield 1, 1, 29, 2, 2, 96, True
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        yield dtype
 
 
 def cmd_check(args):

@@ -38,7 +38,7 @@ def _validate_qkv(q, k, v, names, layout):
         raise TypeError(f"{nq}, {nk}, {nv} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, {v.device}")
-    b, sq, hq, d = q.shape
+    b, _, hq, d = q.shape
     if k.shape != v.shape:
         raise ValueError(f"{nk} and {nv} must have the same shape {layout}, got "
                          f"{tuple(k.shape)} and {tuple(v.shape)}")

@@ -142,3 +142,41 @@ def test_sdpa_api_matches_torch(causal, sq, sk):
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
+
+
+def test_invisible_blocks_are_never_read():
+    """Key blocks no query of a block can see are skipped, not computed and discarded.
+
+    NaN is planted in K/V where only skipped blocks would read it: with 16 x 16
+    tiles and causal Sq = Sk = 64, query block 0 must never touch keys 16..63, and
+    in the backward the dK/dV program of key block 3 must never touch queries 0..47.
+    """
+    q, k, v = make_qkv(1, 64, 64, 1, 1, 16, torch.float32, requires_grad=False)
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[:, 16:] = float("nan")
+    v_bad[:, 16:] = float("nan")
+    with fl.use_backend("triton"):
+        out = fl.flash_attn_func(q, k_bad, v_bad, causal=True)
+    assert torch.isfinite(out[:, :16]).all()
+    assert torch.isnan(out[:, 16:]).all()  # the planted NaN is visible where it should be
+
+    q_bad = q.clone().requires_grad_()
+    with torch.no_grad():
+        q_bad[:, :48] = float("nan")
+    k, v = k.requires_grad_(), v.requires_grad_()
+    dout = torch.randn(1, 64, 1, 16)
+    with fl.use_backend("triton"):
+        out = fl.flash_attn_func(q_bad, k, v, causal=True)
+        _, dk, dv = torch.autograd.grad(out, (q_bad, k, v), dout)
+    assert torch.isfinite(dk[:, 48:]).all() and torch.isfinite(dv[:, 48:]).all()
+    assert torch.isnan(dk[:, :48]).any()
+
+
+def test_window_skips_blocks_left_of_the_band():
+    q, k, v = make_qkv(1, 64, 64, 1, 1, 16, torch.float32, requires_grad=False)
+    k[:, :16] = float("nan")
+    v[:, :16] = float("nan")
+    with fl.use_backend("triton"):
+        out = fl.flash_attn_func(q, k, v, window_size=(8, 0))
+    # queries 48..63 see keys 40..63 only: key block 0 is never read
+    assert torch.isfinite(out[:, 48:]).all()

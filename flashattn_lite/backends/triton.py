@@ -6,6 +6,7 @@ are imported on first use only, so importing flashattn_lite never initialises
 Triton's GPU driver.
 """
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -35,11 +36,7 @@ def supports(call):
     ok, why = available()
     if not ok:
         return why
-    if call.device.type == "cuda":
-        pass
-    elif call.device.type == "cpu" and interpreter_enabled():
-        pass
-    else:
+    if not (call.device.type == "cuda" or (call.device.type == "cpu" and interpreter_enabled())):
         return f"tensors on {call.device.type}; triton needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)"
     if call.dtype not in _DTYPES:
         return f"dtype {call.dtype} is not supported by triton (fp16, bf16, fp32)"
@@ -106,6 +103,19 @@ def _common(q, k, softmax_scale, diag_offset, window_left, window_right, cfg, co
     return args, meta
 
 
+_GRID_YZ_LIMIT = 65535  # CUDA grid dims y and z carry heads and batch
+
+
+def _check_grid(batch, heads):
+    if batch > _GRID_YZ_LIMIT or heads > _GRID_YZ_LIMIT:
+        raise ValueError(f"triton backend: batch ({batch}) and heads ({heads}) must each be <= {_GRID_YZ_LIMIT}")
+
+
+def _on_device(t):
+    """Launch on the tensors' GPU, not on whichever one is current."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _s(t):
     """(batch, seq, head) strides of a (B, S, H, D) tensor."""
     return t.stride(0), t.stride(1), t.stride(2)
@@ -119,11 +129,13 @@ def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right):
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
+    _check_grid(batch, heads)
     cfg = configs.fwd_config(q.shape[3], q.dtype, _capability(q.device))
     args, meta = _common(q, k, softmax_scale, diag_offset, window_left, window_right, cfg, configs)
     grid = (triton_cdiv(seqlen_q, cfg.block_m), heads, batch)
-    attention.fwd_kernel[grid](q, k, v, out, lse, *_s(q), *_s(k), *_s(v), *_s(out), lse.stride(0), lse.stride(1),
-                               **args, **meta)
+    with _on_device(q):
+        attention.fwd_kernel[grid](q, k, v, out, lse, *_s(q), *_s(k), *_s(v), *_s(out), lse.stride(0),
+                                   lse.stride(1), **args, **meta)
     return out, lse
 
 
@@ -138,6 +150,7 @@ def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    _check_grid(batch, heads)
     capability = _capability(q.device)
     window = (softmax_scale, diag_offset, window_left, window_right)
     dq_cfg = configs.bwd_dq_config(head_dim, q.dtype, capability)
@@ -147,14 +160,15 @@ def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, 
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
     num_m = triton_cdiv(seqlen_q, dq_cfg.block_m)
-    attention.bwd_preprocess_kernel[(num_m, heads, batch)](
-        out, dout, lse, lse if dlse is None else dlse, delta, lse2, *_s(out), *_s(dout), lse.stride(0), lse.stride(1),
-        seqlen_q, head_dim, BLOCK_M=dq_cfg.block_m, BLOCK_D=dq_meta["BLOCK_D"], EVEN_M=dq_meta["EVEN_M"],
-        PAD_D=dq_meta["PAD_D"], HAS_DLSE=dlse is not None, num_warps=dq_cfg.num_warps)
-    attention.bwd_dkdv_kernel[(triton_cdiv(k.shape[1], dkdv_cfg.block_n), heads_k, batch)](
-        q, k, v, dout, lse2, delta, dk, dv, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dk), *_s(dv),
-        lse.stride(0), lse.stride(1), **dkdv_args, sm_scale=softmax_scale, **dkdv_meta)
-    attention.bwd_dq_kernel[(num_m, heads, batch)](
-        q, k, v, dout, lse2, delta, dq, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dq),
-        lse.stride(0), lse.stride(1), **dq_args, sm_scale=softmax_scale, **dq_meta)
+    with _on_device(q):
+        attention.bwd_preprocess_kernel[(num_m, heads, batch)](
+            out, dout, lse, lse if dlse is None else dlse, delta, lse2, *_s(out), *_s(dout), lse.stride(0),
+            lse.stride(1), seqlen_q, head_dim, BLOCK_M=dq_cfg.block_m, BLOCK_D=dq_meta["BLOCK_D"],
+            EVEN_M=dq_meta["EVEN_M"], PAD_D=dq_meta["PAD_D"], HAS_DLSE=dlse is not None, num_warps=dq_cfg.num_warps)
+        attention.bwd_dkdv_kernel[(triton_cdiv(k.shape[1], dkdv_cfg.block_n), heads_k, batch)](
+            q, k, v, dout, lse2, delta, dk, dv, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dk), *_s(dv),
+            lse.stride(0), lse.stride(1), **dkdv_args, sm_scale=softmax_scale, **dkdv_meta)
+        attention.bwd_dq_kernel[(num_m, heads, batch)](
+            q, k, v, dout, lse2, delta, dq, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dq),
+            lse.stride(0), lse.stride(1), **dq_args, sm_scale=softmax_scale, **dq_meta)
     return dq, dk, dv
