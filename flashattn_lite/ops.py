@@ -31,6 +31,11 @@ def _lse_shape(q):
     return (q.shape[0], q.shape[2], q.shape[1])
 
 
+def lse_dtype(dtype):
+    """lse is float32, except float64 for float64 input (so gradcheck sees full precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("flashattn_lite::fwd", mutates_args=(), schema=FWD_SCHEMA)
 def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, backend):
     out, lse = backends.get(backend).fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right)
@@ -39,7 +44,7 @@ def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, backend)
 
 @fwd.register_fake
 def _fwd_fake(q, k, v, softmax_scale, diag_offset, window_left, window_right, backend):
-    return torch.empty_like(q), q.new_empty(_lse_shape(q), dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(_lse_shape(q), dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("flashattn_lite::bwd", mutates_args=(), schema=BWD_SCHEMA)

@@ -5,8 +5,8 @@ when ``max|ours - ref| <= factor * max|baseline - ref| + rounding``, where ``ref
 is float64 attention (the reference backend on float64 inputs), ``baseline`` is
 the same math run naively in dtype ``t`` (what plain PyTorch would give), factor
 is 2 for outputs and 3 for gradients, and ``rounding`` is one unit of ``t``'s
-rounding plus a floor of ``ACCUM_ULPS`` float32 units (every implementation
-accumulates in float32, in its own order), both at the scale of the pass: the
+rounding plus a floor of ``ACCUM_ULPS`` units of the accumulation dtype (float32,
+or float64 for float64 input: every implementation accumulates in its own order), both at the scale of the pass: the
 largest reference magnitude among ``out`` (forward) or ``dq, dk, dv`` (backward).
 The floor matters only for float32, where a naive baseline can be exact by
 structure (one key: the softmax gradient is exactly 0) while a fused kernel
@@ -55,7 +55,8 @@ def _finite_diff(a, b):
 
 def compare(name, ours, ref, baseline, dtype, factor, scale):
     """One tolerance check; ``ref`` float64, ``baseline`` computed in ``dtype``."""
-    eps = torch.finfo(dtype).eps + ACCUM_ULPS * torch.finfo(torch.float32).eps
+    accum = torch.float64 if dtype == torch.float64 else torch.float32
+    eps = torch.finfo(dtype).eps + ACCUM_ULPS * torch.finfo(accum).eps
     rounding = eps * max(1.0, scale)
     bound = factor * _finite_diff(baseline, ref) + rounding
     return Comparison(name, _finite_diff(ours, ref), bound)
@@ -90,7 +91,8 @@ def check_against_reference(ours, ref, baseline, dtype):
         if value is None:
             continue
         forward = key in ("out", "lse")
-        checks.append(compare(key, value, ref[key], baseline[key], torch.float32 if key == "lse" else dtype,
+        lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        checks.append(compare(key, value, ref[key], baseline[key], lse_dtype if key == "lse" else dtype,
                               FWD_FACTOR if forward else GRAD_FACTOR,
                               scale((key,)) if key == "lse" else (fwd_scale if forward else bwd_scale)))
     return checks

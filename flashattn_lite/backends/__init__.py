@@ -83,6 +83,8 @@ def select(call):
     for candidate in _AUTO_ORDER.get(call.device.type, ("reference",)):
         why = BACKENDS[candidate].supports(call)
         if why is None:
+            if candidate == "reference" and call.device.type == "cpu" and reasons:
+                cpu.warn_fallback_once(reasons[0])
             return candidate
         reasons.append(f"{candidate}: {why}")
     raise RuntimeError("no flashattn_lite backend can run this call (" + "; ".join(reasons) + ")")

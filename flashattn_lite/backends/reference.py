@@ -29,7 +29,8 @@ def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window
     input dtype; ``upcast=False`` keeps every step in the input dtype, which is
     what a plain same-dtype PyTorch implementation would do (the tests use it
     as the yardstick of achievable accuracy).  Returns ``(out, lse)`` with lse
-    float32 of shape (B, H, Sq); a row that sees no key gives 0 and -inf.
+    of shape (B, H, Sq), float32 (float64 for float64 input); a row that sees no
+    key gives 0 and -inf.
     """
     dtype = q.dtype
     if upcast:
@@ -51,7 +52,7 @@ def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window
     denom_safe = torch.where(empty, torch.ones_like(denom), denom)
     out = torch.einsum("bhqk,bkhd->bqhd", p / denom_safe, v)
     lse = torch.where(empty, torch.full_like(denom, float("-inf")), row_max + torch.log(denom_safe))
-    return out.to(dtype), lse.squeeze(-1).float()
+    return out.to(dtype), lse.squeeze(-1).to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def supports(call):

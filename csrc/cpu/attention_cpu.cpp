@@ -1,0 +1,425 @@
+// CPU attention kernels: tiled online-softmax forward, recomputation backward.
+//
+// Every tile product runs through ATen's CPU BLAS (at::native::cpublas::gemm, the
+// BLAS torch.mm uses), in float32 (float64 for float64 input).  fp16/bf16 inputs
+// are widened to float32 once per call: a low-precision BLAS product is far slower
+// than widening (O(N d)) and then multiplying in float32 (O(N^2 d)).
+//
+// Parallelism: forward over (batch, head, query block); backward over
+// (batch, kv head, chunk of key blocks), each task summing dK/dV over its GQA
+// group in a fixed order and writing its own dQ partial, reduced in a fixed order.
+// No atomics: results are reproducible bit for bit; the forward is also
+// independent of the thread count (each output row is computed by one task).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace flashattn_lite {
+namespace {
+
+// Fortran BLAS entry points.  torch's x86 wheels link MKL into libtorch_cpu and
+// export these (they are what torch.mm ends up calling); declared weak so that a
+// torch without them still loads, falling back to ATen's exported gemm kernel.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+template <typename T>
+inline void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                      const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+  const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_) return sgemm_(&ca, &cb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+  } else {
+    if (dgemm_) return dgemm_(&ca, &cb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+  }
+  // Fallback through ATen (dispatcher overhead per call, same numbers): column-major
+  // X (r x c, ld) is the row-major tensor X^T of shape (c, r) with row stride ld.
+  auto view = [](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    at::Tensor t = at::from_blob(const_cast<T*>(p), {cols, rows}, {ld, 1}, c10::CppTypeToScalarType<T>::value);
+    return trans ? t : t.t();  // column-major op(X) as a row-major (rows x cols) view
+  };
+  at::Tensor A = view(a, ta ? k : m, ta ? m : k, lda, ta);
+  at::Tensor Bm = view(b, tb ? n : k, tb ? k : n, ldb, tb);
+  at::Tensor C = at::from_blob(c, {n, m}, {ldc, 1}, c10::CppTypeToScalarType<T>::value).t();
+  if (beta == T(0)) C.zero_(); else C.mul_(beta);
+  C.add_(at::mm(A, Bm), alpha);
+}
+
+// Row-major C[M, N] = alpha * op(A) @ op(B) + beta * C, with BLAS being column-major:
+// a row-major matrix is its column-major transpose, so C^T = op(B)^T op(A)^T.
+template <typename T>
+inline void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+                    int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  blas_gemm<T>(trans_b, trans_a, N, M, K, alpha, B, std::max<int64_t>(ldb, 1), A, std::max<int64_t>(lda, 1), beta,
+               C, std::max<int64_t>(ldc, 1));
+}
+
+// Visibility band: query i sees keys [i + offset - left, i + offset + right]; < 0 = unbounded.
+struct Band {
+  int64_t offset, left, right, seqlen_q, seqlen_k;
+
+  // Visible keys of query row i, as [lo, hi) (empty: lo == hi).
+  inline void keys(int64_t i, int64_t& lo, int64_t& hi) const {
+    lo = left < 0 ? 0 : std::max<int64_t>(0, i + offset - left);
+    hi = right < 0 ? seqlen_k : std::min<int64_t>(seqlen_k, i + offset + right + 1);
+    lo = std::min(lo, seqlen_k);
+    if (hi < lo) hi = lo;
+  }
+  // Queries that see key j, as [lo, hi): the transposed band.
+  inline void queries(int64_t j, int64_t& lo, int64_t& hi) const {
+    lo = right < 0 ? 0 : std::max<int64_t>(0, j - offset - right);
+    hi = left < 0 ? seqlen_q : std::min<int64_t>(seqlen_q, j - offset + left + 1);
+    lo = std::min(lo, seqlen_q);
+    if (hi < lo) hi = lo;
+  }
+};
+
+// Tile sizes.  Large key tiles keep BLAS efficient (long inner products for P @ V);
+// FLASHATTN_LITE_CPU_BLOCKS="BM,BN" overrides them (tuning only).
+struct Blocks {
+  int64_t m = 64, n = 512;
+};
+
+Blocks blocks_from_env(int64_t bm, int64_t bn) {
+  Blocks b{bm, bn};
+  if (const char* env = std::getenv("FLASHATTN_LITE_CPU_BLOCKS")) {
+    long m = 0, n = 0;
+    if (std::sscanf(env, "%ld,%ld", &m, &n) == 2 && m > 0 && n > 0) b = Blocks{m, n};
+  }
+  return b;
+}
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+inline T row_max(const T* x, int64_t n) {
+  int64_t j = 0;
+  T m = -std::numeric_limits<T>::infinity();
+  if (n >= Vec<T>::size()) {
+    Vec<T> vm(m);
+    for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) vm = at::vec::maximum(vm, Vec<T>::loadu(x + j));
+    m = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x[j] = exp(x[j] - shift) in place; returns the sum.
+template <typename T>
+inline T exp_shift_sum(T* x, int64_t n, T shift) {
+  int64_t j = 0;
+  T sum = 0;
+  if (n >= Vec<T>::size()) {
+    Vec<T> vs(shift), acc(T(0));
+    for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
+      Vec<T> e = (Vec<T>::loadu(x + j) - vs).exp();
+      e.store(x + j);
+      acc = acc + e;
+    }
+    sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
+  }
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] - shift);
+    sum += x[j];
+  }
+  return sum;
+}
+
+template <typename T>
+inline void scale_row(T* x, int64_t n, T s) {
+  int64_t j = 0;
+  Vec<T> vs(s);
+  for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) (Vec<T>::loadu(x + j) * vs).store(x + j);
+  for (; j < n; ++j) x[j] *= s;
+}
+
+// ------------------------------------------------------------------------------------------ forward
+
+template <typename T>
+void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+              T scale, const Band& band) {
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
+  const int64_t Hk = k.size(2), group = Hq / Hk;
+  const Blocks bs = blocks_from_env(64, 512);
+  const int64_t BM = bs.m, BN = bs.n;
+  const int64_t nqb = (Sq + BM - 1) / BM;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  T* lp = lse.data_ptr<T>();
+  const int64_t sqb = q.stride(0), sqs = q.stride(1), sqh = q.stride(2);
+  const int64_t skb = k.stride(0), sks = k.stride(1), skh = k.stride(2);
+  const int64_t svb = v.stride(0), svs = v.stride(1), svh = v.stride(2);
+  const int64_t sob = out.stride(0), sos = out.stride(1), soh = out.stride(2);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+
+  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> S(BM * BN), acc(BM * D), m(BM), l(BM);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (Hq * nqb), h = (task / nqb) % Hq, r0 = (task % nqb) * BM;
+      const int64_t rows = std::min(BM, Sq - r0);
+      const T* qt = qp + b * sqb + h * sqh + r0 * sqs;
+      const T* kt = kp + b * skb + (h / group) * skh;
+      const T* vt = vp + b * svb + (h / group) * svh;
+      std::fill(acc.begin(), acc.begin() + rows * D, T(0));
+      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(l.begin(), l.end(), T(0));
+      // band bounds are monotone in the row, so the block's keys are [lo(first), hi(last))
+      int64_t klo, khi, unused;
+      band.keys(r0, klo, unused);
+      band.keys(r0 + rows - 1, unused, khi);
+      for (int64_t c0 = klo; c0 < khi; c0 += BN) {
+        const int64_t cols = std::min(BN, khi - c0);
+        gemm_rm<T>(false, true, rows, cols, D, scale, qt, sqs, kt + c0 * sks, sks, T(0), S.data(), BN);
+        for (int64_t r = 0; r < rows; ++r) {
+          T* srow = S.data() + r * BN;
+          int64_t lo, hi;
+          band.keys(r0 + r, lo, hi);
+          const int64_t a = std::clamp(lo - c0, int64_t(0), cols), e = std::clamp(hi - c0, int64_t(0), cols);
+          if (a >= e) {  // nothing visible in this tile: P row is 0, state unchanged
+            std::fill(srow, srow + cols, T(0));
+            continue;
+          }
+          const T m_new = std::max(m[r], row_max(srow + a, e - a));
+          const T alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the row's first visible tile
+          std::fill(srow, srow + a, T(0));
+          std::fill(srow + e, srow + cols, T(0));
+          l[r] = l[r] * alpha + exp_shift_sum(srow + a, e - a, m_new);
+          if (alpha != T(1)) scale_row(acc.data() + r * D, D, alpha);
+          m[r] = m_new;
+        }
+        gemm_rm<T>(false, false, rows, D, cols, T(1), S.data(), BN, vt + c0 * svs, svs, T(1), acc.data(), D);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T* orow = op + b * sob + h * soh + (r0 + r) * sos;
+        T* lrow = lp + (b * Hq + h) * Sq + r0 + r;
+        if (l[r] == T(0)) {  // the row saw no key
+          std::fill(orow, orow + D, T(0));
+          *lrow = neg_inf;
+          continue;
+        }
+        const T inv = T(1) / l[r];
+        const T* arow = acc.data() + r * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] = arow[d] * inv;
+        *lrow = m[r] + std::log(l[r]);
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------- backward
+
+template <typename T>
+void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+              T scale, const Band& band) {
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
+  const int64_t Sk = k.size(1), Hk = k.size(2), group = Hq / Hk;
+  const Blocks bs = blocks_from_env(64, 128);
+  const int64_t BM = bs.m, BN = bs.n;
+  const int64_t nkb = (Sk + BN - 1) / BN;
+  // Enough tasks to fill the threads even for one (batch, kv head); each chunk of key
+  // blocks keeps a private dQ partial, summed in chunk order afterwards.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(nkb, (2 * threads + B * Hk - 1) / (B * Hk)));
+  const int64_t kb_per_chunk = (nkb + chunks - 1) / chunks;
+  at::Tensor dq_parts = at::zeros({chunks, B, Hq, Sq, D}, q.options());
+
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const T* dop = dout.data_ptr<T>();
+  const T* lp = lse.data_ptr<T>();
+  const T* dlp = delta.data_ptr<T>();
+  T* dqp = dq_parts.data_ptr<T>();
+  T* dkp = dk.data_ptr<T>();
+  T* dvp = dv.data_ptr<T>();
+  const int64_t sqb = q.stride(0), sqs = q.stride(1), sqh = q.stride(2);
+  const int64_t skb = k.stride(0), sks = k.stride(1), skh = k.stride(2);
+  const int64_t svb = v.stride(0), svs = v.stride(1), svh = v.stride(2);
+  const int64_t sdb = dout.stride(0), sds = dout.stride(1), sdh = dout.stride(2);
+  const int64_t dkb = dk.stride(0), dks = dk.stride(1), dkh = dk.stride(2);
+  const int64_t dvb = dv.stride(0), dvs = dv.stride(1), dvh = dv.stride(2);
+
+  at::parallel_for(0, B * Hk * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> P(BM * BN), dP(BM * BN), dk_acc(BN * D), dv_acc(BN * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (Hk * chunks), hk = (task / chunks) % Hk, chunk = task % chunks;
+      const int64_t kb_end = std::min(nkb, (chunk + 1) * kb_per_chunk);
+      const T* kt = kp + b * skb + hk * skh;
+      const T* vt = vp + b * svb + hk * svh;
+      for (int64_t kb = chunk * kb_per_chunk; kb < kb_end; ++kb) {
+        const int64_t c0 = kb * BN, cols = std::min(BN, Sk - c0);
+        std::fill(dk_acc.begin(), dk_acc.begin() + cols * D, T(0));
+        std::fill(dv_acc.begin(), dv_acc.begin() + cols * D, T(0));
+        int64_t qlo, qhi, unused;
+        band.queries(c0, qlo, unused);
+        band.queries(c0 + cols - 1, unused, qhi);
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = hk * group + g;
+          const T* qh = qp + b * sqb + h * sqh;
+          const T* doh = dop + b * sdb + h * sdh;
+          const T* lh = lp + (b * Hq + h) * Sq;
+          const T* delh = dlp + (b * Hq + h) * Sq;
+          T* dqh = dqp + (((chunk * B + b) * Hq + h) * Sq) * D;
+          for (int64_t r0 = qlo; r0 < qhi; r0 += BM) {
+            const int64_t rows = std::min(BM, qhi - r0);
+            gemm_rm<T>(false, true, rows, cols, D, scale, qh + r0 * sqs, sqs, kt + c0 * sks, sks, T(0), P.data(),
+                       BN);
+            for (int64_t r = 0; r < rows; ++r) {
+              T* prow = P.data() + r * BN;
+              int64_t lo, hi;
+              band.keys(r0 + r, lo, hi);
+              const int64_t a = std::clamp(lo - c0, int64_t(0), cols), e = std::clamp(hi - c0, int64_t(0), cols);
+              const T row_lse = lh[r0 + r];
+              if (a >= e || std::isinf(row_lse)) {
+                std::fill(prow, prow + cols, T(0));
+                continue;
+              }
+              std::fill(prow, prow + a, T(0));
+              std::fill(prow + e, prow + cols, T(0));
+              exp_shift_sum(prow + a, e - a, row_lse);
+            }
+            // dV += P^T dO ; dP = dO V^T
+            gemm_rm<T>(true, false, cols, D, rows, T(1), P.data(), BN, doh + r0 * sds, sds, T(1), dv_acc.data(), D);
+            gemm_rm<T>(false, true, rows, cols, D, T(1), doh + r0 * sds, sds, vt + c0 * svs, svs, T(0), dP.data(),
+                       BN);
+            // dS = P * (dP - delta) * scale, into dP
+            for (int64_t r = 0; r < rows; ++r) {
+              T* prow = P.data() + r * BN;
+              T* dprow = dP.data() + r * BN;
+              const Vec<T> vdelta(delh[r0 + r]), vscale(scale);
+              int64_t j = 0;
+              for (; j + Vec<T>::size() <= cols; j += Vec<T>::size())
+                (Vec<T>::loadu(prow + j) * (Vec<T>::loadu(dprow + j) - vdelta) * vscale).store(dprow + j);
+              for (; j < cols; ++j) dprow[j] = prow[j] * (dprow[j] - delh[r0 + r]) * scale;
+            }
+            // dK += dS^T Q ; dQ += dS K
+            gemm_rm<T>(true, false, cols, D, rows, T(1), dP.data(), BN, qh + r0 * sqs, sqs, T(1), dk_acc.data(), D);
+            gemm_rm<T>(false, false, rows, D, cols, T(1), dP.data(), BN, kt + c0 * sks, sks, T(1), dqh + r0 * D, D);
+          }
+        }
+        for (int64_t c = 0; c < cols; ++c) {
+          std::copy(dk_acc.data() + c * D, dk_acc.data() + (c + 1) * D, dkp + b * dkb + hk * dkh + (c0 + c) * dks);
+          std::copy(dv_acc.data() + c * D, dv_acc.data() + (c + 1) * D, dvp + b * dvb + hk * dvh + (c0 + c) * dvs);
+        }
+      }
+    }
+  });
+  // fixed-order reduction of the dQ partials, into dq's own layout
+  at::Tensor total = chunks == 1 ? dq_parts[0] : dq_parts.sum(0);
+  dq.copy_(total.permute({0, 2, 1, 3}));
+}
+
+// ------------------------------------------------------------------------------------------ entry
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "flashattn_lite cpu: q, k, v must be 4-D (B, S, H, D)");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "flashattn_lite cpu: tensors must be on the CPU");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "flashattn_lite cpu: q, k, v must share one dtype");
+  TORCH_CHECK(k.sizes() == v.sizes(), "flashattn_lite cpu: k and v must have the same shape");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "flashattn_lite cpu: batch or head dim differ");
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0,
+              "flashattn_lite cpu: query heads must be a multiple of kv heads");
+}
+
+at::ScalarType compute_type(at::ScalarType t) {
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "flashattn_lite cpu: unsupported dtype ", t);
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Widen to the compute type; a unit last stride is required by the kernels.
+at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
+  at::Tensor r = t.scalar_type() == ct ? t : t.to(ct);
+  if (r.size(-1) > 1 && r.stride(-1) != 1) r = r.contiguous();
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                           double softmax_scale, int64_t diag_offset, int64_t window_left,
+                                           int64_t window_right) {
+  check_qkv(q_in, k_in, v_in);
+  const at::ScalarType ct = compute_type(q_in.scalar_type());
+  at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct), v = prepare(v_in, ct);
+  at::Tensor out = at::empty_like(q_in, q_in.options().dtype(ct));
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options());
+  const Band band{diag_offset, window_left, window_right, q.size(1), k.size(1)};
+  if (q.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(ct, "flashattn_lite_cpu_fwd",
+                               [&] { fwd_impl<scalar_t>(q, k, v, out, lse, scalar_t(softmax_scale), band); });
+  } else {
+    lse.fill_(-std::numeric_limits<double>::infinity());
+  }
+  if (out.scalar_type() != q_in.scalar_type()) {
+    at::Tensor low = at::empty_like(q_in);
+    low.copy_(out);
+    out = low;
+  }
+  return {out, ct == at::kDouble ? lse : lse.to(at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse,
+                                                       const at::Tensor& q_in, const at::Tensor& k_in,
+                                                       const at::Tensor& v_in, const at::Tensor& out_in,
+                                                       const at::Tensor& lse_in, double softmax_scale,
+                                                       int64_t diag_offset, int64_t window_left,
+                                                       int64_t window_right) {
+  check_qkv(q_in, k_in, v_in);
+  const at::ScalarType ct = compute_type(q_in.scalar_type());
+  at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct), v = prepare(v_in, ct);
+  at::Tensor dout = prepare(dout_in, ct), out = prepare(out_in, ct);
+  at::Tensor lse = lse_in.to(ct).contiguous();
+  // delta = rowsum(dO * O) - dlse, shape (B, H, Sq)
+  at::Tensor delta = (dout * out).sum(-1).transpose(1, 2).contiguous();
+  if (dlse.has_value()) delta.sub_(dlse->to(ct));
+  at::Tensor dq = at::empty_like(q_in, q_in.options().dtype(ct));
+  at::Tensor dk = at::empty_like(k_in, k_in.options().dtype(ct));
+  at::Tensor dv = at::empty_like(v_in, v_in.options().dtype(ct));
+  const Band band{diag_offset, window_left, window_right, q.size(1), k.size(1)};
+  if (q.numel() == 0 || k.numel() == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(ct, "flashattn_lite_cpu_bwd", [&] {
+      bwd_impl<scalar_t>(dout, q, k, v, lse, delta, dq, dk, dv, scalar_t(softmax_scale), band);
+    });
+  }
+  auto narrow = [](const at::Tensor& wide, const at::Tensor& like) {
+    if (wide.scalar_type() == like.scalar_type()) return wide;
+    at::Tensor low = at::empty_like(like);
+    low.copy_(wide);
+    return low;
+  };
+  return {narrow(dq, q_in), narrow(dk, k_in), narrow(dv, v_in)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flashattn_lite_C, CPU, m) {
+  m.impl("fwd", &fwd_cpu);
+  m.impl("bwd", &bwd_cpu);
+}
+
+}  // namespace flashattn_lite

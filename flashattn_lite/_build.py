@@ -1,0 +1,129 @@
+"""Just-in-time build of the C++ extension (csrc/), cached on disk.
+
+The cache key covers the source files' contents, the compiler flags, and the
+torch and Python versions, so a changed source or a different torch never
+reuses a stale binary.  A file lock makes concurrent first use from several
+processes safe: one builds, the others wait and then load the result.
+
+A binary built ahead of time by ``setup.py`` (``FLASHATTN_LITE_BUILD_EXT=1``) is
+used first when present and it matches the running torch.
+"""
+
+import glob
+import hashlib
+import os
+import platform
+import sys
+import threading
+
+import torch
+
+_lock = threading.Lock()
+_state = {}  # "path" or "error", once known
+
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+
+
+def _csrc_dir():
+    # Installed wheel: flashattn_lite/csrc; editable/development checkout: <repo>/csrc
+    try:
+        import flashattn_lite.csrc as pkg
+        return os.path.dirname(os.path.abspath(pkg.__file__))
+    except ImportError:
+        return CSRC
+
+
+def cpu_sources():
+    root = _csrc_dir()
+    return [os.path.join(root, "ops.cpp")] + sorted(glob.glob(os.path.join(root, "cpu", "*.cpp")))
+
+
+def _vector_flags():
+    """Compile for the host's vector ISA; tell ATen's vec headers which one it is."""
+    flags = ["-march=native"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        cap = torch.backends.cpu.get_cpu_capability()
+        if cap == "AVX512":
+            flags.append("-DCPU_CAPABILITY_AVX512")
+        elif cap == "AVX2":
+            flags.append("-DCPU_CAPABILITY_AVX2")
+    return flags
+
+
+def cflags():
+    return ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG", *_vector_flags()]
+
+
+def ldflags():
+    return ["-fopenmp"]
+
+
+def cache_key(sources=None):
+    h = hashlib.sha256()
+    for path in sources or cpu_sources():
+        h.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    for part in (*cflags(), *ldflags(), torch.__version__, sys.version, platform.machine()):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def cache_root():
+    return os.environ.get("FLASHATTN_LITE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "flashattn_lite")
+
+
+def _prebuilt():
+    """Path of a library built by setup.py for this very torch, or None."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in glob.glob(os.path.join(here, "_C*.so")):
+        stamp = os.path.join(here, "_C.torch_version")
+        if os.path.exists(stamp) and open(stamp).read().strip() == torch.__version__:
+            return path
+    return None
+
+
+def build_cpu(verbose=False):
+    """Build (or reuse) the CPU extension and load it; returns the library path.
+
+    Raises RuntimeError with the tail of the compiler output on failure.
+    """
+    with _lock:
+        if "path" in _state:
+            return _state["path"]
+        if "error" in _state:
+            raise RuntimeError(_state["error"])
+        try:
+            path = _prebuilt() or _jit_build(verbose)
+            torch.ops.load_library(path)
+        except Exception as exc:  # compiler missing, compile error, load error
+            text = str(exc).strip().splitlines()
+            if exc.__cause__ is not None:  # e.g. the dlopen error behind "Could not load this library"
+                text += str(exc.__cause__).strip().splitlines()
+            _state["error"] = "building the C++ CPU extension failed:\n" + "\n".join(text[-25:])
+            raise RuntimeError(_state["error"]) from exc
+        _state["path"] = path
+        return path
+
+
+def _jit_build(verbose):
+    from filelock import FileLock
+    from torch.utils import cpp_extension
+
+    key = cache_key()
+    name = f"flashattn_lite_C_{key}"
+    build_dir = os.path.join(cache_root(), name)
+    os.makedirs(build_dir, exist_ok=True)
+    lib = os.path.join(build_dir, f"{name}.so")
+    with FileLock(build_dir + ".lock"):
+        if not os.path.exists(lib):
+            cpp_extension.load(name=name, sources=cpu_sources(), extra_cflags=cflags(), extra_ldflags=ldflags(),
+                               build_directory=build_dir, is_python_module=False, verbose=verbose)
+    return lib
+
+
+def reset_for_tests():
+    """Forget the cached outcome (tests simulate a missing compiler)."""
+    with _lock:
+        _state.clear()
