@@ -14,12 +14,12 @@ def _fwd_args(backend, dtype=torch.float32, causal=True):
     return q, k, v, 0.25, 23 - 17, -1, 0 if causal else -1, backend
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
 def test_opcheck_fwd(backend):
     torch.library.opcheck(torch.ops.flashattn_lite.fwd.default, _fwd_args(backend))
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
 def test_opcheck_bwd(backend):
     q, k, v, scale, offset, left, right, _ = _fwd_args(backend)
     out, lse = torch.ops.flashattn_lite.fwd(q, k, v, scale, offset, left, right, backend)
@@ -30,7 +30,7 @@ def test_opcheck_bwd(backend):
         torch.library.opcheck(torch.ops.flashattn_lite.bwd.default, args)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
 def test_torch_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
 

@@ -1,5 +1,5 @@
 """Property-based: random valid shapes and options, forward and gradients
-against the float64 reference, on the reference and Triton backends."""
+against the float64 reference, on the reference, C++ cpu and Triton backends."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from helpers import assert_matches_reference, make_qkv, run_flash
 
-DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
 @st.composite
@@ -31,6 +31,8 @@ def attention_cases(draw):
 
 
 def _property(backend, case):
+    if backend == "triton" and case["dtype"] == torch.float64:
+        case = dict(case, dtype=torch.float32)  # triton declines float64 by design
     q, k, v = make_qkv(case["batch"], case["sq"], case["sk"], case["hq"], case["hk"], case["d"], case["dtype"],
                        case["memory"])
     dout = torch.randn(case["batch"], case["sq"], case["hq"], case["d"], dtype=case["dtype"])
@@ -47,6 +49,16 @@ _SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthC
 @given(case=attention_cases())
 def test_reference_backend_property(case):
     _property("reference", case)
+
+
+@settings(max_examples=40, **_SETTINGS)
+@given(case=attention_cases())
+def test_cpu_backend_property(case):
+    # small tiles so that the drawn lengths cross tile boundaries
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("FLASHATTN_LITE_CPU_FWD_BLOCKS", "16,16")
+        m.setenv("FLASHATTN_LITE_CPU_BWD_BLOCKS", "16,16")
+        _property("cpu", case)
 
 
 @pytest.mark.triton

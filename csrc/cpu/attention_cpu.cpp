@@ -91,14 +91,15 @@ struct Band {
 };
 
 // Tile sizes.  Large key tiles keep BLAS efficient (long inner products for P @ V);
-// FLASHATTN_LITE_CPU_BLOCKS="BM,BN" overrides them (tuning only).
+// FLASHATTN_LITE_CPU_FWD_BLOCKS / FLASHATTN_LITE_CPU_BWD_BLOCKS = "BM,BN" override
+// them (tuning only).
 struct Blocks {
   int64_t m = 64, n = 512;
 };
 
-Blocks blocks_from_env(int64_t bm, int64_t bn) {
+Blocks blocks_from_env(const char* var, int64_t bm, int64_t bn) {
   Blocks b{bm, bn};
-  if (const char* env = std::getenv("FLASHATTN_LITE_CPU_BLOCKS")) {
+  if (const char* env = std::getenv(var)) {
     long m = 0, n = 0;
     if (std::sscanf(env, "%ld,%ld", &m, &n) == 2 && m > 0 && n > 0) b = Blocks{m, n};
   }
@@ -121,6 +122,17 @@ inline T row_max(const T* x, int64_t n) {
   return m;
 }
 
+// exp on a vector: float uses ATen's fast polynomial exp (<= 20 ulp, the one torch's own
+// CPU flash attention uses); double keeps the accurate Sleef exp.
+template <typename T>
+inline Vec<T> vexp(const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
 // x[j] = exp(x[j] - shift) in place; returns the sum.
 template <typename T>
 inline T exp_shift_sum(T* x, int64_t n, T shift) {
@@ -129,7 +141,7 @@ inline T exp_shift_sum(T* x, int64_t n, T shift) {
   if (n >= Vec<T>::size()) {
     Vec<T> vs(shift), acc(T(0));
     for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
-      Vec<T> e = (Vec<T>::loadu(x + j) - vs).exp();
+      Vec<T> e = vexp<T>(Vec<T>::loadu(x + j) - vs);
       e.store(x + j);
       acc = acc + e;
     }
@@ -157,7 +169,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
               T scale, const Band& band) {
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Hk = k.size(2), group = Hq / Hk;
-  const Blocks bs = blocks_from_env(64, 512);
+  const Blocks bs = blocks_from_env("FLASHATTN_LITE_CPU_FWD_BLOCKS", 256, 512);
   const int64_t BM = bs.m, BN = bs.n;
   const int64_t nqb = (Sq + BM - 1) / BM;
   const T* qp = q.data_ptr<T>();
@@ -233,7 +245,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
               T scale, const Band& band) {
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Sk = k.size(1), Hk = k.size(2), group = Hq / Hk;
-  const Blocks bs = blocks_from_env(64, 128);
+  const Blocks bs = blocks_from_env("FLASHATTN_LITE_CPU_BWD_BLOCKS", 128, 256);
   const int64_t BM = bs.m, BN = bs.n;
   const int64_t nkb = (Sk + BN - 1) / BN;
   // Enough tasks to fill the threads even for one (batch, kv head); each chunk of key

@@ -1,0 +1,198 @@
+"""The C++ CPU backend against the float64 reference, plus its build and fallback.
+
+Most cases shrink the tiles (FLASHATTN_LITE_CPU_*_BLOCKS) so that small shapes
+still cross several query/key blocks, partial tail blocks and thread boundaries;
+a few run the shipped tile sizes on longer sequences.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import flashattn_lite as fl
+from flashattn_lite import _build, backends
+
+from helpers import assert_matches_reference, make_qkv, run_flash
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setenv("FLASHATTN_LITE_CPU_FWD_BLOCKS", "16,32")
+    monkeypatch.setenv("FLASHATTN_LITE_CPU_BWD_BLOCKS", "16,16")
+
+
+def _check(batch, sq, sk, hq, hk, d, dtype, causal=False, window=(-1, -1), memory="bshd", scale=None):
+    q, k, v = make_qkv(batch, sq, sk, hq, hk, d, dtype, memory)
+    dout = torch.randn(batch, sq, hq, d, dtype=dtype)
+    ours = run_flash("cpu", q, k, v, dout, causal=causal, window_size=window, softmax_scale=scale)
+    assert_matches_reference(ours, q, k, v, dout, causal=causal, window_size=window, softmax_scale=scale)
+    return ours
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(64, 64), (67, 93), (96, 33), (1, 77), (77, 1), (32, 128)])
+def test_seqlens(small_tiles, sq, sk, causal, dtype):
+    _check(2, sq, sk, 4, 2, 40, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("d", [1, 8, 40, 72, 96, 160, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims(small_tiles, d, causal):
+    _check(1, 40, 50, 2, 1, d, torch.float16, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("hq,hk", [(2, 2), (4, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
+def test_gqa(small_tiles, hq, hk, dtype):
+    _check(2, 48, 80, hq, hk, 32, dtype, causal=True)
+
+
+@pytest.mark.parametrize("memory", ["bhsd", "padded"])
+def test_strided_layouts(small_tiles, memory):
+    _check(2, 41, 75, 4, 2, 24, torch.float32, causal=True, memory=memory)
+
+
+@pytest.mark.parametrize("window", [(8, 0), (5, 3), (-1, 4), (20, -1), (0, 0)])
+@pytest.mark.parametrize("sq,sk", [(70, 70), (40, 90), (90, 40)])
+def test_window(small_tiles, window, sq, sk):
+    _check(1, sq, sk, 2, 1, 16, torch.float32, window=window)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_shipped_tiles_long_sequence(causal):
+    """Default tile sizes (256 x 512 forward, 128 x 256 backward), several blocks each."""
+    _check(1, 700, 1100, 4, 2, 64, torch.bfloat16, causal=causal)
+
+
+@pytest.mark.parametrize("sq,sk", [(0, 16), (16, 0), (0, 0)])
+def test_empty_sequences(sq, sk):
+    q, k, v = make_qkv(2, sq, sk, 2, 1, 16, torch.float32)
+    dout = torch.randn(2, sq, 2, 16)
+    ours = run_flash("cpu", q, k, v, dout, causal=True)
+    assert (ours["out"] == 0).all() and (ours["lse"] == float("-inf")).all()
+    assert all((ours[key] == 0).all() for key in ("dq", "dk", "dv"))
+
+
+def test_fully_masked_rows(small_tiles):
+    q, k, v = make_qkv(1, 60, 10, 2, 2, 16, torch.float32)
+    dout = torch.randn(1, 60, 2, 16)
+    ours = run_flash("cpu", q, k, v, dout, causal=True)
+    assert (ours["out"][:, :50] == 0).all() and (ours["dq"][:, :50] == 0).all()
+    assert_matches_reference(ours, q, k, v, dout, causal=True)
+
+
+def test_gradcheck_float64(small_tiles):
+    q, k, v = make_qkv(1, 9, 13, 2, 1, 4, torch.float64)
+    with fl.use_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda a, b, c: fl.flash_attn_func(a, b, c, causal=True), (q, k, v))
+        assert torch.autograd.gradcheck(lambda a, b, c: fl.flash_attn_func(a, b, c, window_size=(3, 2)), (q, k, v))
+
+
+def test_gradient_through_lse(small_tiles):
+    q, k, v = make_qkv(1, 20, 33, 2, 1, 16, torch.float64)
+    with fl.use_backend("cpu"):
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: fl.flash_attn_func(a, b, c, causal=True, return_attn_probs=True)[1], (q, k, v))
+
+
+def test_bitwise_deterministic_across_runs():
+    q, k, v = make_qkv(2, 300, 520, 4, 2, 64, torch.float32)
+    dout = torch.randn(2, 300, 4, 64)
+    first = run_flash("cpu", q, k, v, dout, causal=True)
+    second = run_flash("cpu", q, k, v, dout, causal=True)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_forward_bitwise_equal_across_thread_counts():
+    q, k, v = make_qkv(2, 300, 520, 4, 2, 64, torch.float32, requires_grad=False)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run_flash("cpu", q, k, v, causal=True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert torch.equal(results[0]["out"], other["out"]) and torch.equal(results[0]["lse"], other["lse"])
+
+
+def test_auto_picks_cpu_for_cpu_tensors():
+    call = backends.Call(device=torch.device("cpu"), dtype=torch.bfloat16, head_dim=64)
+    assert backends.select(call) == "cpu"
+    assert fl.available_backends()["cpu"][0] is True
+
+
+def test_kernel_op_rejects_bad_input():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(RuntimeError, match="must be 4-D"):
+        torch.ops.flashattn_lite_C.fwd(q[0], q, q, 1.0, 0, -1, -1)
+    with pytest.raises(RuntimeError, match="multiple of kv heads"):
+        torch.ops.flashattn_lite_C.fwd(torch.randn(1, 4, 3, 8), q, q, 1.0, 0, -1, -1)
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        torch.ops.flashattn_lite_C.fwd(q.int(), q.int(), q.int(), 1.0, 0, -1, -1)
+
+
+_NO_COMPILER = textwrap.dedent("""
+    import warnings, torch, flashattn_lite as fl
+    state = fl.available_backends()["cpu"]
+    print("CPU_STATE", state[0])
+    assert state[0] is False and "failed" in state[1], state
+    q = torch.randn(1, 8, 2, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fl.flash_attn_func(q, q, q)
+        fl.flash_attn_func(q, q, q)
+    msgs = [str(w.message) for w in caught if "falling back" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    try:
+        with fl.use_backend("cpu"):
+            fl.flash_attn_func(q, q, q)
+    except RuntimeError as exc:
+        print("FORCED_ERROR", exc)
+    else:
+        raise AssertionError("forcing cpu without a compiler must raise")
+""")
+
+
+def test_without_a_compiler_auto_falls_back_and_forced_cpu_raises(tmp_path):
+    env = dict(os.environ, CXX="/nonexistent/c++", CC="/nonexistent/cc", FLASHATTN_LITE_CACHE=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", _NO_COMPILER], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "CPU_STATE False" in proc.stdout
+    # the forced backend's error carries the tail of the compiler's complaint
+    assert "FORCED_ERROR" in proc.stdout and "nonexistent" in proc.stdout
+
+
+def test_concurrent_first_use_builds_once(tmp_path):
+    script = "import flashattn_lite._build as b; print(b.build_cpu())"
+    env = dict(os.environ, FLASHATTN_LITE_CACHE=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    paths = {o[0].strip() for o in outs}
+    assert len(paths) == 1 and os.path.exists(paths.pop())
+
+
+def test_cache_key_covers_sources_flags_and_torch(monkeypatch, tmp_path):
+    src = tmp_path / "a.cpp"
+    src.write_text("int x;")
+    key = _build.cache_key([str(src)])
+    src.write_text("int y;")
+    assert _build.cache_key([str(src)]) != key
+    src.write_text("int x;")
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert _build.cache_key([str(src)]) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(_build, "cflags", lambda: ["-O0"])
+    assert _build.cache_key([str(src)]) != key
