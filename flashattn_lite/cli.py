@@ -3,6 +3,7 @@
     flashattn-lite info    versions, device, and every backend's state
     flashattn-lite check   quick self-test of every usable backend against the float64 reference
     flashattn-lite demo    run attention on a small problem and print its error against the reference
+    flashattn-lite build   build the C++ CPU extension now (otherwise built on first use) and print its path
 """
 
 import argparse
@@ -125,6 +126,18 @@ def cmd_demo(args):
     return 0
 
 
+def cmd_build(args):
+    from flashattn_lite import _build
+
+    try:
+        path = _build.build_cpu(verbose=args.verbose)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"C++ CPU extension ready: {path}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="flashattn-lite", description="flashattn_lite command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +146,9 @@ def main(argv=None):
         func=cmd_check)
     sub.add_parser("demo", help="run attention once and print its error against the reference").set_defaults(
         func=cmd_demo)
+    build = sub.add_parser("build", help="build the C++ CPU extension ahead of time and print where it is")
+    build.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    build.set_defaults(func=cmd_build)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -196,3 +196,19 @@ def test_cache_key_covers_sources_flags_and_torch(monkeypatch, tmp_path):
     monkeypatch.undo()
     monkeypatch.setattr(_build, "cflags", lambda: ["-O0"])
     assert _build.cache_key([str(src)]) != key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_online_softmax_shift_raised_by_later_tiles(small_tiles, dtype):
+    """Scores in later key tiles far above the first tile's (and above the
+    provisional shift) take the rescaling path; the result must not change."""
+    q, k, v = make_qkv(1, 40, 100, 2, 1, 16, dtype, requires_grad=False)
+    with torch.no_grad():
+        k[:, :, :, :] = k * 0.01
+        k[:, 64:] = q[:, :1].mean(2, keepdim=True) * 30  # tile 3 scores ~ +30 nats higher
+        k[:, 40:41] = -k[:, 40:41] * 100  # one key far below: underflows identically everywhere
+    for t in (q, k, v):
+        t.requires_grad_()
+    dout = torch.randn(1, 40, 2, 16, dtype=dtype)
+    ours = run_flash("cpu", q, k, v, dout, causal=False)
+    assert_matches_reference(ours, q, k, v, dout)

@@ -133,26 +133,59 @@ inline Vec<T> vexp(const Vec<T>& x) {
   }
 }
 
-// x[j] = exp(x[j] - shift) in place; returns the sum.
+// out[j] = exp(x[j] - shift) (out may alias x); returns the sum.
 template <typename T>
-inline T exp_shift_sum(T* x, int64_t n, T shift) {
+inline T exp_shift_sum(const T* x, T* out, int64_t n, T shift) {
   int64_t j = 0;
   T sum = 0;
   if (n >= Vec<T>::size()) {
     Vec<T> vs(shift), acc(T(0));
     for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
       Vec<T> e = vexp<T>(Vec<T>::loadu(x + j) - vs);
-      e.store(x + j);
+      e.store(out + j);
       acc = acc + e;
     }
     sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
   }
   for (; j < n; ++j) {
-    x[j] = std::exp(x[j] - shift);
-    sum += x[j];
+    out[j] = std::exp(x[j] - shift);
+    sum += out[j];
   }
   return sum;
 }
+
+// exp_shift_sum fused with the max of x (one pass instead of two).
+template <typename T>
+inline T exp_shift_sum_max(const T* x, T* out, int64_t n, T shift, T& mx) {
+  int64_t j = 0;
+  T sum = 0;
+  mx = -std::numeric_limits<T>::infinity();
+  if (n >= Vec<T>::size()) {
+    Vec<T> vs(shift), acc(T(0)), vm(mx);
+    for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
+      const Vec<T> xv = Vec<T>::loadu(x + j);
+      vm = at::vec::maximum(vm, xv);
+      Vec<T> e = vexp<T>(xv - vs);
+      e.store(out + j);
+      acc = acc + e;
+    }
+    sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
+    mx = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; j < n; ++j) {
+    mx = std::max(mx, x[j]);
+    out[j] = std::exp(x[j] - shift);
+    sum += out[j];
+  }
+  return sum;
+}
+
+// The online softmax may shift a row by any value not far below its scores (the
+// result, out = acc / l and lse = shift + log l, does not depend on the shift).
+// Keeping the running shift while a tile's scores exceed it by at most this
+// much saves a separate max pass over every tile; exp(kLazyShift) ~ 9e6 cannot overflow
+// the sums.  Beyond it, the row's shift is raised and the tile recomputed.
+constexpr double kLazyShift = 16.0;
 
 template <typename T>
 inline void scale_row(T* x, int64_t n, T s) {
@@ -169,7 +202,8 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
               T scale, const Band& band) {
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Hk = k.size(2), group = Hq / Hk;
-  const Blocks bs = blocks_from_env("FLASHATTN_LITE_CPU_FWD_BLOCKS", 256, 512);
+  // Shorter query sequences use smaller query tiles so every thread gets work.
+  const Blocks bs = blocks_from_env("FLASHATTN_LITE_CPU_FWD_BLOCKS", Sq >= 768 ? 256 : 128, 512);
   const int64_t BM = bs.m, BN = bs.n;
   const int64_t nqb = (Sq + BM - 1) / BM;
   const T* qp = q.data_ptr<T>();
@@ -184,7 +218,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const T neg_inf = -std::numeric_limits<T>::infinity();
 
   at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> S(BM * BN), acc(BM * D), m(BM), l(BM);
+    std::vector<T> S(BM * BN), P(BM * BN), acc(BM * D), m(BM), l(BM);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (Hq * nqb), h = (task / nqb) % Hq, r0 = (task % nqb) * BM;
       const int64_t rows = std::min(BM, Sq - r0);
@@ -202,23 +236,29 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
         const int64_t cols = std::min(BN, khi - c0);
         gemm_rm<T>(false, true, rows, cols, D, scale, qt, sqs, kt + c0 * sks, sks, T(0), S.data(), BN);
         for (int64_t r = 0; r < rows; ++r) {
-          T* srow = S.data() + r * BN;
+          const T* srow = S.data() + r * BN;
+          T* prow = P.data() + r * BN;
           int64_t lo, hi;
           band.keys(r0 + r, lo, hi);
           const int64_t a = std::clamp(lo - c0, int64_t(0), cols), e = std::clamp(hi - c0, int64_t(0), cols);
-          if (a >= e) {  // nothing visible in this tile: P row is 0, state unchanged
-            std::fill(srow, srow + cols, T(0));
-            continue;
+          std::fill(prow, prow + a, T(0));
+          std::fill(prow + std::max(a, e), prow + cols, T(0));
+          if (a >= e) continue;  // nothing visible in this tile: P row is 0, state unchanged
+          // The row's first visible tile: a provisional shift from its first few scores (a
+          // lower bound of the max, so nothing can underflow that would not anyway).
+          if (m[r] == neg_inf) m[r] = row_max(srow + a, std::min<int64_t>(e - a, Vec<T>::size()));
+          T mx;
+          const T sum = exp_shift_sum_max(srow + a, prow + a, e - a, m[r], mx);
+          if (mx <= m[r] + T(kLazyShift)) {
+            l[r] += sum;
+          } else {  // rare: scores far above the shift; rescale the row to the new max
+            const T alpha = std::exp(m[r] - mx);
+            l[r] = l[r] * alpha + exp_shift_sum(srow + a, prow + a, e - a, mx);
+            scale_row(acc.data() + r * D, D, alpha);
+            m[r] = mx;
           }
-          const T m_new = std::max(m[r], row_max(srow + a, e - a));
-          const T alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the row's first visible tile
-          std::fill(srow, srow + a, T(0));
-          std::fill(srow + e, srow + cols, T(0));
-          l[r] = l[r] * alpha + exp_shift_sum(srow + a, e - a, m_new);
-          if (alpha != T(1)) scale_row(acc.data() + r * D, D, alpha);
-          m[r] = m_new;
         }
-        gemm_rm<T>(false, false, rows, D, cols, T(1), S.data(), BN, vt + c0 * svs, svs, T(1), acc.data(), D);
+        gemm_rm<T>(false, false, rows, D, cols, T(1), P.data(), BN, vt + c0 * svs, svs, T(1), acc.data(), D);
       }
       for (int64_t r = 0; r < rows; ++r) {
         T* orow = op + b * sob + h * soh + (r0 + r) * sos;
@@ -308,7 +348,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
               }
               std::fill(prow, prow + a, T(0));
               std::fill(prow + e, prow + cols, T(0));
-              exp_shift_sum(prow + a, e - a, row_lse);
+              exp_shift_sum(prow + a, prow + a, e - a, row_lse);
             }
             // dV += P^T dO ; dP = dO V^T
             gemm_rm<T>(true, false, cols, D, rows, T(1), P.data(), BN, doh + r0 * sds, sds, T(1), dv_acc.data(), D);

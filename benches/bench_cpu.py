@@ -1,0 +1,196 @@
+"""CPU benchmark: flashattn_lite's C++ ``cpu`` backend against
+``torch.nn.functional.scaled_dot_product_attention`` and naive
+matmul-softmax-matmul, on the same BHSD inputs, in one process, with the
+implementations interleaved inside every repeat; medians are reported.
+
+    python benches/bench_cpu.py [--seqlens 1024 4096] [--repeats 5] [--memory-seqlen 8192] [--json out.json]
+
+FLOPs follow flash-attn's convention: 4*B*S^2*H*D for the forward (halved when
+causal); forward+backward counts 3.5x the forward.  The same run measures
+``torch.mm`` on fp32 4096 x 4096 matrices as the machine's practical peak.
+Peak memory of forward+backward is measured in a fresh subprocess per
+implementation: the peak resident set (VmHWM, reset just before the measured
+call) above the resident set after the inputs were allocated and a warm-up ran.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import flashattn_lite as fl
+
+
+def naive(q, k, v, causal):
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if causal:
+        s = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+def ours(q, k, v, causal):
+    with fl.use_backend("cpu"):
+        return fl.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def sdpa(q, k, v, causal):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+IMPLS = {"flashattn_lite": ours, "torch_sdpa": sdpa, "naive": naive}
+
+
+def _step(fn, inputs, causal, backward, dout):
+    if backward:
+        out = fn(*inputs, causal)
+        torch.autograd.grad(out, inputs, dout)
+    else:
+        with torch.no_grad():
+            fn(*inputs, causal)
+
+
+def mm_gflops(repeats):
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * 4096 ** 3 / statistics.median(times) / 1e9
+
+
+def bench_case(seqlen, dtype, causal, backward, repeats, heads=8, head_dim=64, names=IMPLS):
+    torch.manual_seed(0)
+    inputs = [torch.randn(1, heads, seqlen, head_dim, dtype=dtype, requires_grad=backward) for _ in range(3)]
+    dout = torch.randn(1, heads, seqlen, head_dim, dtype=dtype)
+    for name in names:  # warm-up (and the JIT build of the C++ extension)
+        _step(IMPLS[name], inputs, causal, backward, dout)
+    times = {name: [] for name in names}
+    for _ in range(repeats):  # interleaved: each repeat runs every implementation once
+        for name in names:
+            t = time.perf_counter()
+            _step(IMPLS[name], inputs, causal, backward, dout)
+            times[name].append(time.perf_counter() - t)
+    flops = 4 * heads * seqlen * seqlen * head_dim / (2 if causal else 1) * (3.5 if backward else 1.0)
+    return {name: {"ms": statistics.median(ts) * 1e3, "gflops": flops / statistics.median(ts) / 1e9}
+            for name, ts in times.items()}
+
+
+_MEMORY_CHILD = """
+import sys, torch
+sys.path.insert(0, {bench_dir!r})
+import bench_cpu
+seqlen = {seqlen}
+inputs = [torch.randn(1, 8, seqlen, 64, requires_grad=True) for _ in range(3)]
+dout = torch.randn(1, 8, seqlen, 64)
+bench_cpu._step(bench_cpu.IMPLS["flashattn_lite"], [t.detach().requires_grad_() for t in inputs], False, True,
+                dout)  # warm-up (JIT build, BLAS buffers) before the baseline
+def status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current RSS
+base = status("VmRSS")
+bench_cpu._step(bench_cpu.IMPLS[{name!r}], inputs, False, True, dout)
+print(max(status("VmHWM") - base, 0))
+"""
+
+
+def peak_memory(name, seqlen):
+    """Peak extra RSS (bytes) of one fp32 forward+backward, or None if it failed (e.g. out of memory)."""
+    code = _MEMORY_CHILD.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), seqlen=seqlen, name=name)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-seqlen", type=int, default=8192, help="0 skips the memory measurement")
+    parser.add_argument("--json", help="write all results here")
+    args = parser.parse_args(argv)
+
+    info = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    print(f"# {info['cpu']}, {info['threads']} threads, torch {info['torch']} ({info['cpu_capability']})")
+    mm = mm_gflops(args.repeats)
+    print(f"# torch.mm fp32 4096x4096: {mm:.0f} GFLOP/s")
+    rows = []
+    print("| pass | seqlen | dtype | causal | flashattn_lite GFLOP/s | torch SDPA GFLOP/s | naive GFLOP/s "
+          "| vs SDPA | vs naive |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for backward in (False, True):
+        for seqlen in args.seqlens:
+            for dtype in (torch.float32, torch.bfloat16):
+                for causal in (False, True):
+                    res = bench_case(seqlen, dtype, causal, backward, args.repeats)
+                    row = dict(passes="fwd+bwd" if backward else "fwd", seqlen=seqlen, dtype=str(dtype)[6:],
+                               causal=causal, **{f"{k}_{m}": v[m] for k, v in res.items() for m in ("ms", "gflops")})
+                    row["vs_sdpa"] = res["torch_sdpa"]["ms"] / res["flashattn_lite"]["ms"]
+                    row["vs_naive"] = res["naive"]["ms"] / res["flashattn_lite"]["ms"]
+                    rows.append(row)
+                    print(f"| {row['passes']} | {seqlen} | {row['dtype']} | {causal} | "
+                          f"{res['flashattn_lite']['gflops']:.0f} | {res['torch_sdpa']['gflops']:.0f} | "
+                          f"{res['naive']['gflops']:.0f} | {row['vs_sdpa']:.2f}x | {row['vs_naive']:.2f}x |",
+                          flush=True)
+
+    def geomean(xs):
+        return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+    fwd = [r["vs_sdpa"] for r in rows if r["passes"] == "fwd"]
+    both = [r["vs_sdpa"] for r in rows if r["passes"] == "fwd+bwd"]
+    summary = {"torch_mm_gflops": mm, "fwd_min_vs_sdpa": min(fwd), "fwd_geomean_vs_sdpa": geomean(fwd),
+               "fwd_bwd_geomean_vs_sdpa": geomean(both)}
+    peak_case = [r for r in rows if r["passes"] == "fwd" and r["dtype"] == "float32" and not r["causal"]]
+    if peak_case:
+        best = max(peak_case, key=lambda r: r["seqlen"])
+        summary["fp32_fwd_fraction_of_mm"] = best["flashattn_lite_gflops"] / mm
+        summary["fp32_fwd_fraction_of_mm_seqlen"] = best["seqlen"]
+    print(f"\nforward vs SDPA: min {summary['fwd_min_vs_sdpa']:.2f}x, geomean {summary['fwd_geomean_vs_sdpa']:.2f}x;"
+          f" forward+backward geomean {summary['fwd_bwd_geomean_vs_sdpa']:.2f}x")
+    if "fp32_fwd_fraction_of_mm" in summary:
+        print(f"fp32 non-causal forward at seqlen {summary['fp32_fwd_fraction_of_mm_seqlen']}: "
+              f"{100 * summary['fp32_fwd_fraction_of_mm']:.0f}% of torch.mm's GFLOP/s")
+    if args.memory_seqlen:
+        mem = {name: peak_memory(name, args.memory_seqlen) for name in IMPLS}
+        summary["memory_seqlen"] = args.memory_seqlen
+        summary["peak_memory_bytes"] = mem
+        parts = [f"{n} {m / 2**20:.0f} MiB" if m is not None else f"{n} failed (out of memory?)"
+                 for n, m in mem.items()]
+        print(f"peak extra memory of fp32 forward+backward at seqlen {args.memory_seqlen}: " + ", ".join(parts))
+        if mem["flashattn_lite"] and mem["naive"]:
+            summary["memory_naive_over_ours"] = mem["naive"] / mem["flashattn_lite"]
+            print(f"naive / flashattn_lite: {summary['memory_naive_over_ours']:.1f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "rows": rows, "summary": summary}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
