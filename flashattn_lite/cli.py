@@ -3,6 +3,7 @@
     flashattn-lite info    versions, device, and every backend's state
     flashattn-lite check   quick self-test of every usable backend against the float64 reference
     flashattn-lite demo    run attention on a small problem and print its error against the reference
+    flashattn-lite bench   microbenchmarks (table, CSV, JSON and PNG plots in --out)
     flashattn-lite build   build the C++ CPU extension now (otherwise built on first use) and print its path
 """
 
@@ -27,6 +28,7 @@ def cmd_info(args):
 
     import flashattn_lite
     from flashattn_lite import available_backends
+    from flashattn_lite.backends import feature_table
 
     try:
         import triton
@@ -43,6 +45,12 @@ def cmd_info(args):
     print("backends:")
     for name, (usable, why) in available_backends().items():
         print(f"  {name:<10} {'yes' if usable else 'no ':<4} {why}")
+    table = feature_table()
+    names = list(next(iter(table.values())))
+    print("\nfeatures:")
+    print(f"  {'':<10}" + "".join(f"{n:>11}" for n in names))
+    for feature, by_backend in table.items():
+        print(f"  {feature:<10}" + "".join(f"{'yes' if by_backend[n] else '-':>11}" for n in names))
     return 0
 
 
@@ -126,6 +134,23 @@ def cmd_demo(args):
     return 0
 
 
+def cmd_bench(args):
+    from flashattn_lite import bench
+
+    causal = {"both": None, "yes": True, "no": False}[args.causal]
+    cases = bench.workloads(quick=args.quick, seqlens=args.seqlens, head_dims=args.head_dims, dtypes=args.dtypes,
+                            passes=args.passes, causal=causal, batch=args.batch, heads=args.heads,
+                            decode_lengths=args.decode_lengths)
+    repeats = args.repeats or (3 if args.quick else 5)
+    results, files = bench.run(cases, device=args.device, repeats=repeats, impl_names=args.impls, out_dir=args.out)
+    print(bench.format_table(results))
+    bad = [r for r in results if r.status == "mismatch"]
+    for r in bad:
+        print(f"MISMATCH {r.impl} {r.case}: {r.detail}")
+    print("\nwritten: " + ", ".join(files))
+    return 1 if bad else 0
+
+
 def cmd_build(args):
     from flashattn_lite import _build
 
@@ -146,6 +171,21 @@ def main(argv=None):
         func=cmd_check)
     sub.add_parser("demo", help="run attention once and print its error against the reference").set_defaults(
         func=cmd_demo)
+    bench = sub.add_parser("bench", help="microbenchmarks against torch SDPA and naive attention")
+    bench.add_argument("--quick", action="store_true", help="a small set that runs in under 2 minutes on 2 cores")
+    bench.add_argument("--seqlens", type=int, nargs="+")
+    bench.add_argument("--head-dims", type=int, nargs="+")
+    bench.add_argument("--dtypes", nargs="+", choices=["float16", "bfloat16", "float32"])
+    bench.add_argument("--passes", nargs="+", choices=["fwd", "bwd", "fwd+bwd", "decode"])
+    bench.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    bench.add_argument("--batch", type=int)
+    bench.add_argument("--heads", type=int, default=8)
+    bench.add_argument("--decode-lengths", type=int, nargs="+", help="KV lengths of the decode workload")
+    bench.add_argument("--repeats", type=int)
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present, else cpu")
+    bench.add_argument("--impls", nargs="+", help="restrict to these (e.g. cpu torch_sdpa naive)")
+    bench.add_argument("--out", default="bench_out", help="folder for results.{md,csv,json} and PNG plots")
+    bench.set_defaults(func=cmd_bench)
     build = sub.add_parser("build", help="build the C++ CPU extension ahead of time and print where it is")
     build.add_argument("--verbose", action="store_true", help="show the compiler's output")
     build.set_defaults(func=cmd_build)

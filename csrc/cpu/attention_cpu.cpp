@@ -1,9 +1,9 @@
 // CPU attention kernels: tiled online-softmax forward, recomputation backward.
 //
-// Every tile product runs through ATen's CPU BLAS (at::native::cpublas::gemm, the
-// BLAS torch.mm uses), in float32 (float64 for float64 input).  fp16/bf16 inputs
-// are widened to float32 once per call: a low-precision BLAS product is far slower
-// than widening (O(N d)) and then multiplying in float32 (O(N^2 d)).
+// Every tile product runs through the BLAS torch.mm uses, in float32 (float64 for
+// float64 input).  fp16/bf16 inputs are widened to float32 (per tile in the forward,
+// once per call in the backward): a low-precision BLAS product is slower than
+// widening, O(N d), and then multiplying in float32, O(N^2 d).
 //
 // Parallelism: forward over (batch, head, query block); backward over
 // (batch, kv head, chunk of key blocks), each task summing dK/dV over its GQA
@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -197,44 +198,74 @@ inline void scale_row(T* x, int64_t n, T s) {
 
 // ------------------------------------------------------------------------------------------ forward
 
+// Uninitialised scratch (zero-filling a 256 KiB tile per task would cost more than a decode step).
 template <typename T>
+struct Scratch {
+  std::unique_ptr<T[]> p;
+  explicit Scratch(int64_t n) : p(new T[std::max<int64_t>(n, 1)]) {}
+  T* data() { return p.get(); }
+};
+
+// A (rows x D) tile of a strided (seq, D) matrix, in the compute type: a pointer into
+// the input itself when the types agree, else a widened copy in ``buf`` (ld = D).
+template <typename in_t, typename T>
+inline const T* tile(const in_t* src, int64_t ld, int64_t rows, int64_t D, T* buf, int64_t& ld_out) {
+  if constexpr (std::is_same_v<in_t, T>) {
+    ld_out = ld;
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) at::vec::convert(src + r * ld, buf + r * D, D);
+    ld_out = D;
+    return buf;
+  }
+}
+
+// in_t: the tensors' dtype; T: the compute type (float, or double for double).
+// fp16/bf16 tiles are widened as they are used, so nothing the size of K or V is copied.
+template <typename in_t, typename T>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
               T scale, const Band& band) {
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Hk = k.size(2), group = Hq / Hk;
   // Shorter query sequences use smaller query tiles so every thread gets work.
   const Blocks bs = blocks_from_env("FLASHATTN_LITE_CPU_FWD_BLOCKS", Sq >= 768 ? 256 : 128, 512);
-  const int64_t BM = bs.m, BN = bs.n;
+  const int64_t BM = std::min(bs.m, Sq), BN = std::min(bs.n, std::max<int64_t>(k.size(1), 1));
   const int64_t nqb = (Sq + BM - 1) / BM;
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  T* lp = lse.data_ptr<T>();
+  const in_t* qp = q.data_ptr<in_t>();
+  const in_t* kp = k.data_ptr<in_t>();
+  const in_t* vp = v.data_ptr<in_t>();
+  in_t* op = out.data_ptr<in_t>();
+  float* lp32 = lse.scalar_type() == at::kFloat ? lse.data_ptr<float>() : nullptr;
+  double* lp64 = lse.scalar_type() == at::kDouble ? lse.data_ptr<double>() : nullptr;
   const int64_t sqb = q.stride(0), sqs = q.stride(1), sqh = q.stride(2);
   const int64_t skb = k.stride(0), sks = k.stride(1), skh = k.stride(2);
   const int64_t svb = v.stride(0), svs = v.stride(1), svh = v.stride(2);
   const int64_t sob = out.stride(0), sos = out.stride(1), soh = out.stride(2);
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  constexpr bool widen = !std::is_same_v<in_t, T>;
 
   at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> S(BM * BN), P(BM * BN), acc(BM * D), m(BM), l(BM);
+    Scratch<T> S(BM * BN), P(BM * BN), acc(BM * D), m(BM), l(BM), orow(D);
+    Scratch<T> qbuf(widen ? BM * D : 0), kbuf(widen ? BN * D : 0), vbuf(widen ? BN * D : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (Hq * nqb), h = (task / nqb) % Hq, r0 = (task % nqb) * BM;
       const int64_t rows = std::min(BM, Sq - r0);
-      const T* qt = qp + b * sqb + h * sqh + r0 * sqs;
-      const T* kt = kp + b * skb + (h / group) * skh;
-      const T* vt = vp + b * svb + (h / group) * svh;
-      std::fill(acc.begin(), acc.begin() + rows * D, T(0));
-      std::fill(m.begin(), m.end(), neg_inf);
-      std::fill(l.begin(), l.end(), T(0));
+      const in_t* kt = kp + b * skb + (h / group) * skh;
+      const in_t* vt = vp + b * svb + (h / group) * svh;
+      int64_t ldq;
+      const T* qt = tile<in_t, T>(qp + b * sqb + h * sqh + r0 * sqs, sqs, rows, D, qbuf.data(), ldq);
+      std::fill(acc.data(), acc.data() + rows * D, T(0));
+      std::fill(m.data(), m.data() + rows, neg_inf);
+      std::fill(l.data(), l.data() + rows, T(0));
       // band bounds are monotone in the row, so the block's keys are [lo(first), hi(last))
       int64_t klo, khi, unused;
       band.keys(r0, klo, unused);
       band.keys(r0 + rows - 1, unused, khi);
       for (int64_t c0 = klo; c0 < khi; c0 += BN) {
         const int64_t cols = std::min(BN, khi - c0);
-        gemm_rm<T>(false, true, rows, cols, D, scale, qt, sqs, kt + c0 * sks, sks, T(0), S.data(), BN);
+        int64_t ldk, ldv;
+        const T* ktile = tile<in_t, T>(kt + c0 * sks, sks, cols, D, kbuf.data(), ldk);
+        gemm_rm<T>(false, true, rows, cols, D, scale, qt, ldq, ktile, ldk, T(0), S.data(), BN);
         for (int64_t r = 0; r < rows; ++r) {
           const T* srow = S.data() + r * BN;
           T* prow = P.data() + r * BN;
@@ -246,32 +277,43 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
           if (a >= e) continue;  // nothing visible in this tile: P row is 0, state unchanged
           // The row's first visible tile: a provisional shift from its first few scores (a
           // lower bound of the max, so nothing can underflow that would not anyway).
-          if (m[r] == neg_inf) m[r] = row_max(srow + a, std::min<int64_t>(e - a, Vec<T>::size()));
+          if (m.data()[r] == neg_inf) m.data()[r] = row_max(srow + a, std::min<int64_t>(e - a, Vec<T>::size()));
           T mx;
-          const T sum = exp_shift_sum_max(srow + a, prow + a, e - a, m[r], mx);
-          if (mx <= m[r] + T(kLazyShift)) {
-            l[r] += sum;
+          T& mr = m.data()[r];
+          T& lr = l.data()[r];
+          const T sum = exp_shift_sum_max(srow + a, prow + a, e - a, mr, mx);
+          if (mx <= mr + T(kLazyShift)) {
+            lr += sum;
           } else {  // rare: scores far above the shift; rescale the row to the new max
-            const T alpha = std::exp(m[r] - mx);
-            l[r] = l[r] * alpha + exp_shift_sum(srow + a, prow + a, e - a, mx);
+            const T alpha = std::exp(mr - mx);
+            lr = lr * alpha + exp_shift_sum(srow + a, prow + a, e - a, mx);
             scale_row(acc.data() + r * D, D, alpha);
-            m[r] = mx;
+            mr = mx;
           }
         }
-        gemm_rm<T>(false, false, rows, D, cols, T(1), P.data(), BN, vt + c0 * svs, svs, T(1), acc.data(), D);
+        const T* vtile = tile<in_t, T>(vt + c0 * svs, svs, cols, D, vbuf.data(), ldv);
+        gemm_rm<T>(false, false, rows, D, cols, T(1), P.data(), BN, vtile, ldv, T(1), acc.data(), D);
       }
       for (int64_t r = 0; r < rows; ++r) {
-        T* orow = op + b * sob + h * soh + (r0 + r) * sos;
-        T* lrow = lp + (b * Hq + h) * Sq + r0 + r;
-        if (l[r] == T(0)) {  // the row saw no key
-          std::fill(orow, orow + D, T(0));
-          *lrow = neg_inf;
-          continue;
+        in_t* dst = op + b * sob + h * soh + (r0 + r) * sos;
+        const int64_t lidx = (b * Hq + h) * Sq + r0 + r;
+        const T lr = l.data()[r];
+        T row_lse = neg_inf;
+        if (lr == T(0)) {  // the row saw no key
+          std::fill(orow.data(), orow.data() + D, T(0));
+        } else {
+          const T inv = T(1) / lr;
+          const T* arow = acc.data() + r * D;
+          for (int64_t d = 0; d < D; ++d) orow.data()[d] = arow[d] * inv;
+          row_lse = m.data()[r] + std::log(lr);
         }
-        const T inv = T(1) / l[r];
-        const T* arow = acc.data() + r * D;
-        for (int64_t d = 0; d < D; ++d) orow[d] = arow[d] * inv;
-        *lrow = m[r] + std::log(l[r]);
+        if constexpr (widen) {
+          at::vec::convert(orow.data(), dst, D);
+        } else {
+          std::copy(orow.data(), orow.data() + D, dst);
+        }
+        if (lp32) lp32[lidx] = float(row_lse);
+        if (lp64) lp64[lidx] = double(row_lse);
       }
     }
   });
@@ -413,22 +455,23 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Ten
                                            int64_t window_right) {
   check_qkv(q_in, k_in, v_in);
   const at::ScalarType ct = compute_type(q_in.scalar_type());
-  at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct), v = prepare(v_in, ct);
-  at::Tensor out = at::empty_like(q_in, q_in.options().dtype(ct));
-  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options());
+  auto unit_last = [](const at::Tensor& t) { return t.size(-1) > 1 && t.stride(-1) != 1 ? t.contiguous() : t; };
+  at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
+  at::Tensor out = at::empty_like(q_in);
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(ct == at::kDouble ? ct : at::kFloat));
   const Band band{diag_offset, window_left, window_right, q.size(1), k.size(1)};
-  if (q.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES(ct, "flashattn_lite_cpu_fwd",
-                               [&] { fwd_impl<scalar_t>(q, k, v, out, lse, scalar_t(softmax_scale), band); });
-  } else {
+  if (q.numel() == 0) {
     lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
   }
-  if (out.scalar_type() != q_in.scalar_type()) {
-    at::Tensor low = at::empty_like(q_in);
-    low.copy_(out);
-    out = low;
+  switch (q.scalar_type()) {
+    case at::kFloat: fwd_impl<float, float>(q, k, v, out, lse, float(softmax_scale), band); break;
+    case at::kDouble: fwd_impl<double, double>(q, k, v, out, lse, softmax_scale, band); break;
+    case at::kBFloat16: fwd_impl<at::BFloat16, float>(q, k, v, out, lse, float(softmax_scale), band); break;
+    case at::kHalf: fwd_impl<at::Half, float>(q, k, v, out, lse, float(softmax_scale), band); break;
+    default: TORCH_CHECK(false, "flashattn_lite cpu: unsupported dtype ", q.scalar_type());
   }
-  return {out, ct == at::kDouble ? lse : lse.to(at::kFloat)};
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse,

@@ -66,6 +66,16 @@ def requested_backend():
     return name
 
 
+# Everything the API names; the ones no backend lists yet raise NotImplementedError.
+ALL_FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "dropout",
+                "softcap", "alibi", "attn_mask", "varlen", "kv-cache")
+
+
+def feature_table():
+    """{feature: {backend: bool}} as ``flashattn-lite info`` prints it."""
+    return {f: {name: f in mod.FEATURES for name, mod in BACKENDS.items()} for f in ALL_FEATURES}
+
+
 def available_backends():
     """{name: (usable here, why or why not)} for every concrete backend."""
     return {name: tuple(mod.available()) for name, mod in BACKENDS.items()}

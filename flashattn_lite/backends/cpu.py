@@ -12,6 +12,7 @@ import torch
 from .. import _build
 
 NAME = "cpu"
+FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _warned = []
 

@@ -2,6 +2,7 @@
 unavailable, so ``auto`` keeps Triton for CUDA tensors."""
 
 NAME = "cuda"
+FEATURES = ()
 _REASON = "the CUDA C++ kernels are not part of this version yet"
 
 

@@ -7,6 +7,7 @@ float32 (float64 for float64 input) and casts the result to the input dtype.
 import torch
 
 NAME = "reference"
+FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64")
 
 
 def visibility_mask(seqlen_q, seqlen_k, diag_offset, window_left, window_right, device):

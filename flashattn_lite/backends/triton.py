@@ -14,6 +14,7 @@ import os
 import torch
 
 NAME = "triton"
+FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
