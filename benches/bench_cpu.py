@@ -26,14 +26,7 @@ import time
 import torch
 
 import flashattn_lite as fl
-
-
-def naive(q, k, v, causal):
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    if causal:
-        s = q.shape[-2]
-        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+from flashattn_lite.bench import naive_attention
 
 
 def ours(q, k, v, causal):
@@ -45,7 +38,7 @@ def sdpa(q, k, v, causal):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-IMPLS = {"flashattn_lite": ours, "torch_sdpa": sdpa, "naive": naive}
+IMPLS = {"flashattn_lite": ours, "torch_sdpa": sdpa, "naive": naive_attention}
 
 
 def _step(fn, inputs, causal, backward, dout):

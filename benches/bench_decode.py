@@ -1,0 +1,28 @@
+"""Decoding: one query per sequence against a long KV cache (batch 4, 8 heads).
+
+    python benches/bench_decode.py [--lengths 1024 4096 16384] [--out bench_out/decode]
+"""
+
+import argparse
+import sys
+
+from flashattn_lite import bench
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default="bench_out/decode")
+    a = p.parse_args(argv)
+    cases = bench.workloads(head_dims=a.head_dims, dtypes=a.dtypes, passes=["decode"], decode_lengths=a.lengths)
+    results, files = bench.run(cases, repeats=a.repeats, out_dir=a.out)
+    print(bench.format_table(results))
+    print("written: " + ", ".join(files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
