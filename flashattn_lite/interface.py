@@ -85,6 +85,13 @@ def _select_backend(device, dtype, head_dim):
 _select_backend._dynamo_marked_constant = True
 
 
+def _unbounded_if_beyond(left, right, seqlen_q, seqlen_k):
+    """A window side wider than both sequences is the same as none (-1); normalising it
+    keeps kernel index arithmetic (32-bit in Triton) far from overflow."""
+    reach = seqlen_q + seqlen_k
+    return (-1 if left > reach else left), (-1 if right > reach else right)
+
+
 def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right):
     backend = _select_backend(q.device, q.dtype, int(q.shape[3]))
     return torch.ops.flashattn_lite.fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, backend)
@@ -119,6 +126,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     left, right = _check_window(window_size)
     if causal:
         right = 0
+    left, right = _unbounded_if_beyond(left, right, q.shape[1], k.shape[1])
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     out, lse = _run(q, k, v, scale, k.shape[1] - q.shape[1], left, right)
     if return_attn_probs:

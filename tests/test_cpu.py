@@ -212,3 +212,52 @@ def test_online_softmax_shift_raised_by_later_tiles(small_tiles, dtype):
     dout = torch.randn(1, 40, 2, 16, dtype=dtype)
     ours = run_flash("cpu", q, k, v, dout, causal=False)
     assert_matches_reference(ours, q, k, v, dout)
+
+
+def test_gradient_with_zero_sequence_stride():
+    """out.sum(dim=1) hands the op a gradient with sequence stride 0; BLAS needs ld >= D."""
+    q, k, v = make_qkv(1, 40, 40, 2, 2, 8, torch.float32)
+    w = torch.randn(2, 8)
+    grads = {}
+    for backend in ("cpu", "reference"):
+        with fl.use_backend(backend):
+            out = fl.flash_attn_func(q, k, v, causal=True)
+            grads[backend] = torch.autograd.grad((out.sum(dim=1) * w).sum(), (q, k, v))
+    for ours, ref in zip(grads["cpu"], grads["reference"]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["one-row-permuted", "expanded-kv"])
+def test_row_strides_below_head_dim(case):
+    if case == "one-row-permuted":  # "contiguous" by torch's rules, row stride 1 < D
+        q = torch.randn(2, 2, 8, 1).permute(0, 3, 1, 2).requires_grad_()
+        k, v = (torch.randn(2, 33, 2, 8).requires_grad_() for _ in range(2))
+    else:  # every key/value row the same memory: stride 0
+        q = torch.randn(2, 5, 2, 8).requires_grad_()
+        k, v = (torch.randn(2, 1, 2, 8).expand(2, 17, 2, 8).detach().requires_grad_() for _ in range(2))
+    dout = torch.randn(q.shape)
+    ours = run_flash("cpu", q, k, v, dout)
+    assert_matches_reference(ours, q, k, v, dout)
+
+
+def test_op_with_non_unit_last_stride_writes_correct_memory():
+    q = torch.randn(1, 8, 4, 2).transpose(2, 3)  # (1, 8, 2, 4), last stride 2
+    out, lse = torch.ops.flashattn_lite.fwd(q, q, q, 0.5, 0, -1, -1, "cpu")
+    expected, _ = torch.ops.flashattn_lite.fwd(q.contiguous(), q.contiguous(), q.contiguous(), 0.5, 0, -1, -1,
+                                               "reference")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_many_key_chunks_with_more_threads_than_heads(monkeypatch):
+    """MQA, batch 1, 8 threads: key tiles are split into chunks (capped at 4) whose dQ
+    partials are summed in a fixed order; the result must still match."""
+    q, k, v = make_qkv(1, 64, 64, 8, 1, 16, torch.float32)
+    dout = torch.randn(1, 64, 8, 16)
+    monkeypatch.setenv("FLASHATTN_LITE_CPU_BWD_BLOCKS", "16,8")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        ours = run_flash("cpu", q, k, v, dout)
+    finally:
+        torch.set_num_threads(threads)
+    assert_matches_reference(ours, q, k, v, dout)

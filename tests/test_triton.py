@@ -180,3 +180,24 @@ def test_window_skips_blocks_left_of_the_band():
         out = fl.flash_attn_func(q, k, v, window_size=(8, 0))
     # queries 48..63 see keys 40..63 only: key block 0 is never read
     assert torch.isfinite(out[:, 48:]).all()
+
+
+@pytest.mark.parametrize("bm,bn", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (5, 3)), (False, (-1, -1))])
+def test_asymmetric_blocks(bm, bn, causal, window):
+    """The GPU tables use BLOCK_M != BLOCK_N; the interpreter default is 16 x 16."""
+    from flashattn_lite.triton_kernels import configs
+
+    cfg = configs.KernelConfig(bm, bn, 4, 1)
+    with configs.override("fwd", cfg), configs.override("bwd_dkdv", cfg), configs.override("bwd_dq", cfg):
+        _check(1, 45, 70, 2, 1, 16, torch.float32, causal=causal, window=window)
+        _check(1, 70, 45, 2, 1, 16, torch.float32, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_huge_window_is_unbounded(backend):
+    q, k, v = make_qkv(1, 20, 10, 2, 1, 16, torch.float32)
+    dout = torch.randn(1, 20, 2, 16)
+    for window in [(-1, 2**31 - 1), (2**31 - 1, -1), (2**62, 2**62)]:
+        ours = run_flash(backend, q, k, v, dout, causal=window[1] == -1, window_size=window)
+        assert_matches_reference(ours, q, k, v, dout, causal=window[1] == -1, window_size=window)

@@ -333,7 +333,9 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   // Enough tasks to fill the threads even for one (batch, kv head); each chunk of key
   // blocks keeps a private dQ partial, summed in chunk order afterwards.
   const int64_t threads = at::get_num_threads();
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(nkb, (2 * threads + B * Hk - 1) / (B * Hk)));
+  // At most 4 chunks: the partials then cost at most 4x dQ in memory (O(N) still).
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>({nkb, int64_t(4), (2 * threads + B * Hk - 1) / (B * Hk)}));
   const int64_t kb_per_chunk = (nkb + chunks - 1) / chunks;
   at::Tensor dq_parts = at::zeros({chunks, B, Hq, Sq, D}, q.options());
 
@@ -443,11 +445,20 @@ at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Widen to the compute type; a unit last stride is required by the kernels.
+// Strides the kernels can hand to BLAS: a unit last stride, and a row (sequence)
+// stride of at least the head dim, since BLAS rejects a leading dimension below the
+// row length (an expanded tensor has row stride 0; a one-row tensor may have any).
+// Anything else is copied once, into a fresh contiguous tensor.
+at::Tensor blas_ready(const at::Tensor& t) {
+  const int64_t D = t.size(-1);
+  const bool last_ok = D <= 1 || t.stride(-1) == 1;
+  const bool rows_ok = t.stride(1) >= D && t.stride(0) >= 0 && t.stride(2) >= 0;
+  return last_ok && rows_ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// Widen to the compute type, then make the strides BLAS-ready.
 at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
-  at::Tensor r = t.scalar_type() == ct ? t : t.to(ct);
-  if (r.size(-1) > 1 && r.stride(-1) != 1) r = r.contiguous();
-  return r;
+  return blas_ready(t.scalar_type() == ct ? t : t.to(ct));
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -455,9 +466,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Ten
                                            int64_t window_right) {
   check_qkv(q_in, k_in, v_in);
   const at::ScalarType ct = compute_type(q_in.scalar_type());
-  auto unit_last = [](const at::Tensor& t) { return t.size(-1) > 1 && t.stride(-1) != 1 ? t.contiguous() : t; };
-  at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
-  at::Tensor out = at::empty_like(q_in);
+  at::Tensor q = blas_ready(q_in), k = blas_ready(k_in), v = blas_ready(v_in);
+  at::Tensor out = at::empty_like(q);  // q's strides are ones the kernel can write through
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(ct == at::kDouble ? ct : at::kFloat));
   const Band band{diag_offset, window_left, window_right, q.size(1), k.size(1)};
   if (q.numel() == 0) {
@@ -488,9 +498,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dout_in
   // delta = rowsum(dO * O) - dlse, shape (B, H, Sq)
   at::Tensor delta = (dout * out).sum(-1).transpose(1, 2).contiguous();
   if (dlse.has_value()) delta.sub_(dlse->to(ct));
-  at::Tensor dq = at::empty_like(q_in, q_in.options().dtype(ct));
-  at::Tensor dk = at::empty_like(k_in, k_in.options().dtype(ct));
-  at::Tensor dv = at::empty_like(v_in, v_in.options().dtype(ct));
+  at::Tensor dq = at::empty_like(q);
+  at::Tensor dk = at::empty_like(k);
+  at::Tensor dv = at::empty_like(v);
   const Band band{diag_offset, window_left, window_right, q.size(1), k.size(1)};
   if (q.numel() == 0 || k.numel() == 0) {
     dq.zero_();
@@ -501,13 +511,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dout_in
       bwd_impl<scalar_t>(dout, q, k, v, lse, delta, dq, dk, dv, scalar_t(softmax_scale), band);
     });
   }
-  auto narrow = [](const at::Tensor& wide, const at::Tensor& like) {
-    if (wide.scalar_type() == like.scalar_type()) return wide;
-    at::Tensor low = at::empty_like(like);
-    low.copy_(wide);
-    return low;
+  auto narrow = [](const at::Tensor& wide, const at::ScalarType type) {
+    return wide.scalar_type() == type ? wide : wide.to(type);
   };
-  return {narrow(dq, q_in), narrow(dk, k_in), narrow(dv, v_in)};
+  return {narrow(dq, q_in.scalar_type()), narrow(dk, k_in.scalar_type()), narrow(dv, v_in.scalar_type())};
 }
 
 }  // namespace

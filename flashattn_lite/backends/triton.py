@@ -94,8 +94,10 @@ def _common(q, k, softmax_scale, diag_offset, window_left, window_right, cfg, co
     head_dim = q.shape[3]
     block_d = configs.padded_head_dim(head_dim)
     seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    # bounds past both sequences act as unbounded; clamping keeps the kernels' int32 sums in range
+    reach = seqlen_q + seqlen_k + abs(diag_offset)
     args = dict(seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim, group=q.shape[2] // k.shape[2],
-                offset=diag_offset, left=max(window_left, 0), right=max(window_right, 0),
+                offset=diag_offset, left=min(max(window_left, 0), reach), right=min(max(window_right, 0), reach),
                 qk_scale=softmax_scale * 1.4426950408889634)
     meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 EVEN_M=seqlen_q % cfg.block_m == 0, EVEN_N=seqlen_k % cfg.block_n == 0,
