@@ -18,10 +18,7 @@ def main(argv=None):
     p.add_argument("--out", default="bench_out/fwd_bwd")
     a = p.parse_args(argv)
     cases = bench.workloads(seqlens=a.seqlens, head_dims=a.head_dims, dtypes=a.dtypes, passes=["fwd", "bwd", "fwd+bwd"])
-    results, files = bench.run(cases, repeats=a.repeats, out_dir=a.out)
-    print(bench.format_table(results))
-    print("written: " + ", ".join(files))
-    return 0
+    return bench.run_and_report(cases, a.repeats, a.out)[1]
 
 
 if __name__ == "__main__":

@@ -489,3 +489,14 @@ def run(cases, device=None, repeats=5, impl_names=None, out_dir="bench_out", pro
             "implementations": list(impls)}
     files = write_outputs(results, out_dir, meta)
     return results, [os.path.join(out_dir, f) for f in ("results.md", "results.csv", "results.json")] + files
+
+
+def run_and_report(cases, repeats, out_dir, device=None, impl_names=None):
+    """Run, print the table and any mismatches, list the files; exit status 1 on a mismatch."""
+    results, files = run(cases, device=device, repeats=repeats, impl_names=impl_names, out_dir=out_dir)
+    print(format_table(results))
+    bad = [r for r in results if r.status == "mismatch"]
+    for r in bad:
+        print(f"MISMATCH {r.impl} {r.case}: {r.detail}")
+    print("\nwritten: " + ", ".join(files))
+    return results, 1 if bad else 0

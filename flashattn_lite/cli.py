@@ -142,13 +142,8 @@ def cmd_bench(args):
                             passes=args.passes, causal=causal, batch=args.batch, heads=args.heads,
                             decode_lengths=args.decode_lengths)
     repeats = args.repeats or (3 if args.quick else 5)
-    results, files = bench.run(cases, device=args.device, repeats=repeats, impl_names=args.impls, out_dir=args.out)
-    print(bench.format_table(results))
-    bad = [r for r in results if r.status == "mismatch"]
-    for r in bad:
-        print(f"MISMATCH {r.impl} {r.case}: {r.detail}")
-    print("\nwritten: " + ", ".join(files))
-    return 1 if bad else 0
+    _, status = bench.run_and_report(cases, repeats, args.out, device=args.device, impl_names=args.impls)
+    return status
 
 
 def cmd_build(args):
