@@ -92,9 +92,37 @@ def _unbounded_if_beyond(left, right, seqlen_q, seqlen_k):
     return (-1 if left > reach else left), (-1 if right > reach else right)
 
 
-def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right):
+def _check_softcap(softcap):
+    if isinstance(softcap, torch.Tensor) or not isinstance(softcap, (int, float)) or isinstance(softcap, bool):
+        raise TypeError(f"softcap must be a Python number, got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap!r}")
+    return float(softcap)
+
+
+def _check_alibi(slopes, q):
+    """ALiBi slopes: (heads,) or (batch, heads), float; returned as float32 (batch, heads),
+    with a stride-0 batch dim for the (heads,) form (no copy)."""
+    if slopes is None:
+        return None
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor, got {type(slopes).__name__}")
+    batch, heads = q.shape[0], q.shape[2]
+    if slopes.shape not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (heads, or batch x "
+                         f"heads), got {tuple(slopes.shape)}")
+    if not slopes.is_floating_point():
+        raise TypeError(f"alibi_slopes must be a float tensor, got {slopes.dtype}")
+    if slopes.device != q.device:
+        raise ValueError(f"alibi_slopes is on {slopes.device} but q is on {q.device}")
+    slopes = slopes.to(torch.float32)
+    return slopes.expand(batch, heads) if slopes.dim() == 1 else slopes
+
+
+def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap=0.0, alibi_slopes=None):
     backend = _select_backend(q.device, q.dtype, int(q.shape[3]))
-    return torch.ops.flashattn_lite.fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, backend)
+    return torch.ops.flashattn_lite.fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap,
+                                        alibi_slopes, backend)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -108,6 +136,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         causal: bottom-right aligned when seqlen_q != seqlen_k: query i sees keys
             ``j <= i + seqlen_k - seqlen_q`` (flash-attn >= 2.1).
         window_size: (left, right) local attention on the same diagonal; -1 = unbounded.
+        softcap: > 0 caps the scaled scores at ``softcap * tanh(s / softcap)`` (Gemma 2); 0 = off.
+        alibi_slopes: (nheads,) or (batch, nheads); adds ``-slope * |i + seqlen_k - seqlen_q - j|``.
         deterministic: accepted for compatibility; every backward here is deterministic.
         return_attn_probs: also return ``softmax_lse`` (float32, (batch, nheads, seqlen_q)).
 
@@ -118,17 +148,15 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     _validate_qkv(q, k, v, ("q", "k", "v"), "(batch, seqlen, heads, headdim)")
     if dropout_p != 0.0:
         raise NotImplementedError("dropout_p > 0 is not implemented yet in flashattn_lite")
-    if softcap != 0.0:
-        raise NotImplementedError("softcap is not implemented yet in flashattn_lite")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes is not implemented yet in flashattn_lite")
+    softcap = _check_softcap(softcap)
+    slopes = _check_alibi(alibi_slopes, q)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else _check_scale(softmax_scale, "softmax_scale")
     left, right = _check_window(window_size)
     if causal:
         right = 0
     left, right = _unbounded_if_beyond(left, right, q.shape[1], k.shape[1])
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    out, lse = _run(q, k, v, scale, k.shape[1] - q.shape[1], left, right)
+    out, lse = _run(q, k, v, scale, k.shape[1] - q.shape[1], left, right, softcap, slopes)
     if return_attn_probs:
         return out, lse, None
     return out

@@ -12,11 +12,13 @@ from . import backends
 
 # Fwd: (out, lse).  ``backend`` is resolved by the caller (never "auto") so that
 # forward and backward of one call always run on the same backend.
+# ``softcap`` 0 = off; ``alibi_slopes`` float32 (batch, heads) (a stride-0 batch is fine) or None.
 FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, float softmax_scale, SymInt diag_offset, "
-              "int window_left, int window_right, str backend) -> (Tensor, Tensor)")
+              "int window_left, int window_right, float softcap, Tensor? alibi_slopes, str backend) "
+              "-> (Tensor, Tensor)")
 BWD_SCHEMA = ("(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-              "float softmax_scale, SymInt diag_offset, int window_left, int window_right, "
-              "bool deterministic, str backend) -> (Tensor, Tensor, Tensor)")
+              "float softmax_scale, SymInt diag_offset, int window_left, int window_right, float softcap, "
+              "Tensor? alibi_slopes, bool deterministic, str backend) -> (Tensor, Tensor, Tensor)")
 
 
 def _like(result, template):
@@ -37,49 +39,50 @@ def lse_dtype(dtype):
 
 
 @torch.library.custom_op("flashattn_lite::fwd", mutates_args=(), schema=FWD_SCHEMA)
-def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, backend):
-    out, lse = backends.get(backend).fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right)
+def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes, backend):
+    out, lse = backends.get(backend).fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap,
+                                         alibi_slopes)
     return _like(out, q), lse.contiguous()
 
 
 @fwd.register_fake
-def _fwd_fake(q, k, v, softmax_scale, diag_offset, window_left, window_right, backend):
+def _fwd_fake(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes, backend):
     return torch.empty_like(q), q.new_empty(_lse_shape(q), dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("flashattn_lite::bwd", mutates_args=(), schema=BWD_SCHEMA)
-def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, deterministic,
-        backend):
+def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes,
+        deterministic, backend):
     dq, dk, dv = backends.get(backend).bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset,
-                                           window_left, window_right, deterministic)
+                                           window_left, window_right, softcap, alibi_slopes, deterministic)
     return _like(dq, q), _like(dk, k), _like(dv, v)
 
 
 @bwd.register_fake
-def _bwd_fake(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right,
-              deterministic, backend):
+def _bwd_fake(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, softcap,
+              alibi_slopes, deterministic, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, diag_offset, window_left, window_right, backend = inputs
+    q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.params = (softmax_scale, diag_offset, window_left, window_right)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+    ctx.params = (softmax_scale, diag_offset, window_left, window_right, softcap)
     ctx.backend = backend
     ctx.deterministic = True
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
     if dout.stride(-1) != 1:
         # e.g. the expanded gradient of out.sum(): kernels need a unit last stride
         dout = dout.contiguous()
     if dlse is not None:
         dlse = dlse.contiguous()
-    dq, dk, dv = torch.ops.flashattn_lite.bwd(dout, dlse, q, k, v, out, lse, *ctx.params, ctx.deterministic,
-                                              ctx.backend)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = torch.ops.flashattn_lite.bwd(dout, dlse, q, k, v, out, lse, *ctx.params, alibi_slopes,
+                                              ctx.deterministic, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)

@@ -18,9 +18,10 @@ import tempfile
 
 # The causal specialisation of each kernel holds both the masked (diagonal) and
 # the unmasked inner loop, so it is the largest code of each config.
-_CAUSAL = dict(HAS_LEFT=False, HAS_RIGHT=True, EVEN_M=True, EVEN_N=True, PAD_D=False)
-_FP32_ARGS = ("qk_scale", "sm_scale")
-_LSE_ARGS = ("LSE", "LSE2", "DELTA", "DLSE")
+_CAUSAL = dict(HAS_LEFT=False, HAS_RIGHT=True, EVEN_M=True, EVEN_N=True, PAD_D=False, HAS_SOFTCAP=False,
+               HAS_ALIBI=False)
+_FP32_ARGS = ("qk_scale", "sm_scale", "softcap_pre", "softcap_post")
+_LSE_ARGS = ("LSE", "LSE2", "DELTA", "DLSE", "ALIBI")
 
 
 def _signature(fn, elem, constexprs):

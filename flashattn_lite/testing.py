@@ -62,7 +62,8 @@ def compare(name, ours, ref, baseline, dtype, factor, scale):
     return Comparison(name, _finite_diff(ours, ref), bound)
 
 
-def reference_results(q, k, v, dout, softmax_scale, diag_offset=0, window_left=-1, window_right=-1):
+def reference_results(q, k, v, dout, softmax_scale, diag_offset=0, window_left=-1, window_right=-1, softcap=0.0,
+                      alibi_slopes=None):
     """float64 oracle and same-dtype baseline: {'out','lse','dq','dk','dv'} each.
 
     Inputs in (B, S, H, D) layout, any dtype; ``dout=None`` skips gradients.
@@ -71,7 +72,11 @@ def reference_results(q, k, v, dout, softmax_scale, diag_offset=0, window_left=-
     for key, upcast, cast in (("ref", True, torch.float64), ("baseline", False, None)):
         leaves = [(t.detach().to(cast) if cast else t.detach()).requires_grad_(dout is not None) for t in (q, k, v)]
         with torch.enable_grad():
-            out, lse = attention_math(*leaves, softmax_scale, diag_offset, window_left, window_right, upcast=upcast)
+            slopes = None
+            if alibi_slopes is not None:
+                slopes = alibi_slopes.expand(q.shape[0], q.shape[2]).to(torch.float64 if upcast else q.dtype)
+            out, lse = attention_math(*leaves, softmax_scale, diag_offset, window_left, window_right, upcast=upcast,
+                                      softcap=softcap, alibi_slopes=slopes)
             res = {"out": out.detach(), "lse": lse.detach()}
             if dout is not None:
                 grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))

@@ -61,8 +61,6 @@ def test_triton_declines_float64():
 
 @pytest.mark.parametrize("name,kwargs", [
     ("dropout_p", dict(dropout_p=0.1)),
-    ("softcap", dict(softcap=30.0)),
-    ("alibi_slopes", dict(alibi_slopes=torch.ones(2))),
 ])
 def test_unimplemented_features_raise(name, kwargs):
     q, k, v = _qkv()
@@ -130,6 +128,13 @@ def test_bad_input(case, make, exc, match):
     (dict(window_size=5), ValueError, "window_size"),
     (dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
     (dict(softmax_scale=torch.tensor(0.5)), TypeError, "softmax_scale"),
+    (dict(softcap=-1.0), ValueError, "softcap must be >= 0"),
+    (dict(softcap=torch.tensor(1.0)), TypeError, "softcap must be a Python number"),
+    (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(2,\) or \(1, 2\)"),
+    (dict(alibi_slopes=torch.ones(2, 2)), ValueError, "alibi_slopes must have shape"),
+    (dict(alibi_slopes=[0.5, 0.25]), TypeError, "alibi_slopes must be a torch.Tensor"),
+    (dict(alibi_slopes=torch.ones(2, dtype=torch.int32)), TypeError, "alibi_slopes must be a float tensor"),
+    (dict(alibi_slopes=torch.ones(2, device="meta")), ValueError, "alibi_slopes is on meta"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -27,11 +27,14 @@ def small_tiles(monkeypatch):
     monkeypatch.setenv("FLASHATTN_LITE_CPU_BWD_BLOCKS", "16,16")
 
 
-def _check(batch, sq, sk, hq, hk, d, dtype, causal=False, window=(-1, -1), memory="bshd", scale=None):
+def _check(batch, sq, sk, hq, hk, d, dtype, causal=False, window=(-1, -1), memory="bshd", scale=None, softcap=0.0,
+           alibi=None):
     q, k, v = make_qkv(batch, sq, sk, hq, hk, d, dtype, memory)
     dout = torch.randn(batch, sq, hq, d, dtype=dtype)
-    ours = run_flash("cpu", q, k, v, dout, causal=causal, window_size=window, softmax_scale=scale)
-    assert_matches_reference(ours, q, k, v, dout, causal=causal, window_size=window, softmax_scale=scale)
+    slopes = None if alibi is None else (torch.rand(hq) if alibi == "heads" else torch.rand(batch, hq))
+    kw = dict(causal=causal, window_size=window, softmax_scale=scale, softcap=softcap, alibi_slopes=slopes)
+    ours = run_flash("cpu", q, k, v, dout, **kw)
+    assert_matches_reference(ours, q, k, v, dout, **kw)
     return ours
 
 
@@ -134,11 +137,13 @@ def test_auto_picks_cpu_for_cpu_tensors():
 def test_kernel_op_rejects_bad_input():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(RuntimeError, match="must be 4-D"):
-        torch.ops.flashattn_lite_C.fwd(q[0], q, q, 1.0, 0, -1, -1)
+        torch.ops.flashattn_lite_C.fwd(q[0], q, q, 1.0, 0, -1, -1, 0.0, None)
     with pytest.raises(RuntimeError, match="multiple of kv heads"):
-        torch.ops.flashattn_lite_C.fwd(torch.randn(1, 4, 3, 8), q, q, 1.0, 0, -1, -1)
+        torch.ops.flashattn_lite_C.fwd(torch.randn(1, 4, 3, 8), q, q, 1.0, 0, -1, -1, 0.0, None)
     with pytest.raises(RuntimeError, match="unsupported dtype"):
-        torch.ops.flashattn_lite_C.fwd(q.int(), q.int(), q.int(), 1.0, 0, -1, -1)
+        torch.ops.flashattn_lite_C.fwd(q.int(), q.int(), q.int(), 1.0, 0, -1, -1, 0.0, None)
+    with pytest.raises(RuntimeError, match="alibi_slopes must be float32"):
+        torch.ops.flashattn_lite_C.fwd(q, q, q, 1.0, 0, -1, -1, 0.0, torch.ones(3, 2))
 
 
 _NO_COMPILER = textwrap.dedent("""
@@ -242,9 +247,9 @@ def test_row_strides_below_head_dim(case):
 
 def test_op_with_non_unit_last_stride_writes_correct_memory():
     q = torch.randn(1, 8, 4, 2).transpose(2, 3)  # (1, 8, 2, 4), last stride 2
-    out, lse = torch.ops.flashattn_lite.fwd(q, q, q, 0.5, 0, -1, -1, "cpu")
-    expected, _ = torch.ops.flashattn_lite.fwd(q.contiguous(), q.contiguous(), q.contiguous(), 0.5, 0, -1, -1,
-                                               "reference")
+    out, lse = torch.ops.flashattn_lite.fwd(q, q, q, 0.5, 0, -1, -1, 0.0, None, "cpu")
+    expected, _ = torch.ops.flashattn_lite.fwd(q.contiguous(), q.contiguous(), q.contiguous(), 0.5, 0, -1, -1, 0.0,
+                                               None, "reference")
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -261,3 +266,18 @@ def test_many_key_chunks_with_more_threads_than_heads(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert_matches_reference(ours, q, k, v, dout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("softcap,alibi", [(5.0, None), (0.0, "heads"), (2.0, "batch-heads")])
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (6, 3))])
+def test_softcap_and_alibi(small_tiles, dtype, softcap, alibi, causal, window):
+    _check(2, 67, 93, 4, 2, 32, dtype, causal=causal, window=window, softcap=softcap, alibi=alibi)
+
+
+def test_softcap_alibi_gradcheck(small_tiles):
+    q, k, v = make_qkv(2, 9, 13, 2, 1, 4, torch.float64)
+    slopes = torch.rand(2, 2)
+    with fl.use_backend("cpu"):
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: fl.flash_attn_func(a, b, c, causal=True, softcap=1.5, alibi_slopes=slopes), (q, k, v))

@@ -27,6 +27,8 @@ def attention_cases(draw):
         window=window,
         memory=draw(st.sampled_from(["bshd", "bhsd", "padded"])),
         scale=draw(st.sampled_from([None, 0.1, 1.0])),
+        softcap=draw(st.sampled_from([0.0, 0.0, 3.0])),
+        alibi=draw(st.sampled_from([None, None, "heads", "batch-heads"])),
     )
 
 
@@ -36,10 +38,12 @@ def _property(backend, case):
     q, k, v = make_qkv(case["batch"], case["sq"], case["sk"], case["hq"], case["hk"], case["d"], case["dtype"],
                        case["memory"])
     dout = torch.randn(case["batch"], case["sq"], case["hq"], case["d"], dtype=case["dtype"])
-    ours = run_flash(backend, q, k, v, dout, causal=case["causal"], window_size=case["window"],
-                     softmax_scale=case["scale"])
-    assert_matches_reference(ours, q, k, v, dout, causal=case["causal"], window_size=case["window"],
-                             softmax_scale=case["scale"])
+    slopes = {None: None, "heads": torch.rand(case["hq"]),
+              "batch-heads": torch.rand(case["batch"], case["hq"])}[case["alibi"]]
+    kw = dict(causal=case["causal"], window_size=case["window"], softmax_scale=case["scale"],
+              softcap=case["softcap"], alibi_slopes=slopes)
+    ours = run_flash(backend, q, k, v, dout, **kw)
+    assert_matches_reference(ours, q, k, v, dout, **kw)
 
 
 _SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

@@ -1,6 +1,8 @@
 """The oracle itself: the reference math against torch's own SDPA in float64,
 and the reference backend (explicit backward) against autograd of the oracle."""
 
+import math
+
 import pytest
 import torch
 
@@ -46,3 +48,17 @@ def test_reference_gradcheck():
     q, k, v = make_qkv(1, 5, 7, 2, 1, 4, torch.float64)
     with fl.use_backend("reference"):
         assert torch.autograd.gradcheck(lambda a, b, c: fl.flash_attn_func(a, b, c, causal=True), (q, k, v))
+
+
+def test_score_transform_matches_the_definitions():
+    """softcap * tanh(s / softcap), then -slope * |i + Sk - Sq - j| (flash-attn's order), written out by hand."""
+    from flashattn_lite.backends.reference import score_transform
+
+    scores = torch.randn(1, 2, 3, 5, dtype=torch.float64) * 10
+    slopes = torch.tensor([[0.5, 0.25]], dtype=torch.float64)
+    got = score_transform(scores, 4.0, slopes, 5 - 3)
+    for h in range(2):
+        for i in range(3):
+            for j in range(5):
+                expected = 4.0 * math.tanh(scores[0, h, i, j].item() / 4.0) - slopes[0, h].item() * abs(i + 2 - j)
+                assert abs(got[0, h, i, j].item() - expected) < 1e-12

@@ -18,11 +18,14 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SEQLENS = [(32, 32), (33, 47), (48, 17), (1, 37), (37, 1), (16, 64)]
 
 
-def _check(batch, sq, sk, hq, hk, d, dtype, causal=False, window=(-1, -1), memory="bshd", scale=None):
+def _check(batch, sq, sk, hq, hk, d, dtype, causal=False, window=(-1, -1), memory="bshd", scale=None, softcap=0.0,
+           alibi=None):
     q, k, v = make_qkv(batch, sq, sk, hq, hk, d, dtype, memory)
     dout = torch.randn(batch, sq, hq, d, dtype=dtype)
-    ours = run_flash("triton", q, k, v, dout, causal=causal, window_size=window, softmax_scale=scale)
-    assert_matches_reference(ours, q, k, v, dout, causal=causal, window_size=window, softmax_scale=scale)
+    slopes = None if alibi is None else (torch.rand(hq) if alibi == "heads" else torch.rand(batch, hq))
+    kw = dict(causal=causal, window_size=window, softmax_scale=scale, softcap=softcap, alibi_slopes=slopes)
+    ours = run_flash("triton", q, k, v, dout, **kw)
+    assert_matches_reference(ours, q, k, v, dout, **kw)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -201,3 +204,10 @@ def test_huge_window_is_unbounded(backend):
     for window in [(-1, 2**31 - 1), (2**31 - 1, -1), (2**62, 2**62)]:
         ours = run_flash(backend, q, k, v, dout, causal=window[1] == -1, window_size=window)
         assert_matches_reference(ours, q, k, v, dout, causal=window[1] == -1, window_size=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("softcap,alibi", [(5.0, None), (0.0, "heads"), (2.0, "batch-heads")])
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (6, 3))])
+def test_softcap_and_alibi(dtype, softcap, alibi, causal, window):
+    _check(2, 37, 45, 4, 2, 32, dtype, causal=causal, window=window, softcap=softcap, alibi=alibi)

@@ -120,15 +120,51 @@ def _block_ranges(start, n_cols, offset, left, right,
     return lo, full_lo, full_hi, hi
 
 
+@triton.jit
+def _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr):
+    """This head's ALiBi slope in base-2 units (0 without ALiBi)."""
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah) * 1.4426950408889634
+    else:
+        slope2 = 0.0
+    return slope2
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^{2x} + 1): exact limits +-1 for large |x| (exp2 saturates to inf or 0)
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _scores(qk, rows, cols, qk_scale, softcap_pre, softcap_post, slope2, offset,
+            HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Raw q.k -> the scores the softmax sees, in base-2 units; also tanh's value for
+    the softcap gradient.  Order as flash-attn: scale, softcap, then the ALiBi bias
+    -slope * |i + offset - j|.  ``rows``/``cols`` are broadcastable index tiles."""
+    if HAS_SOFTCAP:
+        t = _tanh(qk * softcap_pre)  # softcap_pre = scale / cap
+        s = t * softcap_post  # softcap_post = cap * log2(e)
+    else:
+        s = qk * qk_scale
+        t = s
+    if HAS_ALIBI:
+        dist = rows + offset - cols
+        dist = tl.where(dist < 0, -dist, dist)
+        s = s - slope2 * dist.to(tl.float32)
+    return s, t
+
+
 # --------------------------------------------------------------------------- forward
 
 
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
                offs_m, offs_n, offs_d, lo, hi,
-               seqlen_k, head_dim, offset, left, right, qk_scale,
+               seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
                MASKED: tl.constexpr, PAD_D: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -143,7 +179,8 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
                 kt = tl.load(kt_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
             else:
                 kt = tl.load(kt_ptrs)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s, _ = _scores(tl.dot(q, kt, input_precision=DOT_PRECISION), offs_m[:, None], cols[None, :], qk_scale,
+                       softcap_pre, softcap_post, slope2, offset, HAS_SOFTCAP, HAS_ALIBI)
         if MASKED:
             vis = _visible(offs_m[:, None], cols[None, :], seqlen_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(vis, s, float("-inf"))
@@ -170,11 +207,12 @@ def fwd_kernel(Q, K, V, O, LSE,
                stride_kb, stride_ks, stride_kh,
                stride_vb, stride_vs, stride_vh,
                stride_ob, stride_os, stride_oh,
-               stride_lb, stride_lh,
-               seqlen_q, seqlen_k, head_dim, group, offset, left, right, qk_scale,
+               stride_lb, stride_lh, ALIBI, stride_ab, stride_ah,
+               seqlen_q, seqlen_k, head_dim, group, offset, left, right, qk_scale, softcap_pre, softcap_post,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
     """One program per (query block, query head, batch)."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1)
@@ -197,21 +235,22 @@ def fwd_kernel(Q, K, V, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    slope2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
 
     lo, full_lo, full_hi, hi = _block_ranges(start_m, seqlen_k, offset, left, right,
                                              BLOCK_M, BLOCK_N, EVEN_N, HAS_LEFT, HAS_RIGHT)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
                                offs_m, offs_n, offs_d, lo, full_lo,
-                               seqlen_k, head_dim, offset, left, right, qk_scale,
-                               True, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_N, DOT_PRECISION)
+                               seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
+                               True, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
                                offs_m, offs_n, offs_d, full_lo, full_hi,
-                               seqlen_k, head_dim, offset, left, right, qk_scale,
-                               False, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_N, DOT_PRECISION)
+                               seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
+                               False, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
                                offs_m, offs_n, offs_d, full_hi, hi,
-                               seqlen_k, head_dim, offset, left, right, qk_scale,
-                               True, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_N, DOT_PRECISION)
+                               seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
+                               True, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -280,9 +319,10 @@ def bwd_preprocess_kernel(O, DO, LSE, DLSE, DELTA, LSE2,
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
                     stride_qs, stride_dos, offs_n, offs_m, offs_d, lo, hi,
-                    seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale,
+                    seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
                     MASKED: tl.constexpr, PAD_D: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks [lo, hi).
 
@@ -302,7 +342,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
         else:
             lse2 = tl.load(lse2_base + rows)
             delta = tl.load(delta_base + rows)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        st, tt = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), rows[None, :], offs_n[:, None],
+                         qk_scale, softcap_pre, softcap_post, slope2, offset, HAS_SOFTCAP, HAS_ALIBI)
         pt = tl.exp2(st - lse2[None, :])
         if MASKED:
             vis = _visible(rows[None, :], offs_n[:, None], seqlen_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
@@ -310,6 +351,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dst = pt * (dpt - delta[None, :])
+        if HAS_SOFTCAP:
+            dst = dst * (1.0 - tt * tt)  # d(cap * tanh(x / cap)) / dx
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -322,11 +365,13 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
                     stride_dob, stride_dos, stride_doh,
                     stride_dkb, stride_dks, stride_dkh,
                     stride_dvb, stride_dvs, stride_dvh,
-                    stride_lb, stride_lh,
-                    seqlen_q, seqlen_k, head_dim, group, offset, left, right, qk_scale, sm_scale,
+                    stride_lb, stride_lh, ALIBI, stride_ab, stride_ah,
+                    seqlen_q, seqlen_k, head_dim, group, offset, left, right, qk_scale, softcap_pre, softcap_post,
+                    sm_scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr,
-                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program per (key block, kv head, batch).
 
     The program loops over every query head of its GQA group, so dK/dV are
@@ -359,18 +404,25 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         lse2_base = LSE2 + off_b * stride_lb + off_h * stride_lh
         delta_base = DELTA + off_b * stride_lb + off_h * stride_lh
+        slope2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
                                  stride_qs, stride_dos, offs_n, offs_m, offs_d, lo, full_lo,
-                                 seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale,
-                                 True, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_M, DOT_PRECISION)
+                                 seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre,
+                                 softcap_post, slope2,
+                                 True, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_M,
+                                 DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
                                  stride_qs, stride_dos, offs_n, offs_m, offs_d, full_lo, full_hi,
-                                 seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale,
-                                 False, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_M, DOT_PRECISION)
+                                 seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre,
+                                 softcap_post, slope2,
+                                 False, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_M,
+                                 DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
                                  stride_qs, stride_dos, offs_n, offs_m, offs_d, full_hi, hi,
-                                 seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale,
-                                 True, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_M, DOT_PRECISION)
+                                 seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre,
+                                 softcap_post, slope2,
+                                 True, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_M,
+                                 DOT_PRECISION)
 
     dk = dk * sm_scale
     _store_tile(_rows_at(DK + off_b * stride_dkb + off_hk * stride_dkh, start_n, stride_dks)
@@ -384,9 +436,10 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
                   offs_m, offs_n, offs_d, lo, hi,
-                  seqlen_k, head_dim, offset, left, right, qk_scale,
+                  seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
                   MASKED: tl.constexpr, PAD_D: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -394,7 +447,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
                        seqlen_k, offs_d, head_dim, MASKED, PAD_D)
         v = _load_tile(_rows_at(v_base, start_n, stride_vs) + offs_n[:, None] * stride_vs + offs_d[None, :], cols,
                        seqlen_k, offs_d, head_dim, MASKED, PAD_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s, t = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None], cols[None, :],
+                       qk_scale, softcap_pre, softcap_post, slope2, offset, HAS_SOFTCAP, HAS_ALIBI)
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
             # also masks columns past the end, whose zero keys would give P = exp(-lse) != 0
@@ -402,6 +456,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
@@ -413,11 +469,13 @@ def bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
                   stride_vb, stride_vs, stride_vh,
                   stride_dob, stride_dos, stride_doh,
                   stride_dqb, stride_dqs, stride_dqh,
-                  stride_lb, stride_lh,
-                  seqlen_q, seqlen_k, head_dim, group, offset, left, right, qk_scale, sm_scale,
+                  stride_lb, stride_lh, ALIBI, stride_ab, stride_ah,
+                  seqlen_q, seqlen_k, head_dim, group, offset, left, right, qk_scale, softcap_pre, softcap_post,
+                  sm_scale,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr,
-                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program per (query block, query head, batch); loops over key blocks."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1)
@@ -447,17 +505,21 @@ def bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    slope2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
     lo, full_lo, full_hi, hi = _block_ranges(start_m, seqlen_k, offset, left, right,
                                              BLOCK_M, BLOCK_N, EVEN_N, HAS_LEFT, HAS_RIGHT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
                        offs_m, offs_n, offs_d, lo, full_lo, seqlen_k, head_dim, offset, left, right, qk_scale,
-                       True, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_N, DOT_PRECISION)
+                       softcap_pre, softcap_post, slope2,
+                       True, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
                        offs_m, offs_n, offs_d, full_lo, full_hi, seqlen_k, head_dim, offset, left, right, qk_scale,
-                       False, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_N, DOT_PRECISION)
+                       softcap_pre, softcap_post, slope2,
+                       False, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
                        offs_m, offs_n, offs_d, full_hi, hi, seqlen_k, head_dim, offset, left, right, qk_scale,
-                       True, PAD_D, HAS_LEFT, HAS_RIGHT, BLOCK_N, DOT_PRECISION)
+                       softcap_pre, softcap_post, slope2,
+                       True, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
     dq = dq * sm_scale
     _store_tile(_rows_at(DQ + off_b * stride_dqb + off_h * stride_dqh, start_m, stride_dqs)
                 + rel_m[:, None] * stride_dqs + offs_d[None, :],

@@ -196,6 +196,41 @@ inline void scale_row(T* x, int64_t n, T s) {
   for (; j < n; ++j) x[j] *= s;
 }
 
+// Score transforms after the scaled product, in flash-attn's order: softcap
+// (cap * tanh(s / cap), Gemma 2), then the ALiBi bias -slope * |i + offset - j|.
+template <typename T>
+struct Transform {
+  T softcap;  // 0 = off
+  const float* slopes;  // (B, H) with strides (sb, sh), or null
+  int64_t sb, sh, offset;
+
+  bool any() const { return softcap > T(0) || slopes != nullptr; }
+  T slope(int64_t b, int64_t h) const { return slopes ? T(slopes[b * sb + h * sh]) : T(0); }
+
+  // Row i's scores for keys c0 + [a, e), in place.  With softcap, also writes
+  // 1 - tanh^2 (the cap's derivative) into ``dcap`` when it is not null.
+  inline void apply(T* x, int64_t a, int64_t e, int64_t i, int64_t c0, T slope_v, T* dcap) const {
+    if (softcap > T(0)) {
+      const T inv = T(1) / softcap;
+      int64_t j = a;
+      const Vec<T> vinv(inv), vcap(softcap), one(T(1));
+      for (; j + Vec<T>::size() <= e; j += Vec<T>::size()) {
+        const Vec<T> t = (Vec<T>::loadu(x + j) * vinv).tanh();
+        (t * vcap).store(x + j);
+        if (dcap) (one - t * t).store(dcap + j);
+      }
+      for (; j < e; ++j) {
+        const T t = std::tanh(x[j] * inv);
+        x[j] = t * softcap;
+        if (dcap) dcap[j] = T(1) - t * t;
+      }
+    }
+    if (slopes) {
+      for (int64_t j = a; j < e; ++j) x[j] -= slope_v * T(std::llabs(i + offset - (c0 + j)));
+    }
+  }
+};
+
 // ------------------------------------------------------------------------------------------ forward
 
 // Uninitialised scratch (zero-filling a 256 KiB tile per task would cost more than a decode step).
@@ -224,7 +259,7 @@ inline const T* tile(const in_t* src, int64_t ld, int64_t rows, int64_t D, T* bu
 // fp16/bf16 tiles are widened as they are used, so nothing the size of K or V is copied.
 template <typename in_t, typename T>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-              T scale, const Band& band) {
+              T scale, const Band& band, const Transform<T>& tf) {
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Hk = k.size(2), group = Hq / Hk;
   // Shorter query sequences use smaller query tiles so every thread gets work.
@@ -252,6 +287,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       const int64_t rows = std::min(BM, Sq - r0);
       const in_t* kt = kp + b * skb + (h / group) * skh;
       const in_t* vt = vp + b * svb + (h / group) * svh;
+      const T slope_h = tf.slope(b, h);
       int64_t ldq;
       const T* qt = tile<in_t, T>(qp + b * sqb + h * sqh + r0 * sqs, sqs, rows, D, qbuf.data(), ldq);
       std::fill(acc.data(), acc.data() + rows * D, T(0));
@@ -267,7 +303,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
         const T* ktile = tile<in_t, T>(kt + c0 * sks, sks, cols, D, kbuf.data(), ldk);
         gemm_rm<T>(false, true, rows, cols, D, scale, qt, ldq, ktile, ldk, T(0), S.data(), BN);
         for (int64_t r = 0; r < rows; ++r) {
-          const T* srow = S.data() + r * BN;
+          T* srow = S.data() + r * BN;
           T* prow = P.data() + r * BN;
           int64_t lo, hi;
           band.keys(r0 + r, lo, hi);
@@ -275,6 +311,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
           std::fill(prow, prow + a, T(0));
           std::fill(prow + std::max(a, e), prow + cols, T(0));
           if (a >= e) continue;  // nothing visible in this tile: P row is 0, state unchanged
+          if (tf.any()) tf.apply(srow, a, e, r0 + r, c0, slope_h, nullptr);
           // The row's first visible tile: a provisional shift from its first few scores (a
           // lower bound of the max, so nothing can underflow that would not anyway).
           if (m.data()[r] == neg_inf) m.data()[r] = row_max(srow + a, std::min<int64_t>(e - a, Vec<T>::size()));
@@ -324,7 +361,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
 template <typename T>
 void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-              T scale, const Band& band) {
+              T scale, const Band& band, const Transform<T>& tf) {
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Sk = k.size(1), Hk = k.size(2), group = Hq / Hk;
   const Blocks bs = blocks_from_env("FLASHATTN_LITE_CPU_BWD_BLOCKS", 128, 256);
@@ -357,6 +394,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
 
   at::parallel_for(0, B * Hk * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> P(BM * BN), dP(BM * BN), dk_acc(BN * D), dv_acc(BN * D);
+    std::vector<T> dcap(tf.softcap > T(0) ? BM * BN : 0);  // 1 - tanh^2 of the capped scores
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (Hk * chunks), hk = (task / chunks) % Hk, chunk = task % chunks;
       const int64_t kb_end = std::min(nkb, (chunk + 1) * kb_per_chunk);
@@ -376,6 +414,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           const T* lh = lp + (b * Hq + h) * Sq;
           const T* delh = dlp + (b * Hq + h) * Sq;
           T* dqh = dqp + (((chunk * B + b) * Hq + h) * Sq) * D;
+          const T slope_h = tf.slope(b, h);
           for (int64_t r0 = qlo; r0 < qhi; r0 += BM) {
             const int64_t rows = std::min(BM, qhi - r0);
             gemm_rm<T>(false, true, rows, cols, D, scale, qh + r0 * sqs, sqs, kt + c0 * sks, sks, T(0), P.data(),
@@ -392,6 +431,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
               }
               std::fill(prow, prow + a, T(0));
               std::fill(prow + e, prow + cols, T(0));
+              if (tf.any()) tf.apply(prow, a, e, r0 + r, c0, slope_h, dcap.empty() ? nullptr : dcap.data() + r * BN);
               exp_shift_sum(prow + a, prow + a, e - a, row_lse);
             }
             // dV += P^T dO ; dP = dO V^T
@@ -407,6 +447,10 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
               for (; j + Vec<T>::size() <= cols; j += Vec<T>::size())
                 (Vec<T>::loadu(prow + j) * (Vec<T>::loadu(dprow + j) - vdelta) * vscale).store(dprow + j);
               for (; j < cols; ++j) dprow[j] = prow[j] * (dprow[j] - delh[r0 + r]) * scale;
+              if (!dcap.empty()) {  // chain rule through the cap, where P != 0 (dcap is set there)
+                const T* crow = dcap.data() + r * BN;
+                for (int64_t jj = 0; jj < cols; ++jj) dprow[jj] = prow[jj] != T(0) ? dprow[jj] * crow[jj] : T(0);
+              }
             }
             // dK += dS^T Q ; dQ += dS K
             gemm_rm<T>(true, false, cols, D, rows, T(1), dP.data(), BN, qh + r0 * sqs, sqs, T(1), dk_acc.data(), D);
@@ -461,9 +505,25 @@ at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
   return blas_ready(t.scalar_type() == ct ? t : t.to(ct));
 }
 
+template <typename T>
+Transform<T> make_transform(double softcap, const std::optional<at::Tensor>& slopes, int64_t offset,
+                            const at::Tensor& q) {
+  Transform<T> tf{T(softcap), nullptr, 0, 0, offset};
+  if (slopes.has_value()) {
+    const at::Tensor& s = *slopes;
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(0) == q.size(0) && s.size(1) == q.size(2),
+                "flashattn_lite cpu: alibi_slopes must be float32 (batch, heads)");
+    tf.slopes = s.data_ptr<float>();
+    tf.sb = s.stride(0);
+    tf.sh = s.stride(1);
+  }
+  return tf;
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                            double softmax_scale, int64_t diag_offset, int64_t window_left,
-                                           int64_t window_right) {
+                                           int64_t window_right, double softcap,
+                                           const std::optional<at::Tensor>& alibi_slopes) {
   check_qkv(q_in, k_in, v_in);
   const at::ScalarType ct = compute_type(q_in.scalar_type());
   at::Tensor q = blas_ready(q_in), k = blas_ready(k_in), v = blas_ready(v_in);
@@ -475,10 +535,26 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Ten
     return {out, lse};
   }
   switch (q.scalar_type()) {
-    case at::kFloat: fwd_impl<float, float>(q, k, v, out, lse, float(softmax_scale), band); break;
-    case at::kDouble: fwd_impl<double, double>(q, k, v, out, lse, softmax_scale, band); break;
-    case at::kBFloat16: fwd_impl<at::BFloat16, float>(q, k, v, out, lse, float(softmax_scale), band); break;
-    case at::kHalf: fwd_impl<at::Half, float>(q, k, v, out, lse, float(softmax_scale), band); break;
+    case at::kFloat: {
+      fwd_impl<float, float>(q, k, v, out, lse, float(softmax_scale), band,
+                             make_transform<float>(softcap, alibi_slopes, diag_offset, q));
+      break;
+    }
+    case at::kDouble: {
+      fwd_impl<double, double>(q, k, v, out, lse, softmax_scale, band,
+                               make_transform<double>(softcap, alibi_slopes, diag_offset, q));
+      break;
+    }
+    case at::kBFloat16: {
+      fwd_impl<at::BFloat16, float>(q, k, v, out, lse, float(softmax_scale), band,
+                                    make_transform<float>(softcap, alibi_slopes, diag_offset, q));
+      break;
+    }
+    case at::kHalf: {
+      fwd_impl<at::Half, float>(q, k, v, out, lse, float(softmax_scale), band,
+                                make_transform<float>(softcap, alibi_slopes, diag_offset, q));
+      break;
+    }
     default: TORCH_CHECK(false, "flashattn_lite cpu: unsupported dtype ", q.scalar_type());
   }
   return {out, lse};
@@ -489,7 +565,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dout_in
                                                        const at::Tensor& v_in, const at::Tensor& out_in,
                                                        const at::Tensor& lse_in, double softmax_scale,
                                                        int64_t diag_offset, int64_t window_left,
-                                                       int64_t window_right) {
+                                                       int64_t window_right, double softcap,
+                                                       const std::optional<at::Tensor>& alibi_slopes) {
   check_qkv(q_in, k_in, v_in);
   const at::ScalarType ct = compute_type(q_in.scalar_type());
   at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct), v = prepare(v_in, ct);
@@ -508,7 +585,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dout_in
     dv.zero_();
   } else {
     AT_DISPATCH_FLOATING_TYPES(ct, "flashattn_lite_cpu_bwd", [&] {
-      bwd_impl<scalar_t>(dout, q, k, v, lse, delta, dq, dk, dv, scalar_t(softmax_scale), band);
+      bwd_impl<scalar_t>(dout, q, k, v, lse, delta, dq, dk, dv, scalar_t(softmax_scale), band,
+                         make_transform<scalar_t>(softcap, alibi_slopes, diag_offset, q));
     });
   }
   auto narrow = [](const at::Tensor& wide, const at::ScalarType type) {

@@ -12,7 +12,7 @@ import torch
 from .. import _build
 
 NAME = "cpu"
-FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64")
+FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "softcap", "alibi")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _warned = []
 
@@ -47,9 +47,11 @@ def warn_fallback_once(reason):
                       f"backend. {reason}", RuntimeWarning, stacklevel=4)
 
 
-def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right):
-    return _ensure_built().fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right)
+def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes):
+    return _ensure_built().fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes)
 
 
-def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, deterministic):
-    return _ensure_built().bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right)
+def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes,
+        deterministic):
+    return _ensure_built().bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right,
+                               softcap, alibi_slopes)

@@ -7,7 +7,7 @@ float32 (float64 for float64 input) and casts the result to the input dtype.
 import torch
 
 NAME = "reference"
-FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64")
+FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "softcap", "alibi")
 
 
 def visibility_mask(seqlen_q, seqlen_k, diag_offset, window_left, window_right, device):
@@ -23,7 +23,23 @@ def visibility_mask(seqlen_q, seqlen_k, diag_offset, window_left, window_right, 
     return mask
 
 
-def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window_right=-1, upcast=True):
+def score_transform(scores, softcap, alibi_slopes, diag_offset):
+    """Scaled scores -> the scores the softmax sees: softcap (``cap * tanh(s / cap)``,
+    Gemma 2) first, then the ALiBi bias ``-slope * |i + offset - j|`` (flash-attn's
+    order).  ``scores`` is (B, H, Sq, Sk); slopes (B, H) or None."""
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        sq, sk = scores.shape[-2:]
+        i = torch.arange(sq, device=scores.device)[:, None]
+        j = torch.arange(sk, device=scores.device)[None, :]
+        dist = (i + diag_offset - j).abs().to(scores.dtype)
+        scores = scores - alibi_slopes.to(scores.dtype)[:, :, None, None] * dist
+    return scores
+
+
+def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window_right=-1, upcast=True,
+                   softcap=0.0, alibi_slopes=None):
     """Attention on (B, S, H, D) tensors, differentiable by autograd.
 
     ``upcast=True`` computes in float32 (float64 stays float64) and returns the
@@ -42,6 +58,7 @@ def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window
         k = k.repeat_interleave(hq // hk, dim=2)
         v = v.repeat_interleave(hq // hk, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * softmax_scale
+    scores = score_transform(scores, softcap, alibi_slopes, diag_offset)
     mask = visibility_mask(q.shape[1], k.shape[1], diag_offset, window_left, window_right, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True) if scores.shape[-1] else scores.new_full(
@@ -64,16 +81,19 @@ def available():
     return True, "pure PyTorch, always available"
 
 
-def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right):
+def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes):
     with torch.no_grad():
-        return attention_math(q, k, v, softmax_scale, diag_offset, window_left, window_right)
+        return attention_math(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap=softcap,
+                              alibi_slopes=alibi_slopes)
 
 
-def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, deterministic):
+def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes,
+        deterministic):
     """Explicit softmax-attention gradients (autograd is unavailable inside an operator kernel).
 
-    dV = P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(P * dP) + dlse);  dQ = s dS K;  dK = s dS^T Q,
-    with dK, dV summed over each GQA group.
+    dV = P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(P * dP) + dlse);  with softcap the
+    chain rule through the tanh multiplies dS by (1 - tanh^2);  dQ = s dS K;  dK = s dS^T Q,
+    with dK, dV summed over each GQA group.  ALiBi only shifts the scores.
     """
     dtype = q.dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
@@ -82,7 +102,8 @@ def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, 
     group = q.shape[2] // hk
     kr = k.repeat_interleave(group, dim=2)
     vr = v.repeat_interleave(group, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, kr) * softmax_scale
+    pre = torch.einsum("bqhd,bkhd->bhqk", q, kr) * softmax_scale
+    scores = score_transform(pre, softcap, alibi_slopes, diag_offset)
     mask = visibility_mask(q.shape[1], seqlen_k, diag_offset, window_left, window_right, q.device)
     lse_safe = torch.where(torch.isinf(lse), float("inf"), lse).to(work)  # empty rows: P = 0
     p = torch.exp(scores - lse_safe[..., None]).masked_fill(~mask, 0.0)
@@ -91,6 +112,8 @@ def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, 
     if dlse is not None:
         shift = shift - dlse.to(work)[..., None]
     ds = p * (dp - shift)
+    if softcap > 0:
+        ds = ds * (1 - torch.tanh(pre / softcap) ** 2)
     dq = torch.einsum("bhqk,bkhd->bqhd", ds, kr) * softmax_scale
     dk = torch.einsum("bhqk,bqhd->bkhd", ds, q) * softmax_scale
     dv = torch.einsum("bhqk,bqhd->bkhd", p, dout)

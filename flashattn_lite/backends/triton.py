@@ -14,8 +14,8 @@ import os
 import torch
 
 NAME = "triton"
-FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "softcap", "alibi")
 
 
 def interpreter_enabled():
@@ -90,7 +90,7 @@ def _dot_precision(dtype):
     return "tf32"
 
 
-def _common(q, k, softmax_scale, diag_offset, window_left, window_right, cfg, configs):
+def _common(q, k, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes, cfg, configs):
     head_dim = q.shape[3]
     block_d = configs.padded_head_dim(head_dim)
     seqlen_q, seqlen_k = q.shape[1], k.shape[1]
@@ -98,10 +98,16 @@ def _common(q, k, softmax_scale, diag_offset, window_left, window_right, cfg, co
     reach = seqlen_q + seqlen_k + abs(diag_offset)
     args = dict(seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim, group=q.shape[2] // k.shape[2],
                 offset=diag_offset, left=min(max(window_left, 0), reach), right=min(max(window_right, 0), reach),
-                qk_scale=softmax_scale * 1.4426950408889634)
+                qk_scale=softmax_scale * 1.4426950408889634,
+                softcap_pre=softmax_scale / softcap if softcap > 0 else 0.0,
+                softcap_post=softcap * 1.4426950408889634,
+                ALIBI=alibi_slopes if alibi_slopes is not None else q,  # a dummy pointer when unused
+                stride_ab=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
+                stride_ah=alibi_slopes.stride(1) if alibi_slopes is not None else 0)
     meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 EVEN_M=seqlen_q % cfg.block_m == 0, EVEN_N=seqlen_k % cfg.block_n == 0,
                 PAD_D=head_dim != block_d, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+                HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
                 DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return args, meta
 
@@ -124,7 +130,7 @@ def _s(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right):
+def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes):
     attention, configs = _kernels()
     batch, seqlen_q, heads, _ = q.shape
     out = torch.empty_like(q)
@@ -134,7 +140,8 @@ def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right):
         return out, lse
     _check_grid(batch, heads)
     cfg = configs.fwd_config(q.shape[3], q.dtype, _capability(q.device))
-    args, meta = _common(q, k, softmax_scale, diag_offset, window_left, window_right, cfg, configs)
+    args, meta = _common(q, k, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes, cfg,
+                         configs)
     grid = (triton_cdiv(seqlen_q, cfg.block_m), heads, batch)
     with _on_device(q):
         attention.fwd_kernel[grid](q, k, v, out, lse, *_s(q), *_s(k), *_s(v), *_s(out), lse.stride(0),
@@ -146,7 +153,8 @@ def triton_cdiv(a, b):
     return (a + b - 1) // b
 
 
-def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, deterministic):
+def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes,
+        deterministic):
     attention, configs = _kernels()
     batch, seqlen_q, heads, head_dim = q.shape
     heads_k = k.shape[2]
@@ -155,7 +163,7 @@ def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, 
         return dq.zero_(), dk.zero_(), dv.zero_()
     _check_grid(batch, heads)
     capability = _capability(q.device)
-    window = (softmax_scale, diag_offset, window_left, window_right)
+    window = (softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes)
     dq_cfg = configs.bwd_dq_config(head_dim, q.dtype, capability)
     dkdv_cfg = configs.bwd_dkdv_config(head_dim, q.dtype, capability)
     dq_args, dq_meta = _common(q, k, *window, dq_cfg, configs)
