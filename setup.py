@@ -20,7 +20,6 @@ if os.environ.get("FLASHATTN_LITE_BUILD_EXT") == "1":
     import glob
     import sys
 
-    import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "flashattn_lite"))
@@ -29,8 +28,8 @@ if os.environ.get("FLASHATTN_LITE_BUILD_EXT") == "1":
     ext_modules.append(CppExtension("flashattn_lite._C", ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
                                     extra_compile_args=_build.cflags(), extra_link_args=_build.ldflags()))
     cmdclass["build_ext"] = BuildExtension.with_options(no_python_abi_suffix=True)
-    with open(os.path.join("flashattn_lite", "_C.torch_version"), "w") as f:
-        f.write(torch.__version__)
+    with open(os.path.join("flashattn_lite", _build.STAMP), "w") as f:
+        f.write(_build.cache_key())  # the JIT loader uses this prebuilt library only while the key matches
 
 setup(
     name="flashattn_lite",
@@ -43,8 +42,8 @@ setup(
               "flashattn_lite.triton_kernels", "flashattn_lite.csrc"],
     package_dir={"flashattn_lite.triton_kernels": "triton_kernels", "flashattn_lite.csrc": "csrc"},
     package_data={"flashattn_lite.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*"],
-                  "flashattn_lite": ["_C.torch_version"]},
-    install_requires=["torch>=2.4", "triton>=3.0", "ninja", "einops"],
+                  "flashattn_lite": ["_C.key"]},
+    install_requires=["torch>=2.4", "triton>=3.0", "ninja", "einops", "filelock"],
     extras_require={"bench": ["matplotlib"], "test": ["pytest", "hypothesis", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

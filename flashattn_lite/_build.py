@@ -21,11 +21,12 @@ import torch
 _lock = threading.Lock()
 _state = {}  # "path" or "error", once known
 
-CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+# A plain source checkout (not pip-installed): <repo>/csrc beside <repo>/flashattn_lite
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
 
 def _csrc_dir():
-    # Installed wheel: flashattn_lite/csrc; editable/development checkout: <repo>/csrc
+    # Installed (wheel or editable): the package flashattn_lite.csrc; else the checkout's csrc/
     try:
         import flashattn_lite.csrc as pkg
         return os.path.dirname(os.path.abspath(pkg.__file__))
@@ -34,8 +35,16 @@ def _csrc_dir():
 
 
 def cpu_sources():
+    """The translation units of the CPU extension."""
     root = _csrc_dir()
     return [os.path.join(root, "ops.cpp")] + sorted(glob.glob(os.path.join(root, "cpu", "*.cpp")))
+
+
+def _hashed_files():
+    """Everything the build reads: sources and headers."""
+    root = _csrc_dir()
+    headers = sorted(glob.glob(os.path.join(root, "*.h")) + glob.glob(os.path.join(root, "cpu", "*.h")))
+    return cpu_sources() + headers
 
 
 def _vector_flags():
@@ -51,20 +60,34 @@ def _vector_flags():
 
 
 def cflags():
-    return ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG", *_vector_flags()]
+    return ["-O3", "-fopenmp", "-DNDEBUG", *_vector_flags()]
 
 
 def ldflags():
     return ["-fopenmp"]
 
 
+def _host_identity():
+    """What -march=native compiles for, and who compiles: the CPU model and its
+    feature flags, and the compiler named by $CXX (a cache shared between hosts
+    must never hand one host another's instructions)."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        cpu = "".join(sorted(set(lines)))
+    except OSError:
+        pass
+    return cpu + "|" + os.environ.get("CXX", "c++")
+
+
 def cache_key(sources=None):
     h = hashlib.sha256()
-    for path in sources or cpu_sources():
+    for path in sources or _hashed_files():
         h.update(os.path.basename(path).encode())
         with open(path, "rb") as f:
             h.update(f.read())
-    for part in (*cflags(), *ldflags(), torch.__version__, sys.version, platform.machine()):
+    for part in (*cflags(), *ldflags(), torch.__version__, sys.version, platform.machine(), _host_identity()):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -74,14 +97,20 @@ def cache_root():
         os.path.expanduser("~"), ".cache", "flashattn_lite")
 
 
-def _prebuilt():
-    """Path of a library built by setup.py for this very torch, or None."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for path in glob.glob(os.path.join(here, "_C*.so")):
-        stamp = os.path.join(here, "_C.torch_version")
-        if os.path.exists(stamp) and open(stamp).read().strip() == torch.__version__:
-            return path
-    return None
+STAMP = "_C.key"  # written by setup.py next to _C.so: the cache key it was built for
+
+
+def _prebuilt(here=None):
+    """Path of a library built by setup.py from these very sources, flags, torch and host, or None."""
+    here = here or os.path.dirname(os.path.abspath(__file__))
+    stamp = os.path.join(here, STAMP)
+    if not os.path.exists(stamp):
+        return None
+    with open(stamp) as f:
+        if f.read().strip() != cache_key():
+            return None
+    libs = glob.glob(os.path.join(here, "_C*.so"))
+    return libs[0] if libs else None
 
 
 def build_cpu(verbose=False):
@@ -95,8 +124,11 @@ def build_cpu(verbose=False):
         if "error" in _state:
             raise RuntimeError(_state["error"])
         try:
-            path = _prebuilt() or _jit_build(verbose)
-            torch.ops.load_library(path)
+            path = _prebuilt()
+            if path is not None:
+                torch.ops.load_library(path)
+            else:
+                path = _jit_build(verbose)  # builds if needed and loads it
         except Exception as exc:  # compiler missing, compile error, load error
             text = str(exc).strip().splitlines()
             if exc.__cause__ is not None:  # e.g. the dlopen error behind "Could not load this library"
@@ -117,9 +149,29 @@ def _jit_build(verbose):
     os.makedirs(build_dir, exist_ok=True)
     lib = os.path.join(build_dir, f"{name}.so")
     with FileLock(build_dir + ".lock"):
-        if not os.path.exists(lib):
+        # torch's own build baton: a build killed midway leaves it behind and every later
+        # build would wait on it forever.  Holding our lock, nobody else is building.
+        baton = os.path.join(build_dir, "lock")
+        if os.path.exists(baton):
+            os.remove(baton)
+        # Always ask ninja: it is a no-op when the library is up to date and rebuilds a
+        # missing one.  A library that exists but does not load (a link cut short) is
+        # removed and linked again, once.
+        def load():
             cpp_extension.load(name=name, sources=cpu_sources(), extra_cflags=cflags(), extra_ldflags=ldflags(),
                                build_directory=build_dir, is_python_module=False, verbose=verbose)
+
+        try:
+            load()
+        except OSError:
+            if not os.path.exists(lib):
+                raise
+            # cpp_extension will not rebuild twice in one process: run its ninja file directly
+            os.remove(lib)
+            import subprocess
+
+            subprocess.run(["ninja", "-C", build_dir], check=True, capture_output=True)
+            torch.ops.load_library(lib)
     return lib
 
 

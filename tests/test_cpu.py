@@ -281,3 +281,32 @@ def test_softcap_alibi_gradcheck(small_tiles):
     with fl.use_backend("cpu"):
         assert torch.autograd.gradcheck(
             lambda a, b, c: fl.flash_attn_func(a, b, c, causal=True, softcap=1.5, alibi_slopes=slopes), (q, k, v))
+
+
+def _build_in(cache, timeout=300):
+    script = "import flashattn_lite._build as b; print(b.build_cpu())"
+    return subprocess.run([sys.executable, "-c", script], env=dict(os.environ, FLASHATTN_LITE_CACHE=str(cache)),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_build_recovers_from_a_killed_build_and_a_truncated_library(tmp_path):
+    first = _build_in(tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    lib = first.stdout.strip()
+    # a build killed midway leaves torch's baton file, and possibly a cut-short library
+    with open(os.path.join(os.path.dirname(lib), "lock"), "w"):
+        pass
+    with open(lib, "wb") as f:
+        f.write(b"\x7fELF partial")
+    second = _build_in(tmp_path, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.strip() == lib and os.path.getsize(lib) > 100_000
+
+
+def test_prebuilt_library_is_used_only_while_its_key_matches(tmp_path):
+    (tmp_path / "_C.so").write_bytes(b"not loaded by this test")
+    assert _build._prebuilt(str(tmp_path)) is None  # no stamp: not ours
+    (tmp_path / _build.STAMP).write_text("0123456789abcdef")  # built from other sources/flags/torch/host
+    assert _build._prebuilt(str(tmp_path)) is None
+    (tmp_path / _build.STAMP).write_text(_build.cache_key())
+    assert _build._prebuilt(str(tmp_path)) == str(tmp_path / "_C.so")
