@@ -13,7 +13,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float16", "bfloat16", "float32"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="bench_out/decode")
     a = p.parse_args(argv)

@@ -24,10 +24,11 @@ def main(argv=None):
     for r in results:
         by_case.setdefault((r.case.seqlen_q, r.case.causal), []).append(r)
     for (s, c), rs in by_case.items():
-        cells = [f"{r.peak_mib:.0f} MiB" if r.status == "ok" else r.status for r in rs]
+        cells = [(f"{r.peak_mib:.0f} MiB" if r.peak_mib == r.peak_mib else "not measurable") if r.status == "ok"
+                 else r.status for r in rs]
         print(f"| {s} | {c} | " + " | ".join(cells) + " |")
     print("written: " + ", ".join(files))
-    return 0
+    return 1 if any(r.status in ("mismatch", "error") for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -13,13 +13,15 @@ Used by ``flashattn-lite bench`` and the scripts in ``benches/``.
   CPUs the peak resident set (VmHWM, reset before the call) above the resident set
   before it, with glibc set to return blocks of 64 KiB and more to the OS on free
   (so memory reused from an earlier call still counts).  Per-thread scratch below
-  64 KiB and BLAS workspaces kept across calls are not counted.  A case whose estimated memory exceeds what is available is
-  reported as "out of memory" without running; one that fails for lack of
-  memory anyway is reported the same way.
+  64 KiB and BLAS workspaces kept across calls are not counted.  A case whose
+  estimated memory exceeds what is available is reported as "out of memory"
+  without running; one that fails for lack of memory anyway is reported the same
+  way.
 * Before timing, each flashattn_lite backend's output is checked against the
-  float64 reference (on sampled query rows, with the tolerance of
-  ``flashattn_lite.testing``); a backend that disagrees is reported as a
-  mismatch instead of a speed.
+  float64 reference (the first, a middle and the last 64 query rows, with the
+  tolerance of ``flashattn_lite.testing``), and for backward passes its gradients
+  on a copy of the case shrunk to batch 1 and at most 128 x 128; a backend that
+  disagrees is reported as a mismatch instead of a speed.
 """
 
 import csv
@@ -108,19 +110,38 @@ def _sdpa(q, k, v, causal):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def implementations(device, names=None):
-    """{name: fn(q, k, v, causal)} for every usable backend on ``device`` plus torch and naive."""
-    impls = {}
+def implementations(device, names=None, skipped=None):
+    """{name: fn(q, k, v, causal)} for every usable backend on ``device`` plus torch and naive.
+
+    ``names`` restricts the set (a backend may be named with or without its
+    ``fa_lite:`` prefix; unknown names raise ValueError).  Backends that cannot run
+    here are left out; when ``skipped`` is a list, (name, reason) pairs are appended.
+    """
+    impls, unusable = {}, []
     call = backends.Call(device=torch.device(device), dtype=torch.float32, head_dim=64)
     for name, mod in backends.BACKENDS.items():
         if name == "triton" and device == "cpu":
-            continue  # Triton's CPU interpreter is a verification tool; timing it means nothing
-        if mod.supports(call) is None:
+            # Triton's CPU interpreter is a verification tool; timing it means nothing
+            unusable.append((f"fa_lite:{name}", "no GPU (the CPU interpreter is never timed)"))
+            continue
+        why = mod.supports(call)
+        if why is None:
             impls[f"fa_lite:{name}"] = _backend_impl(name)
+        else:
+            unusable.append((f"fa_lite:{name}", why.splitlines()[0]))
     impls["torch_sdpa"] = _sdpa
     impls["naive"] = naive_attention
     if names:
+        known = set(impls) | {n for n, _ in unusable}
+        known |= {n.split(":")[-1] for n in known}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown implementation(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(sorted(known))}")
         impls = {k: v for k, v in impls.items() if k in names or k.split(":")[-1] in names}
+        unusable = [(n, why) for n, why in unusable if n in names or n.split(":")[-1] in names]
+    if skipped is not None:
+        skipped.extend(unusable)
     return impls
 
 
@@ -268,7 +289,9 @@ def check_against_reference(fn, case, q, k, v, rows=64):
         out = fn(q, k, v, case.causal)
     sq, sk = case.seqlen_q, case.seqlen_k
     offset = sk - sq  # bottom-right alignment, as every implementation here uses
-    spans = [(0, min(rows, sq))] + ([(max(sq - rows, rows), sq)] if sq > rows else [])
+    # the first, a middle and the last ``rows`` queries (every query for short sequences)
+    starts = sorted({0, max(0, sq // 2 - rows // 2), max(0, sq - rows)})
+    spans = [(lo, min(lo + rows, sq)) for lo in starts]
     for lo, hi in spans:
         sub = [t.detach()[:, :, lo:hi] if i == 0 else t.detach() for i, t in enumerate((q, k, v))]
         q_, k_, v_ = (t.transpose(1, 2).cpu() for t in sub)
@@ -281,6 +304,22 @@ def check_against_reference(fn, case, q, k, v, rows=64):
         if not cmp.ok:
             return f"rows {lo}..{hi - 1}: {cmp}"
     return None
+
+
+def check_gradients(fn, case, device, max_seqlen=128):
+    """Gradients of ``fn`` on a downsized copy of ``case`` (batch 1, lengths capped at
+    ``max_seqlen``) against float64 autograd; None when they agree, else a description."""
+    small = Case(case.passes, 1, case.heads, min(case.seqlen_q, max_seqlen), min(case.seqlen_k, max_seqlen),
+                 case.head_dim, case.dtype, case.causal)
+    q, k, v, dout = _make_inputs(small, device, seed=1)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    grads = torch.autograd.grad(fn(q, k, v, small.causal), (q, k, v), dout)
+    ours = {name: g.transpose(1, 2).cpu() for name, g in zip(("dq", "dk", "dv"), grads)}
+    cpu = [t.detach().transpose(1, 2).cpu() for t in (q, k, v)]
+    ref, base = testing.reference_results(*cpu, dout.transpose(1, 2).cpu(), small.head_dim ** -0.5,
+                                          small.seqlen_k - small.seqlen_q, -1, 0 if small.causal else -1)
+    bad = [str(c) for c in testing.check_against_reference(ours, ref, base, small.torch_dtype) if not c.ok]
+    return f"gradients on {small.seqlen_q}x{small.seqlen_k}: " + "; ".join(bad) if bad else None
 
 
 def run_case(case, impls, device, repeats, warmup=1):
@@ -298,6 +337,8 @@ def run_case(case, impls, device, repeats, warmup=1):
         try:
             if name.startswith("fa_lite:"):
                 bad = check_against_reference(fn, case, q, k, v)
+                if bad is None and case.passes in ("bwd", "fwd+bwd"):
+                    bad = check_gradients(fn, case, device)
                 if bad is not None:
                     results[name] = Result(case, name, "mismatch", detail=bad)
                     continue
@@ -310,8 +351,8 @@ def run_case(case, impls, device, repeats, warmup=1):
             steps[name] = step
             results[name] = Result(case, name, "ok", peak_mib=float("nan") if mem.peak is None
                                    else mem.peak / 2**20)
-        except (RuntimeError, MemoryError) as exc:
-            text = str(exc)
+        except Exception as exc:  # one implementation failing must not end the run
+            text = str(exc) or type(exc).__name__
             oom = isinstance(exc, MemoryError) or "out of memory" in text.lower() or "can't allocate" in text
             results[name] = Result(case, name, "out of memory" if oom else "error", detail=text.splitlines()[0][:200])
             if device == "cuda":
@@ -352,10 +393,12 @@ def workloads(quick=False, seqlens=None, head_dims=None, dtypes=None, passes=Non
             for d in head_dims:
                 for c in causal_opts:
                     if p == "decode":
-                        if not c:
-                            continue  # one query aligned bottom-right sees the whole cache either way
+                        if c != causal_opts[0]:
+                            continue
+                        # one query aligned bottom-right sees the whole cache, causal or not:
+                        # one case, without a mask (which would push torch off its fast kernels)
                         for n in decode_lengths:
-                            cases.append(Case(p, batch or 4, heads, 1, n, d, dtype, c))
+                            cases.append(Case(p, batch or 4, heads, 1, n, d, dtype, False))
                     else:
                         for s in seqlens:
                             cases.append(Case(p, batch or 1, heads, s, s, d, dtype, c))
@@ -398,10 +441,13 @@ def format_table(results):
 
 def write_outputs(results, out_dir, meta):
     os.makedirs(out_dir, exist_ok=True)
-    records = [dict(asdict(r.case), impl=r.impl, status=r.status, ms=r.ms, gflops=r.tflops * 1e3,
-                    peak_mib=r.peak_mib, flops=r.case.flops(), detail=r.detail) for r in results]
+    def num(x):
+        return None if x != x else x  # NaN (not measured) -> null: strict JSON has no NaN
+
+    records = [dict(asdict(r.case), impl=r.impl, status=r.status, ms=num(r.ms), gflops=num(r.tflops * 1e3),
+                    peak_mib=num(r.peak_mib), flops=r.case.flops(), detail=r.detail) for r in results]
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"meta": meta, "results": records}, f, indent=1, default=str)
+        json.dump({"meta": meta, "results": records}, f, indent=1, default=str, allow_nan=False)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["impl"])
         writer.writeheader()
@@ -427,6 +473,9 @@ def plot(results, out_dir, meta):
         key = (r.case.passes, r.case.dtype, r.case.head_dim, r.case.causal)
         groups.setdefault(key, []).append(r)
     written = []
+    for stale in ("throughput.png", "memory.png"):  # never leave plots of an earlier run beside these results
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
     for metric, label, fname in (("tflops", "GFLOP/s", "throughput.png"), ("peak_mib", "peak MiB", "memory.png")):
         if not groups:
             break
@@ -476,7 +525,10 @@ def run(cases, device=None, repeats=5, impl_names=None, out_dir="bench_out", pro
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         _glibc_return_large_blocks()
-    impls = implementations(device, impl_names)
+    skipped = []
+    impls = implementations(device, impl_names, skipped)
+    for name, why in skipped:
+        print(f"not benchmarked: {name}: {why}", file=sys.stderr)
     results = []
     for i, case in enumerate(cases):
         if progress:
@@ -486,7 +538,7 @@ def run(cases, device=None, repeats=5, impl_names=None, out_dir="bench_out", pro
     if progress:
         _progress(len(cases), len(cases), "done")
     meta = {"device": device_description(device), "torch": torch.__version__, "repeats": repeats,
-            "implementations": list(impls)}
+            "implementations": list(impls), "not_benchmarked": dict(skipped)}
     files = write_outputs(results, out_dir, meta)
     return results, [os.path.join(out_dir, f) for f in ("results.md", "results.csv", "results.json")] + files
 
@@ -495,8 +547,8 @@ def run_and_report(cases, repeats, out_dir, device=None, impl_names=None):
     """Run, print the table and any mismatches, list the files; exit status 1 on a mismatch."""
     results, files = run(cases, device=device, repeats=repeats, impl_names=impl_names, out_dir=out_dir)
     print(format_table(results))
-    bad = [r for r in results if r.status == "mismatch"]
+    bad = [r for r in results if r.status in ("mismatch", "error")]
     for r in bad:
-        print(f"MISMATCH {r.impl} {r.case}: {r.detail}")
+        print(f"{r.status.upper()} {r.impl} {r.case}: {r.detail}")
     print("\nwritten: " + ", ".join(files))
     return results, 1 if bad else 0

@@ -135,14 +135,26 @@ def cmd_demo(args):
 
 
 def cmd_bench(args):
+    import torch
+
     from flashattn_lite import bench
 
     causal = {"both": None, "yes": True, "no": False}[args.causal]
     cases = bench.workloads(quick=args.quick, seqlens=args.seqlens, head_dims=args.head_dims, dtypes=args.dtypes,
                             passes=args.passes, causal=causal, batch=args.batch, heads=args.heads,
                             decode_lengths=args.decode_lengths)
+    if args.repeats is not None and args.repeats < 1:
+        print("--repeats must be at least 1", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
     repeats = args.repeats or (3 if args.quick else 5)
-    _, status = bench.run_and_report(cases, repeats, args.out, device=args.device, impl_names=args.impls)
+    try:
+        _, status = bench.run_and_report(cases, repeats, args.out, device=args.device, impl_names=args.impls)
+    except ValueError as exc:  # e.g. an unknown --impls name
+        print(exc, file=sys.stderr)
+        return 2
     return status
 
 

@@ -112,3 +112,45 @@ def test_workloads_quick_is_small():
 def test_bench_on_gpu_uses_cuda_events():  # pragma: no cover - no GPU here
     case = bench.Case("fwd", 1, 2, 128, 128, 64, "float16", False)
     assert bench.run_case(case, bench.implementations("cuda"), "cuda", 2)
+
+
+def test_bench_rejects_unknown_implementations_and_bad_repeats(tmp_path):
+    proc = _cli("bench", "--impls", "sdpa", "--out", str(tmp_path / "a"))
+    assert proc.returncode == 2 and "unknown implementation(s) sdpa" in proc.stderr
+    proc = _cli("bench", "--repeats", "0", "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "--repeats" in proc.stderr
+
+
+def test_bench_json_is_strict_when_cases_are_not_measured(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "_available_bytes", lambda device: 1)  # nothing fits: nothing is timed
+    cases = [bench.Case("fwd", 1, 2, 64, 64, 16, "float32", False)]
+    bench.run(cases, repeats=1, impl_names=["naive"], out_dir=str(tmp_path), progress=False)
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text
+    assert json.loads(text)["results"][0]["status"] == "out of memory"
+
+
+def test_bench_checks_gradients_and_interior_rows(monkeypatch):
+    """A backend wrong only in interior rows, or only in its backward, is caught."""
+    real_fwd, real_bwd = backends.cpu.fwd, backends.cpu.bwd
+
+    def wrong_middle(*args):
+        out, lse = real_fwd(*args)
+        out = out.clone()
+        out[:, 100:140] *= 1.1
+        return out, lse
+
+    monkeypatch.setattr(backends.cpu, "fwd", wrong_middle)
+    case = bench.Case("fwd", 1, 2, 256, 256, 32, "float32", False)
+    r = {x.impl: x for x in bench.run_case(case, bench.implementations("cpu", ["cpu"]), "cpu", 1)}
+    assert r["fa_lite:cpu"].status == "mismatch"
+
+    def wrong_grad(*args):
+        dq, dk, dv = real_bwd(*args)
+        return dq, dk * 1.05, dv
+
+    monkeypatch.setattr(backends.cpu, "fwd", real_fwd)
+    monkeypatch.setattr(backends.cpu, "bwd", wrong_grad)
+    case = bench.Case("fwd+bwd", 1, 2, 256, 256, 32, "float32", True)
+    r = {x.impl: x for x in bench.run_case(case, bench.implementations("cpu", ["cpu"]), "cpu", 1)}
+    assert r["fa_lite:cpu"].status == "mismatch" and "dk" in r["fa_lite:cpu"].detail

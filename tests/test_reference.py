@@ -62,3 +62,14 @@ def test_score_transform_matches_the_definitions():
             for j in range(5):
                 expected = 4.0 * math.tanh(scores[0, h, i, j].item() / 4.0) - slopes[0, h].item() * abs(i + 2 - j)
                 assert abs(got[0, h, i, j].item() - expected) < 1e-12
+
+
+def test_tolerance_never_accepts_nan_even_with_an_overflowing_baseline():
+    from flashattn_lite.testing import check_against_reference, reference_results
+
+    q = (torch.randn(1, 8, 1, 16) * 200).half()
+    k = (torch.randn(1, 8, 1, 16) * 200).half()
+    v = torch.randn(1, 8, 1, 16).half()
+    ref, base = reference_results(q, k, v, None, 16 ** -0.5)
+    nan = {"out": torch.full_like(ref["out"], float("nan")).half(), "lse": torch.full_like(ref["lse"], float("nan"))}
+    assert not any(c.ok for c in check_against_reference(nan, ref, base, torch.float16))
