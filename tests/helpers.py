@@ -64,3 +64,18 @@ def assert_matches_reference(ours, q, k, v, dout, causal=False, window_size=(-1,
         if key != "lse":
             assert torch.isfinite(t).all(), f"{key} has NaN/inf"
     return checks
+
+
+def check_case(backend, batch, sq, sk, hq, hk, d, dtype, causal=False, window=(-1, -1), memory="bshd", scale=None,
+               softcap=0.0, alibi=None):
+    """Random inputs of this shape through ``backend``, forward and gradients, against the reference.
+
+    ``alibi``: None, "heads" for (hq,) slopes or "batch-heads" for (batch, hq).
+    """
+    q, k, v = make_qkv(batch, sq, sk, hq, hk, d, dtype, memory)
+    dout = torch.randn(batch, sq, hq, d, dtype=dtype)
+    slopes = None if alibi is None else (torch.rand(hq) if alibi == "heads" else torch.rand(batch, hq))
+    kw = dict(causal=causal, window_size=window, softmax_scale=scale, softcap=softcap, alibi_slopes=slopes)
+    ours = run_flash(backend, q, k, v, dout, **kw)
+    assert_matches_reference(ours, q, k, v, dout, **kw)
+    return ours

@@ -16,7 +16,7 @@ import torch
 import flashattn_lite as fl
 from flashattn_lite import _build, backends
 
-from helpers import assert_matches_reference, make_qkv, run_flash
+from helpers import assert_matches_reference, check_case, make_qkv, run_flash
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -27,15 +27,8 @@ def small_tiles(monkeypatch):
     monkeypatch.setenv("FLASHATTN_LITE_CPU_BWD_BLOCKS", "16,16")
 
 
-def _check(batch, sq, sk, hq, hk, d, dtype, causal=False, window=(-1, -1), memory="bshd", scale=None, softcap=0.0,
-           alibi=None):
-    q, k, v = make_qkv(batch, sq, sk, hq, hk, d, dtype, memory)
-    dout = torch.randn(batch, sq, hq, d, dtype=dtype)
-    slopes = None if alibi is None else (torch.rand(hq) if alibi == "heads" else torch.rand(batch, hq))
-    kw = dict(causal=causal, window_size=window, softmax_scale=scale, softcap=softcap, alibi_slopes=slopes)
-    ours = run_flash("cpu", q, k, v, dout, **kw)
-    assert_matches_reference(ours, q, k, v, dout, **kw)
-    return ours
+def _check(*args, **kwargs):
+    return check_case("cpu", *args, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
