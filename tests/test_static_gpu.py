@@ -1,5 +1,6 @@
 """Static GPU facts: every shipped Triton kernel config compiled for sm_80 and
-sm_90 on the CPU, read back from ptxas and the SASS (no GPU involved)."""
+sm_90 on the CPU, plain and with softcap + ALiBi, read back from ptxas and the
+SASS (no GPU involved)."""
 
 import json
 import os
@@ -31,9 +32,13 @@ def report(tmp_path_factory):
 def test_every_shipped_config_compiled(report):
     from flashattn_lite.triton_kernels import configs
 
-    expected = {(configs.KERNELS[t], arch, hd, dclass) for t, arch, dclass, hd, _ in configs.shipped_configs()}
-    got = {(r["kernel"], r["arch"], r["head_dim"], "fp32" if r["dtype"] == "fp32" else "lowp") for r in report}
-    assert got == expected
+    for mods in (False, True):
+        expected = {(configs.KERNELS[t], arch, hd, dclass, (c.block_m, c.block_n, c.num_warps, c.num_stages))
+                    for t, arch, dclass, hd, c in configs.shipped_configs(mods)}
+        got = {(r["kernel"], r["arch"], r["head_dim"], "fp32" if r["dtype"] == "fp32" else "lowp",
+                (r["block_m"], r["block_n"], r["num_warps"], r["num_stages"]))
+               for r in report if r["score_mods"] == mods}
+        assert got == expected
 
 
 def test_no_register_spills(report):
@@ -57,7 +62,8 @@ def test_tensor_cores_used_for_half_precision(report):
     for r in report:
         if r["dtype"] == "fp32":
             continue  # fp32 runs on the FMA units unless torch allows tf32
-        if r["arch"] == "sm90" and (table[r["kernel"]], "lowp", r["head_dim"]) in configs.SM90_MMA_SYNC:
+        key = (table[r["kernel"]], "lowp", r["head_dim"], r["score_mods"])
+        if r["arch"] == "sm90" and key in configs.SM90_MMA_SYNC:
             assert r["hmma"] > 0, f"{r['kernel']} hd={r['head_dim']}: no tensor-core instructions on sm_90"
         elif r["arch"] == "sm90":
             assert r["hgmma"] > 0, f"{r['kernel']} hd={r['head_dim']}: no HGMMA on sm_90"

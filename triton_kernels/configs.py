@@ -101,11 +101,35 @@ _BWD_DQ = {
     ("sm90", "fp32", 256): KernelConfig(16, 16, 8, 1),
 }
 
+# Configs for calls with softcap or ALiBi, where they differ from the tables above:
+# the extra per-score work (tanh, its derivative kept for the backward, the bias)
+# costs registers, and these base configs spill with it.  Keys: (kernel, arch,
+# dtype class, padded head dim).  Filled in below the tables.
+_WITH_SCORE_MODS = {}
+
+_WITH_SCORE_MODS.update({
+    ("fwd", "sm90", "lowp", 256): KernelConfig(64, 32, 8, 1),
+    ("bwd_dkdv", "sm80", "fp32", 16): KernelConfig(64, 64, 8, 1),
+    ("bwd_dkdv", "sm80", "lowp", 16): KernelConfig(64, 64, 8, 1),
+    ("bwd_dkdv", "sm80", "lowp", 32): KernelConfig(64, 64, 8, 1),
+    ("bwd_dkdv", "sm80", "lowp", 128): KernelConfig(32, 64, 8, 1),
+    ("bwd_dkdv", "sm90", "lowp", 16): KernelConfig(64, 64, 8, 2),
+    ("bwd_dkdv", "sm90", "lowp", 32): KernelConfig(64, 64, 8, 1),
+    ("bwd_dkdv", "sm90", "lowp", 64): KernelConfig(32, 64, 8, 1),
+    ("bwd_dkdv", "sm90", "lowp", 128): KernelConfig(32, 32, 8, 1),
+    ("bwd_dq", "sm80", "fp32", 64): KernelConfig(32, 32, 8, 1),
+})
+
 # Shipped sm_90 configs that use warp-level mma.sync (HMMA) instead of warp-group
-# wgmma (HGMMA), and why.  The static GPU test accepts HMMA only for these.
+# wgmma (HGMMA), and why; ``True`` in the key marks the softcap/ALiBi table.  The
+# static GPU test accepts HMMA only for these.
 SM90_MMA_SYNC = {
-    ("bwd_dkdv", "lowp", 256): "two 64 x 256 fp32 accumulators (dK, dV) plus a 64-row wgmma tile spill "
-                               "registers at every warp count tried (4, 8, 16 warps); 32 x 32 mma.sync tiles do not",
+    ("bwd_dkdv", "lowp", 256, False): "two 64 x 256 fp32 accumulators (dK, dV) plus a 64-row wgmma tile spill "
+                                      "registers at every warp count tried (4, 8, 16 warps); 32 x 32 mma.sync "
+                                      "tiles do not",
+    ("bwd_dkdv", "lowp", 256, True): "as without softcap/ALiBi",
+    ("bwd_dkdv", "lowp", 128, True): "with the softcap derivative kept per score, every 64-row wgmma tile tried "
+                                     "(16 x 64 at 8 and 16 warps) spills; 32 x 32 mma.sync tiles do not",
 }
 
 _INTERPRETER = KernelConfig(16, 16, 4, 1)
@@ -132,37 +156,44 @@ def arch_name(capability) -> str:
     return "sm90" if major >= 9 else "sm80"
 
 
-def _lookup(table, kernel, head_dim, dtype, capability):
+def _lookup(table, kernel, head_dim, dtype, capability, score_mods=False):
     if kernel in _overrides:
         return _overrides[kernel]
     arch = arch_name(capability)
     if arch == "interp":
         return _INTERPRETER
-    return table[(arch, dtype_class(dtype), padded_head_dim(head_dim))]
+    key = (arch, dtype_class(dtype), padded_head_dim(head_dim))
+    if score_mods and (kernel, *key) in _WITH_SCORE_MODS:
+        return _WITH_SCORE_MODS[(kernel, *key)]
+    return table[key]
 
 
-def fwd_config(head_dim: int, dtype: torch.dtype, capability=None) -> KernelConfig:
-    """Config of ``fwd_kernel``; ``capability`` None means the CPU interpreter."""
-    return _lookup(_FWD, "fwd", head_dim, dtype, capability)
+def fwd_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False) -> KernelConfig:
+    """Config of ``fwd_kernel``; ``capability`` None means the CPU interpreter;
+    ``score_mods``: the call uses softcap or ALiBi."""
+    return _lookup(_FWD, "fwd", head_dim, dtype, capability, score_mods)
 
 
-def bwd_dkdv_config(head_dim: int, dtype: torch.dtype, capability=None) -> KernelConfig:
+def bwd_dkdv_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False) -> KernelConfig:
     """Config of ``bwd_dkdv_kernel``."""
-    return _lookup(_BWD_DKDV, "bwd_dkdv", head_dim, dtype, capability)
+    return _lookup(_BWD_DKDV, "bwd_dkdv", head_dim, dtype, capability, score_mods)
 
 
-def bwd_dq_config(head_dim: int, dtype: torch.dtype, capability=None) -> KernelConfig:
+def bwd_dq_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False) -> KernelConfig:
     """Config of ``bwd_dq_kernel`` (and of the preprocess kernel, which shares its BLOCK_M)."""
-    return _lookup(_BWD_DQ, "bwd_dq", head_dim, dtype, capability)
+    return _lookup(_BWD_DQ, "bwd_dq", head_dim, dtype, capability, score_mods)
 
 
 KERNELS = {"fwd": "fwd_kernel", "bwd_dkdv": "bwd_dkdv_kernel", "bwd_dq": "bwd_dq_kernel"}
 
 
-def shipped_configs():
-    """Every (table, arch, dtype class, padded head dim, config) in the tables."""
+def shipped_configs(score_mods=False):
+    """Every (table, arch, dtype class, padded head dim, config) a call can use; with
+    ``score_mods``, the configs of calls with softcap or ALiBi."""
     for name, table in (("fwd", _FWD), ("bwd_dkdv", _BWD_DKDV), ("bwd_dq", _BWD_DQ)):
         for (arch, dclass, hd), cfg in sorted(table.items()):
+            if score_mods:
+                cfg = _WITH_SCORE_MODS.get((name, arch, dclass, hd), cfg)
             yield name, arch, dclass, hd, cfg
 
 

@@ -139,7 +139,8 @@ def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap,
         lse.fill_(float("-inf"))
         return out, lse
     _check_grid(batch, heads)
-    cfg = configs.fwd_config(q.shape[3], q.dtype, _capability(q.device))
+    mods = softcap > 0 or alibi_slopes is not None
+    cfg = configs.fwd_config(q.shape[3], q.dtype, _capability(q.device), mods)
     args, meta = _common(q, k, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes, cfg,
                          configs)
     grid = (triton_cdiv(seqlen_q, cfg.block_m), heads, batch)
@@ -164,8 +165,9 @@ def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, 
     _check_grid(batch, heads)
     capability = _capability(q.device)
     window = (softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes)
-    dq_cfg = configs.bwd_dq_config(head_dim, q.dtype, capability)
-    dkdv_cfg = configs.bwd_dkdv_config(head_dim, q.dtype, capability)
+    mods = softcap > 0 or alibi_slopes is not None
+    dq_cfg = configs.bwd_dq_config(head_dim, q.dtype, capability, mods)
+    dkdv_cfg = configs.bwd_dkdv_config(head_dim, q.dtype, capability, mods)
     dq_args, dq_meta = _common(q, k, *window, dq_cfg, configs)
     dkdv_args, dkdv_meta = _common(q, k, *window, dkdv_cfg, configs)
     delta = torch.empty_like(lse)
