@@ -62,7 +62,10 @@ def cmd_check(args):
 
     _enable_interpreter_without_gpu()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = [(2, 33, 47, 4, 2, 40, False), (1, 48, 17, 2, 1, 64, True), (1, 1, 29, 2, 2, 96, True)]
+    # (batch, Sq, Sk, Hq, Hk, D, causal, window, softcap, alibi)
+    shapes = [(2, 33, 47, 4, 2, 40, False, (-1, -1), 0.0, False), (1, 48, 17, 2, 1, 64, True, (-1, -1), 0.0, False),
+              (1, 1, 29, 2, 2, 96, True, (-1, -1), 0.0, False), (1, 40, 40, 2, 2, 32, True, (-1, -1), 0.0, False),
+              (1, 37, 45, 2, 1, 32, False, (8, 3), 4.0, True)]
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     failures = 0
     for name, (usable, why) in fl.available_backends().items():
@@ -70,15 +73,19 @@ def cmd_check(args):
             print(f"{name:<10} skipped: {why}")
             continue
         for dtype in dtypes:
-            for batch, sq, sk, hq, hk, d, causal in shapes:
+            for batch, sq, sk, hq, hk, d, causal, window, softcap, alibi in shapes:
                 gen = torch.Generator().manual_seed(sq * 1000 + sk)
                 q, k, v = (torch.randn(batch, s, h, d, generator=gen, dtype=dtype).to(device).requires_grad_()
                            for s, h in ((sq, hq), (sk, hk), (sk, hk)))
                 dout = torch.randn(batch, sq, hq, d, generator=gen, dtype=dtype).to(device)
-                label = f"{name:<10} {str(dtype)[6:]:<8} B={batch} Sq={sq} Sk={sk} H={hq}/{hk} D={d} causal={causal}"
+                slopes = torch.rand(hq, generator=gen).to(device) if alibi else None
+                label = (f"{name:<10} {str(dtype)[6:]:<8} B={batch} Sq={sq} Sk={sk} H={hq}/{hk} D={d} causal={causal}"
+                         + (f" window={window}" if window != (-1, -1) else "")
+                         + (f" softcap={softcap}" if softcap else "") + (" alibi" if alibi else ""))
                 try:
                     with fl.use_backend(name):
-                        out, lse, _ = fl.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+                        out, lse, _ = fl.flash_attn_func(q, k, v, causal=causal, window_size=window,
+                                                         softcap=softcap, alibi_slopes=slopes, return_attn_probs=True)
                         grads = torch.autograd.grad(out, (q, k, v), dout)
                 except RuntimeError as exc:
                     if "cannot run this call" in str(exc):
@@ -88,7 +95,9 @@ def cmd_check(args):
                 ours = dict(out=out.detach().cpu(), lse=lse.cpu(), dq=grads[0].cpu(), dk=grads[1].cpu(),
                             dv=grads[2].cpu())
                 cpu = [t.detach().cpu() for t in (q, k, v)]
-                ref, base = reference_results(*cpu, dout.cpu(), d ** -0.5, sk - sq, -1, 0 if causal else -1)
+                ref, base = reference_results(*cpu, dout.cpu(), d ** -0.5, sk - sq, window[0],
+                                              0 if causal else window[1], softcap,
+                                              None if slopes is None else slopes.cpu())
                 checks = check_against_reference(ours, ref, base, dtype)
                 bad = [str(c) for c in checks if not c.ok]
                 failures += bool(bad)
