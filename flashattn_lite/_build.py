@@ -173,9 +173,3 @@ def _jit_build(verbose):
             subprocess.run(["ninja", "-C", build_dir], check=True, capture_output=True)
             torch.ops.load_library(lib)
     return lib
-
-
-def reset_for_tests():
-    """Forget the cached outcome (tests simulate a missing compiler)."""
-    with _lock:
-        _state.clear()
