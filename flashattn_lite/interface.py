@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from . import backends
+from . import backends, rng
 from .ops import fwd as _fwd_op  # noqa: F401  (registers torch.ops.flashattn_lite.*)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -73,8 +73,8 @@ def _check_window(window_size):
     return left, right
 
 
-def _select_backend(device, dtype, head_dim):
-    return backends.select(backends.Call(device=device, dtype=dtype, head_dim=head_dim))
+def _select_backend(device, dtype, head_dim, features=frozenset()):
+    return backends.select(backends.Call(device=device, dtype=dtype, head_dim=head_dim, features=features))
 
 
 # Under torch.compile the backend choice is made once, at trace time, and baked into
@@ -100,29 +100,45 @@ def _check_softcap(softcap):
     return float(softcap)
 
 
-def _check_alibi(slopes, q):
+def _check_alibi(slopes, batch, heads, device):
     """ALiBi slopes: (heads,) or (batch, heads), float; returned as float32 (batch, heads),
     with a stride-0 batch dim for the (heads,) form (no copy)."""
     if slopes is None:
         return None
     if not isinstance(slopes, torch.Tensor):
         raise TypeError(f"alibi_slopes must be a torch.Tensor, got {type(slopes).__name__}")
-    batch, heads = q.shape[0], q.shape[2]
     if slopes.shape not in ((heads,), (batch, heads)):
         raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (heads, or batch x "
                          f"heads), got {tuple(slopes.shape)}")
     if not slopes.is_floating_point():
         raise TypeError(f"alibi_slopes must be a float tensor, got {slopes.dtype}")
-    if slopes.device != q.device:
-        raise ValueError(f"alibi_slopes is on {slopes.device} but q is on {q.device}")
+    if slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {slopes.device} but q is on {device}")
     slopes = slopes.to(torch.float32)
     return slopes.expand(batch, heads) if slopes.dim() == 1 else slopes
 
 
-def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap=0.0, alibi_slopes=None):
-    backend = _select_backend(q.device, q.dtype, int(q.shape[3]))
-    return torch.ops.flashattn_lite.fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap,
-                                        alibi_slopes, backend)
+def _check_dropout(dropout_p):
+    if isinstance(dropout_p, torch.Tensor) or not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
+        raise TypeError(f"dropout_p must be a Python number, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap=0.0, alibi_slopes=None, bias=None,
+         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, dropout_p=0.0):
+    seed = rng.draw_seed() if dropout_p > 0 else 0
+    params = backends.Params(softmax_scale=softmax_scale, diag_offset=diag_offset, window_left=window_left,
+                             window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes, bias=bias,
+                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                             max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, dropout_seed=seed)
+    backend = _select_backend(q.device, q.dtype, int(q.shape[-1]), params.features())
+    if dropout_p > 0:
+        rng.note_call(params, q, k)
+    return torch.ops.flashattn_lite.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias,
+                                        softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes,
+                                        dropout_p, seed, backend)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -138,6 +154,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         window_size: (left, right) local attention on the same diagonal; -1 = unbounded.
         softcap: > 0 caps the scaled scores at ``softcap * tanh(s / softcap)`` (Gemma 2); 0 = off.
         alibi_slopes: (nheads,) or (batch, nheads); adds ``-slope * |i + seqlen_k - seqlen_q - j|``.
+        dropout_p: probability of dropping an attention probability (Philox, seeded from torch's
+            default generator; see ``flashattn_lite.testing.record_dropout`` for the mask).
         deterministic: accepted for compatibility; every backward here is deterministic.
         return_attn_probs: also return ``softmax_lse`` (float32, (batch, nheads, seqlen_q)).
 
@@ -146,20 +164,45 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 4, "(batch, seqlen, heads, headdim)")
     _validate_qkv(q, k, v, ("q", "k", "v"), "(batch, seqlen, heads, headdim)")
-    if dropout_p != 0.0:
-        raise NotImplementedError("dropout_p > 0 is not implemented yet in flashattn_lite")
+    dropout_p = _check_dropout(dropout_p)
     softcap = _check_softcap(softcap)
-    slopes = _check_alibi(alibi_slopes, q)
+    slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else _check_scale(softmax_scale, "softmax_scale")
     left, right = _check_window(window_size)
     if causal:
         right = 0
     left, right = _unbounded_if_beyond(left, right, q.shape[1], k.shape[1])
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    out, lse = _run(q, k, v, scale, k.shape[1] - q.shape[1], left, right, softcap, slopes)
+    out, lse = _run(q, k, v, scale, k.shape[1] - q.shape[1], left, right, softcap, slopes, dropout_p=dropout_p)
     if return_attn_probs:
         return out, lse, None
     return out
+
+
+def _attn_mask_as_bias(attn_mask, q, k):
+    """torch's attn_mask (bool: True = may attend; float: added to the scores), broadcastable
+    to (batch, heads, Sq, Sk) -> an additive bias viewed as (B, H, Sq, Sk) (stride 0 on
+    broadcast dims, no copy for float masks).  A float mask keeps its autograd history."""
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+    full = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    try:
+        ok = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, full) == full
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, heads, "
+                         f"seqlen_q, seqlen_k) = {full}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {q.device}")
+    if attn_mask.dtype == torch.bool:
+        bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+        bias = bias.expand(attn_mask.shape) if bias.dim() == 0 else bias
+    elif attn_mask.is_floating_point():
+        bias = attn_mask if attn_mask.dtype == q.dtype else attn_mask.to(q.dtype)
+    else:
+        raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    return bias.expand(full)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -170,6 +213,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     aligned top-left as in torch: query i sees keys ``j <= i``.  With
     ``enable_gqa=True`` key/value may have fewer heads than query.  Internally
     the tensors are viewed as (B, S, H, D) through strides: nothing is copied.
+
+    ``attn_mask``: bool (True = may attend) or float (added to the scaled scores),
+    broadcastable to (batch, heads, seqlen_q, seqlen_k).  A float mask that requires
+    grad receives its gradient (summed over broadcast dims).  A row that may attend to
+    nothing gives 0 (torch's math path gives NaN there).
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -177,19 +225,101 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     unbatched = query.dim() == 3
     if unbatched and key.dim() == 3 and value.dim() == 3:
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(0)
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t, 4, "(batch, heads, seqlen, headdim)")
-    if attn_mask is not None:
-        raise NotImplementedError("attn_mask is not implemented yet in flashattn_lite")
-    if dropout_p != 0.0:
-        raise NotImplementedError("dropout_p > 0 is not implemented yet in flashattn_lite")
+    dropout_p = _check_dropout(dropout_p)
+    if attn_mask is not None and is_causal:
+        raise ValueError("pass either attn_mask or is_causal=True, not both (as torch)")
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"query has {query.shape[1]} heads and key {key.shape[1]}: pass enable_gqa=True for "
                          "grouped-query attention")
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     _validate_qkv(q, k, v, ("query", "key", "value"), "(batch, heads, seqlen, headdim)")
+    bias = None if attn_mask is None else _attn_mask_as_bias(attn_mask, q, k)
     softmax_scale = q.shape[-1] ** -0.5 if scale is None else _check_scale(scale, "scale")
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    out, _ = _run(q, k, v, softmax_scale, 0, -1, 0 if is_causal else -1)
+    out, _ = _run(q, k, v, softmax_scale, 0, -1, 0 if is_causal else -1, bias=bias, dropout_p=dropout_p)
     out = out.transpose(1, 2)
     return out.squeeze(0) if unbatched else out
+
+
+def _check_cu_seqlens(name, cu, total, device):
+    """int32, 1-D, starts at 0, non-decreasing, ends at ``total``; returns the lengths (host list)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (as in flash-attn), got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with batch + 1 >= 2 entries, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    values = cu.tolist()  # one device-to-host copy: the price of checking before launch
+    if values[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {values[0]}")
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if min(lengths) < 0:
+        raise ValueError(f"{name} must be non-decreasing, got {values}")
+    if values[-1] != total:
+        raise ValueError(f"{name}[-1] = {values[-1]} must equal the number of packed tokens ({total})")
+    return lengths
+
+
+def _check_max_seqlen(name, max_seqlen, lengths):
+    if isinstance(max_seqlen, torch.Tensor) or not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
+        raise TypeError(f"{name} must be a Python int, got {type(max_seqlen).__name__}")
+    longest = max(lengths)
+    if max_seqlen < longest:
+        raise ValueError(f"{name} = {max_seqlen} is smaller than the longest sequence ({longest})")
+    return max_seqlen
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """Attention over packed variable-length sequences, flash-attn's varlen layout.
+
+    Args:
+        q: (total_q, nheads, headdim), the sequences concatenated.
+        k, v: (total_k, nheads_k, headdim).
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,), cumulative lengths starting at 0;
+            sequence b is ``q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]``.  No attention crosses
+            a sequence boundary.
+        max_seqlen_q, max_seqlen_k: ints >= the longest sequence.
+        causal, window_size, softcap, alibi_slopes ((nheads,) or (batch, nheads)), dropout_p:
+            as :func:`flash_attn_func`, per sequence (causal is bottom-right per sequence).
+        block_table: paged K/V is served by :func:`flash_attn_with_kvcache`; here it must be None.
+
+    Validation reads cu_seqlens on the host (one small device-to-host copy per call).
+    Returns ``out`` (total_q, nheads, headdim), or ``(out, softmax_lse (nheads, total_q), None)``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, 3, "(total_tokens, heads, headdim)")
+    if block_table is not None:
+        raise NotImplementedError("block_table (paged K/V) is supported by flash_attn_with_kvcache, not by "
+                                  "flash_attn_varlen_func")
+    _validate_qkv(q[None], k[None], v[None], ("q", "k", "v"), "(total_tokens, heads, headdim)")
+    lengths_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    lengths_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if len(lengths_q) != len(lengths_k):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+                         f"{len(lengths_q) + 1} and {len(lengths_k) + 1}")
+    max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, lengths_q)
+    max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, lengths_k)
+    dropout_p = _check_dropout(dropout_p)
+    softcap = _check_softcap(softcap)
+    batch = len(lengths_q)
+    slopes = _check_alibi(alibi_slopes, batch, q.shape[1], q.device)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else _check_scale(softmax_scale, "softmax_scale")
+    left, right = _check_window(window_size)
+    if causal:
+        right = 0
+    left, right = _unbounded_if_beyond(left, right, max_seqlen_q, max_seqlen_k)
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    out, lse = _run(q, k, v, scale, 0, left, right, softcap, slopes, cu_seqlens_q=cu_seqlens_q,
+                    cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                    dropout_p=dropout_p)
+    if return_attn_probs:
+        return out, lse, None
+    return out

@@ -13,11 +13,13 @@ structure (one key: the softmax gradient is exactly 0) while a fused kernel
 differs in the last bits.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 
+from . import rng
 from .backends.reference import attention_math
 
 FWD_FACTOR = 2.0
@@ -66,26 +68,63 @@ def compare(name, ours, ref, baseline, dtype, factor, scale):
 
 
 def reference_results(q, k, v, dout, softmax_scale, diag_offset=0, window_left=-1, window_right=-1, softcap=0.0,
-                      alibi_slopes=None):
-    """float64 oracle and same-dtype baseline: {'out','lse','dq','dk','dv'} each.
+                      alibi_slopes=None, bias=None, dropout_keep=None, dropout_p=0.0):
+    """float64 oracle and same-dtype baseline: {'out','lse','dq','dk','dv'} each (+ 'dbias'
+    when ``bias`` requires grad).
 
-    Inputs in (B, S, H, D) layout, any dtype; ``dout=None`` skips gradients.
+    Inputs in (B, S, H, D) layout, any dtype; ``dout=None`` skips gradients.  ``bias``
+    broadcastable to (B, H, Sq, Sk); ``dropout_keep`` the bool mask dropout applied.
     """
     results = {}
+    bias_grad = bias is not None and bias.requires_grad
     for key, upcast, cast in (("ref", True, torch.float64), ("baseline", False, None)):
         leaves = [(t.detach().to(cast) if cast else t.detach()).requires_grad_(dout is not None) for t in (q, k, v)]
+        b = None
+        if bias is not None:
+            b = (bias.detach().to(cast) if cast else bias.detach()).requires_grad_(bias_grad and dout is not None)
         with torch.enable_grad():
             slopes = None
             if alibi_slopes is not None:
                 slopes = alibi_slopes.expand(q.shape[0], q.shape[2]).to(torch.float64 if upcast else q.dtype)
             out, lse = attention_math(*leaves, softmax_scale, diag_offset, window_left, window_right, upcast=upcast,
-                                      softcap=softcap, alibi_slopes=slopes)
+                                      softcap=softcap, alibi_slopes=slopes, bias=b, dropout_keep=dropout_keep,
+                                      dropout_p=dropout_p)
             res = {"out": out.detach(), "lse": lse.detach()}
             if dout is not None:
-                grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
+                inputs = leaves + ([b] if bias_grad else [])
+                grads = torch.autograd.grad(out, inputs, dout.to(out.dtype))
                 res.update(dq=grads[0], dk=grads[1], dv=grads[2])
+                if bias_grad:
+                    res["dbias"] = grads[3]
         results[key] = res
     return results["ref"], results["baseline"]
+
+
+def reference_results_varlen(q, k, v, dout, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal=False,
+                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_keep=None, dropout_p=0.0):
+    """:func:`reference_results` per sequence of a packed varlen batch, concatenated back:
+    lse (H, total_q); ``dropout_keep`` as recorded for varlen, (1, H, total_q, max_seqlen_k)."""
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    parts = []
+    for b in range(len(cu_q) - 1):
+        qs, qe, ks, ke = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        left, right = window_size
+        right = 0 if causal else right
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes[None] if alibi_slopes.dim() == 1 else alibi_slopes[b:b + 1]
+        keep = None if dropout_keep is None else dropout_keep[:, :, qs:qe, :ke - ks]
+        parts.append(reference_results(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke],
+                                       None if dout is None else dout[None, qs:qe], softmax_scale, (ke - ks) - (qe - qs),
+                                       left, right, softcap, slopes, dropout_keep=keep, dropout_p=dropout_p))
+    results = []
+    for which in (0, 1):
+        res = {}
+        for key in parts[0][which]:
+            pieces = [p[which][key] for p in parts]
+            res[key] = torch.cat([x[0] for x in pieces], dim=1 if key == "lse" else 0)
+        results.append(res)
+    return results[0], results[1]
 
 
 def check_against_reference(ours, ref, baseline, dtype):
@@ -104,3 +143,23 @@ def check_against_reference(ours, ref, baseline, dtype):
                               FWD_FACTOR if forward else GRAD_FACTOR,
                               scale((key,)) if key == "lse" else (fwd_scale if forward else bwd_scale)))
     return checks
+
+
+@contextlib.contextmanager
+def record_dropout():
+    """The dropout testing hook: records every dropout call made inside the block.
+
+    Yields a list that fills with one :class:`flashattn_lite.rng.DropoutCall` per call;
+    ``call.keep()`` is the exact keep mask that call applied (bool, (B, H, Sq, Sk)), so a
+    test can run the reference with the same mask::
+
+        with record_dropout() as calls:
+            out = flash_attn_func(q, k, v, dropout_p=0.1)
+        keep = calls[0].keep()
+    """
+    calls = []
+    rng._recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        rng._recorders.remove(calls)

@@ -59,23 +59,6 @@ def test_triton_declines_float64():
         fl.flash_attn_func(q, k, v)
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("dropout_p", dict(dropout_p=0.1)),
-])
-def test_unimplemented_features_raise(name, kwargs):
-    q, k, v = _qkv()
-    with pytest.raises(NotImplementedError, match=name):
-        fl.flash_attn_func(q, k, v, **kwargs)
-
-
-def test_sdpa_unimplemented_features_raise():
-    q, k, v = (t.transpose(1, 2) for t in _qkv())
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        fl.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        fl.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
-
-
 def test_return_attn_probs():
     q, k, v = _qkv()
     with fl.use_backend("reference"):

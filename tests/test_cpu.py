@@ -240,9 +240,9 @@ def test_row_strides_below_head_dim(case):
 
 def test_op_with_non_unit_last_stride_writes_correct_memory():
     q = torch.randn(1, 8, 4, 2).transpose(2, 3)  # (1, 8, 2, 4), last stride 2
-    out, lse = torch.ops.flashattn_lite.fwd(q, q, q, 0.5, 0, -1, -1, 0.0, None, "cpu")
-    expected, _ = torch.ops.flashattn_lite.fwd(q.contiguous(), q.contiguous(), q.contiguous(), 0.5, 0, -1, -1, 0.0,
-                                               None, "reference")
+    params = (None, None, 0, 0, None, 0.5, 0, -1, -1, 0.0, None, 0.0, 0)
+    out, lse = torch.ops.flashattn_lite.fwd(q, q, q, *params, "cpu")
+    expected, _ = torch.ops.flashattn_lite.fwd(q.contiguous(), q.contiguous(), q.contiguous(), *params, "reference")
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -12,7 +12,7 @@ from helpers import make_qkv
 def _fwd_args(backend, dtype=torch.float32, causal=True, softcap=0.0, alibi=False):
     q, k, v = make_qkv(2, 17, 23, 4, 2, 16, dtype)
     slopes = torch.rand(4).expand(2, 4) if alibi else None
-    return q, k, v, 0.25, 23 - 17, -1, 0 if causal else -1, softcap, slopes, backend
+    return q, k, v, None, None, 0, 0, None, 0.25, 23 - 17, -1, 0 if causal else -1, softcap, slopes, 0.0, 0, backend
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
@@ -23,12 +23,12 @@ def test_opcheck_fwd(backend):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
 def test_opcheck_bwd(backend):
-    q, k, v, scale, offset, left, right, softcap, slopes, _ = _fwd_args(backend, softcap=4.0, alibi=True)
-    out, lse = torch.ops.flashattn_lite.fwd(q, k, v, scale, offset, left, right, softcap, slopes, backend)
+    q, k, v, *params, _ = _fwd_args(backend, softcap=4.0, alibi=True)
+    out, lse = torch.ops.flashattn_lite.fwd(q, k, v, *params, backend)
     dout = torch.randn_like(out)
     for dlse in (None, torch.randn_like(lse)):
-        args = (dout, dlse, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), scale, offset, left,
-                right, softcap, slopes, True, backend)
+        args = (dout, dlse, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), *params, False, True,
+                backend)
         torch.library.opcheck(torch.ops.flashattn_lite.bwd.default, args)
 
 

@@ -1,17 +1,16 @@
 """Backend registry: names, capability checks, and the choice of backend.
 
-Every backend module exposes ``NAME``, ``available() -> (bool, reason)``,
-``supports(call) -> None | reason``, ``fwd(...)`` and ``bwd(...)``.
+Every backend module exposes ``NAME``, ``FEATURES``, ``available() -> (bool, reason)``,
+``supports(call) -> None | reason``, ``fwd(q, k, v, params) -> (out, lse)`` and
+``bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic) -> (dq, dk, dv, dbias)``
+with :class:`Params` describing everything but the tensors.
 """
 
 import contextlib
 import contextvars
 import os
-from dataclasses import dataclass
-
-import torch
-
 from . import cpu, cuda, reference, triton
+from .base import Call, Params, missing_features  # noqa: F401  (re-exported)
 
 BACKENDS = {m.NAME: m for m in (triton, cuda, cpu, reference)}
 NAMES = ("auto",) + tuple(BACKENDS)
@@ -21,14 +20,6 @@ ENV_VAR = "FLASHATTN_LITE_BACKEND"
 _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}
 
 _current = contextvars.ContextVar("flashattn_lite_backend", default=None)
-
-
-@dataclass(frozen=True)
-class Call:
-    """What a backend needs to know to decide whether it can serve a call."""
-    device: torch.device
-    dtype: torch.dtype
-    head_dim: int
 
 
 def _check_name(name):

@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from .. import _build
+from .base import missing_features
 
 NAME = "cpu"
 FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "softcap", "alibi")
@@ -35,23 +36,29 @@ def supports(call):
         return f"tensors on {call.device.type}; the cpu backend needs CPU tensors"
     if call.dtype not in _DTYPES:
         return f"dtype {call.dtype} is not supported by the cpu backend"
+    missing = missing_features(call, FEATURES)
+    if missing:
+        return f"the cpu backend {missing}"
     ok, why = available()
     return None if ok else why
 
 
 def warn_fallback_once(reason):
-    """auto could not use the C++ backend: say so once per process."""
-    if not _warned:
-        _warned.append(True)
-        warnings.warn(f"flashattn_lite: the C++ CPU backend is unavailable, falling back to the slow 'reference' "
-                      f"backend. {reason}", RuntimeWarning, stacklevel=4)
+    """auto handed a CPU call to the slow O(N^2) reference backend: say so once per reason."""
+    if reason not in _warned:
+        _warned.append(reason)
+        what = ("the C++ CPU backend is unavailable" if "not implement" not in reason
+                else "the C++ CPU backend cannot serve this call")
+        warnings.warn(f"flashattn_lite: {what}, falling back to the slow 'reference' backend. {reason}",
+                      RuntimeWarning, stacklevel=4)
 
 
-def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes):
-    return _ensure_built().fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes)
+def fwd(q, k, v, p):
+    return _ensure_built().fwd(q, k, v, p.softmax_scale, p.diag_offset, p.window_left, p.window_right, p.softcap,
+                               p.alibi_slopes)
 
 
-def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes,
-        deterministic):
-    return _ensure_built().bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right,
-                               softcap, alibi_slopes)
+def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
+    dq, dk, dv = _ensure_built().bwd(dout, dlse, q, k, v, out, lse, p.softmax_scale, p.diag_offset, p.window_left,
+                                     p.window_right, p.softcap, p.alibi_slopes)
+    return dq, dk, dv, None

@@ -6,8 +6,11 @@ float32 (float64 for float64 input) and casts the result to the input dtype.
 
 import torch
 
+from .. import rng
+
 NAME = "reference"
-FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "softcap", "alibi")
+FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "dropout", "softcap",
+            "alibi", "attn_mask", "varlen")
 
 
 def visibility_mask(seqlen_q, seqlen_k, diag_offset, window_left, window_right, device):
@@ -23,10 +26,11 @@ def visibility_mask(seqlen_q, seqlen_k, diag_offset, window_left, window_right, 
     return mask
 
 
-def score_transform(scores, softcap, alibi_slopes, diag_offset):
+def score_transform(scores, softcap, alibi_slopes, diag_offset, bias=None):
     """Scaled scores -> the scores the softmax sees: softcap (``cap * tanh(s / cap)``,
     Gemma 2) first, then the ALiBi bias ``-slope * |i + offset - j|`` (flash-attn's
-    order).  ``scores`` is (B, H, Sq, Sk); slopes (B, H) or None."""
+    order), then the additive ``bias`` (an attention mask).  ``scores`` is (B, H, Sq, Sk);
+    slopes (B, H) or None; bias broadcastable to (B, H, Sq, Sk) or None."""
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     if alibi_slopes is not None:
@@ -35,11 +39,13 @@ def score_transform(scores, softcap, alibi_slopes, diag_offset):
         j = torch.arange(sk, device=scores.device)[None, :]
         dist = (i + diag_offset - j).abs().to(scores.dtype)
         scores = scores - alibi_slopes.to(scores.dtype)[:, :, None, None] * dist
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     return scores
 
 
 def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window_right=-1, upcast=True,
-                   softcap=0.0, alibi_slopes=None):
+                   softcap=0.0, alibi_slopes=None, bias=None, dropout_keep=None, dropout_p=0.0):
     """Attention on (B, S, H, D) tensors, differentiable by autograd.
 
     ``upcast=True`` computes in float32 (float64 stays float64) and returns the
@@ -47,7 +53,8 @@ def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window
     what a plain same-dtype PyTorch implementation would do (the tests use it
     as the yardstick of achievable accuracy).  Returns ``(out, lse)`` with lse
     of shape (B, H, Sq), float32 (float64 for float64 input); a row that sees no
-    key gives 0 and -inf.
+    key gives 0 and -inf.  ``dropout_keep`` (bool (B, H, Sq, Sk)) applies dropout
+    with that mask: kept probabilities are scaled by ``1 / (1 - dropout_p)``.
     """
     dtype = q.dtype
     if upcast:
@@ -58,7 +65,7 @@ def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window
         k = k.repeat_interleave(hq // hk, dim=2)
         v = v.repeat_interleave(hq // hk, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * softmax_scale
-    scores = score_transform(scores, softcap, alibi_slopes, diag_offset)
+    scores = score_transform(scores, softcap, alibi_slopes, diag_offset, bias)
     mask = visibility_mask(q.shape[1], k.shape[1], diag_offset, window_left, window_right, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True) if scores.shape[-1] else scores.new_full(
@@ -68,9 +75,25 @@ def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window
     denom = p.sum(dim=-1, keepdim=True)
     empty = denom == 0
     denom_safe = torch.where(empty, torch.ones_like(denom), denom)
-    out = torch.einsum("bhqk,bkhd->bqhd", p / denom_safe, v)
+    probs = p / denom_safe
+    if dropout_keep is not None:
+        probs = probs * dropout_keep.to(probs.dtype) / (1.0 - dropout_p)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     lse = torch.where(empty, torch.full_like(denom, float("-inf")), row_max + torch.log(denom_safe))
     return out.to(dtype), lse.squeeze(-1).to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def dropout_keep_for(params, batch, heads, seqlen_q, seqlen_k, device):
+    """The keep mask of a dense call (None without dropout); varlen: (1, H, total_q, max_seqlen_k)."""
+    if params.dropout_p <= 0:
+        return None
+    return rng.dropout_keep(params.dropout_seed, params.dropout_p, batch, heads, seqlen_q, seqlen_k, device)
+
+
+def sequences(params, total_q, total_k):
+    """Varlen: [(b, q_start, q_end, k_start, k_end)] from the cu_seqlens."""
+    cu_q, cu_k = params.cu_seqlens_q.tolist(), params.cu_seqlens_k.tolist()
+    return [(b, cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]) for b in range(len(cu_q) - 1)]
 
 
 def supports(call):
@@ -81,19 +104,59 @@ def available():
     return True, "pure PyTorch, always available"
 
 
-def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes):
+def _dense_fwd(q, k, v, p, offset, slopes, keep):
+    return attention_math(q, k, v, p.softmax_scale, offset, p.window_left, p.window_right, softcap=p.softcap,
+                          alibi_slopes=slopes, bias=p.bias, dropout_keep=keep, dropout_p=p.dropout_p)
+
+
+def fwd(q, k, v, params):
+    p = params
     with torch.no_grad():
-        return attention_math(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap=softcap,
-                              alibi_slopes=alibi_slopes)
+        if not p.varlen:
+            keep = dropout_keep_for(p, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device)
+            return _dense_fwd(q, k, v, p, p.diag_offset, p.alibi_slopes, keep)
+        out = torch.zeros_like(q)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+        keep = dropout_keep_for(p, 1, q.shape[1], q.shape[0], p.max_seqlen_k, q.device)
+        for b, qs, qe, ks, ke in sequences(p, q.shape[0], k.shape[0]):
+            slopes = None if p.alibi_slopes is None else p.alibi_slopes[b:b + 1]
+            kp = None if keep is None else keep[:, :, qs:qe, :ke - ks]
+            o, l = _dense_fwd(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], p, p.diag_offset + (ke - ks) - (qe - qs),
+                              slopes, kp)
+            out[qs:qe] = o[0]
+            lse[:, qs:qe] = l[0]
+        return out, lse
 
 
-def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes,
-        deterministic):
+def lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic):
+    p = params
+    if not p.varlen:
+        keep = dropout_keep_for(p, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device)
+        return _dense_bwd(dout, dlse, q, k, v, lse, p, p.diag_offset, p.alibi_slopes, keep, bias_grad)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    keep = dropout_keep_for(p, 1, q.shape[1], q.shape[0], p.max_seqlen_k, q.device)
+    for b, qs, qe, ks, ke in sequences(p, q.shape[0], k.shape[0]):
+        slopes = None if p.alibi_slopes is None else p.alibi_slopes[b:b + 1]
+        kp = None if keep is None else keep[:, :, qs:qe, :ke - ks]
+        g = _dense_bwd(dout[None, qs:qe], None if dlse is None else dlse[None, :, qs:qe], q[None, qs:qe],
+                       k[None, ks:ke], v[None, ks:ke], lse[None, :, qs:qe], p,
+                       p.diag_offset + (ke - ks) - (qe - qs), slopes, kp, False)
+        dq[qs:qe], dk[ks:ke], dv[ks:ke] = g[0][0], g[1][0], g[2][0]
+    return dq, dk, dv, None
+
+
+def _dense_bwd(dout, dlse, q, k, v, lse, p, offset, slopes, keep, bias_grad):
     """Explicit softmax-attention gradients (autograd is unavailable inside an operator kernel).
 
-    dV = P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(P * dP) + dlse);  with softcap the
-    chain rule through the tanh multiplies dS by (1 - tanh^2);  dQ = s dS K;  dK = s dS^T Q,
-    with dK, dV summed over each GQA group.  ALiBi only shifts the scores.
+    With Z = keep / (1 - p_drop) (1 without dropout): dV = (P Z)^T dO;  dP = (dO V^T) Z;
+    dS = P * (dP - rowsum(P * dP) + dlse) (and rowsum(P * dP) = rowsum(dO * O));  dBias = dS;
+    with softcap the chain rule through the tanh multiplies dS by (1 - tanh^2);
+    dQ = s dS K;  dK = s dS^T Q, with dK, dV summed over each GQA group.  ALiBi only
+    shifts the scores.
     """
     dtype = q.dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
@@ -102,22 +165,28 @@ def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, 
     group = q.shape[2] // hk
     kr = k.repeat_interleave(group, dim=2)
     vr = v.repeat_interleave(group, dim=2)
-    pre = torch.einsum("bqhd,bkhd->bhqk", q, kr) * softmax_scale
-    scores = score_transform(pre, softcap, alibi_slopes, diag_offset)
-    mask = visibility_mask(q.shape[1], seqlen_k, diag_offset, window_left, window_right, q.device)
+    pre = torch.einsum("bqhd,bkhd->bhqk", q, kr) * p.softmax_scale
+    scores = score_transform(pre, p.softcap, slopes, offset, p.bias)
+    mask = visibility_mask(q.shape[1], seqlen_k, offset, p.window_left, p.window_right, q.device)
     lse_safe = torch.where(torch.isinf(lse), float("inf"), lse).to(work)  # empty rows: P = 0
-    p = torch.exp(scores - lse_safe[..., None]).masked_fill(~mask, 0.0)
+    probs = torch.exp(scores - lse_safe[..., None]).masked_fill(~mask, 0.0)
     dp = torch.einsum("bqhd,bkhd->bhqk", dout, vr)
-    shift = (p * dp).sum(-1, keepdim=True)
+    dropped = probs
+    if keep is not None:
+        z = keep.to(work) / (1.0 - p.dropout_p)
+        dp = dp * z
+        dropped = probs * z
+    shift = (probs * dp).sum(-1, keepdim=True)
     if dlse is not None:
         shift = shift - dlse.to(work)[..., None]
-    ds = p * (dp - shift)
-    if softcap > 0:
-        ds = ds * (1 - torch.tanh(pre / softcap) ** 2)
-    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kr) * softmax_scale
-    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q) * softmax_scale
-    dv = torch.einsum("bhqk,bqhd->bkhd", p, dout)
+    ds = probs * (dp - shift)
+    dbias = ds.to(p.bias.dtype) if bias_grad else None
+    if p.softcap > 0:
+        ds = ds * (1 - torch.tanh(pre / p.softcap) ** 2)
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kr) * p.softmax_scale
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q) * p.softmax_scale
+    dv = torch.einsum("bhqk,bqhd->bkhd", dropped, dout)
     if group > 1:
         dk = dk.reshape(batch, seqlen_k, hk, group, -1).sum(3)
         dv = dv.reshape(batch, seqlen_k, hk, group, -1).sum(3)
-    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype), dbias

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from .base import missing_features
+
 NAME = "triton"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "softcap", "alibi")
@@ -41,7 +43,8 @@ def supports(call):
         return f"tensors on {call.device.type}; triton needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)"
     if call.dtype not in _DTYPES:
         return f"dtype {call.dtype} is not supported by triton (fp16, bf16, fp32)"
-    return None
+    missing = missing_features(call, FEATURES)
+    return f"triton {missing}" if missing else None
 
 
 def patch_interpreter_bf16_dot():
@@ -130,7 +133,9 @@ def _s(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def fwd(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes):
+def fwd(q, k, v, p):
+    softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes = (
+        p.softmax_scale, p.diag_offset, p.window_left, p.window_right, p.softcap, p.alibi_slopes)
     attention, configs = _kernels()
     batch, seqlen_q, heads, _ = q.shape
     out = torch.empty_like(q)
@@ -154,14 +159,15 @@ def triton_cdiv(a, b):
     return (a + b - 1) // b
 
 
-def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes,
-        deterministic):
+def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
+    softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes = (
+        p.softmax_scale, p.diag_offset, p.window_left, p.window_right, p.softcap, p.alibi_slopes)
     attention, configs = _kernels()
     batch, seqlen_q, heads, head_dim = q.shape
     heads_k = k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), None
     _check_grid(batch, heads)
     capability = _capability(q.device)
     window = (softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes)
@@ -184,4 +190,4 @@ def bwd(dout, dlse, q, k, v, out, lse, softmax_scale, diag_offset, window_left, 
         attention.bwd_dq_kernel[(num_m, heads, batch)](
             q, k, v, dout, lse2, delta, dq, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dq),
             lse.stride(0), lse.stride(1), **dq_args, sm_scale=softmax_scale, **dq_meta)
-    return dq, dk, dv
+    return dq, dk, dv, None
