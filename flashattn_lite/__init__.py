@@ -1,9 +1,9 @@
 """flashattn_lite: FlashAttention-style exact attention for PyTorch."""
 
 from .backends import available_backends, use_backend
-from .interface import flash_attn_func, scaled_dot_product_attention
+from .interface import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["flash_attn_func", "scaled_dot_product_attention", "use_backend", "available_backends",
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "scaled_dot_product_attention", "use_backend", "available_backends",
            "__version__"]
