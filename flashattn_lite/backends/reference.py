@@ -187,6 +187,6 @@ def _dense_bwd(dout, dlse, q, k, v, lse, p, offset, slopes, keep, bias_grad):
     dk = torch.einsum("bhqk,bqhd->bkhd", ds, q) * p.softmax_scale
     dv = torch.einsum("bhqk,bqhd->bkhd", dropped, dout)
     if group > 1:
-        dk = dk.reshape(batch, seqlen_k, hk, group, -1).sum(3)
-        dv = dv.reshape(batch, seqlen_k, hk, group, -1).sum(3)
+        dk = dk.reshape(batch, seqlen_k, hk, group, k.shape[3]).sum(3)
+        dv = dv.reshape(batch, seqlen_k, hk, group, v.shape[3]).sum(3)
     return dq.to(dtype), dk.to(dtype), dv.to(dtype), dbias
