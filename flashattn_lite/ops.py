@@ -109,3 +109,33 @@ def _fwd_backward(ctx, dout, dlse):
 
 
 fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ------------------------------------------------------------------ KV-cache decoding
+# decode: (out, lse) of q (B, Sq, H, D) against a paged cache (num_blocks, page_size, Hk, D):
+# position p of sequence b lives at page ``block_table[b, p // page_size]``, row
+# ``p % page_size`` (a contiguous cache is one page per sequence).  Keys
+# ``[leftpad[b], seqlens_k[b])`` are valid; query row i sits at position
+# ``seqlens_k[b] - Sq + i``, the diagonal of window/ALiBi.  ``max_seqlen_k`` >= every
+# seqlens_k (for split planning without reading the device); num_splits 0 = automatic.
+# Forward only: no autograd is registered (flashattn_lite.kvcache refuses inputs that
+# require grad).  The new keys/values are appended by the caller, so the op reads the
+# caches and mutates nothing.
+DECODE_SCHEMA = ("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seqlens_k, Tensor? leftpad, "
+                 "SymInt max_seqlen_k, float softmax_scale, int window_left, int window_right, float softcap, "
+                 "Tensor? alibi_slopes, int num_splits, str backend) -> (Tensor, Tensor)")
+
+
+@torch.library.custom_op("flashattn_lite::decode", mutates_args=(), schema=DECODE_SCHEMA)
+def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, softmax_scale, window_left,
+           window_right, softcap, alibi_slopes, num_splits, backend):
+    params = backends.Params(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
+                             softcap=softcap, alibi_slopes=alibi_slopes)
+    out, lse = backends.get(backend).decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, params,
+                                            max_seqlen_k, num_splits)
+    return _like(out, q), lse.contiguous()
+
+
+@decode.register_fake
+def _decode_fake(q, *args):
+    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=lse_dtype(q.dtype))

@@ -10,7 +10,7 @@ from .. import rng
 
 NAME = "reference"
 FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "dropout", "softcap",
-            "alibi", "attn_mask", "varlen")
+            "alibi", "attn_mask", "varlen", "kv-cache")
 
 
 def visibility_mask(seqlen_q, seqlen_k, diag_offset, window_left, window_right, device):
@@ -190,3 +190,36 @@ def _dense_bwd(dout, dlse, q, k, v, lse, p, offset, slopes, keep, bias_grad):
         dk = dk.reshape(batch, seqlen_k, hk, group, k.shape[3]).sum(3)
         dv = dv.reshape(batch, seqlen_k, hk, group, v.shape[3]).sum(3)
     return dq.to(dtype), dk.to(dtype), dv.to(dtype), dbias
+
+
+# ------------------------------------------------------------------ KV-cache decoding
+
+
+def gather_cache(cache, block_table, b, start, end):
+    """Positions [start, end) of sequence b of a paged cache (num_blocks, page_size, Hk, D)."""
+    page = cache.shape[1]
+    pos = torch.arange(start, end, device=cache.device)
+    blocks = block_table[b].long()[pos // page]
+    return cache[blocks, pos % page]
+
+
+def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, params, max_seqlen_k, num_splits):
+    """Per batch item: gather its valid keys from the pages, then :func:`attention_math`
+    with the diagonal of ``flashattn_lite.ops.DECODE_SCHEMA`` (``num_splits`` has no
+    meaning here)."""
+    p = params
+    batch, seqlen_q, heads, _ = q.shape
+    ends = seqlens_k.tolist()
+    starts = leftpad.tolist() if leftpad is not None else [0] * batch
+    out = torch.zeros_like(q)
+    lse = torch.full((batch, heads, seqlen_q), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    with torch.no_grad():
+        for b in range(batch):
+            start, end = starts[b], ends[b]
+            k = gather_cache(k_cache, block_table, b, start, end)
+            v = gather_cache(v_cache, block_table, b, start, end)
+            slopes = None if p.alibi_slopes is None else p.alibi_slopes[b:b + 1]
+            o, l = attention_math(q[b:b + 1], k[None], v[None], p.softmax_scale, end - seqlen_q - start,
+                                  p.window_left, p.window_right, softcap=p.softcap, alibi_slopes=slopes)
+            out[b], lse[b] = o[0], l[0]
+    return out, lse

@@ -1,0 +1,346 @@
+"""KV-cache decoding: ``flash_attn_with_kvcache`` (flash-attn's API and semantics).
+
+What happens in one call:
+
+1. every argument is validated on the host (this reads ``cache_seqlens``,
+   ``cache_leftpad``, ``cache_batch_idx`` and the used part of ``block_table`` back from
+   the device: one small device-to-host copy per call, the price of a clear error
+   instead of an out-of-bounds read inside a kernel);
+2. rotary embedding (when ``rotary_cos``/``rotary_sin`` are given) is applied to ``q``
+   (into a new tensor) and to the new ``k``;
+3. the new ``k``/``v`` are written into the caches in place at positions
+   ``cache_seqlens[b] ..`` (through the block table for a paged cache);
+4. ``torch.ops.flashattn_lite.decode`` runs attention of ``q`` against the cache.
+
+Both cache layouts reach the operator as one: a contiguous cache
+(batch_cache, seqlen_cache, heads_k, headdim) *is* a paged cache whose pages are
+seqlen_cache long, with a one-column block table (``cache_batch_idx`` or 0..batch-1).
+So every backend implements only the paged read.
+
+Positions are absolute cache indices.  For batch item b the valid keys are positions
+``[leftpad[b], seqlens_k[b])`` with ``seqlens_k[b] = cache_seqlens[b] + seqlen_new``;
+query row i sits at position ``seqlens_k[b] - seqlen_q + i`` (causal is aligned
+bottom-right: q's last row with the last key).  Window and ALiBi distances are
+measured between those positions; left padding shifts both sides equally, so it
+changes nothing but the first valid key (as in flash-attn).
+
+Forward only: there is no backward (flash-attn has none either).  A call that would
+need one (grad mode on and an input that requires grad) raises instead of returning
+an output whose backward would fail later.
+"""
+
+import torch
+
+from . import backends
+from . import ops as _ops  # noqa: F401  (registers torch.ops.flashattn_lite.decode)
+from .interface import (_check_alibi, _check_scale, _check_softcap, _check_tensor, _check_window, _select_backend,
+                        _unbounded_if_beyond, MAX_HEAD_DIM)
+
+_LAYOUT = "(batch, seqlen, heads, headdim)"
+_CACHE_LAYOUT = "(batch_cache, seqlen_cache, heads_k, headdim) or, paged, (num_blocks, page_size, heads_k, headdim)"
+MAX_SPLITS = 128
+
+
+def _check_int32_vector(name, t, batch, device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (as in flash-attn), got {t.dtype}")
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) (one entry per batch item), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    return t.tolist()
+
+
+def _check_caches(q, k_cache, v_cache):
+    _check_tensor("q", q, 4, _LAYOUT)
+    _check_tensor("k_cache", k_cache, 4, _CACHE_LAYOUT)
+    _check_tensor("v_cache", v_cache, 4, _CACHE_LAYOUT)
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise TypeError(f"q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if not (q.device == k_cache.device == v_cache.device):
+        raise ValueError(f"q, k_cache, v_cache must be on one device, got {q.device}, {k_cache.device}, "
+                         f"{v_cache.device}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    d, hq, hk = q.shape[3], q.shape[2], k_cache.shape[2]
+    if k_cache.shape[3] != d:
+        raise ValueError(f"head dim differs: q has {d}, k_cache/v_cache have {k_cache.shape[3]}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in 1..{MAX_HEAD_DIM}, got {d}")
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"number of query heads ({hq}) must be a multiple of the number of cache heads ({hk})")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if d > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride in its last (head) dim: the new keys/values are "
+                             "written into it in place, so it cannot be copied")
+
+
+def _check_new(k, v, q, k_cache):
+    if (k is None) != (v is None):
+        raise ValueError("pass both k and v (the new keys/values to append), or neither")
+    if k is None:
+        return 0
+    _check_tensor("k", k, 4, _LAYOUT)
+    _check_tensor("v", v, 4, _LAYOUT)
+    want = (q.shape[0], k.shape[1], k_cache.shape[2], q.shape[3])
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, but q and the caches have {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape (batch, seqlen_new, heads_k, headdim) = (B, S, "
+                             f"{want[2]}, {want[3]}) with batch {want[0]}, got {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    return k.shape[1]
+
+
+def _check_block_table(block_table, batch, num_blocks, page_size, ends, device):
+    """int32 (batch, max_blocks); every entry a used position needs lies in [0, num_blocks)."""
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"block_table must be a torch.Tensor, got {type(block_table).__name__}")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be int32 (as in flash-attn), got {block_table.dtype}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have shape (batch, max_blocks_per_sequence) with batch {batch}, got "
+                         f"{tuple(block_table.shape)}")
+    if block_table.device != device:
+        raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
+    if page_size == 0:
+        raise ValueError("k_cache has pages of size 0 (dim 1)")
+    table = block_table.cpu()
+    used = torch.tensor([-(-e // page_size) for e in ends], dtype=torch.int64)
+    in_use = torch.arange(table.shape[1])[None, :] < used[:, None]
+    bad = in_use & ((table < 0) | (table >= num_blocks))
+    if bad.any():
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} is out of range: the paged cache has "
+                         f"{num_blocks} blocks (k_cache.shape[0])")
+    return table
+
+
+def _positions(cache_seqlens, count, device):
+    """(B, count) int64 absolute positions ``cache_seqlens[b] + t``."""
+    return cache_seqlens.to(device=device, dtype=torch.int64)[:, None] + torch.arange(count, device=device)
+
+
+def apply_rotary(x, cos, sin, positions, interleaved):
+    """Rotary embedding of ``x`` (B, S, H, D) at ``positions`` (B, S): the first
+    ``2 * cos.shape[1]`` channels rotate, the rest pass through.
+
+    Interleaved (GPT-J): channel pairs (0, 1), (2, 3), ...; otherwise (GPT-NeoX) the
+    pairs are (c, c + rd/2).  A pair (x1, x2) at position p with angle index c becomes
+    (x1 cos - x2 sin, x1 sin + x2 cos), cos = ``cos[p, c]``.  Computed in float32
+    (float64 for float64 input) and rounded once to x's dtype.
+    """
+    rd = 2 * cos.shape[1]
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = cos[positions].to(work)[:, :, None, :]
+    s = sin[positions].to(work)[:, :, None, :]
+    xr = x[..., :rd].to(work)
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., :rd // 2], xr[..., rd // 2:]
+        rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rot.to(x.dtype), x[..., rd:]), dim=-1)
+
+
+def _check_rotary(cos, sin, head_dim, device, has_new):
+    if (cos is None) != (sin is None):
+        raise ValueError("pass both rotary_cos and rotary_sin, or neither")
+    if cos is None:
+        return 0
+    if not has_new:
+        raise ValueError("rotary_cos/rotary_sin need new k and v to append (as in flash-attn): the cache holds keys "
+                         "that were rotated when they were appended")
+    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must have shape (seqlen_rotary, rotary_dim / 2), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"rotary_cos and rotary_sin must have the same shape, got {tuple(cos.shape)} and "
+                         f"{tuple(sin.shape)}")
+    rd = 2 * cos.shape[1]
+    if rd == 0 or rd > head_dim:
+        raise ValueError(f"rotary dim 2 * rotary_cos.shape[1] = {rd} must be in 1..headdim ({head_dim})")
+    return cos.shape[0]
+
+
+def _check_requires_grad(tensors):
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise NotImplementedError("flash_attn_with_kvcache is forward-only (no backward, as in flash-attn) and an "
+                                  "input requires grad: call it under torch.no_grad() or torch.inference_mode(), or "
+                                  "use flash_attn_func for attention that needs gradients")
+
+
+def auto_num_splits(programs, max_keys, block_n, num_sms, min_blocks_per_split=4):
+    """Split-KV count for ``num_splits=0``: 1 when ``programs`` (independent row blocks:
+    batch x kv heads x row blocks) already fill the ``num_sms`` compute units; otherwise
+    enough splits to fill them, but each split keeps at least ``min_blocks_per_split``
+    key blocks (less work than that is not worth a partial result and a combine)."""
+    if programs >= 0.8 * num_sms or max_keys <= 0:
+        return 1
+    by_units = -(-num_sms // programs)
+    by_length = max(1, max_keys // (min_blocks_per_split * block_n))
+    return max(1, min(by_units, by_length, MAX_SPLITS))
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Attention of ``q`` against a KV cache, appending new keys/values first (decoding).
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim).
+        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), or with ``block_table``
+            a paged cache (num_blocks, page_size, nheads_k, headdim), any page size.
+            ``nheads % nheads_k == 0`` (GQA/MQA).  Updated in place when k/v are given.
+        k, v: None, or (batch, seqlen_new, nheads_k, headdim) new keys/values, written into the
+            cache at positions ``cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1`` (after
+            rotary, when given) and attended to in the same call.
+        rotary_cos, rotary_sin: None, or (seqlen_rotary, rotary_dim / 2), rotary_dim <= headdim.
+            Needs k/v.  The new k at position ``cache_seqlens[b] + t`` uses row
+            ``cache_seqlens[b] + t``; q's row i uses ``cache_seqlens[b] + i`` when causal or
+            windowed, else ``cache_seqlens[b]`` for every row (flash-attn's rule).
+        rotary_interleaved: True: rotate channel pairs (0, 1), (2, 3), ... (GPT-J); False:
+            pairs (c, c + rotary_dim / 2) (GPT-NeoX).
+        cache_seqlens: int, or int32 (batch,): the cache length before appending (positions
+            count from the start of the cache row, left padding included).  None: the whole
+            cache (``seqlen_cache``, or ``max_blocks * page_size`` when paged); then k/v cannot
+            be appended.
+        cache_batch_idx: None, or int32 (batch,): batch item b uses cache row
+            ``cache_batch_idx[b]`` (not with ``block_table``).  Must be distinct when appending.
+        cache_leftpad: None, or int32 (batch,): keys before this position are padding, not seen.
+        block_table: None, or int32 (batch, max_blocks_per_sequence): page j of sequence b is
+            ``k_cache[block_table[b, j]]``.
+        softmax_scale: defaults to ``headdim ** -0.5``.
+        causal: bottom-right: q's last row is aligned with the last key after appending.
+        window_size, softcap, alibi_slopes: as in ``flash_attn_func``, on the same diagonal.
+        num_splits: split-KV count (the cache divided among programs whose partial results are
+            merged through their lse); 0 picks it from batch x heads and the cache length.
+        return_softmax_lse: also return the lse, float32 (batch, nheads, seqlen_q).
+
+    Returns ``out`` (batch, seqlen_q, nheads, headdim), or ``(out, softmax_lse)``.
+    Forward only (no gradients).
+    """
+    _check_caches(q, k_cache, v_cache)
+    _check_requires_grad((q, k_cache, v_cache, k, v))
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_new = _check_new(k, v, q, k_cache)
+    device = q.device
+    num_blocks, page_size = k_cache.shape[0], k_cache.shape[1]
+
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be combined with block_table (a paged cache maps every batch "
+                             "item through its own block table row; as in flash-attn)")
+        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+            raise ValueError("block_table must be an int32 tensor of shape (batch, max_blocks_per_sequence)")
+        capacity = block_table.shape[1] * page_size
+    else:
+        capacity = page_size
+        if cache_batch_idx is None and num_blocks != batch:
+            raise ValueError(f"k_cache has batch {num_blocks} but q has {batch}: pass cache_batch_idx to select "
+                             "cache rows")
+
+    # cache lengths before appending, as a host list and an int32 device tensor
+    if cache_seqlens is None:
+        if seqlen_new:
+            raise ValueError("cache_seqlens is required when appending k/v: it says where they go")
+        lengths = [capacity] * batch
+        seqlens_t = torch.full((batch,), capacity, dtype=torch.int32, device=device)
+    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        lengths = [cache_seqlens] * batch
+        seqlens_t = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    elif isinstance(cache_seqlens, torch.Tensor):
+        lengths = _check_int32_vector("cache_seqlens", cache_seqlens, batch, device)
+        seqlens_t = cache_seqlens
+    else:
+        raise TypeError(f"cache_seqlens must be an int or an int32 tensor (batch,), got {type(cache_seqlens).__name__}")
+    for b, n in enumerate(lengths):
+        if n < 0:
+            raise ValueError(f"cache_seqlens[{b}] = {n} is negative")
+        if n + seqlen_new > capacity:
+            what = f" + {seqlen_new} new keys" if seqlen_new else ""
+            raise ValueError(f"cache_seqlens[{b}] = {n}{what} exceeds the cache capacity of {capacity} positions "
+                             f"({'max_blocks * page_size' if block_table is not None else 'k_cache.shape[1]'})")
+    ends = [n + seqlen_new for n in lengths]
+
+    starts = None
+    if cache_leftpad is not None:
+        starts = _check_int32_vector("cache_leftpad", cache_leftpad, batch, device)
+        for b, (s, n) in enumerate(zip(starts, lengths)):
+            if not 0 <= s <= n:
+                raise ValueError(f"cache_leftpad[{b}] = {s} must be in 0..cache_seqlens[{b}] ({n})")
+
+    if block_table is not None:
+        _check_block_table(block_table, batch, num_blocks, page_size, ends, device)
+        table = block_table
+    else:
+        if cache_batch_idx is not None:
+            rows = _check_int32_vector("cache_batch_idx", cache_batch_idx, batch, device)
+            for b, r in enumerate(rows):
+                if not 0 <= r < num_blocks:
+                    raise ValueError(f"cache_batch_idx[{b}] = {r} is out of range: k_cache has {num_blocks} rows")
+            if seqlen_new and len(set(rows)) != len(rows):
+                raise ValueError("cache_batch_idx has repeated entries: appending k/v would write one cache row "
+                                 "twice")
+            table = cache_batch_idx[:, None]
+        else:
+            table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+
+    seqlen_ro = _check_rotary(rotary_cos, rotary_sin, head_dim, device, seqlen_new > 0)
+    softcap = _check_softcap(softcap)
+    slopes = _check_alibi(alibi_slopes, batch, heads, device)
+    scale = head_dim ** -0.5 if softmax_scale is None else _check_scale(softmax_scale, "softmax_scale")
+    left, right = _check_window(window_size)
+    local = left >= 0 or right >= 0
+    if causal:
+        right = 0
+    left, right = _unbounded_if_beyond(left, right, seqlen_q, capacity)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be an int in 0..{MAX_SPLITS} (0 = automatic), got {num_splits!r}")
+
+    if seqlen_ro:
+        q_rows = seqlen_q if (causal or local) else 1
+        needed = max(lengths) + max(seqlen_new, q_rows)
+        if needed > seqlen_ro:
+            raise ValueError(f"rotary_cos/rotary_sin have {seqlen_ro} rows but positions up to {needed - 1} are "
+                             "needed (cache_seqlens + new tokens)")
+        q_pos = _positions(seqlens_t, seqlen_q, device) if (causal or local) else \
+            _positions(seqlens_t, 1, device).expand(batch, seqlen_q)
+        q = apply_rotary(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved)
+        k = apply_rotary(k, rotary_cos, rotary_sin, _positions(seqlens_t, seqlen_new, device), rotary_interleaved)
+
+    if seqlen_new:
+        pos = _positions(seqlens_t, seqlen_new, device)
+        if block_table is not None:
+            blocks = block_table.long().gather(1, pos // page_size)
+            rows = pos % page_size
+        else:
+            blocks = table.long().expand(batch, seqlen_new)
+            rows = pos
+        k_cache[blocks, rows] = k
+        v_cache[blocks, rows] = v
+
+    seqlens_k = (seqlens_t + seqlen_new).to(torch.int32)
+    params = backends.Params(softmax_scale=scale, window_left=left, window_right=right, softcap=softcap,
+                             alibi_slopes=slopes)
+    backend = _select_backend(device, q.dtype, head_dim, params.features() | {"kv-cache"})
+    if q.shape[-1] > 1 and q.stride(-1) != 1:
+        q = q.contiguous()
+    out, lse = torch.ops.flashattn_lite.decode(q, k_cache, v_cache, table, seqlens_k, cache_leftpad, max(ends, default=0),
+                                               scale, left, right, softcap, slopes, num_splits, backend)
+    return (out, lse) if return_softmax_lse else out

@@ -1,0 +1,412 @@
+"""flash_attn_with_kvcache: KV-cache decoding (append, rotary, paged caches, split-KV)
+on every backend against a float64 oracle written here from first principles.
+
+The oracle reads each sequence's keys straight out of the cache (walking the block
+table page by page), so it shares no code with the backends' paged reads; rotary is
+checked against a complex-number formulation.  Tolerance: flashattn_lite.testing.
+"""
+
+import pytest
+import torch
+
+import flashattn_lite as fl
+from flashattn_lite.backends.reference import attention_math
+from flashattn_lite.testing import check_against_reference
+
+BACKENDS = ["reference"]  # triton, cpu: added with their kernels
+
+
+# ------------------------------------------------------------------ oracle
+
+
+def rotary64(x, cos, sin, positions, interleaved):
+    """Rotary in float64 via complex numbers: a channel pair (x1, x2) is x1 + i x2,
+    multiplied by cos + i sin.  ``positions`` (B, S)."""
+    rd = 2 * cos.shape[1]
+    x = x.double()
+    c = cos.double()[positions][:, :, None, :]
+    s = sin.double()[positions][:, :, None, :]
+    if interleaved:
+        pairs = torch.view_as_complex(x[..., :rd].reshape(*x.shape[:-1], rd // 2, 2).contiguous())
+    else:
+        pairs = torch.complex(x[..., :rd // 2], x[..., rd // 2:rd])
+    turned = pairs * torch.complex(c, s)
+    if interleaved:
+        rot = torch.view_as_real(turned).flatten(-2)
+    else:
+        rot = torch.cat((turned.real, turned.imag), dim=-1)
+    return torch.cat((rot, x[..., rd:]), dim=-1)
+
+
+def sequence(cache, b, start, end, block_table=None, batch_idx=None):
+    """Keys [start, end) of batch item b, read page by page."""
+    if block_table is None:
+        row = b if batch_idx is None else int(batch_idx[b])
+        return cache[row, start:end]
+    page = cache.shape[1]
+    pages = [cache[int(block_table[b, j])] for j in range(-(-end // page))]
+    return torch.cat(pages)[start:end] if pages else cache[:0, 0]
+
+
+def oracle(q, q64, k_cache, v_cache, ends, starts, scale, causal, window, softcap, slopes, block_table, batch_idx):
+    """(ref, baseline) dicts {'out', 'lse'}: float64 attention on ``q64`` and the same
+    math in q's dtype on ``q`` (flash-attn's tolerance yardstick)."""
+    batch, sq = q.shape[:2]
+    left, right = window
+    if causal:
+        right = 0
+    res = {"ref": {"out": [], "lse": []}, "baseline": {"out": [], "lse": []}}
+    for b in range(batch):
+        k = sequence(k_cache, b, starts[b], ends[b], block_table, batch_idx)
+        v = sequence(v_cache, b, starts[b], ends[b], block_table, batch_idx)
+        off = ends[b] - sq - starts[b]
+        for key, qq, upcast, cast in (("ref", q64, True, torch.float64), ("baseline", q, False, q.dtype)):
+            sl = None if slopes is None else slopes.expand(batch, q.shape[2])[b:b + 1].to(cast)
+            o, l = attention_math(qq[b:b + 1].to(cast), k[None].to(cast), v[None].to(cast), scale, off, left, right,
+                                  upcast=upcast, softcap=softcap, alibi_slopes=sl)
+            res[key]["out"].append(o)
+            res[key]["lse"].append(l)
+    return tuple({k: torch.cat(v) for k, v in res[key].items()} for key in ("ref", "baseline"))
+
+
+# ------------------------------------------------------------------ one case
+
+
+def make_case(batch=2, sq=1, hq=2, hk=2, d=16, dtype=torch.float16, seqlens=(5, 9), snew=0, page_size=None,
+              num_blocks=None, capacity=24, batch_idx=False, leftpad=None, rotary=None, seqlens_as_int=False):
+    """Random inputs.  ``page_size`` None: contiguous cache of ``capacity`` positions
+    (with ``batch_idx``: more cache rows than batch items, used in reverse order);
+    else a paged cache with pages scattered randomly over ``num_blocks`` blocks.
+    ``rotary``: None or (rotary_dim, interleaved)."""
+    case = {}
+    case["q"] = torch.randn(batch, sq, hq, d, dtype=dtype)
+    if page_size is None:
+        rows = batch + 2 if batch_idx else batch
+        k_cache = torch.randn(rows, capacity, hk, d, dtype=dtype)
+        v_cache = torch.randn(rows, capacity, hk, d, dtype=dtype)
+        if batch_idx:
+            case["cache_batch_idx"] = torch.arange(rows - 1, rows - 1 - batch, -1, dtype=torch.int32)
+    else:
+        max_blocks = -(-capacity // page_size)
+        num_blocks = num_blocks or batch * max_blocks + 3
+        k_cache = torch.randn(num_blocks, page_size, hk, d, dtype=dtype)
+        v_cache = torch.randn(num_blocks, page_size, hk, d, dtype=dtype)
+        case["block_table"] = torch.randperm(num_blocks)[:batch * max_blocks].reshape(batch, max_blocks).to(
+            torch.int32)
+    case["k_cache"], case["v_cache"] = k_cache, v_cache
+    case["cache_seqlens"] = seqlens[0] if seqlens_as_int else torch.tensor(seqlens, dtype=torch.int32)
+    if snew:
+        case["k"] = torch.randn(batch, snew, hk, d, dtype=dtype)
+        case["v"] = torch.randn(batch, snew, hk, d, dtype=dtype)
+    if leftpad is not None:
+        case["cache_leftpad"] = torch.tensor(leftpad, dtype=torch.int32)
+    if rotary is not None:
+        rd, interleaved = rotary
+        angles = torch.rand(capacity + sq + 4, rd // 2, dtype=torch.float64) * 6.3
+        case["rotary_cos"] = angles.cos().to(dtype)
+        case["rotary_sin"] = angles.sin().to(dtype)
+        case["rotary_interleaved"] = interleaved
+    return case
+
+
+def run_case(backend, case, causal=False, window=(-1, -1), softcap=0.0, alibi=None, num_splits=0, scale=None):
+    """Run ``case`` on ``backend``; check the appended cache and out/lse against the oracle."""
+    q = case["q"]
+    batch, sq, hq, d = q.shape
+    slopes = None
+    if alibi == "heads":
+        slopes = torch.rand(hq)
+    elif alibi == "batch-heads":
+        slopes = torch.rand(batch, hq)
+    kc0, vc0 = case["k_cache"].clone(), case["v_cache"].clone()
+    args = {k: v for k, v in case.items()}
+    args["k_cache"], args["v_cache"] = case["k_cache"].clone(), case["v_cache"].clone()
+    with fl.use_backend(backend):
+        out, lse = fl.flash_attn_with_kvcache(**args, softmax_scale=scale, causal=causal, window_size=window,
+                                              softcap=softcap, alibi_slopes=slopes, num_splits=num_splits,
+                                              return_softmax_lse=True)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (batch, hq, sq)
+    assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+    seqlens = case["cache_seqlens"]
+    lengths = [seqlens] * batch if isinstance(seqlens, int) else seqlens.tolist()
+    snew = case["k"].shape[1] if "k" in case else 0
+    ends = [n + snew for n in lengths]
+    starts = case["cache_leftpad"].tolist() if "cache_leftpad" in case else [0] * batch
+    table, bidx = case.get("block_table"), case.get("cache_batch_idx")
+    kc, vc = args["k_cache"], args["v_cache"]
+
+    # the cache: new keys (rotated) at cache_seqlens.., every other position untouched
+    expect_k, expect_v = kc0.clone(), vc0.clone()
+    q64 = q.double()
+    if snew:
+        new_k = case["k"].double()
+        pos = torch.tensor(lengths)[:, None] + torch.arange(snew)
+        if "rotary_cos" in case:
+            cos, sin, inter = case["rotary_cos"], case["rotary_sin"], case["rotary_interleaved"]
+            new_k = rotary64(new_k, cos, sin, pos, inter)
+            local = causal or window != (-1, -1)
+            qpos = (torch.tensor(lengths)[:, None] + (torch.arange(sq) if local else torch.zeros(sq, dtype=torch.long)))
+            q64 = rotary64(q, cos, sin, qpos, inter)
+        for b in range(batch):
+            for t in range(snew):
+                p = lengths[b] + t
+                if table is None:
+                    blk, row = (b if bidx is None else int(bidx[b])), p
+                else:
+                    blk, row = int(table[b, p // kc.shape[1]]), p % kc.shape[1]
+                expect_k[blk, row] = new_k[b, t].to(q.dtype)
+                expect_v[blk, row] = case["v"][b, t]
+    eps = torch.finfo(q.dtype).eps
+    torch.testing.assert_close(kc, expect_k, rtol=2 * eps, atol=4 * eps)
+    assert torch.equal(vc, expect_v)
+
+    scale_ = d ** -0.5 if scale is None else scale
+    ref, base = oracle(q64.to(q.dtype), q64, kc, vc, ends, starts, scale_, causal, window, softcap, slopes, table,
+                       bidx)
+    ours = {"out": out, "lse": lse}
+    failed = [str(c) for c in check_against_reference(ours, ref, base, q.dtype) if not c.ok]
+    assert not failed, "; ".join(failed)
+    empty = torch.isinf(ref["lse"])
+    assert torch.equal(torch.isinf(lse), empty)
+    assert (out.transpose(1, 2)[empty] == 0).all()
+    assert torch.isfinite(out).all()
+    return out, lse
+
+
+# ------------------------------------------------------------------ correctness
+
+PAGED = [None, 3, 16]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", PAGED)
+def test_decode_one_query(backend, page_size):
+    run_case(backend, make_case(batch=3, seqlens=(0, 7, 37), page_size=page_size, capacity=40, hq=4, hk=2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", PAGED)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_append_causal(backend, page_size, num_splits):
+    run_case(backend, make_case(sq=3, snew=3, seqlens=(4, 20), page_size=page_size, capacity=30, hq=4, hk=1,
+                                dtype=torch.bfloat16), causal=True, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_rotary(backend, interleaved, causal):
+    run_case(backend, make_case(sq=2, snew=2, seqlens=(6, 11), d=24, rotary=(16, interleaved), page_size=5),
+             causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotary_full_dim_local(backend):
+    # not causal but windowed: q rows rotate at consecutive positions too
+    run_case(backend, make_case(sq=2, snew=1, seqlens=(9, 3), d=16, rotary=(16, True)), window=(4, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_idx_and_int_seqlens(backend):
+    run_case(backend, make_case(batch=3, snew=1, seqlens=(8,), seqlens_as_int=True, batch_idx=True, hq=2, hk=1),
+             causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_leftpad(backend, page_size):
+    run_case(backend, make_case(sq=2, snew=1, seqlens=(9, 14), leftpad=(3, 14), page_size=page_size,
+                                rotary=(8, False)), causal=True, alibi="heads")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", [None, 3, 16])
+def test_paged_window_gqa(backend, page_size):
+    run_case(backend, make_case(batch=2, sq=2, snew=2, hq=6, hk=2, seqlens=(30, 13), capacity=40,
+                                page_size=page_size, dtype=torch.float32), causal=True, window=(7, 0), num_splits=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_both_sides_not_causal(backend):
+    run_case(backend, make_case(sq=4, seqlens=(20, 25), capacity=30, page_size=7), window=(3, 2), num_splits=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alibi", ["heads", "batch-heads"])
+def test_softcap_alibi(backend, alibi):
+    run_case(backend, make_case(sq=1, snew=1, seqlens=(10, 19), page_size=16, capacity=32, hq=4, hk=2),
+             softcap=5.0, alibi=alibi, scale=0.7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_splits", [0, 1, 2, 5])
+def test_splits(backend, num_splits):
+    # 5 splits of a 20-key range with 16-key tiles: some splits get no keys at all
+    run_case(backend, make_case(seqlens=(20, 70), capacity=80, page_size=16, hq=4, hk=4), num_splits=num_splits)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_page(backend):
+    run_case(backend, make_case(batch=1, seqlens=(300,), capacity=512, page_size=256, num_blocks=3, d=8,
+                                dtype=torch.float32), num_splits=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_query_rows(backend):
+    # Sq x group = 40 rows: several row blocks of the Triton kernel
+    run_case(backend, make_case(batch=1, sq=10, snew=10, hq=4, hk=1, seqlens=(12,), capacity=30, page_size=8),
+             causal=True, num_splits=2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wide_dtypes(backend, dtype):
+    run_case(backend, make_case(sq=2, snew=1, seqlens=(5, 12), dtype=dtype, d=40, page_size=6), causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_cache_rows(backend):
+    # a sequence with no keys at all: out 0, lse -inf
+    run_case(backend, make_case(seqlens=(0, 4), page_size=4), num_splits=2)
+
+
+def test_auto_routes_cpu_tensors():
+    case = make_case(seqlens=(3, 5))
+    out = fl.flash_attn_with_kvcache(case["q"], case["k_cache"], case["v_cache"],
+                                     cache_seqlens=case["cache_seqlens"])
+    assert out.shape == case["q"].shape
+
+
+def test_auto_num_splits():
+    from flashattn_lite.kvcache import auto_num_splits
+
+    assert auto_num_splits(programs=200, max_keys=10 ** 6, block_n=64, num_sms=132) == 1
+    assert auto_num_splits(programs=8, max_keys=10 ** 6, block_n=64, num_sms=132) == 17
+    assert auto_num_splits(programs=8, max_keys=300, block_n=64, num_sms=132) == 1
+    assert auto_num_splits(programs=1, max_keys=10 ** 7, block_n=64, num_sms=1000) == 128
+
+
+def test_fake_impl_and_schema():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    case = make_case(seqlens=(3, 5), page_size=4)
+    with FakeTensorMode() as mode:
+        q = mode.from_tensor(case["q"])
+        kc, vc = mode.from_tensor(case["k_cache"]), mode.from_tensor(case["v_cache"])
+        bt, sl = mode.from_tensor(case["block_table"]), mode.from_tensor(case["cache_seqlens"])
+        out, lse = torch.ops.flashattn_lite.decode(q, kc, vc, bt, sl, None, 5, 0.25, -1, -1, 0.0, None, 0,
+                                                   "reference")
+    assert out.shape == q.shape and lse.shape == (2, 2, 1)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _bad(match, exc=ValueError, **changes):
+    case = make_case(seqlens=(3, 5), snew=1, page_size=4, capacity=8)
+    case.update(changes)
+    case = {k: v for k, v in case.items() if v is not None}
+    with pytest.raises(exc, match=match):
+        fl.flash_attn_with_kvcache(**case)
+
+
+def test_bad_block_table_entry():
+    table = make_case(page_size=4, capacity=8)["block_table"].clone()
+    table[1, 1] = 999
+    _bad(r"block_table\[1, 1\] = 999 is out of range", block_table=table)
+
+
+def test_unused_block_table_entries_are_not_checked():
+    case = make_case(seqlens=(3, 2), page_size=4, capacity=8)
+    case["block_table"][:, 1] = -1  # padding, never read: 3 and 2 keys fit the first page
+    fl.flash_attn_with_kvcache(**case)
+
+
+def test_bad_block_table_dtype_and_shape():
+    table = make_case(page_size=4, capacity=8)["block_table"]
+    _bad("block_table must be int32", TypeError, block_table=table.long())
+    _bad(r"block_table must have shape \(batch", block_table=table[:1])
+
+
+def test_bad_seqlens_beyond_cache():
+    _bad(r"cache_seqlens\[1\] = 8 \+ 1 new keys exceeds the cache capacity of 8",
+         cache_seqlens=torch.tensor([3, 8], dtype=torch.int32))
+    _bad(r"cache_seqlens\[0\] = 9 exceeds", cache_seqlens=torch.tensor([9, 1], dtype=torch.int32), k=None, v=None)
+    _bad("cache_seqlens must be int32", TypeError, cache_seqlens=torch.tensor([3, 5]))
+    _bad(r"cache_seqlens must have shape \(2,\)", cache_seqlens=torch.tensor([3], dtype=torch.int32))
+    _bad("negative", cache_seqlens=torch.tensor([-1, 2], dtype=torch.int32))
+    _bad("cache_seqlens is required when appending", cache_seqlens=None)
+
+
+def test_bad_contiguous_cache():
+    case = make_case(seqlens=(3, 5), snew=1, capacity=8)
+    with pytest.raises(ValueError, match="exceeds the cache capacity of 8 positions"):
+        fl.flash_attn_with_kvcache(**dict(case, cache_seqlens=torch.tensor([8, 1], dtype=torch.int32)))
+    with pytest.raises(ValueError, match=r"cache_batch_idx\[1\] = 7 is out of range"):
+        fl.flash_attn_with_kvcache(**dict(case, cache_batch_idx=torch.tensor([0, 7], dtype=torch.int32)))
+    with pytest.raises(ValueError, match="repeated entries"):
+        fl.flash_attn_with_kvcache(**dict(case, cache_batch_idx=torch.tensor([1, 1], dtype=torch.int32)))
+    with pytest.raises(ValueError, match="k_cache has batch 3 but q has 2"):
+        fl.flash_attn_with_kvcache(**dict(case, k_cache=torch.randn(3, 8, 2, 16, dtype=torch.float16),
+                                          v_cache=torch.randn(3, 8, 2, 16, dtype=torch.float16)))
+    with pytest.raises(ValueError, match="unit stride"):
+        kc = torch.randn(2, 8, 2, 32, dtype=torch.float16)[..., ::2]
+        fl.flash_attn_with_kvcache(**dict(case, k_cache=kc, v_cache=kc))
+
+
+def test_bad_batch_idx_with_block_table():
+    _bad("cache_batch_idx cannot be combined with block_table", cache_batch_idx=torch.tensor([0, 1],
+                                                                                             dtype=torch.int32))
+
+
+def test_bad_shapes_and_dtypes():
+    _bad("must share one dtype", TypeError, q=torch.randn(2, 1, 2, 16))
+    _bad("head dim differs", q=torch.randn(2, 1, 2, 8, dtype=torch.float16))
+    _bad(r"multiple of the number of cache heads", q=torch.randn(2, 1, 3, 16, dtype=torch.float16))
+    _bad(r"k must have shape \(batch, seqlen_new, heads_k, headdim\)", k=torch.randn(2, 1, 1, 16, dtype=torch.float16),
+         v=torch.randn(2, 1, 1, 16, dtype=torch.float16))
+    _bad("pass both k and v", v=None)
+    _bad("k has dtype", TypeError, k=torch.randn(2, 1, 2, 16))
+    _bad("k_cache and v_cache must have the same shape", v_cache=torch.randn(9, 4, 2, 16, dtype=torch.float16))
+
+
+def test_bad_leftpad():
+    _bad(r"cache_leftpad\[1\] = 6 must be in 0..cache_seqlens\[1\] \(5\)",
+         cache_leftpad=torch.tensor([0, 6], dtype=torch.int32))
+    _bad("cache_leftpad must be int32", TypeError, cache_leftpad=torch.tensor([0, 1]))
+
+
+def test_bad_rotary():
+    cos = torch.rand(16, 4, dtype=torch.float16)
+    _bad("pass both rotary_cos and rotary_sin", rotary_cos=cos)
+    _bad(r"rotary dim 2 \* rotary_cos.shape\[1\] = 40 must be in 1..headdim \(16\)",
+         rotary_cos=torch.rand(16, 20), rotary_sin=torch.rand(16, 20))
+    _bad("rotary_cos/rotary_sin have 4 rows but positions up to 5", rotary_cos=cos[:4], rotary_sin=cos[:4])
+    _bad("rotary_cos and rotary_sin must have the same shape", rotary_cos=cos, rotary_sin=cos[:, :2])
+    _bad("need new k and v", rotary_cos=cos, rotary_sin=cos, k=None, v=None)
+
+
+def test_bad_scalars_and_slopes():
+    _bad(r"alibi_slopes must have shape \(2,\) or \(2, 2\)", alibi_slopes=torch.rand(3))
+    _bad("num_splits must be an int in 0..128", num_splits=-1)
+    _bad("num_splits must be an int in 0..128", num_splits=129)
+    _bad("softcap must be >= 0", softcap=-1.0)
+    _bad("window_size entries", window_size=(-2, 0))
+
+
+def test_requires_grad_refused():
+    _bad("forward-only", NotImplementedError, q=torch.randn(2, 1, 2, 16, dtype=torch.float16, requires_grad=True))
+    case = make_case(seqlens=(3, 5))
+    case["q"].requires_grad_(True)
+    with torch.no_grad():
+        fl.flash_attn_with_kvcache(**case)
+
+
+def test_explicit_backend_without_feature_raises():
+    from flashattn_lite import backends
+
+    call = backends.Call(device=torch.device("cpu"), dtype=torch.float16, head_dim=16,
+                         features=frozenset({"kv-cache"}))
+    assert backends.BACKENDS["cuda"].supports(call) is not None
