@@ -1,0 +1,76 @@
+"""``cuda_emu``: the CUDA C++ kernels of csrc/cuda run on the CPU under the host
+emulation of the CUDA execution model (csrc/cuda/emu/cuda_emu.h).
+
+A verification tool, not a way to compute attention: it exists so that the CUDA
+kernels' logic (tiling, masking, online softmax, the backward recomputation, the
+tensor-core fragment layouts) can be tested on machines without a GPU.  It is slow
+(every CUDA thread is a fiber, every warp instruction a rendezvous of 32 of them),
+serves CPU tensors in fp16 and bf16, and is never chosen by ``auto``; ask for it with
+``use_backend("cuda_emu")`` or ``FLASHATTN_LITE_BACKEND=cuda_emu``.
+"""
+
+import torch
+
+from .. import _build_cuda
+from .base import missing_features
+
+NAME = "cuda_emu"
+# exactly what the CUDA kernels implement (shared with the cuda backend)
+FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16")
+DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+def _ops():
+    _build_cuda.build_emu()
+    return torch.ops.flashattn_lite_emu
+
+
+def available():
+    try:
+        path = _build_cuda.build_emu()
+    except RuntimeError as exc:
+        return False, str(exc)
+    return True, f"CUDA kernels under the CPU emulator (verification only, slow): {path}"
+
+
+def kernel_limits(call, backend):
+    """Reason the CUDA kernels cannot serve ``call`` (dtype, head dim, features), or None."""
+    if call.dtype not in DTYPES:
+        return f"dtype {call.dtype} is not supported by the {backend} backend (float16, bfloat16)"
+    if not 1 <= call.head_dim <= MAX_HEAD_DIM:
+        return f"head_dim {call.head_dim} is not supported by the {backend} backend (1..{MAX_HEAD_DIM})"
+    missing = missing_features(call, FEATURES)
+    if missing:
+        return f"the {backend} backend {missing}"
+    return None
+
+
+def param_limits(p, backend):
+    """The same check on the parameters themselves (fwd/bwd may be called directly)."""
+    extra = set(p.features()) - set(FEATURES)
+    if extra:
+        raise RuntimeError(f"the {backend} backend does not implement {', '.join(sorted(extra))}")
+
+
+def supports(call):
+    if call.device.type != "cpu":
+        return f"tensors on {call.device.type}; the cuda_emu backend runs CPU tensors"
+    why = kernel_limits(call, NAME)
+    if why:
+        return why
+    ok, why = available()
+    return None if ok else why
+
+
+def fwd(q, k, v, p):
+    param_limits(p, NAME)
+    return _ops().fwd(q, k, v, p.softmax_scale, p.diag_offset, p.window_left, p.window_right, p.softcap,
+                      p.alibi_slopes)
+
+
+def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
+    param_limits(p, NAME)
+    dq, dk, dv = _ops().bwd(dout, dlse, q, k, v, out, lse, p.softmax_scale, p.diag_offset, p.window_left,
+                            p.window_right, p.softcap, p.alibi_slopes)
+    return dq, dk, dv, None
