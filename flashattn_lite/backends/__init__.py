@@ -9,10 +9,10 @@ with :class:`Params` describing everything but the tensors.
 import contextlib
 import contextvars
 import os
-from . import cpu, cuda, reference, triton
+from . import cpu, cuda, cuda_emu, reference, triton
 from .base import Call, Params, missing_features  # noqa: F401  (re-exported)
 
-BACKENDS = {m.NAME: m for m in (triton, cuda, cpu, reference)}
+BACKENDS = {m.NAME: m for m in (triton, cuda, cpu, reference, cuda_emu)}  # cuda_emu: verification only, never auto
 NAMES = ("auto",) + tuple(BACKENDS)
 ENV_VAR = "FLASHATTN_LITE_BACKEND"
 
