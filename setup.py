@@ -44,7 +44,7 @@ setup(
     package_data={"flashattn_lite.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*"],
                   "flashattn_lite": ["_C.key"]},
     install_requires=["torch>=2.4", "triton>=3.0", "ninja", "einops", "filelock"],
-    extras_require={"bench": ["matplotlib"], "test": ["pytest", "hypothesis", "matplotlib"]},
+    extras_require={"bench": ["matplotlib"], "test": ["pytest", "hypothesis", "matplotlib", "transformers>=5"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["flashattn-lite=flashattn_lite.cli:main"]},

@@ -1,0 +1,443 @@
+"""Hugging Face transformers attention backend ``"fa_lite"``.
+
+::
+
+    from flashattn_lite.integrations.transformers import register
+    register()
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="fa_lite")
+
+:func:`register` adds two functions under one name to transformers' registries:
+
+* a **mask function** (``AttentionMaskInterface``).  transformers calls it wherever a
+  model builds its attention mask (``create_causal_mask``, ``create_sliding_window_causal_mask``,
+  ``create_bidirectional_mask``, ...), with the pattern as a composed ``mask_function``
+  plus the 2-D padding mask, the cache offsets and lengths.  Instead of expanding that
+  into a ``(batch, 1, q_len, kv_len)`` matrix, :func:`fa_lite_mask` recognises the
+  pattern (causal, bidirectional, sliding window, packed sequences from ``position_ids``)
+  and returns a compact :class:`MaskPlan` riding on a ``(batch, 1, 1, kv_len)`` tensor.
+  Patterns it does not recognise keep a dense mask built exactly as ``sdpa`` would build it.
+* an **attention function** (``AttentionInterface``), :func:`fa_lite_attention_forward`,
+  which turns the plan into flashattn_lite calls: one dense :func:`flash_attn_func` call
+  when no row is padded, otherwise :func:`flash_attn_varlen_func` over each row's
+  contiguous key range (left or right padding, KV-cache decoding with left padding) or
+  over the packed sequences.  GQA runs without repeating K/V; sliding windows, softcap,
+  the model's scaling and dropout map onto the kernel's arguments.
+
+Outputs at *padding query positions* are 0 (as with flash-attn): those positions carry
+no meaning in transformers (losses and generation ignore them), and eager attention
+itself gives them arbitrary values.  Everything else is computed exactly as eager
+attention's mask says.  Anything this backend cannot serve (weights requested with
+``output_attentions``, attention sinks, a head dim over 256, a mask that is not
+ours...) goes to transformers' ``sdpa`` function (or the model's eager function where
+sdpa cannot serve it either) with a one-time warning; it is never answered wrongly.
+"""
+
+import warnings
+
+import torch
+
+from ..interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, flash_attn_func, flash_attn_varlen_func
+from ..interface import scaled_dot_product_attention
+
+NAME = "fa_lite"  # a name containing "flash" would switch on transformers' flash-attn-specific code paths
+
+__all__ = ["NAME", "register", "fa_lite_attention_forward", "fa_lite_mask", "MaskPlan"]
+
+_warned = set()
+
+
+def _warn_once(message):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"flashattn_lite ({NAME}): {message}", RuntimeWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# registration
+# ---------------------------------------------------------------------------------------------
+
+def register(name=NAME):
+    """Register the attention function and its mask function under ``name`` (default
+    ``"fa_lite"``); afterwards ``attn_implementation=name`` works in ``from_pretrained``,
+    ``from_config`` and ``model.set_attn_implementation``.  Idempotent; returns ``name``."""
+    if "flash" in name:
+        raise ValueError(f"{name!r}: transformers treats names containing 'flash' as flash-attn itself; "
+                         "choose another name")
+    try:
+        from transformers import AttentionInterface
+    except ImportError as e:  # pragma: no cover - depends on the installed transformers
+        raise ImportError("flashattn_lite's transformers backend needs transformers >= 4.48 "
+                          "(AttentionInterface)") from e
+    AttentionInterface.register(name, fa_lite_attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # pragma: no cover - transformers < 4.53 builds 4-D masks itself
+        return name
+    AttentionMaskInterface.register(name, fa_lite_mask)
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# the mask side: recognise the pattern, keep it compact
+# ---------------------------------------------------------------------------------------------
+
+_PLAN_ATTR = "_flashattn_lite_plan"
+
+
+class MaskPlan:
+    """Compact description of one attention mask, as transformers' ``sdpa_mask`` defines it.
+
+    Key ``j`` (cache index; absolute position ``kv_offset + j``) is visible to query ``i``
+    (position ``q_offset + i``) in batch row ``b`` iff ``padding[b, kv_offset + j]`` (when
+    there is a padding mask), the band holds (``causal``: key position <= query position;
+    ``window=(left, right)`` in flash-attn's convention on positions, -1 unbounded) and,
+    for packed sequences, both lie in the same segment of ``segments`` (b, seqlen).
+
+    ``pattern`` is None when the mask function was not recognised; :meth:`dense` then is the
+    only description (built with transformers' own ``sdpa_mask``, as sdpa would).
+    """
+
+    def __init__(self, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                 use_vmap, device, pattern):
+        self.batch_size, self.q_length, self.kv_length = batch_size, q_length, kv_length
+        self.q_offset, self.kv_offset = q_offset, kv_offset
+        self.mask_function, self.attention_mask, self.use_vmap, self.device = (mask_function, attention_mask,
+                                                                               use_vmap, device)
+        self.pattern = pattern
+        self._dense = None
+        self._layout = None
+
+    def dense(self):
+        """(batch, 1, q_length, kv_length) bool, True = may attend: the mask sdpa would get."""
+        if self._dense is None:
+            from transformers.masking_utils import sdpa_mask
+            self._dense = sdpa_mask(batch_size=self.batch_size, q_length=self.q_length, kv_length=self.kv_length,
+                                    q_offset=self.q_offset, kv_offset=self.kv_offset,
+                                    mask_function=self.mask_function, attention_mask=self.attention_mask,
+                                    allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
+                                    use_vmap=self.use_vmap, device=self.device)
+        return self._dense
+
+    def padding(self):
+        """(batch, kv_length) bool key validity for the cache's keys, or None (no padding mask)."""
+        if self.attention_mask is None:
+            return None
+        pad = self.attention_mask.to(torch.bool)
+        need = self.kv_offset + self.kv_length
+        if pad.shape[-1] < need:  # as transformers' prepare_padding_mask: missing entries are padding
+            pad = torch.nn.functional.pad(pad, (0, need - pad.shape[-1]))
+        return pad[:, self.kv_offset:need]
+
+
+def _closure(fn):
+    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+
+
+_KNOWN_CODES = None
+
+
+def _known_codes():
+    """The code objects of transformers' mask-function factories, to recognise closures by."""
+    global _KNOWN_CODES
+    if _KNOWN_CODES is None:
+        from transformers import masking_utils as mu
+        codes = {}
+
+        def add(kind, factory):
+            try:
+                codes[factory().__code__] = kind
+            except Exception:  # pragma: no cover - a factory missing in this transformers version
+                pass
+
+        def always(*args):
+            return True
+
+        add("and", lambda: mu.and_masks(always))
+        add("sliding", lambda: mu.sliding_window_overlay(1))
+        add("bidirectional_sliding", lambda: mu.sliding_window_bidirectional_overlay(1))
+        add("packed", lambda: mu.packed_sequence_mask_function(None))
+        add("remap", lambda: mu.remap_positions_for_packed_sequence(always, None))
+        _KNOWN_CODES = codes
+    return _KNOWN_CODES
+
+
+def _parse(fn, acc, inside_remap=False):
+    """Collect what ``fn`` requires into ``acc``; False when some part is not recognised."""
+    from transformers import masking_utils as mu
+    if fn is mu.causal_mask_function:
+        acc["causal"] = True
+        return True
+    if fn is mu.bidirectional_mask_function:
+        return True
+    code = getattr(fn, "__code__", None)
+    kind = _known_codes().get(code)
+    if kind is None or (fn.__closure__ is None and kind != "and"):
+        return False
+    cells = _closure(fn)
+    if kind == "and":
+        return all(_parse(f, acc, inside_remap) for f in cells["mask_functions"])
+    if kind == "sliding":  # kv > q - w  <=>  q - kv <= w - 1
+        w = cells["sliding_window"]
+        if not isinstance(w, int) or w < 1:
+            return False
+        acc["left"].append(w - 1)
+        return True
+    if kind == "bidirectional_sliding":  # |q - kv| <= w
+        w = cells["sliding_window"]
+        if not isinstance(w, int) or w < 0:
+            return False
+        acc["left"].append(w)
+        acc["right"].append(w)
+        return True
+    if inside_remap:
+        return False
+    if kind == "packed":
+        acc["segments"] = cells["packed_sequence_mask"]
+        return True
+    if kind == "remap":
+        # positions inside one packed segment are consecutive (that is how transformers finds the
+        # segments), so the band on positions equals the band on indices there
+        acc["remap"] = True
+        return _parse(cells["mask_function"], acc, inside_remap=True)
+    return False  # pragma: no cover
+
+
+def _recognise(mask_function):
+    acc = {"causal": False, "left": [], "right": [], "segments": None, "remap": False}
+    if not _parse(mask_function, acc):
+        return None
+    if acc["remap"] and acc["segments"] is None:
+        return None
+    left = min(acc["left"]) if acc["left"] else -1
+    right = 0 if acc["causal"] else (min(acc["right"]) if acc["right"] else -1)
+    return {"causal": acc["causal"], "window": (left, right), "segments": acc["segments"]}
+
+
+def fa_lite_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+                 use_vmap=False, device="cpu", **kwargs):
+    """transformers mask function for ``"fa_lite"`` (same arguments as ``sdpa_mask``).
+
+    Returns a bool ``(batch, 1, 1, kv_length)`` key-validity tensor carrying a
+    :class:`MaskPlan`; nothing of size q_length x kv_length is built for recognised patterns.
+    """
+    from transformers import masking_utils as mu
+    if mask_function is None:
+        mask_function = mu.causal_mask_function
+    if isinstance(q_offset, torch.Tensor):
+        q_offset = int(q_offset)
+    if isinstance(kv_offset, torch.Tensor):
+        kv_offset = int(kv_offset)
+    pattern = _recognise(mask_function)
+    plan = MaskPlan(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, use_vmap,
+                    device, pattern)
+    pad = plan.padding()
+    if pad is None:
+        carrier = torch.ones((), dtype=torch.bool, device=device).expand(batch_size, 1, 1, kv_length)
+    else:
+        carrier = pad.to(device)[:, None, None, :]
+    setattr(carrier, _PLAN_ATTR, plan)
+    return carrier
+
+
+# ---------------------------------------------------------------------------------------------
+# the attention side
+# ---------------------------------------------------------------------------------------------
+
+def _int_list(t):
+    return [int(x) for x in t.tolist()]
+
+
+def _layout(plan, sq, sk):
+    """How to run ``plan`` for q length ``sq`` and k length ``sk``: ("dense", k_end) |
+    ("padded", ...) | ("packed", ...) | ("mask", None) (the dense bool mask)."""
+    p = plan.pattern
+    if p is None:
+        return ("mask", None)
+    d = plan.q_offset - plan.kv_offset  # key index j and query index i share a position iff j == i + d
+    causal = p["causal"]
+    left, right = p["window"]
+    if p["segments"] is not None:
+        seg = p["segments"]
+        if plan.attention_mask is not None or d != 0 or sq != sk or tuple(seg.shape) != (plan.batch_size, sq):
+            return ("mask", None)
+        starts = torch.ones(seg.shape, dtype=torch.bool, device=seg.device)
+        starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        begin = starts.flatten().nonzero().flatten()
+        cu = torch.cat([begin, begin.new_tensor([seg.numel()])]).to(torch.int32)
+        lengths = cu[1:] - cu[:-1]
+        return ("packed", cu, int(lengths.max()))
+
+    if causal and sq + d > sk:
+        return ("mask", None)  # the last queries' own keys are not in K: no kernel diagonal fits
+    pad = plan.padding()
+    batch = plan.batch_size
+    if pad is None:
+        ks, ke = [0] * batch, [sk] * batch
+    else:
+        pad = pad.to(torch.bool)
+        idx = torch.arange(sk, device=pad.device)
+        count = pad.sum(1)
+        first = torch.where(pad, idx, sk).amin(1)
+        last = torch.where(pad, idx + 1, 0).amax(1)
+        contiguous = (count == 0) | (last - first == count)
+        if not bool(contiguous.all()):
+            return ("mask", None)  # holes in a row's keys: only the dense mask describes that
+        ks, ke = _int_list(torch.where(count == 0, 0, first)), _int_list(torch.where(count == 0, 0, last))
+    qs, qe = [0] * batch, [sq] * batch
+    for b in range(batch):
+        if causal:
+            # keys after the last query's position are invisible to every query: drop them, so that the
+            # kernel's bottom-right diagonal (last query row <-> last key row) is the true one; query rows
+            # after the row's last real key are padding queries and are not computed (output 0)
+            ke[b] = min(ke[b], sq + d)
+            qe[b] = max(0, min(sq, ke[b] - d))
+        elif left >= 0 or right >= 0:
+            if ke[b] - sq != d:
+                return ("mask", None)  # a windowed band whose diagonal the kernel cannot place
+        if ke[b] <= ks[b]:
+            ks[b] = ke[b] = 0
+            qe[b] = 0  # no visible key at all: the row's queries give 0
+    if pad is None or all(k0 == 0 and k1 == ke[0] and q1 == sq for k0, k1, q1 in zip(ks, ke, qe)):
+        if ke[0] > 0 and qe[0] == sq:
+            return ("dense", ke[0])
+    return ("padded", ks, ke, qs, qe)
+
+
+def _run_plan(plan, q, k, v, scale, softcap, dropout):
+    """q (B, Sq, Hq, D), k/v (B, Sk, Hk, D) (views) -> out (B, Sq, Hq, D)."""
+    batch, sq, hq, dim = q.shape
+    sk = k.shape[1]
+    key = (sq, sk)
+    if plan._layout is None or plan._layout[0] != key:
+        plan._layout = (key, _layout(plan, sq, sk))
+    layout = plan._layout[1]
+    p = plan.pattern
+    kw = dict(softmax_scale=scale, softcap=softcap, dropout_p=dropout)
+    if layout[0] == "mask":
+        if softcap:
+            return None  # SDPA has no softcap: the caller falls back
+        out = scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=plan.dense(), dropout_p=dropout, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2)
+    causal = p["causal"]
+    left, right = p["window"]
+    window = (left, -1 if causal else right)
+    if layout[0] == "dense":
+        k_end = layout[1]
+        return flash_attn_func(q, k[:, :k_end], v[:, :k_end], causal=causal, window_size=window, **kw)
+    if layout[0] == "packed":
+        _, cu, max_len = layout
+        out = flash_attn_varlen_func(q.reshape(batch * sq, hq, dim), k.reshape(batch * sk, k.shape[2], dim),
+                                     v.reshape(batch * sk, v.shape[2], dim), cu, cu, max_len, max_len,
+                                     causal=causal, window_size=window, **kw)
+        return out.view(batch, sq, hq, dim)
+    _, ks, ke, qs, qe = layout
+    device = q.device
+    k_idx = torch.arange(sk, device=device)
+    q_idx = torch.arange(sq, device=device)
+    k_keep = (k_idx >= torch.tensor(ks, device=device)[:, None]) & (k_idx < torch.tensor(ke, device=device)[:, None])
+    q_keep = (q_idx >= torch.tensor(qs, device=device)[:, None]) & (q_idx < torch.tensor(qe, device=device)[:, None])
+    lens_k = [e - s for s, e in zip(ks, ke)]
+    lens_q = [e - s for s, e in zip(qs, qe)]
+    cu_k = torch.tensor([0] + list(_cumsum(lens_k)), dtype=torch.int32, device=device)
+    cu_q = torch.tensor([0] + list(_cumsum(lens_q)), dtype=torch.int32, device=device)
+    out_packed = flash_attn_varlen_func(q[q_keep], k[k_keep], v[k_keep], cu_q, cu_k, max(max(lens_q), 1),
+                                        max(max(lens_k), 1), causal=causal, window_size=window, **kw)
+    if bool(q_keep.all()):
+        return out_packed.view(batch, sq, hq, dim)
+    rows = q_keep.nonzero(as_tuple=True)
+    return out_packed.new_zeros(batch, sq, hq, dim).index_put(rows, out_packed)
+
+
+def _cumsum(values):
+    total = 0
+    for x in values:
+        total += x
+        yield total
+
+
+def _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, softcap, is_causal, kwargs):
+    """Hand the call to transformers' sdpa function (or the model's eager one where sdpa cannot serve)."""
+    plan = getattr(attention_mask, _PLAN_ATTR, None) if attention_mask is not None else None
+    mask = plan.dense() if plan is not None else attention_mask
+    needs_eager = softcap or kwargs.get("s_aux") is not None
+    if needs_eager:
+        import sys
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is None:
+            raise NotImplementedError(f"flashattn_lite ({NAME}) cannot serve this call ({reason}), and neither "
+                                      "sdpa nor an eager function of this model can")
+        _warn_once(f"{reason}: falling back to the model's eager attention")
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.where(mask, torch.zeros((), dtype=query.dtype, device=query.device),
+                               torch.finfo(query.dtype).min)
+        extra = dict(kwargs)
+        if softcap:
+            extra["softcap"] = softcap
+        return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **extra)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    _warn_once(f"{reason}: falling back to sdpa")
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def fa_lite_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                              sliding_window=None, softcap=None, is_causal=None, **kwargs):
+    """transformers attention function for ``"fa_lite"``.
+
+    query (batch, heads, q_len, head_dim), key/value (batch, kv_heads, kv_len, head_dim);
+    returns ``(out (batch, q_len, heads, head_dim), None)``.  The band and padding come
+    from the mask (see :class:`MaskPlan`); ``sliding_window`` and ``is_causal`` are what
+    the mask already encodes and only serve when the mask is None.
+    """
+    softcap = float(softcap) if softcap else 0.0
+    args = (module, query, key, value, attention_mask, dropout, scaling, softcap, is_causal, kwargs)
+    if kwargs.get("output_attentions"):
+        _warn_once("output_attentions=True is not supported (no weights are returned)")
+    if kwargs.get("s_aux") is not None:
+        return _fallback("attention sinks (s_aux)", *args)
+    if kwargs.get("position_bias") is not None:
+        return _fallback("position_bias", *args)
+    dim = query.shape[-1]
+    if key.shape[-1] != dim or value.shape[-1] != dim:
+        return _fallback("different query/key/value head dims", *args)
+    if not 1 <= dim <= MAX_HEAD_DIM:
+        return _fallback(f"head dim {dim} (supported: 1..{MAX_HEAD_DIM})", *args)
+    if query.dtype not in SUPPORTED_DTYPES or not (query.dtype == key.dtype == value.dtype):
+        return _fallback(f"dtypes {query.dtype}/{key.dtype}/{value.dtype}", *args)
+    hq, hk = query.shape[1], key.shape[1]
+    if hk == 0 or hq % hk:
+        return _fallback(f"{hq} query heads over {hk} key/value heads", *args)
+    scale = dim ** -0.5 if scaling is None else float(scaling)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, S, H, D) views
+    sq, sk = q.shape[1], k.shape[1]
+
+    plan = getattr(attention_mask, _PLAN_ATTR, None) if attention_mask is not None else None
+    if plan is not None:
+        if (plan.batch_size, plan.q_length, plan.kv_length) != (q.shape[0], sq, sk):
+            return _fallback(f"mask built for (batch, q, kv) = {(plan.batch_size, plan.q_length, plan.kv_length)} "
+                             f"used with {(q.shape[0], sq, sk)}", *args)
+        out = _run_plan(plan, q, k, v, scale, softcap, dropout)
+        if out is None:
+            return _fallback("softcap with a mask pattern only a dense mask describes", *args)
+        return out, None
+    if attention_mask is not None:
+        # a mask this backend did not build (e.g. a user's 4-D mask): honour it as sdpa would
+        if attention_mask.dim() == 4 and (attention_mask.dtype == torch.bool or attention_mask.is_floating_point()) \
+                and not softcap:
+            out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask.to(query.device),
+                                               dropout_p=dropout, scale=scale, enable_gqa=True)
+            return out.transpose(1, 2), None
+        return _fallback(f"a {attention_mask.dim()}-D {attention_mask.dtype} mask not built by {NAME}", *args)
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if causal and sq > 1 and sq != sk:
+        return _fallback("no mask, causal, and q_len != kv_len (ambiguous alignment)", *args)
+    window = (-1, -1)
+    if sliding_window and causal:
+        window = (int(sliding_window) - 1, -1)
+    elif sliding_window:
+        return _fallback("bidirectional sliding window without a mask", *args)
+    out = flash_attn_func(q, k, v, causal=causal and sq > 1, window_size=window, softmax_scale=scale,
+                          softcap=softcap, dropout_p=dropout)
+    return out, None
