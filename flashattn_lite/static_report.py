@@ -18,11 +18,14 @@ import tempfile
 
 # The causal specialisation of each kernel holds both the masked (diagonal) and
 # the unmasked inner loop, so it is the largest code of each config.  Every config
-# is compiled twice: plain, and with softcap + ALiBi (the most registers per score).
+# is compiled twice: plain, and with every score modifier at once (softcap, ALiBi,
+# an additive bias with its gradient, and dropout: the most registers per score).
 _CAUSAL = dict(HAS_LEFT=False, HAS_RIGHT=True, EVEN_M=True, EVEN_N=True, PAD_D=False, HAS_SOFTCAP=False,
-               HAS_ALIBI=False)
-_FP32_ARGS = ("qk_scale", "sm_scale", "softcap_pre", "softcap_post")
-_LSE_ARGS = ("LSE", "LSE2", "DELTA", "DLSE", "ALIBI")
+               HAS_ALIBI=False, HAS_BIAS=False, HAS_DROPOUT=False, IS_VARLEN=False, BIAS_GRAD=False)
+_FP32_ARGS = ("qk_scale", "sm_scale", "softcap_pre", "softcap_post", "drop_scale")
+_I64_ARGS = ("seed", "drop_thresh", "ctr_sb", "ctr_sh", "ctr_sk")
+_LSE_ARGS = ("LSE", "LSE2", "DELTA", "DLSE", "ALIBI", "DBIAS", "PART_O", "PART_LSE")
+_I32_PTRS = ("CU_Q", "CU_K", "BLOCK_TABLE", "SEQLENS", "LEFTPAD")
 
 
 def _signature(fn, elem, constexprs):
@@ -34,6 +37,10 @@ def _signature(fn, elem, constexprs):
             sig[name] = "fp32"
         elif name in _LSE_ARGS:
             sig[name] = "*fp32"
+        elif name in _I32_PTRS:
+            sig[name] = "*i32"
+        elif name in _I64_ARGS:
+            sig[name] = "i64"
         elif name.isupper():
             sig[name] = "*" + elem
         else:
@@ -47,19 +54,21 @@ def _signature(fn, elem, constexprs):
 
 def compile_one(kernel_name, arch, dclass, head_dim, block_m, block_n, num_warps, num_stages, score_mods=False):
     """Compile one kernel config; returns a dict of its static facts.  ``score_mods``
-    compiles the softcap + ALiBi specialisation instead of the plain one."""
+    compiles the all-score-modifiers specialisation (softcap, ALiBi, bias + its gradient, dropout) instead of the plain one."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     from triton.compiler import ASTSource
 
-    from flashattn_lite.triton_kernels import attention
+    from flashattn_lite.triton_kernels import attention, decode
 
-    fn = getattr(attention, kernel_name)
+    fn = getattr(decode if kernel_name in _DECODE_KERNELS else attention, kernel_name)
     elem = "fp32" if dclass == "fp32" else "fp16"
-    constexprs = dict(_CAUSAL, HAS_SOFTCAP=score_mods, HAS_ALIBI=score_mods, BLOCK_M=block_m, BLOCK_N=block_n,
-                      BLOCK_D=head_dim,
+    mods = dict(HAS_SOFTCAP=score_mods, HAS_ALIBI=score_mods, HAS_BIAS=score_mods, HAS_DROPOUT=score_mods,
+                BIAS_GRAD=score_mods)
+    constexprs = dict(_CAUSAL, **mods, **_decode_constexprs(block_n), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim,
                       DOT_PRECISION="ieee" if dclass == "fp32" else "tf32")
+    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     sig, attrs = _signature(fn, elem, constexprs)
     capability = int(arch[2:])
     compiled = triton.compile(ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs),
@@ -114,7 +123,7 @@ def report(workers=None):
 
 
 def format_table(rows):
-    """Markdown table of the plain specialisation (the softcap + ALiBi one is summarised by the caller)."""
+    """Markdown table of the plain specialisation (the score-modifier one is summarised by the caller)."""
     head = ("kernel", "arch", "dtype", "hdim", "BMxBN", "warps", "stages", "regs", "spill B", "smem B",
             "tensor cores")
     lines = [head]
@@ -143,10 +152,21 @@ def main(argv=None):
             json.dump(rows, f, indent=1)
     bad = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     mods = [r for r in rows if r.get("score_mods")]
-    print(f"\n{len(rows)} kernel configs compiled ({len(mods)} of them the softcap + ALiBi specialisation); "
+    print(f"\n{len(rows)} kernel configs compiled ({len(mods)} of them with every score modifier (softcap, ALiBi, bias, dropout)); "
           f"{len(bad)} spill.", file=sys.stderr)
     return 0
 
 
+# ------------------------------------------------------------------ KV-cache decoding
+# triton_kernels/decode.py: compiled paged (the gather through the block table), with left
+# padding, causal (from _CAUSAL); combine_kernel merges block_n splits per step.
+_DECODE_KERNELS = ("decode_split_kernel", "combine_kernel")
+
+
+def _decode_constexprs(block_n):
+    return dict(PAGED=True, HAS_LEFTPAD=True, BLOCK_S=block_n)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -28,12 +28,12 @@ def make_qkv(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, dtype, memor
 
 
 def run_flash(backend, q, k, v, dout=None, causal=False, window_size=(-1, -1), softmax_scale=None, softcap=0.0,
-              alibi_slopes=None):
+              alibi_slopes=None, dropout_p=0.0):
     """flash_attn_func on ``backend``; returns {'out','lse'} (+ grads if dout)."""
     with fl.use_backend(backend):
         out, lse, _ = fl.flash_attn_func(q, k, v, causal=causal, window_size=window_size,
                                          softmax_scale=softmax_scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                                         return_attn_probs=True)
+                                         dropout_p=dropout_p, return_attn_probs=True)
         res = {"out": out.detach(), "lse": lse.detach()}
         if dout is not None:
             dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
@@ -48,10 +48,11 @@ def window_args(seqlen_q, seqlen_k, causal, window_size):
 
 
 def assert_matches_reference(ours, q, k, v, dout, causal=False, window_size=(-1, -1), softmax_scale=None,
-                             softcap=0.0, alibi_slopes=None):
+                             softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_keep=None):
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     offset, left, right = window_args(q.shape[1], k.shape[1], causal, window_size)
-    ref, base = reference_results(q, k, v, dout, scale, offset, left, right, softcap, alibi_slopes)
+    ref, base = reference_results(q, k, v, dout, scale, offset, left, right, softcap, alibi_slopes,
+                                  dropout_keep=dropout_keep, dropout_p=dropout_p)
     checks = check_against_reference(ours, ref, base, q.dtype)
     failed = [str(c) for c in checks if not c.ok]
     assert not failed, "; ".join(failed)

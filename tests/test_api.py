@@ -138,3 +138,79 @@ def test_validation_happens_before_any_kernel(monkeypatch):
     with fl.use_backend("reference"), pytest.raises(ValueError):
         fl.flash_attn_func(*make_qkv(1, 8, 8, 3, 2, 16, torch.float32, requires_grad=False))
     assert calls == []
+
+
+# ---------------------------------------------------------------- varlen, masks, dropout: bad input
+
+def _varlen(lengths=(3, 5), heads=2, d=8):
+    total = sum(lengths)
+    q = torch.randn(total, heads, d)
+    cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return q, cu
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda cu: cu.long(), TypeError, "cu_seqlens_q must be int32"),
+    (lambda cu: torch.tensor([0, 5, 3, 8], dtype=torch.int32), ValueError, "non-decreasing"),
+    (lambda cu: torch.tensor([1, 3, 8], dtype=torch.int32), ValueError, r"cu_seqlens_q\[0\] must be 0"),
+    (lambda cu: torch.tensor([0, 3, 7], dtype=torch.int32), ValueError, "must equal the number of packed tokens"),
+    (lambda cu: torch.tensor([0, 8], dtype=torch.int32), ValueError, "same length"),
+    (lambda cu: cu[None], ValueError, "1-D"),
+    (lambda cu: [0, 3, 8], TypeError, "must be a torch.Tensor"),
+])
+def test_varlen_bad_cu_seqlens(change, exc, match):
+    q, cu = _varlen()
+    with pytest.raises(exc, match=match):
+        fl.flash_attn_varlen_func(q, q, q, change(cu), cu, 5, 5)
+
+
+def test_varlen_bad_arguments():
+    q, cu = _varlen()
+    with pytest.raises(ValueError, match="max_seqlen_q = 4 is smaller than the longest sequence"):
+        fl.flash_attn_varlen_func(q, q, q, cu, cu, 4, 5)
+    with pytest.raises(ValueError, match="max_seqlen_k = 2 is smaller"):
+        fl.flash_attn_varlen_func(q, q, q, cu, cu, 5, 2)
+    with pytest.raises(ValueError, match="must have 3 dims"):
+        fl.flash_attn_varlen_func(q[None], q, q, cu, cu, 5, 5)
+    with pytest.raises(ValueError, match=r"alibi_slopes must have shape \(2,\) or \(2, 2\)"):
+        fl.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, alibi_slopes=torch.rand(3, 2))
+    with pytest.raises(NotImplementedError, match="block_table"):
+        fl.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, block_table=torch.zeros(2, 1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan")])
+def test_dropout_p_out_of_range(p):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        fl.flash_attn_func(q, k, v, dropout_p=p)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        fl.scaled_dot_product_attention(q, k, v, dropout_p=p)
+
+
+@pytest.mark.parametrize("mask,exc,match", [
+    (torch.zeros(8, 7), ValueError, "does not broadcast"),
+    (torch.zeros(3, 2, 8, 8), ValueError, "does not broadcast"),
+    (torch.zeros(1, 1, 1, 8, 8), ValueError, "does not broadcast"),
+    (torch.zeros(8, 8, dtype=torch.int64), TypeError, "bool or floating point"),
+    ("mask", TypeError, "must be a torch.Tensor"),
+])
+def test_sdpa_bad_mask(mask, exc, match):
+    q, k, v = (t.transpose(1, 2) for t in _qkv())
+    with pytest.raises(exc, match=match):
+        fl.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_sdpa_mask_and_causal_together():
+    q, k, v = (t.transpose(1, 2) for t in _qkv())
+    with pytest.raises(ValueError, match="either attn_mask or is_causal"):
+        fl.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(8, 8), is_causal=True)
+
+
+def test_features_route_auto_and_forced_backends(monkeypatch):
+    """A backend whose capability check lacks a feature is skipped by auto and raises when forced."""
+    q, k, v = _qkv()
+    monkeypatch.setattr(backends.cpu, "FEATURES", tuple(f for f in backends.cpu.FEATURES if f != "dropout"))
+    with fl.use_backend("cpu"), pytest.raises(RuntimeError, match="does not implement dropout"):
+        fl.flash_attn_func(q, k, v, dropout_p=0.1)
+    with pytest.warns(RuntimeWarning, match="cannot serve this call"):
+        fl.flash_attn_func(q, k, v, dropout_p=0.1)

@@ -1,5 +1,6 @@
 """Static GPU facts: every shipped Triton kernel config compiled for sm_80 and
-sm_90 on the CPU, plain and with softcap + ALiBi, read back from ptxas and the
+sm_90 on the CPU, plain and with every score modifier (softcap, ALiBi, bias with
+gradient, dropout), read back from ptxas and the
 SASS (no GPU involved)."""
 
 import json

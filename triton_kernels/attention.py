@@ -16,6 +16,15 @@ Conventions shared by every kernel here:
 * A query row that sees no key yields ``out = 0`` and ``lse = -inf``.  The
   backward replaces that ``-inf`` with ``+inf`` so every probability of the row
   is ``exp2(-inf) = 0`` and its gradients vanish without a NaN.
+* Varlen (``IS_VARLEN``): the batch index picks a sequence through the int32
+  ``CU_Q``/``CU_K`` prefix sums; batch strides are 0 and the sequence start is a
+  row offset; the diagonal offset gains ``len_k - len_q`` per sequence.  lse is
+  then (heads, total_q) and addressed as ``head * stride_lh + q_start + row``.
+* An additive bias (``HAS_BIAS``, an attention mask) is read through four strides
+  (0 on broadcast dims) and added after softcap and ALiBi; it may hold -inf.
+* Dropout (``HAS_DROPOUT``) keeps element (i, j) iff ``tl.randint(seed, counter) >=
+  drop_thresh`` with ``counter = (ctr_row0 + i) * ctr_sk + j`` (flashattn_lite.rng
+  defines the stream); the mask is regenerated, never stored.
 
 Kernels know nothing of autograd or of torch; the launcher lives in
 ``flashattn_lite.backends.triton``.
@@ -155,17 +164,58 @@ def _scores(qk, rows, cols, qk_scale, softcap_pre, softcap_post, slope2, offset,
     return s, t
 
 
+@triton.jit
+def _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, offset, IS_VARLEN: tl.constexpr):
+    """(q_start, k_start, seqlen_q, seqlen_k, offset) of batch entry ``off_b``."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + off_b)
+        k_start = tl.load(CU_K + off_b)
+        seqlen_q = tl.load(CU_Q + off_b + 1) - q_start
+        seqlen_k = tl.load(CU_K + off_b + 1) - k_start
+        offset = offset + seqlen_k - seqlen_q
+    else:
+        q_start = 0
+        k_start = 0
+    return q_start, k_start, seqlen_q, seqlen_k, offset
+
+
+@triton.jit
+def _bias2(bias_base, rows, cols, stride_bm, stride_bn, seqlen_q, seqlen_k,
+           CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Bias tile in base-2 units; ``rows``/``cols`` broadcastable index tiles."""
+    ptrs = bias_base + rows.to(tl.int64) * stride_bm + cols * stride_bn
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            b = tl.load(ptrs, mask=(rows < seqlen_q) & (cols < seqlen_k), other=0.0)
+        else:
+            b = tl.load(ptrs, mask=rows < seqlen_q, other=0.0)
+    else:
+        if CHECK_COLS:
+            b = tl.load(ptrs, mask=cols < seqlen_k, other=0.0)
+        else:
+            b = tl.load(ptrs)
+    return b.to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _keep(seed, drop_thresh, ctr_row0, rows, cols, ctr_sk):
+    """Dropout's keep mask for a tile (rows/cols broadcastable): Philox at each element's counter."""
+    counter = (ctr_row0 + rows.to(tl.int64)) * ctr_sk + cols.to(tl.int64)
+    return tl.randint(seed, counter).to(tl.int64) >= drop_thresh
+
+
 # --------------------------------------------------------------------------- forward
 
 
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
                offs_m, offs_n, offs_d, lo, hi,
-               seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
-               MASKED: tl.constexpr, PAD_D: tl.constexpr,
+               seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
+               bias_base, stride_bm, stride_bn, seed, drop_thresh, ctr_row0, ctr_sk,
+               MASKED: tl.constexpr, EVEN_M: tl.constexpr, PAD_D: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kt_ptrs = _rows_at(k_base, start_n, stride_ks) + offs_n[None, :] * stride_ks + offs_d[:, None]
@@ -181,18 +231,24 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
                 kt = tl.load(kt_ptrs)
         s, _ = _scores(tl.dot(q, kt, input_precision=DOT_PRECISION), offs_m[:, None], cols[None, :], qk_scale,
                        softcap_pre, softcap_post, slope2, offset, HAS_SOFTCAP, HAS_ALIBI)
+        if HAS_BIAS:
+            s += _bias2(bias_base, offs_m[:, None], cols[None, :], stride_bm, stride_bn, seqlen_q, seqlen_k,
+                        not EVEN_M, MASKED)
         if MASKED:
             vis = _visible(offs_m[:, None], cols[None, :], seqlen_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED or HAS_BIAS:
             # a row with nothing visible so far keeps m = -inf; subtract 0 instead
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = m_new
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            # l_i sums the undropped probabilities; only the product with V is dropped
+            p = tl.where(_keep(seed, drop_thresh, ctr_row0, offs_m[:, None], cols[None, :], ctr_sk), p, 0.0)
         v = _load_tile(_rows_at(v_base, start_n, stride_vs) + offs_n[:, None] * stride_vs + offs_d[None, :], cols,
                        seqlen_k, offs_d, head_dim, MASKED, PAD_D)
         acc = acc * alpha[:, None]
@@ -202,32 +258,41 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
 
 
 @triton.jit
-def fwd_kernel(Q, K, V, O, LSE,
+def fwd_kernel(Q, K, V, O, LSE, BIAS, CU_Q, CU_K, ALIBI,
                stride_qb, stride_qs, stride_qh,
                stride_kb, stride_ks, stride_kh,
                stride_vb, stride_vs, stride_vh,
                stride_ob, stride_os, stride_oh,
-               stride_lb, stride_lh, ALIBI, stride_ab, stride_ah,
+               stride_lb, stride_lh, stride_ab, stride_ah,
+               stride_bb, stride_bh, stride_bm, stride_bn,
                seqlen_q, seqlen_k, head_dim, group, offset, left, right, qk_scale, softcap_pre, softcap_post,
+               seed, drop_thresh, drop_scale, ctr_sb, ctr_sh, ctr_sk,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
-    """One program per (query block, query head, batch)."""
+    """One program per (query block, query head, batch entry or sequence)."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
     off_hk = (off_h // group).to(tl.int64)
     off_h = off_h.to(tl.int64)
+    q_start, k_start, seqlen_q, seqlen_k, offset = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, offset,
+                                                               IS_VARLEN)
+    if start_m >= seqlen_q:
+        return  # varlen: past the end of a shorter sequence
 
     rel_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + rel_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    q_base = _rows_at(Q + off_b * stride_qb + off_h * stride_qh, q_start, stride_qs)
+    k_base = _rows_at(K + off_b * stride_kb + off_hk * stride_kh, k_start, stride_ks)
+    v_base = _rows_at(V + off_b * stride_vb + off_hk * stride_vh, k_start, stride_vs)
+    bias_base = BIAS + off_b * stride_bb + off_h * stride_bh
+    ctr_row0 = off_b * ctr_sb + off_h * ctr_sh + q_start
 
     q = _load_tile(_rows_at(q_base, start_m, stride_qs) + rel_m[:, None] * stride_qs + offs_d[None, :], offs_m,
                    seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
@@ -241,27 +306,36 @@ def fwd_kernel(Q, K, V, O, LSE,
                                              BLOCK_M, BLOCK_N, EVEN_N, HAS_LEFT, HAS_RIGHT)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
                                offs_m, offs_n, offs_d, lo, full_lo,
-                               seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
-                               True, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+                               seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post,
+                               slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh, ctr_row0, ctr_sk,
+                               True, EVEN_M, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                               HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
                                offs_m, offs_n, offs_d, full_lo, full_hi,
-                               seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
-                               False, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+                               seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post,
+                               slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh, ctr_row0, ctr_sk,
+                               False, EVEN_M, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                               HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
                                offs_m, offs_n, offs_d, full_hi, hi,
-                               seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
-                               True, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+                               seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post,
+                               slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh, ctr_row0, ctr_sk,
+                               True, EVEN_M, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                               HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        acc = acc * (drop_scale / l_safe)[:, None]
+    else:
+        acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
 
-    o_base = O + off_b * stride_ob + off_h * stride_oh
+    o_base = _rows_at(O + off_b * stride_ob + off_h * stride_oh, q_start, stride_os)
     _store_tile(_rows_at(o_base, start_m, stride_os) + rel_m[:, None] * stride_os + offs_d[None, :],
                 acc.to(O.dtype.element_ty),
                 offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
-    lse_ptrs = LSE + off_b * stride_lb + off_h * stride_lh + offs_m
+    lse_ptrs = LSE + off_b * stride_lb + off_h * stride_lh + q_start + offs_m
     if EVEN_M:
         tl.store(lse_ptrs, lse)
     else:
@@ -272,32 +346,37 @@ def fwd_kernel(Q, K, V, O, LSE,
 
 
 @triton.jit
-def bwd_preprocess_kernel(O, DO, LSE, DLSE, DELTA, LSE2,
+def bwd_preprocess_kernel(O, DO, LSE, DLSE, DELTA, LSE2, CU_Q,
                           stride_ob, stride_os, stride_oh,
                           stride_dob, stride_dos, stride_doh,
                           stride_lb, stride_lh,
                           seqlen_q, head_dim,
                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                          EVEN_M: tl.constexpr, PAD_D: tl.constexpr, HAS_DLSE: tl.constexpr):
+                          EVEN_M: tl.constexpr, PAD_D: tl.constexpr, HAS_DLSE: tl.constexpr,
+                          IS_VARLEN: tl.constexpr):
     """delta = rowsum(dO * O) - dlse; lse2 = lse * log2(e), with -inf rows turned into +inf.
 
     dS = P * (dP - delta): the rowsum term is the softmax Jacobian; a gradient
-    flowing into lse adds P * dlse (d lse / d s = P), folded into delta here.
+    flowing into lse adds P * dlse (d lse / d s = P), folded into delta here.  With
+    dropout, O is the dropped output, and rowsum(dO * O) = rowsum(P * dP_dropped) still.
     """
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
+    q_start, _, seqlen_q, _, _ = _seq_bounds(CU_Q, CU_Q, off_b, seqlen_q, 0, 0, IS_VARLEN)
+    if start_m >= seqlen_q:
+        return
     rel_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + rel_m
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(_rows_at(O + off_b * stride_ob + off_h * stride_oh, start_m, stride_os)
+    o = _load_tile(_rows_at(O + off_b * stride_ob + off_h * stride_oh, q_start + start_m, stride_os)
                    + rel_m[:, None] * stride_os + offs_d[None, :],
                    offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
-    do = _load_tile(_rows_at(DO + off_b * stride_dob + off_h * stride_doh, start_m, stride_dos)
+    do = _load_tile(_rows_at(DO + off_b * stride_dob + off_h * stride_doh, q_start + start_m, stride_dos)
                     + rel_m[:, None] * stride_dos + offs_d[None, :],
                     offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row = off_b * stride_lb + off_h * stride_lh + offs_m
+    row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m
     if EVEN_M:
         lse = tl.load(LSE + row)
     else:
@@ -320,14 +399,15 @@ def bwd_preprocess_kernel(O, DO, LSE, DLSE, DELTA, LSE2,
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
                     stride_qs, stride_dos, offs_n, offs_m, offs_d, lo, hi,
                     seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
-                    MASKED: tl.constexpr, PAD_D: tl.constexpr,
+                    bias_base, stride_bm, stride_bn, seed, drop_thresh, drop_scale, ctr_row0, ctr_sk,
+                    MASKED: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks [lo, hi).
 
     Works on transposed tiles (keys x queries) so both products reduce over
-    the query axis: dV += P^T dO, dK += dS^T Q.
+    the query axis: dV += (P Z)^T dO, dK += dS^T Q, with Z the dropout scale-or-zero.
     """
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
@@ -344,12 +424,20 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
             delta = tl.load(delta_base + rows)
         st, tt = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), rows[None, :], offs_n[:, None],
                          qk_scale, softcap_pre, softcap_post, slope2, offset, HAS_SOFTCAP, HAS_ALIBI)
+        if HAS_BIAS:
+            st += _bias2(bias_base, rows[None, :], offs_n[:, None], stride_bm, stride_bn, seqlen_q, seqlen_k,
+                         MASKED, not EVEN_N)
         pt = tl.exp2(st - lse2[None, :])
         if MASKED:
             vis = _visible(rows[None, :], offs_n[:, None], seqlen_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
             pt = tl.where(vis, pt, 0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _keep(seed, drop_thresh, ctr_row0, rows[None, :], offs_n[:, None], ctr_sk)
+            dv = tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dpt = tl.where(keep, dpt * drop_scale, 0.0)
+        else:
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dst = pt * (dpt - delta[None, :])
         if HAS_SOFTCAP:
             dst = dst * (1.0 - tt * tt)  # d(cap * tanh(x / cap)) / dx
@@ -358,21 +446,23 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
 
 
 @triton.jit
-def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
+def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, BIAS, CU_Q, CU_K, ALIBI,
                     stride_qb, stride_qs, stride_qh,
                     stride_kb, stride_ks, stride_kh,
                     stride_vb, stride_vs, stride_vh,
                     stride_dob, stride_dos, stride_doh,
                     stride_dkb, stride_dks, stride_dkh,
                     stride_dvb, stride_dvs, stride_dvh,
-                    stride_lb, stride_lh, ALIBI, stride_ab, stride_ah,
+                    stride_lb, stride_lh, stride_ab, stride_ah,
+                    stride_bb, stride_bh, stride_bm, stride_bn,
                     seqlen_q, seqlen_k, head_dim, group, offset, left, right, qk_scale, softcap_pre, softcap_post,
-                    sm_scale,
+                    sm_scale, seed, drop_thresh, drop_scale, ctr_sb, ctr_sh, ctr_sk,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One program per (key block, kv head, batch).
+                    HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program per (key block, kv head, batch entry or sequence).
 
     The program loops over every query head of its GQA group, so dK/dV are
     summed over the group in registers: no atomics, a fixed summation order.
@@ -380,16 +470,20 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
     start_n = tl.program_id(0) * BLOCK_N
     off_hk = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
+    q_start, k_start, seqlen_q, seqlen_k, offset = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, offset,
+                                                               IS_VARLEN)
+    if start_n >= seqlen_k:
+        return
 
     rel_n = tl.arange(0, BLOCK_N)
     offs_n = start_n + rel_n
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
 
-    k = _load_tile(_rows_at(K + off_b * stride_kb + off_hk * stride_kh, start_n, stride_ks)
+    k = _load_tile(_rows_at(K + off_b * stride_kb + off_hk * stride_kh, k_start + start_n, stride_ks)
                    + rel_n[:, None] * stride_ks + offs_d[None, :],
                    offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
-    v = _load_tile(_rows_at(V + off_b * stride_vb + off_hk * stride_vh, start_n, stride_vs)
+    v = _load_tile(_rows_at(V + off_b * stride_vb + off_hk * stride_vh, k_start + start_n, stride_vs)
                    + rel_n[:, None] * stride_vs + offs_d[None, :],
                    offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -400,35 +494,40 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
                                              BLOCK_N, BLOCK_M, EVEN_M, HAS_RIGHT, HAS_LEFT)
     for g in range(0, group):
         off_h = off_hk * group + g
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = DO + off_b * stride_dob + off_h * stride_doh
-        lse2_base = LSE2 + off_b * stride_lb + off_h * stride_lh
-        delta_base = DELTA + off_b * stride_lb + off_h * stride_lh
+        q_base = _rows_at(Q + off_b * stride_qb + off_h * stride_qh, q_start, stride_qs)
+        do_base = _rows_at(DO + off_b * stride_dob + off_h * stride_doh, q_start, stride_dos)
+        lse2_base = LSE2 + off_b * stride_lb + off_h * stride_lh + q_start
+        delta_base = DELTA + off_b * stride_lb + off_h * stride_lh + q_start
+        bias_base = BIAS + off_b * stride_bb + off_h * stride_bh
+        ctr_row0 = off_b * ctr_sb + off_h * ctr_sh + q_start
         slope2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
                                  stride_qs, stride_dos, offs_n, offs_m, offs_d, lo, full_lo,
                                  seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre,
-                                 softcap_post, slope2,
-                                 True, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_M,
-                                 DOT_PRECISION)
+                                 softcap_post, slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh,
+                                 drop_scale, ctr_row0, ctr_sk,
+                                 True, EVEN_N, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                 HAS_DROPOUT, BLOCK_M, DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
                                  stride_qs, stride_dos, offs_n, offs_m, offs_d, full_lo, full_hi,
                                  seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre,
-                                 softcap_post, slope2,
-                                 False, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_M,
-                                 DOT_PRECISION)
+                                 softcap_post, slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh,
+                                 drop_scale, ctr_row0, ctr_sk,
+                                 False, EVEN_N, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                 HAS_DROPOUT, BLOCK_M, DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
                                  stride_qs, stride_dos, offs_n, offs_m, offs_d, full_hi, hi,
                                  seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre,
-                                 softcap_post, slope2,
-                                 True, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_M,
-                                 DOT_PRECISION)
+                                 softcap_post, slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh,
+                                 drop_scale, ctr_row0, ctr_sk,
+                                 True, EVEN_N, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                 HAS_DROPOUT, BLOCK_M, DOT_PRECISION)
 
     dk = dk * sm_scale
-    _store_tile(_rows_at(DK + off_b * stride_dkb + off_hk * stride_dkh, start_n, stride_dks)
+    _store_tile(_rows_at(DK + off_b * stride_dkb + off_hk * stride_dkh, k_start + start_n, stride_dks)
                 + rel_n[:, None] * stride_dks + offs_d[None, :],
                 dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
-    _store_tile(_rows_at(DV + off_b * stride_dvb + off_hk * stride_dvh, start_n, stride_dvs)
+    _store_tile(_rows_at(DV + off_b * stride_dvb + off_hk * stride_dvh, k_start + start_n, stride_dvs)
                 + rel_n[:, None] * stride_dvs + offs_d[None, :],
                 dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
 
@@ -436,10 +535,13 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
                   offs_m, offs_n, offs_d, lo, hi,
-                  seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
-                  MASKED: tl.constexpr, PAD_D: tl.constexpr,
+                  seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
+                  bias_base, stride_bm, stride_bn, dbias_base, stride_dbm,
+                  seed, drop_thresh, drop_scale, ctr_row0, ctr_sk,
+                  MASKED: tl.constexpr, EVEN_M: tl.constexpr, PAD_D: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BIAS_GRAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -449,13 +551,29 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
                        seqlen_k, offs_d, head_dim, MASKED, PAD_D)
         s, t = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None], cols[None, :],
                        qk_scale, softcap_pre, softcap_post, slope2, offset, HAS_SOFTCAP, HAS_ALIBI)
+        if HAS_BIAS:
+            s += _bias2(bias_base, offs_m[:, None], cols[None, :], stride_bm, stride_bn, seqlen_q, seqlen_k,
+                        not EVEN_M, MASKED)
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
             # also masks columns past the end, whose zero keys would give P = exp(-lse) != 0
             vis = _visible(offs_m[:, None], cols[None, :], seqlen_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _keep(seed, drop_thresh, ctr_row0, offs_m[:, None], cols[None, :], ctr_sk)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if BIAS_GRAD:
+            # dS w.r.t. the final score (before the softcap chain factor) is the bias gradient;
+            # every visible (row, key) pair is visited exactly once, here.
+            db_ptrs = dbias_base + offs_m[:, None].to(tl.int64) * stride_dbm + cols[None, :]
+            if MASKED:
+                tl.store(db_ptrs, ds, mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
+            elif EVEN_M:
+                tl.store(db_ptrs, ds)
+            else:
+                tl.store(db_ptrs, ds, mask=offs_m[:, None] < seqlen_q)
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -463,38 +581,46 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
 
 
 @triton.jit
-def bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
+def bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, BIAS, DBIAS, CU_Q, CU_K, ALIBI,
                   stride_qb, stride_qs, stride_qh,
                   stride_kb, stride_ks, stride_kh,
                   stride_vb, stride_vs, stride_vh,
                   stride_dob, stride_dos, stride_doh,
                   stride_dqb, stride_dqs, stride_dqh,
-                  stride_lb, stride_lh, ALIBI, stride_ab, stride_ah,
+                  stride_lb, stride_lh, stride_ab, stride_ah,
+                  stride_bb, stride_bh, stride_bm, stride_bn,
+                  stride_dbb, stride_dbh, stride_dbm,
                   seqlen_q, seqlen_k, head_dim, group, offset, left, right, qk_scale, softcap_pre, softcap_post,
-                  sm_scale,
+                  sm_scale, seed, drop_thresh, drop_scale, ctr_sb, ctr_sh, ctr_sk,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                  HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One program per (query block, query head, batch); loops over key blocks."""
+                  HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                  HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program per (query block, query head, batch entry or sequence); loops over key blocks.
+    Also writes dBias (float32, (B, H, Sq, Sk), contiguous keys) when asked."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
     off_hk = (off_h // group).to(tl.int64)
     off_h = off_h.to(tl.int64)
+    q_start, k_start, seqlen_q, seqlen_k, offset = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, offset,
+                                                               IS_VARLEN)
+    if start_m >= seqlen_q:
+        return
 
     rel_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + rel_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q = _load_tile(_rows_at(Q + off_b * stride_qb + off_h * stride_qh, start_m, stride_qs)
+    q = _load_tile(_rows_at(Q + off_b * stride_qb + off_h * stride_qh, q_start + start_m, stride_qs)
                    + rel_m[:, None] * stride_qs + offs_d[None, :],
                    offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
-    do = _load_tile(_rows_at(DO + off_b * stride_dob + off_h * stride_doh, start_m, stride_dos)
+    do = _load_tile(_rows_at(DO + off_b * stride_dob + off_h * stride_doh, q_start + start_m, stride_dos)
                     + rel_m[:, None] * stride_dos + offs_d[None, :],
                     offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
-    row = off_b * stride_lb + off_h * stride_lh + offs_m
+    row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m
     if EVEN_M:
         lse2 = tl.load(LSE2 + row)
         delta = tl.load(DELTA + row)
@@ -502,25 +628,34 @@ def bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
         lse2 = tl.load(LSE2 + row, mask=offs_m < seqlen_q, other=float("inf"))
         delta = tl.load(DELTA + row, mask=offs_m < seqlen_q, other=0.0)
 
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    k_base = _rows_at(K + off_b * stride_kb + off_hk * stride_kh, k_start, stride_ks)
+    v_base = _rows_at(V + off_b * stride_vb + off_hk * stride_vh, k_start, stride_vs)
+    bias_base = BIAS + off_b * stride_bb + off_h * stride_bh
+    dbias_base = DBIAS + off_b * stride_dbb + off_h * stride_dbh
+    ctr_row0 = off_b * ctr_sb + off_h * ctr_sh + q_start
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     slope2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
     lo, full_lo, full_hi, hi = _block_ranges(start_m, seqlen_k, offset, left, right,
                                              BLOCK_M, BLOCK_N, EVEN_N, HAS_LEFT, HAS_RIGHT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
-                       offs_m, offs_n, offs_d, lo, full_lo, seqlen_k, head_dim, offset, left, right, qk_scale,
-                       softcap_pre, softcap_post, slope2,
-                       True, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+                       offs_m, offs_n, offs_d, lo, full_lo, seqlen_q, seqlen_k, head_dim, offset, left, right,
+                       qk_scale, softcap_pre, softcap_post, slope2, bias_base, stride_bm, stride_bn, dbias_base,
+                       stride_dbm, seed, drop_thresh, drop_scale, ctr_row0, ctr_sk,
+                       True, EVEN_M, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_GRAD,
+                       HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
-                       offs_m, offs_n, offs_d, full_lo, full_hi, seqlen_k, head_dim, offset, left, right, qk_scale,
-                       softcap_pre, softcap_post, slope2,
-                       False, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+                       offs_m, offs_n, offs_d, full_lo, full_hi, seqlen_q, seqlen_k, head_dim, offset, left, right,
+                       qk_scale, softcap_pre, softcap_post, slope2, bias_base, stride_bm, stride_bn, dbias_base,
+                       stride_dbm, seed, drop_thresh, drop_scale, ctr_row0, ctr_sk,
+                       False, EVEN_M, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_GRAD,
+                       HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
-                       offs_m, offs_n, offs_d, full_hi, hi, seqlen_k, head_dim, offset, left, right, qk_scale,
-                       softcap_pre, softcap_post, slope2,
-                       True, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+                       offs_m, offs_n, offs_d, full_hi, hi, seqlen_q, seqlen_k, head_dim, offset, left, right,
+                       qk_scale, softcap_pre, softcap_post, slope2, bias_base, stride_bm, stride_bn, dbias_base,
+                       stride_dbm, seed, drop_thresh, drop_scale, ctr_row0, ctr_sk,
+                       True, EVEN_M, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_GRAD,
+                       HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
     dq = dq * sm_scale
-    _store_tile(_rows_at(DQ + off_b * stride_dqb + off_h * stride_dqh, start_m, stride_dqs)
+    _store_tile(_rows_at(DQ + off_b * stride_dqb + off_h * stride_dqh, q_start + start_m, stride_dqs)
                 + rel_m[:, None] * stride_dqs + offs_d[None, :],
                 dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)

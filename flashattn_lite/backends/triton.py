@@ -13,11 +13,13 @@ import os
 
 import torch
 
+from .. import rng
 from .base import missing_features
 
 NAME = "triton"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "softcap", "alibi")
+FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "dropout", "softcap", "alibi",
+            "attn_mask", "varlen", "kv-cache")
 
 
 def interpreter_enabled():
@@ -93,24 +95,69 @@ def _dot_precision(dtype):
     return "tf32"
 
 
-def _common(q, k, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes, cfg, configs):
-    head_dim = q.shape[3]
+def _geometry(q, k, p):
+    """(batch, seqlen_q, seqlen_k, heads, heads_k): dense shapes, or varlen's
+    (sequences, max_seqlen_q, max_seqlen_k, ...)."""
+    if p.varlen:
+        return p.cu_seqlens_q.shape[0] - 1, p.max_seqlen_q, p.max_seqlen_k, q.shape[1], k.shape[1]
+    return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+
+
+def _s(t, varlen=False):
+    """(batch, seq, head) strides of a (B, S, H, D) tensor; varlen (T, H, D) has batch stride 0."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _lse_strides(lse, varlen):
+    """(batch, head) strides of lse: (B, H, Sq), or varlen's (H, total_q)."""
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def _strides(varlen, **tensors):
+    """Keyword strides for the kernels: ``q=t`` gives stride_qb, stride_qs, stride_qh; ``l=lse``
+    gives stride_lb, stride_lh."""
+    named = {}
+    for prefix, t in tensors.items():
+        if prefix == "l":
+            named.update(zip(("stride_lb", "stride_lh"), _lse_strides(t, varlen)))
+        else:
+            named.update(zip((f"stride_{prefix}b", f"stride_{prefix}s", f"stride_{prefix}h"), _s(t, varlen)))
+    return named
+
+
+def _common(q, k, p, cfg, configs):
+    """Kernel arguments shared by every attention kernel: pointers, strides, scalars and flags."""
+    head_dim = q.shape[-1]
     block_d = configs.padded_head_dim(head_dim)
-    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    _, seqlen_q, seqlen_k, heads, heads_k = _geometry(q, k, p)
     # bounds past both sequences act as unbounded; clamping keeps the kernels' int32 sums in range
-    reach = seqlen_q + seqlen_k + abs(diag_offset)
-    args = dict(seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim, group=q.shape[2] // k.shape[2],
-                offset=diag_offset, left=min(max(window_left, 0), reach), right=min(max(window_right, 0), reach),
-                qk_scale=softmax_scale * 1.4426950408889634,
-                softcap_pre=softmax_scale / softcap if softcap > 0 else 0.0,
-                softcap_post=softcap * 1.4426950408889634,
-                ALIBI=alibi_slopes if alibi_slopes is not None else q,  # a dummy pointer when unused
-                stride_ab=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
-                stride_ah=alibi_slopes.stride(1) if alibi_slopes is not None else 0)
+    reach = seqlen_q + seqlen_k + abs(p.diag_offset)
+    slopes, bias, dropout = p.alibi_slopes, p.bias, p.dropout_p > 0
+    # the Philox counter layout of flashattn_lite.rng: ((b * ctr_sb + h * ctr_sh) + row) * ctr_sk + key
+    ctr = (0, q.shape[0], p.max_seqlen_k) if p.varlen else (heads * seqlen_q, seqlen_q, seqlen_k)
+    args = dict(ALIBI=slopes if slopes is not None else q,  # dummy pointers when unused
+                BIAS=bias if bias is not None else q,
+                CU_Q=p.cu_seqlens_q if p.varlen else q, CU_K=p.cu_seqlens_k if p.varlen else q,
+                stride_ab=slopes.stride(0) if slopes is not None else 0,
+                stride_ah=slopes.stride(1) if slopes is not None else 0,
+                **dict(zip(("stride_bb", "stride_bh", "stride_bm", "stride_bn"),
+                           bias.stride() if bias is not None else (0, 0, 0, 0))),
+                seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim, group=heads // heads_k,
+                offset=p.diag_offset, left=min(max(p.window_left, 0), reach),
+                right=min(max(p.window_right, 0), reach),
+                qk_scale=p.softmax_scale * 1.4426950408889634,
+                softcap_pre=p.softmax_scale / p.softcap if p.softcap > 0 else 0.0,
+                softcap_post=p.softcap * 1.4426950408889634,
+                seed=p.dropout_seed if dropout else 0, drop_thresh=rng.threshold(p.dropout_p) if dropout else 0,
+                drop_scale=1.0 / (1.0 - p.dropout_p), **dict(zip(("ctr_sb", "ctr_sh", "ctr_sk"), ctr)))
+    even = not p.varlen
     meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-                EVEN_M=seqlen_q % cfg.block_m == 0, EVEN_N=seqlen_k % cfg.block_n == 0,
-                PAD_D=head_dim != block_d, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-                HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+                EVEN_M=even and seqlen_q % cfg.block_m == 0, EVEN_N=even and seqlen_k % cfg.block_n == 0,
+                PAD_D=head_dim != block_d, HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0,
+                HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=slopes is not None, HAS_BIAS=bias is not None,
+                HAS_DROPOUT=dropout, IS_VARLEN=p.varlen,
                 DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return args, meta
 
@@ -128,30 +175,27 @@ def _on_device(t):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _s(t):
-    """(batch, seq, head) strides of a (B, S, H, D) tensor."""
-    return t.stride(0), t.stride(1), t.stride(2)
+def _score_mods(p):
+    """Calls whose scores carry more than q.k (they get their own, register-lighter configs)."""
+    return p.softcap > 0 or p.alibi_slopes is not None or p.bias is not None or p.dropout_p > 0
 
 
 def fwd(q, k, v, p):
-    softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes = (
-        p.softmax_scale, p.diag_offset, p.window_left, p.window_right, p.softcap, p.alibi_slopes)
     attention, configs = _kernels()
-    batch, seqlen_q, heads, _ = q.shape
+    batch, seqlen_q, _, heads, _ = _geometry(q, k, p)
     out = torch.empty_like(q)
-    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
+    lse_shape = (heads, q.shape[0]) if p.varlen else (batch, heads, seqlen_q)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or seqlen_q == 0:
         lse.fill_(float("-inf"))
-        return out, lse
+        return out.zero_(), lse
     _check_grid(batch, heads)
-    mods = softcap > 0 or alibi_slopes is not None
-    cfg = configs.fwd_config(q.shape[3], q.dtype, _capability(q.device), mods)
-    args, meta = _common(q, k, softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes, cfg,
-                         configs)
+    cfg = configs.fwd_config(q.shape[-1], q.dtype, _capability(q.device), _score_mods(p))
+    args, meta = _common(q, k, p, cfg, configs)
     grid = (triton_cdiv(seqlen_q, cfg.block_m), heads, batch)
     with _on_device(q):
-        attention.fwd_kernel[grid](q, k, v, out, lse, *_s(q), *_s(k), *_s(v), *_s(out), lse.stride(0),
-                                   lse.stride(1), **args, **meta)
+        attention.fwd_kernel[grid](q, k, v, out, lse, **_strides(p.varlen, q=q, k=k, v=v, o=out, l=lse), **args,
+                                   **meta)
     return out, lse
 
 
@@ -160,34 +204,121 @@ def triton_cdiv(a, b):
 
 
 def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
-    softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes = (
-        p.softmax_scale, p.diag_offset, p.window_left, p.window_right, p.softcap, p.alibi_slopes)
     attention, configs = _kernels()
-    batch, seqlen_q, heads, head_dim = q.shape
-    heads_k = k.shape[2]
+    batch, seqlen_q, seqlen_k, heads, heads_k = _geometry(q, k, p)
+    head_dim = q.shape[-1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), None
+    dbias = None
+    if bias_grad:
+        # invisible blocks are never visited: their dS stays 0
+        dbias = torch.zeros(p.bias.shape, dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or k.numel() == 0 or seqlen_q == 0 or seqlen_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias
     _check_grid(batch, heads)
     capability = _capability(q.device)
-    window = (softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes)
-    mods = softcap > 0 or alibi_slopes is not None
+    mods = _score_mods(p)
     dq_cfg = configs.bwd_dq_config(head_dim, q.dtype, capability, mods)
     dkdv_cfg = configs.bwd_dkdv_config(head_dim, q.dtype, capability, mods)
-    dq_args, dq_meta = _common(q, k, *window, dq_cfg, configs)
-    dkdv_args, dkdv_meta = _common(q, k, *window, dkdv_cfg, configs)
+    dq_args, dq_meta = _common(q, k, p, dq_cfg, configs)
+    dkdv_args, dkdv_meta = _common(q, k, p, dkdv_cfg, configs)
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
     num_m = triton_cdiv(seqlen_q, dq_cfg.block_m)
+    common = _strides(p.varlen, q=q, k=k, v=v, do=dout, l=lse)
+    db = dbias if dbias is not None else lse
+    db_strides = dict(zip(("stride_dbb", "stride_dbh", "stride_dbm"), dbias.stride()[:3] if bias_grad else (0, 0, 0)))
     with _on_device(q):
         attention.bwd_preprocess_kernel[(num_m, heads, batch)](
-            out, dout, lse, lse if dlse is None else dlse, delta, lse2, *_s(out), *_s(dout), lse.stride(0),
-            lse.stride(1), seqlen_q, head_dim, BLOCK_M=dq_cfg.block_m, BLOCK_D=dq_meta["BLOCK_D"],
-            EVEN_M=dq_meta["EVEN_M"], PAD_D=dq_meta["PAD_D"], HAS_DLSE=dlse is not None, num_warps=dq_cfg.num_warps)
-        attention.bwd_dkdv_kernel[(triton_cdiv(k.shape[1], dkdv_cfg.block_n), heads_k, batch)](
-            q, k, v, dout, lse2, delta, dk, dv, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dk), *_s(dv),
-            lse.stride(0), lse.stride(1), **dkdv_args, sm_scale=softmax_scale, **dkdv_meta)
+            out, dout, lse, lse if dlse is None else dlse, delta, lse2, dq_args["CU_Q"],
+            **_strides(p.varlen, o=out, do=dout, l=lse), seqlen_q=seqlen_q, head_dim=head_dim,
+            BLOCK_M=dq_cfg.block_m, BLOCK_D=dq_meta["BLOCK_D"], EVEN_M=dq_meta["EVEN_M"], PAD_D=dq_meta["PAD_D"],
+            HAS_DLSE=dlse is not None, IS_VARLEN=p.varlen, num_warps=dq_cfg.num_warps)
+        attention.bwd_dkdv_kernel[(triton_cdiv(seqlen_k, dkdv_cfg.block_n), heads_k, batch)](
+            q, k, v, dout, lse2, delta, dk, dv, **common, **_strides(p.varlen, dk=dk, dv=dv), **dkdv_args,
+            sm_scale=p.softmax_scale, **dkdv_meta)
         attention.bwd_dq_kernel[(num_m, heads, batch)](
-            q, k, v, dout, lse2, delta, dq, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dq),
-            lse.stride(0), lse.stride(1), **dq_args, sm_scale=softmax_scale, **dq_meta)
-    return dq, dk, dv, None
+            q, k, v, dout, lse2, delta, dq, DBIAS=db, **common, **_strides(p.varlen, dq=dq), **db_strides, **dq_args,
+            sm_scale=p.softmax_scale, BIAS_GRAD=bias_grad, **dq_meta)
+    # varlen: every packed row belongs to exactly one sequence, whose programs write it
+    return dq, dk, dv, dbias
+
+
+# ------------------------------------------------------------------ KV-cache decoding
+
+# Compute units assumed where no GPU can be asked (Triton's interpreter): an H100 SXM's
+# 132 SMs, so the automatic split count there is the one an H100 would pick.
+ASSUMED_SMS = 132
+
+
+def _num_sms(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return ASSUMED_SMS
+
+
+def _visible_span(max_seqlen_k, seqlen_q, left, right):
+    """Most cache positions one query block can see (bounds the useful split count)."""
+    if left >= 0:
+        return min(max_seqlen_k, left + (right if right >= 0 else max_seqlen_k) + seqlen_q)
+    return max_seqlen_k
+
+
+def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p, max_seqlen_k, num_splits):
+    """Split-KV decoding (see ``flashattn_lite.ops.DECODE_SCHEMA`` and triton_kernels/decode.py).
+
+    ``num_splits=0``: :func:`flashattn_lite.kvcache.auto_num_splits` from the programs
+    (batch x kv heads x row blocks), the SM count (``ASSUMED_SMS`` under the interpreter)
+    and the longest visible key range.
+    """
+    from flashattn_lite.kvcache import auto_num_splits
+    from flashattn_lite.triton_kernels import decode as kernels
+
+    _, configs = _kernels()
+    batch, seqlen_q, heads, head_dim = q.shape
+    heads_k, page_size = k_cache.shape[2], k_cache.shape[1]
+    group = heads // heads_k
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    capability = _capability(q.device)
+    mods = p.softcap > 0 or p.alibi_slopes is not None
+    cfg = configs.decode_split_config(head_dim, q.dtype, capability, mods)
+    row_blocks = triton_cdiv(seqlen_q * group, cfg.block_m)
+    _check_grid(batch, row_blocks * heads_k)
+    if num_splits == 0:
+        span = _visible_span(max_seqlen_k, seqlen_q, p.window_left, p.window_right)
+        num_splits = auto_num_splits(batch * heads_k * row_blocks, span, cfg.block_n, _num_sms(q.device))
+    if block_table.shape[1] > 1 and block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
+    leftpad = leftpad.contiguous() if leftpad is not None else None
+    block_d = configs.padded_head_dim(head_dim)
+    if num_splits == 1:
+        o, l_ = out, lse
+        o_strides, l_strides = (0, *out.stride()[:3]), (0, *lse.stride()[:2])
+    else:
+        o = torch.empty((num_splits, batch, seqlen_q, heads, head_dim), dtype=torch.float32, device=q.device)
+        l_ = torch.empty((num_splits, batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+        o_strides, l_strides = o.stride()[:4], l_.stride()[:3]
+    slopes = p.alibi_slopes
+    with _on_device(q):
+        kernels.decode_split_kernel[(num_splits, row_blocks * heads_k, batch)](
+            q, k_cache, v_cache, o, l_, block_table, seqlens_k, leftpad if leftpad is not None else seqlens_k,
+            slopes if slopes is not None else lse,
+            *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *o_strides, *l_strides,
+            block_table.stride(0), *(slopes.stride() if slopes is not None else (0, 0)),
+            seqlen_q, head_dim, heads_k, group, page_size, max(p.window_left, 0), max(p.window_right, 0),
+            p.softmax_scale * 1.4426950408889634,
+            p.softmax_scale / p.softcap if p.softcap > 0 else 0.0, p.softcap * 1.4426950408889634,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, PAGED=block_table.shape[1] > 1,
+            PAD_D=head_dim != block_d, HAS_LEFTPAD=leftpad is not None, HAS_LEFT=p.window_left >= 0,
+            HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=slopes is not None,
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if num_splits > 1:
+            ccfg = configs.combine_config(head_dim, q.dtype, capability)
+            kernels.combine_kernel[(seqlen_q, heads, batch)](
+                o, l_, out, lse, o.stride(0), o.stride(1), o.stride(2), o.stride(3), *l_.stride()[:3],
+                *out.stride()[:3], *lse.stride()[:2], num_splits, head_dim,
+                BLOCK_S=ccfg.block_n, BLOCK_D=block_d, PAD_D=head_dim != block_d, num_warps=ccfg.num_warps)
+    return out, lse
