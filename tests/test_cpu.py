@@ -130,13 +130,13 @@ def test_auto_picks_cpu_for_cpu_tensors():
 def test_kernel_op_rejects_bad_input():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(RuntimeError, match="must be 4-D"):
-        torch.ops.flashattn_lite_C.fwd(q[0], q, q, 1.0, 0, -1, -1, 0.0, None)
+        _raw_fwd(q[0], q, q)
     with pytest.raises(RuntimeError, match="multiple of kv heads"):
-        torch.ops.flashattn_lite_C.fwd(torch.randn(1, 4, 3, 8), q, q, 1.0, 0, -1, -1, 0.0, None)
+        _raw_fwd(torch.randn(1, 4, 3, 8), q, q)
     with pytest.raises(RuntimeError, match="unsupported dtype"):
-        torch.ops.flashattn_lite_C.fwd(q.int(), q.int(), q.int(), 1.0, 0, -1, -1, 0.0, None)
+        _raw_fwd(q.int(), q.int(), q.int())
     with pytest.raises(RuntimeError, match="alibi_slopes must be float32"):
-        torch.ops.flashattn_lite_C.fwd(q, q, q, 1.0, 0, -1, -1, 0.0, torch.ones(3, 2))
+        _raw_fwd(q, q, q, alibi_slopes=torch.ones(3, 2))
 
 
 _NO_COMPILER = textwrap.dedent("""
@@ -303,3 +303,27 @@ def test_prebuilt_library_is_used_only_while_its_key_matches(tmp_path):
     assert _build._prebuilt(str(tmp_path)) is None
     (tmp_path / _build.STAMP).write_text(_build.cache_key())
     assert _build._prebuilt(str(tmp_path)) == str(tmp_path / "_C.so")
+
+
+# ------------------------------------------------------------------ varlen, bias, dropout (issue 5)
+
+_RAW_DEFAULTS = dict(cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, bias=None,
+                     softmax_scale=0.5, diag_offset=0, window_left=-1, window_right=-1, softcap=0.0,
+                     alibi_slopes=None, dropout_p=0.0, dropout_seed=0)
+
+
+def _raw_args(**params):
+    unknown = set(params) - set(_RAW_DEFAULTS)
+    assert not unknown, unknown
+    return [params.get(name, default) for name, default in _RAW_DEFAULTS.items()]
+
+
+def _raw_fwd(q, k, v, **params):
+    """torch.ops.flashattn_lite_C.fwd with Params' fields as keywords (defaults: no feature)."""
+    _build.build_cpu()
+    return torch.ops.flashattn_lite_C.fwd(q, k, v, *_raw_args(**params))
+
+
+def _raw_bwd(dout, dlse, q, k, v, out, lse, bias_grad=False, **params):
+    _build.build_cpu()
+    return torch.ops.flashattn_lite_C.bwd(dout, dlse, q, k, v, out, lse, *_raw_args(**params), bias_grad, True)

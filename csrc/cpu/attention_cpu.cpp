@@ -5,11 +5,19 @@
 // once per call in the backward): a low-precision BLAS product is slower than
 // widening, O(N d), and then multiplying in float32, O(N^2 d).
 //
-// Parallelism: forward over (batch, head, query block); backward over
-// (batch, kv head, chunk of key blocks), each task summing dK/dV over its GQA
+// Problems: a dense batch is B problems of (Sq, Sk); a packed varlen batch is one
+// 4-D batch entry whose sequences are row ranges (``Seq``).  Optional features that
+// touch every score (the additive bias, dropout) are template switches, so the
+// feature-free instantiation carries no per-element test; softcap/ALiBi and the
+// varlen bookkeeping are per row or per task.
+//
+// Parallelism: forward over (sequence, head, query block); backward over
+// (sequence, kv head, chunk of key blocks), each task summing dK/dV over its GQA
 // group in a fixed order and writing its own dQ partial, reduced in a fixed order.
-// No atomics: results are reproducible bit for bit; the forward is also
-// independent of the thread count (each output row is computed by one task).
+// Tasks are claimed dynamically, largest first (sequences and causal blocks differ
+// in cost).  No atomics on data: every result element is computed by one task in a
+// fixed order, and the task split does not depend on the thread count, so results
+// are reproducible bit for bit and identical for any number of threads.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -18,12 +26,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
+
+#include "philox.h"
 
 namespace flashattn_lite {
 namespace {
@@ -231,7 +242,86 @@ struct Transform {
   }
 };
 
-// ------------------------------------------------------------------------------------------ forward
+
+// ------------------------------------------------------------------------------------ the problem
+
+// One attention problem: a batch entry (dense) or one packed sequence (varlen).
+struct Seq {
+  int64_t b;             // sequence index: ALiBi row, bias batch
+  int64_t pb;            // batch index into the 4-D tensors (0 for varlen)
+  int64_t q0, k0;        // first query / key row in the tensors' sequence dim
+  int64_t len_q, len_k;  // lengths
+  int64_t offset;        // diagonal offset (varlen: diag_offset + len_k - len_q)
+};
+
+struct Problem {
+  std::vector<Seq> seqs;
+  int64_t rows = 0;              // sequence dim of the 4-D tensors (Sq, or total_q); lse is (B, H, rows)
+  int64_t max_q = 0, max_k = 0;  // longest sequences (tile sizes)
+  int64_t left = -1, right = -1;
+  int64_t drop_cols = 0;  // Sk of the dropout counter: Sk, or max_seqlen_k
+
+  Band band(const Seq& s) const { return Band{s.offset, left, right, s.len_q, s.len_k}; }
+  // Index of query row i of ``s``, head h, in lse (B, H, rows); also the dropout counter's row.
+  int64_t row_id(const Seq& s, int64_t h, int64_t heads, int64_t i) const {
+    return (s.pb * heads + h) * rows + s.q0 + i;
+  }
+};
+
+// x[j] += bias[j * sj] (bias in any float dtype; sj = 0 broadcasts one value along the row).
+template <typename T, typename B>
+inline void add_bias_row(T* x, const B* row, int64_t sj, int64_t n) {
+  if (sj == 0) {
+    const T c = T(row[0]);
+    for (int64_t j = 0; j < n; ++j) x[j] += c;
+  } else if (sj == 1) {
+    if constexpr (std::is_same_v<T, B>) {
+      for (int64_t j = 0; j < n; ++j) x[j] += row[j];
+    } else {
+      T buf[64];
+      for (int64_t j0 = 0; j0 < n; j0 += 64) {
+        const int64_t m = std::min<int64_t>(64, n - j0);
+        at::vec::convert(row + j0, buf, m);
+        for (int64_t t = 0; t < m; ++t) x[j0 + t] += buf[t];
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) x[j] += T(row[j * sj]);
+  }
+}
+
+// The additive bias (SDPA's attn_mask): a (B, H, Sq, Sk) view, broadcast dims with stride 0.
+struct BiasView {
+  const void* data = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  int64_t sb = 0, sh = 0, si = 0, sj = 0;
+
+  // x[0, n) += bias[b, h, i, j0 + [0, n)]
+  template <typename T>
+  void add(T* x, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n) const {
+    const int64_t off = b * sb + h * sh + i * si + j0 * sj;
+    switch (dtype) {
+      case at::kFloat: return add_bias_row(x, static_cast<const float*>(data) + off, sj, n);
+      case at::kDouble: return add_bias_row(x, static_cast<const double*>(data) + off, sj, n);
+      case at::kHalf: return add_bias_row(x, static_cast<const at::Half*>(data) + off, sj, n);
+      case at::kBFloat16: return add_bias_row(x, static_cast<const at::BFloat16*>(data) + off, sj, n);
+      default: return;  // rejected by the host checks
+    }
+  }
+};
+
+// Dropout: keep masks from the Philox stream; kept values are scaled by 1 / (1 - p),
+// which the kernels fold into a GEMM's alpha or the final normalisation.
+struct Dropout {
+  PhiloxDropout philox;
+  double rescale = 1.0;  // 1 / (1 - p)
+};
+
+// x[j] = 0 where mask[j] == 0.
+template <typename T>
+inline void apply_keep(T* x, const uint32_t* mask, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = mask[j] ? x[j] : T(0);
+}
 
 // Uninitialised scratch (zero-filling a 256 KiB tile per task would cost more than a decode step).
 template <typename T>
@@ -240,6 +330,35 @@ struct Scratch {
   explicit Scratch(int64_t n) : p(new T[std::max<int64_t>(n, 1)]) {}
   T* data() { return p.get(); }
 };
+
+// A unit of work of one head: a query block (forward) or a chunk of key blocks (backward)
+// of one sequence.  Tasks are (head, unit); units are sorted by decreasing cost and
+// claimed dynamically, so long sequences start first and short ones fill the gaps.
+struct Unit {
+  int64_t seq, begin, end;  // query rows (forward) or key blocks (backward) [begin, end)
+  int64_t chunk;            // backward: which dQ partial it writes
+  double cost;
+};
+
+inline void sort_by_cost(std::vector<Unit>& units) {
+  std::stable_sort(units.begin(), units.end(), [](const Unit& a, const Unit& b) { return a.cost > b.cost; });
+}
+
+// Runs body(task, worker_state) for every task in [0, n), each exactly once, on
+// at::get_num_threads() workers; ``make_state`` builds each worker's scratch.
+template <typename MakeState, typename Body>
+void run_tasks(int64_t n, MakeState&& make_state, Body&& body) {
+  if (n == 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    // (a nested call runs this once, serially: it then claims every task itself)
+    auto state = make_state();
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(t, state);
+  });
+}
+
+// ------------------------------------------------------------------------------------------ forward
 
 // A (rows x D) tile of a strided (seq, D) matrix, in the compute type: a pointer into
 // the input itself when the types agree, else a widened copy in ``buf`` (ld = D).
@@ -257,15 +376,31 @@ inline const T* tile(const in_t* src, int64_t ld, int64_t rows, int64_t D, T* bu
 
 // in_t: the tensors' dtype; T: the compute type (float, or double for double).
 // fp16/bf16 tiles are widened as they are used, so nothing the size of K or V is copied.
-template <typename in_t, typename T>
+// kBias: add the bias to the scores; kDrop: dropout.
+template <typename in_t, typename T, bool kBias, bool kDrop>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-              T scale, const Band& band, const Transform<T>& tf) {
-  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
+              T scale, const Problem& pr, const Transform<T>& tf, const BiasView& bias, const Dropout& drop) {
+  const int64_t Hq = q.size(2), D = q.size(3);
   const int64_t Hk = k.size(2), group = Hq / Hk;
   // Shorter query sequences use smaller query tiles so every thread gets work.
-  const Blocks bs = blocks_from_env("FLASHATTN_LITE_CPU_FWD_BLOCKS", Sq >= 768 ? 256 : 128, 512);
-  const int64_t BM = std::min(bs.m, Sq), BN = std::min(bs.n, std::max<int64_t>(k.size(1), 1));
-  const int64_t nqb = (Sq + BM - 1) / BM;
+  const Blocks bs = blocks_from_env("FLASHATTN_LITE_CPU_FWD_BLOCKS", pr.max_q >= 768 ? 256 : 128, 512);
+  const int64_t BM = std::max<int64_t>(1, std::min(bs.m, pr.max_q));
+  const int64_t BN = std::max<int64_t>(1, std::min(bs.n, pr.max_k));
+  std::vector<Unit> units;
+  for (int64_t s = 0; s < int64_t(pr.seqs.size()); ++s) {
+    const Seq& sq = pr.seqs[s];
+    const Band band = pr.band(sq);
+    for (int64_t r0 = 0; r0 < sq.len_q; r0 += BM) {
+      const int64_t r1 = std::min(sq.len_q, r0 + BM);
+      int64_t klo, khi, unused;
+      band.keys(r0, klo, unused);
+      band.keys(r1 - 1, unused, khi);
+      units.push_back(Unit{s, r0, r1, 0, double(r1 - r0) * double(std::max<int64_t>(khi - klo, 0) + D)});
+    }
+  }
+  sort_by_cost(units);
+  const int64_t nunits = int64_t(units.size());
+
   const in_t* qp = q.data_ptr<in_t>();
   const in_t* kp = k.data_ptr<in_t>();
   const in_t* vp = v.data_ptr<in_t>();
@@ -278,103 +413,163 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const int64_t sob = out.stride(0), sos = out.stride(1), soh = out.stride(2);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   constexpr bool widen = !std::is_same_v<in_t, T>;
+  // dropout's 1 / (1 - p) is applied with the final 1 / l
+  const T out_scale = kDrop ? T(drop.rescale) : T(1);
 
-  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> S(BM * BN), P(BM * BN), acc(BM * D), m(BM), l(BM), orow(D);
-    Scratch<T> qbuf(widen ? BM * D : 0), kbuf(widen ? BN * D : 0), vbuf(widen ? BN * D : 0);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (Hq * nqb), h = (task / nqb) % Hq, r0 = (task % nqb) * BM;
-      const int64_t rows = std::min(BM, Sq - r0);
-      const in_t* kt = kp + b * skb + (h / group) * skh;
-      const in_t* vt = vp + b * svb + (h / group) * svh;
-      const T slope_h = tf.slope(b, h);
-      int64_t ldq;
-      const T* qt = tile<in_t, T>(qp + b * sqb + h * sqh + r0 * sqs, sqs, rows, D, qbuf.data(), ldq);
-      std::fill(acc.data(), acc.data() + rows * D, T(0));
-      std::fill(m.data(), m.data() + rows, neg_inf);
-      std::fill(l.data(), l.data() + rows, T(0));
-      // band bounds are monotone in the row, so the block's keys are [lo(first), hi(last))
-      int64_t klo, khi, unused;
-      band.keys(r0, klo, unused);
-      band.keys(r0 + rows - 1, unused, khi);
-      for (int64_t c0 = klo; c0 < khi; c0 += BN) {
-        const int64_t cols = std::min(BN, khi - c0);
-        int64_t ldk, ldv;
-        const T* ktile = tile<in_t, T>(kt + c0 * sks, sks, cols, D, kbuf.data(), ldk);
-        gemm_rm<T>(false, true, rows, cols, D, scale, qt, ldq, ktile, ldk, T(0), S.data(), BN);
-        for (int64_t r = 0; r < rows; ++r) {
-          T* srow = S.data() + r * BN;
-          T* prow = P.data() + r * BN;
-          int64_t lo, hi;
-          band.keys(r0 + r, lo, hi);
-          const int64_t a = std::clamp(lo - c0, int64_t(0), cols), e = std::clamp(hi - c0, int64_t(0), cols);
-          std::fill(prow, prow + a, T(0));
-          std::fill(prow + std::max(a, e), prow + cols, T(0));
-          if (a >= e) continue;  // nothing visible in this tile: P row is 0, state unchanged
-          if (tf.any()) tf.apply(srow, a, e, r0 + r, c0, slope_h, nullptr);
-          // The row's first visible tile: a provisional shift from its first few scores (a
-          // lower bound of the max, so nothing can underflow that would not anyway).
-          if (m.data()[r] == neg_inf) m.data()[r] = row_max(srow + a, std::min<int64_t>(e - a, Vec<T>::size()));
-          T mx;
-          T& mr = m.data()[r];
-          T& lr = l.data()[r];
-          const T sum = exp_shift_sum_max(srow + a, prow + a, e - a, mr, mx);
-          if (mx <= mr + T(kLazyShift)) {
-            lr += sum;
-          } else {  // rare: scores far above the shift; rescale the row to the new max
-            const T alpha = std::exp(mr - mx);
-            lr = lr * alpha + exp_shift_sum(srow + a, prow + a, e - a, mx);
-            scale_row(acc.data() + r * D, D, alpha);
-            mr = mx;
+  struct State {
+    Scratch<T> S, P, acc, m, l, orow, qbuf, kbuf, vbuf;
+    Scratch<uint32_t> keep;
+  };
+  auto make_state = [&] {
+    return State{Scratch<T>(BM * BN), Scratch<T>(BM * BN), Scratch<T>(BM * D), Scratch<T>(BM), Scratch<T>(BM),
+                 Scratch<T>(D), Scratch<T>(widen ? BM * D : 0), Scratch<T>(widen ? BN * D : 0),
+                 Scratch<T>(widen ? BN * D : 0), Scratch<uint32_t>(kDrop ? BN : 0)};
+  };
+  run_tasks(Hq * nunits, make_state, [&](int64_t task, State& st) {
+    const int64_t h = task / nunits;
+    const Unit& u = units[task % nunits];
+    const Seq& sq = pr.seqs[u.seq];
+    const Band band = pr.band(sq);
+    Transform<T> tfs = tf;
+    tfs.offset = sq.offset;
+    const int64_t r0 = u.begin, rows = u.end - u.begin;
+    const in_t* kt = kp + sq.pb * skb + (h / group) * skh + sq.k0 * sks;
+    const in_t* vt = vp + sq.pb * svb + (h / group) * svh + sq.k0 * svs;
+    const int64_t row0 = pr.row_id(sq, h, Hq, r0);
+    const T slope_h = tf.slope(sq.b, h);
+    T* acc = st.acc.data();
+    T* m = st.m.data();
+    T* l = st.l.data();
+    int64_t ldq;
+    const T* qt = tile<in_t, T>(qp + sq.pb * sqb + h * sqh + (sq.q0 + r0) * sqs, sqs, rows, D, st.qbuf.data(), ldq);
+    std::fill(acc, acc + rows * D, T(0));
+    std::fill(m, m + rows, neg_inf);
+    std::fill(l, l + rows, T(0));
+    // band bounds are monotone in the row, so the block's keys are [lo(first), hi(last))
+    int64_t klo, khi, unused;
+    band.keys(r0, klo, unused);
+    band.keys(r0 + rows - 1, unused, khi);
+    for (int64_t c0 = klo; c0 < khi; c0 += BN) {
+      const int64_t cols = std::min(BN, khi - c0);
+      int64_t ldk, ldv;
+      const T* ktile = tile<in_t, T>(kt + c0 * sks, sks, cols, D, st.kbuf.data(), ldk);
+      gemm_rm<T>(false, true, rows, cols, D, scale, qt, ldq, ktile, ldk, T(0), st.S.data(), BN);
+      for (int64_t r = 0; r < rows; ++r) {
+        T* srow = st.S.data() + r * BN;
+        T* prow = st.P.data() + r * BN;
+        int64_t lo, hi;
+        band.keys(r0 + r, lo, hi);
+        const int64_t a = std::clamp(lo - c0, int64_t(0), cols), e = std::clamp(hi - c0, int64_t(0), cols);
+        std::fill(prow, prow + a, T(0));
+        std::fill(prow + std::max(a, e), prow + cols, T(0));
+        if (a >= e) continue;  // nothing visible in this tile: P row is 0, state unchanged
+        if (tfs.any()) tfs.apply(srow, a, e, r0 + r, c0, slope_h, nullptr);
+        if constexpr (kBias) bias.add(srow + a, sq.b, h, r0 + r, c0 + a, e - a);
+        T& mr = m[r];
+        T& lr = l[r];
+        // The row's first visible tile: a provisional shift from its first few scores (a
+        // lower bound of the max, so nothing can underflow that would not anyway).
+        if (mr == neg_inf) {
+          mr = row_max(srow + a, std::min<int64_t>(e - a, Vec<T>::size()));
+          if constexpr (kBias) {  // -inf bias entries: the shift must be finite
+            if (mr == neg_inf) mr = row_max(srow + a, e - a);
+            if (mr == neg_inf) {  // every score of this tile is -inf: P row 0, state unchanged
+              std::fill(prow + a, prow + e, T(0));
+              continue;
+            }
           }
         }
-        const T* vtile = tile<in_t, T>(vt + c0 * svs, svs, cols, D, vbuf.data(), ldv);
-        gemm_rm<T>(false, false, rows, D, cols, T(1), P.data(), BN, vtile, ldv, T(1), acc.data(), D);
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        in_t* dst = op + b * sob + h * soh + (r0 + r) * sos;
-        const int64_t lidx = (b * Hq + h) * Sq + r0 + r;
-        const T lr = l.data()[r];
-        T row_lse = neg_inf;
-        if (lr == T(0)) {  // the row saw no key
-          std::fill(orow.data(), orow.data() + D, T(0));
-        } else {
-          const T inv = T(1) / lr;
-          const T* arow = acc.data() + r * D;
-          for (int64_t d = 0; d < D; ++d) orow.data()[d] = arow[d] * inv;
-          row_lse = m.data()[r] + std::log(lr);
+        T mx;
+        const T sum = exp_shift_sum_max(srow + a, prow + a, e - a, mr, mx);
+        if (mx <= mr + T(kLazyShift)) {
+          lr += sum;
+        } else {  // rare: scores far above the shift; rescale the row to the new max
+          const T alpha = std::exp(mr - mx);
+          lr = lr * alpha + exp_shift_sum(srow + a, prow + a, e - a, mx);
+          scale_row(acc + r * D, D, alpha);
+          mr = mx;
         }
-        if constexpr (widen) {
-          at::vec::convert(orow.data(), dst, D);
-        } else {
-          std::copy(orow.data(), orow.data() + D, dst);
+        if constexpr (kDrop) {  // l sums the undropped probabilities; only P @ V is dropped
+          drop.philox.keep_mask(uint64_t(row0 + r) * uint64_t(pr.drop_cols) + uint64_t(c0 + a), e - a,
+                                st.keep.data());
+          apply_keep(prow + a, st.keep.data(), e - a);
         }
-        if (lp32) lp32[lidx] = float(row_lse);
-        if (lp64) lp64[lidx] = double(row_lse);
       }
+      const T* vtile = tile<in_t, T>(vt + c0 * svs, svs, cols, D, st.vbuf.data(), ldv);
+      gemm_rm<T>(false, false, rows, D, cols, T(1), st.P.data(), BN, vtile, ldv, T(1), acc, D);
+    }
+    T* orow = st.orow.data();
+    for (int64_t r = 0; r < rows; ++r) {
+      in_t* dst = op + sq.pb * sob + h * soh + (sq.q0 + r0 + r) * sos;
+      const T lr = l[r];
+      T row_lse = neg_inf;
+      if (lr == T(0)) {  // the row saw no key
+        std::fill(orow, orow + D, T(0));
+      } else {
+        const T inv = out_scale / lr;
+        const T* arow = acc + r * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] = arow[d] * inv;
+        row_lse = m[r] + std::log(lr);
+      }
+      if constexpr (widen) {
+        at::vec::convert(orow, dst, D);
+      } else {
+        std::copy(orow, orow + D, dst);
+      }
+      if (lp32) lp32[row0 + r] = float(row_lse);
+      if (lp64) lp64[row0 + r] = double(row_lse);
     }
   });
 }
 
 // ----------------------------------------------------------------------------------------- backward
 
-template <typename T>
+// Backward tasks per (sequence, kv head) chunk their key blocks so that even one
+// (sequence, kv head) gives this many tasks; a constant, not the thread count, so the
+// dQ summation order (and every bit of the result) is the same for any thread count.
+constexpr int64_t kBwdTargetTasks = 16;
+// At most this many chunks: the dQ partials then cost at most 4x dQ in memory (O(N) still).
+constexpr int64_t kMaxBwdChunks = 4;
+
+// dbias (float/double, contiguous (B, H, Sq, Sk), zero-filled by the caller) receives
+// dS = P * (dP - delta), the gradient w.r.t. the final scores, where not null.
+template <typename T, bool kBias, bool kDrop>
 void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-              T scale, const Band& band, const Transform<T>& tf) {
-  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
-  const int64_t Sk = k.size(1), Hk = k.size(2), group = Hq / Hk;
+              T* dbias, T scale, const Problem& pr, const Transform<T>& tf, const BiasView& bias,
+              const Dropout& drop) {
+  const int64_t Bp = q.size(0), Hq = q.size(2), D = q.size(3);
+  const int64_t Skp = k.size(1), Hk = k.size(2), group = Hq / Hk;
   const Blocks bs = blocks_from_env("FLASHATTN_LITE_CPU_BWD_BLOCKS", 128, 256);
   const int64_t BM = bs.m, BN = bs.n;
-  const int64_t nkb = (Sk + BN - 1) / BN;
-  // Enough tasks to fill the threads even for one (batch, kv head); each chunk of key
-  // blocks keeps a private dQ partial, summed in chunk order afterwards.
-  const int64_t threads = at::get_num_threads();
-  // At most 4 chunks: the partials then cost at most 4x dQ in memory (O(N) still).
-  const int64_t chunks =
-      std::max<int64_t>(1, std::min<int64_t>({nkb, int64_t(4), (2 * threads + B * Hk - 1) / (B * Hk)}));
-  const int64_t kb_per_chunk = (nkb + chunks - 1) / chunks;
-  at::Tensor dq_parts = at::zeros({chunks, B, Hq, Sq, D}, q.options());
+  int64_t with_keys = 0, max_nkb = 0;
+  for (const Seq& s : pr.seqs) {
+    if (s.len_k > 0) ++with_keys;
+    max_nkb = std::max(max_nkb, (s.len_k + BN - 1) / BN);
+  }
+  const int64_t per_head = std::max<int64_t>(1, with_keys * Hk);
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>({max_nkb, kMaxBwdChunks, (kBwdTargetTasks + per_head - 1) / per_head}));
+  std::vector<Unit> units;
+  for (int64_t s = 0; s < int64_t(pr.seqs.size()); ++s) {
+    const Seq& sq = pr.seqs[s];
+    const Band band = pr.band(sq);
+    const int64_t nkb = (sq.len_k + BN - 1) / BN, per_chunk = (nkb + chunks - 1) / chunks;
+    for (int64_t c = 0; c < chunks && c * per_chunk < nkb; ++c) {
+      Unit u{s, c * per_chunk, std::min(nkb, (c + 1) * per_chunk), c, 0.0};
+      for (int64_t kb = u.begin; kb < u.end; ++kb) {
+        const int64_t c0 = kb * BN, cols = std::min(BN, sq.len_k - c0);
+        int64_t qlo, qhi, unused;
+        band.queries(c0, qlo, unused);
+        band.queries(c0 + cols - 1, unused, qhi);
+        u.cost += double(cols) * double(std::max<int64_t>(qhi - qlo, 0) * group + D);
+      }
+      units.push_back(u);
+    }
+  }
+  sort_by_cost(units);
+  const int64_t nunits = int64_t(units.size());
+  at::Tensor dq_parts = at::zeros({chunks, Bp, Hq, pr.rows, D}, q.options());
 
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
@@ -391,76 +586,114 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   const int64_t sdb = dout.stride(0), sds = dout.stride(1), sdh = dout.stride(2);
   const int64_t dkb = dk.stride(0), dks = dk.stride(1), dkh = dk.stride(2);
   const int64_t dvb = dv.stride(0), dvs = dv.stride(1), dvh = dv.stride(2);
+  const bool capped = tf.softcap > T(0);
+  // dropout's 1 / (1 - p) rides on the alpha of dV += (P Z)^T dO and dP = dO V^T
+  const T rescale = kDrop ? T(drop.rescale) : T(1);
 
-  at::parallel_for(0, B * Hk * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> P(BM * BN), dP(BM * BN), dk_acc(BN * D), dv_acc(BN * D);
-    std::vector<T> dcap(tf.softcap > T(0) ? BM * BN : 0);  // 1 - tanh^2 of the capped scores
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (Hk * chunks), hk = (task / chunks) % Hk, chunk = task % chunks;
-      const int64_t kb_end = std::min(nkb, (chunk + 1) * kb_per_chunk);
-      const T* kt = kp + b * skb + hk * skh;
-      const T* vt = vp + b * svb + hk * svh;
-      for (int64_t kb = chunk * kb_per_chunk; kb < kb_end; ++kb) {
-        const int64_t c0 = kb * BN, cols = std::min(BN, Sk - c0);
-        std::fill(dk_acc.begin(), dk_acc.begin() + cols * D, T(0));
-        std::fill(dv_acc.begin(), dv_acc.begin() + cols * D, T(0));
-        int64_t qlo, qhi, unused;
-        band.queries(c0, qlo, unused);
-        band.queries(c0 + cols - 1, unused, qhi);
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t h = hk * group + g;
-          const T* qh = qp + b * sqb + h * sqh;
-          const T* doh = dop + b * sdb + h * sdh;
-          const T* lh = lp + (b * Hq + h) * Sq;
-          const T* delh = dlp + (b * Hq + h) * Sq;
-          T* dqh = dqp + (((chunk * B + b) * Hq + h) * Sq) * D;
-          const T slope_h = tf.slope(b, h);
-          for (int64_t r0 = qlo; r0 < qhi; r0 += BM) {
-            const int64_t rows = std::min(BM, qhi - r0);
-            gemm_rm<T>(false, true, rows, cols, D, scale, qh + r0 * sqs, sqs, kt + c0 * sks, sks, T(0), P.data(),
-                       BN);
-            for (int64_t r = 0; r < rows; ++r) {
-              T* prow = P.data() + r * BN;
-              int64_t lo, hi;
-              band.keys(r0 + r, lo, hi);
-              const int64_t a = std::clamp(lo - c0, int64_t(0), cols), e = std::clamp(hi - c0, int64_t(0), cols);
-              const T row_lse = lh[r0 + r];
-              if (a >= e || std::isinf(row_lse)) {
-                std::fill(prow, prow + cols, T(0));
-                continue;
-              }
-              std::fill(prow, prow + a, T(0));
-              std::fill(prow + e, prow + cols, T(0));
-              if (tf.any()) tf.apply(prow, a, e, r0 + r, c0, slope_h, dcap.empty() ? nullptr : dcap.data() + r * BN);
-              exp_shift_sum(prow + a, prow + a, e - a, row_lse);
+  struct State {
+    std::vector<T> P, dP, PZ, dk_acc, dv_acc, dcap;
+    std::vector<uint32_t> keep;
+  };
+  auto make_state = [&] {
+    return State{std::vector<T>(BM * BN), std::vector<T>(BM * BN), std::vector<T>(kDrop ? BM * BN : 0),
+                 std::vector<T>(BN * D), std::vector<T>(BN * D), std::vector<T>(capped ? BM * BN : 0),
+                 std::vector<uint32_t>(kDrop ? BM * BN : 0)};
+  };
+  run_tasks(Hk * nunits, make_state, [&](int64_t task, State& st) {
+    const int64_t hk = task / nunits;
+    const Unit& u = units[task % nunits];
+    const Seq& sq = pr.seqs[u.seq];
+    const Band band = pr.band(sq);
+    Transform<T> tfs = tf;
+    tfs.offset = sq.offset;
+    T* P = st.P.data();
+    T* dP = st.dP.data();
+    const T* kt = kp + sq.pb * skb + hk * skh + sq.k0 * sks;
+    const T* vt = vp + sq.pb * svb + hk * svh + sq.k0 * svs;
+    for (int64_t kb = u.begin; kb < u.end; ++kb) {
+      const int64_t c0 = kb * BN, cols = std::min(BN, sq.len_k - c0);
+      std::fill(st.dk_acc.begin(), st.dk_acc.begin() + cols * D, T(0));
+      std::fill(st.dv_acc.begin(), st.dv_acc.begin() + cols * D, T(0));
+      int64_t qlo, qhi, unused;
+      band.queries(c0, qlo, unused);
+      band.queries(c0 + cols - 1, unused, qhi);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g;
+        const int64_t row0 = pr.row_id(sq, h, Hq, 0);  // lse/delta index (and dropout row) of query 0
+        const T* qh = qp + sq.pb * sqb + h * sqh + sq.q0 * sqs;
+        const T* doh = dop + sq.pb * sdb + h * sdh + sq.q0 * sds;
+        const T* lh = lp + row0;
+        const T* delh = dlp + row0;
+        T* dqh = dqp + (u.chunk * Bp * Hq * pr.rows + row0) * D;
+        const T slope_h = tf.slope(sq.b, h);
+        for (int64_t r0 = qlo; r0 < qhi; r0 += BM) {
+          const int64_t rows = std::min(BM, qhi - r0);
+          gemm_rm<T>(false, true, rows, cols, D, scale, qh + r0 * sqs, sqs, kt + c0 * sks, sks, T(0), P, BN);
+          for (int64_t r = 0; r < rows; ++r) {
+            T* prow = P + r * BN;
+            int64_t lo, hi;
+            band.keys(r0 + r, lo, hi);
+            const int64_t a = std::clamp(lo - c0, int64_t(0), cols), e = std::clamp(hi - c0, int64_t(0), cols);
+            const T row_lse = lh[r0 + r];
+            if (a >= e || std::isinf(row_lse)) {
+              std::fill(prow, prow + cols, T(0));
+              if constexpr (kDrop) std::fill(st.PZ.data() + r * BN, st.PZ.data() + (r + 1) * BN, T(0));
+              continue;
             }
-            // dV += P^T dO ; dP = dO V^T
-            gemm_rm<T>(true, false, cols, D, rows, T(1), P.data(), BN, doh + r0 * sds, sds, T(1), dv_acc.data(), D);
-            gemm_rm<T>(false, true, rows, cols, D, T(1), doh + r0 * sds, sds, vt + c0 * svs, svs, T(0), dP.data(),
-                       BN);
-            // dS = P * (dP - delta) * scale, into dP
-            for (int64_t r = 0; r < rows; ++r) {
-              T* prow = P.data() + r * BN;
-              T* dprow = dP.data() + r * BN;
-              const Vec<T> vdelta(delh[r0 + r]), vscale(scale);
+            std::fill(prow, prow + a, T(0));
+            std::fill(prow + e, prow + cols, T(0));
+            if (tfs.any()) tfs.apply(prow, a, e, r0 + r, c0, slope_h, capped ? st.dcap.data() + r * BN : nullptr);
+            if constexpr (kBias) bias.add(prow + a, sq.b, h, r0 + r, c0 + a, e - a);
+            exp_shift_sum(prow + a, prow + a, e - a, row_lse);
+            if constexpr (kDrop) {  // Z = keep / (1 - p), the 1 / (1 - p) in the GEMMs' alpha
+              uint32_t* keep = st.keep.data() + r * BN;
+              T* pzrow = st.PZ.data() + r * BN;
+              drop.philox.keep_mask(uint64_t(row0 + r0 + r) * uint64_t(pr.drop_cols) + uint64_t(c0 + a), e - a,
+                                    keep + a);
+              std::fill(keep, keep + a, 0u);
+              std::fill(keep + e, keep + cols, 0u);
+              for (int64_t j = 0; j < cols; ++j) pzrow[j] = keep[j] ? prow[j] : T(0);
+            }
+          }
+          // dV += (P Z)^T dO ; dP = (dO V^T) Z
+          const T* pv = kDrop ? st.PZ.data() : P;
+          gemm_rm<T>(true, false, cols, D, rows, rescale, pv, BN, doh + r0 * sds, sds, T(1), st.dv_acc.data(), D);
+          gemm_rm<T>(false, true, rows, cols, D, rescale, doh + r0 * sds, sds, vt + c0 * svs, svs, T(0), dP, BN);
+          // dS = P * (dP - delta) (= dBias), then * scale (and the cap's derivative) for dQ, dK; into dP
+          for (int64_t r = 0; r < rows; ++r) {
+            T* prow = P + r * BN;
+            T* dprow = dP + r * BN;
+            if constexpr (kDrop) apply_keep(dprow, st.keep.data() + r * BN, cols);
+            const T dl = delh[r0 + r];
+            if constexpr (kBias) {
+              if (dbias != nullptr) {
+                T* dbrow = dbias + (row0 + r0 + r) * Skp + sq.k0 + c0;
+                for (int64_t j = 0; j < cols; ++j) dbrow[j] = prow[j] * (dprow[j] - dl);
+                for (int64_t j = 0; j < cols; ++j) dprow[j] = dbrow[j] * scale;
+              } else {
+                for (int64_t j = 0; j < cols; ++j) dprow[j] = prow[j] * (dprow[j] - dl) * scale;
+              }
+            } else {
+              const Vec<T> vdelta(dl), vscale(scale);
               int64_t j = 0;
               for (; j + Vec<T>::size() <= cols; j += Vec<T>::size())
                 (Vec<T>::loadu(prow + j) * (Vec<T>::loadu(dprow + j) - vdelta) * vscale).store(dprow + j);
-              for (; j < cols; ++j) dprow[j] = prow[j] * (dprow[j] - delh[r0 + r]) * scale;
-              if (!dcap.empty()) {  // chain rule through the cap, where P != 0 (dcap is set there)
-                const T* crow = dcap.data() + r * BN;
-                for (int64_t jj = 0; jj < cols; ++jj) dprow[jj] = prow[jj] != T(0) ? dprow[jj] * crow[jj] : T(0);
-              }
+              for (; j < cols; ++j) dprow[j] = prow[j] * (dprow[j] - dl) * scale;
             }
-            // dK += dS^T Q ; dQ += dS K
-            gemm_rm<T>(true, false, cols, D, rows, T(1), dP.data(), BN, qh + r0 * sqs, sqs, T(1), dk_acc.data(), D);
-            gemm_rm<T>(false, false, rows, D, cols, T(1), dP.data(), BN, kt + c0 * sks, sks, T(1), dqh + r0 * D, D);
+            if (capped) {  // chain rule through the cap, where P != 0 (dcap is set there)
+              const T* crow = st.dcap.data() + r * BN;
+              for (int64_t j = 0; j < cols; ++j) dprow[j] = prow[j] != T(0) ? dprow[j] * crow[j] : T(0);
+            }
           }
+          // dK += dS^T Q ; dQ += dS K
+          gemm_rm<T>(true, false, cols, D, rows, T(1), dP, BN, qh + r0 * sqs, sqs, T(1), st.dk_acc.data(), D);
+          gemm_rm<T>(false, false, rows, D, cols, T(1), dP, BN, kt + c0 * sks, sks, T(1), dqh + r0 * D, D);
         }
-        for (int64_t c = 0; c < cols; ++c) {
-          std::copy(dk_acc.data() + c * D, dk_acc.data() + (c + 1) * D, dkp + b * dkb + hk * dkh + (c0 + c) * dks);
-          std::copy(dv_acc.data() + c * D, dv_acc.data() + (c + 1) * D, dvp + b * dvb + hk * dvh + (c0 + c) * dvs);
-        }
+      }
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t key = sq.k0 + c0 + c;
+        std::copy(st.dk_acc.data() + c * D, st.dk_acc.data() + (c + 1) * D, dkp + sq.pb * dkb + hk * dkh + key * dks);
+        std::copy(st.dv_acc.data() + c * D, st.dv_acc.data() + (c + 1) * D, dvp + sq.pb * dvb + hk * dvh + key * dvs);
       }
     }
   });
@@ -471,15 +704,22 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
 
 // ------------------------------------------------------------------------------------------ entry
 
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "flashattn_lite cpu: q, k, v must be 4-D (B, S, H, D)");
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool varlen) {
+  if (varlen) {
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
+                "flashattn_lite cpu: with cu_seqlens, q, k, v must be 3-D (total_tokens, H, D)");
+  } else {
+    TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+                "flashattn_lite cpu: q, k, v must be 4-D (B, S, H, D), or 3-D with cu_seqlens");
+  }
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "flashattn_lite cpu: tensors must be on the CPU");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "flashattn_lite cpu: q, k, v must share one dtype");
   TORCH_CHECK(k.sizes() == v.sizes(), "flashattn_lite cpu: k and v must have the same shape");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "flashattn_lite cpu: batch or head dim differ");
-  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0,
+  TORCH_CHECK(k.size(-1) == q.size(-1), "flashattn_lite cpu: q and k have different head dims");
+  TORCH_CHECK(varlen || k.size(0) == q.size(0), "flashattn_lite cpu: q and k have different batch sizes");
+  TORCH_CHECK(k.size(-2) > 0 && q.size(-2) % k.size(-2) == 0,
               "flashattn_lite cpu: query heads must be a multiple of kv heads");
 }
 
@@ -505,14 +745,71 @@ at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
   return blas_ready(t.scalar_type() == ct ? t : t.to(ct));
 }
 
+// A packed varlen tensor (total, H, D) as the kernels' 4-D (1, total, H, D).
+at::Tensor as_4d(const at::Tensor& t, bool varlen) { return varlen ? t.unsqueeze(0) : t; }
+
+std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt, "flashattn_lite cpu: ", name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, "flashattn_lite cpu: ", name,
+              " must be 1-D with batch + 1 >= 2 entries, got shape ", cu.sizes());
+  TORCH_CHECK(cu.device().is_cpu(), "flashattn_lite cpu: ", name, " must be on the CPU");
+  const at::Tensor c = cu.contiguous();
+  const int32_t* p = c.data_ptr<int32_t>();
+  std::vector<int64_t> values(p, p + c.numel());
+  TORCH_CHECK(values.front() == 0, "flashattn_lite cpu: ", name, "[0] must be 0, got ", values.front());
+  for (size_t b = 1; b < values.size(); ++b)
+    TORCH_CHECK(values[b] >= values[b - 1], "flashattn_lite cpu: ", name, " must be non-decreasing (entry ", b,
+                " is ", values[b], " after ", values[b - 1], ")");
+  TORCH_CHECK(values.back() == total, "flashattn_lite cpu: ", name, "[-1] = ", values.back(),
+              " must equal the number of packed tokens (", total, ")");
+  return values;
+}
+
+// The problems of a call: B dense batch entries, or the packed sequences of cu_seqlens.
+Problem make_problem(const at::Tensor& q4, const at::Tensor& k4, const std::optional<at::Tensor>& cu_seqlens_q,
+                     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                     int64_t diag_offset, int64_t window_left, int64_t window_right) {
+  Problem pr;
+  pr.left = window_left;
+  pr.right = window_right;
+  pr.rows = q4.size(1);
+  if (!cu_seqlens_q.has_value()) {
+    const int64_t Sq = q4.size(1), Sk = k4.size(1);
+    for (int64_t b = 0; b < q4.size(0); ++b) pr.seqs.push_back(Seq{b, b, 0, 0, Sq, Sk, diag_offset});
+    pr.max_q = Sq;
+    pr.max_k = Sk;
+    pr.drop_cols = Sk;
+    return pr;
+  }
+  const std::vector<int64_t> cq = read_cu_seqlens(*cu_seqlens_q, "cu_seqlens_q", q4.size(1));
+  const std::vector<int64_t> ck = read_cu_seqlens(*cu_seqlens_k, "cu_seqlens_k", k4.size(1));
+  TORCH_CHECK(cq.size() == ck.size(), "flashattn_lite cpu: cu_seqlens_q and cu_seqlens_k must have the same length "
+              "(batch + 1), got ", cq.size(), " and ", ck.size());
+  for (size_t b = 0; b + 1 < cq.size(); ++b) {
+    const int64_t lq = cq[b + 1] - cq[b], lk = ck[b + 1] - ck[b];
+    pr.seqs.push_back(Seq{int64_t(b), 0, cq[b], ck[b], lq, lk, diag_offset + lk - lq});
+    pr.max_q = std::max(pr.max_q, lq);
+    pr.max_k = std::max(pr.max_k, lk);
+  }
+  TORCH_CHECK(max_seqlen_q >= pr.max_q, "flashattn_lite cpu: max_seqlen_q = ", max_seqlen_q,
+              " is smaller than the longest query sequence (", pr.max_q, ")");
+  TORCH_CHECK(max_seqlen_k >= pr.max_k, "flashattn_lite cpu: max_seqlen_k = ", max_seqlen_k,
+              " is smaller than the longest key sequence (", pr.max_k, ")");
+  pr.drop_cols = max_seqlen_k;
+  return pr;
+}
+
 template <typename T>
-Transform<T> make_transform(double softcap, const std::optional<at::Tensor>& slopes, int64_t offset,
-                            const at::Tensor& q) {
-  Transform<T> tf{T(softcap), nullptr, 0, 0, offset};
+Transform<T> make_transform(double softcap, const std::optional<at::Tensor>& slopes, int64_t batch,
+                            int64_t heads) {
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "flashattn_lite cpu: softcap must be >= 0, got ", softcap);
+  Transform<T> tf{T(softcap), nullptr, 0, 0, 0};
   if (slopes.has_value()) {
     const at::Tensor& s = *slopes;
-    TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(0) == q.size(0) && s.size(1) == q.size(2),
-                "flashattn_lite cpu: alibi_slopes must be float32 (batch, heads)");
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(0) == batch && s.size(1) == heads &&
+                    s.device().is_cpu(),
+                "flashattn_lite cpu: alibi_slopes must be float32 (batch, heads) = (", batch, ", ", heads,
+                ") on the CPU, got ", s.scalar_type(), " ", s.sizes());
     tf.slopes = s.data_ptr<float>();
     tf.sb = s.stride(0);
     tf.sh = s.stride(1);
@@ -520,79 +817,168 @@ Transform<T> make_transform(double softcap, const std::optional<at::Tensor>& slo
   return tf;
 }
 
+BiasView make_bias(const std::optional<at::Tensor>& bias, const at::Tensor& q4, const at::Tensor& k4, bool varlen) {
+  BiasView view;
+  if (!bias.has_value()) return view;
+  const at::Tensor& t = *bias;
+  TORCH_CHECK(!varlen, "flashattn_lite cpu: bias is not supported with cu_seqlens (varlen)");
+  const std::vector<int64_t> full{q4.size(0), q4.size(2), q4.size(1), k4.size(1)};
+  TORCH_CHECK(t.dim() == 4 && t.sizes() == at::IntArrayRef(full),
+              "flashattn_lite cpu: bias must be a (batch, heads, seqlen_q, seqlen_k) = ", at::IntArrayRef(full),
+              " view (broadcast dims with stride 0), got shape ", t.sizes());
+  const at::ScalarType d = t.scalar_type();
+  TORCH_CHECK(d == at::kFloat || d == at::kDouble || d == at::kHalf || d == at::kBFloat16,
+              "flashattn_lite cpu: bias must be a floating-point tensor, got ", d);
+  TORCH_CHECK(t.device().is_cpu(), "flashattn_lite cpu: bias must be on the CPU");
+  for (int64_t i = 0; i < 4; ++i) TORCH_CHECK(t.stride(i) >= 0, "flashattn_lite cpu: bias has a negative stride");
+  view.data = t.data_ptr();
+  view.dtype = d;
+  view.sb = t.stride(0);
+  view.sh = t.stride(1);
+  view.si = t.stride(2);
+  view.sj = t.stride(3);
+  return view;
+}
+
+Dropout make_dropout(double p, int64_t seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "flashattn_lite cpu: dropout_p must be in [0, 1), got ", p);
+  Dropout d;
+  if (p > 0) {
+    d.philox = PhiloxDropout(uint64_t(seed), p);
+    d.rescale = 1.0 / (1.0 - p);
+  }
+  return d;
+}
+
+// Calls f(bool_constant<kBias>, bool_constant<kDrop>): the feature switches as compile-time values.
+template <typename F>
+void with_features(bool has_bias, bool has_drop, F&& f) {
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (has_bias) {
+    has_drop ? f(yes{}, yes{}) : f(yes{}, no{});
+  } else {
+    has_drop ? f(no{}, yes{}) : f(no{}, no{});
+  }
+}
+
+template <typename in_t, typename T>
+void fwd_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+               double scale, const Problem& pr, double softcap, const std::optional<at::Tensor>& slopes,
+               const BiasView& bias, const Dropout& drop, bool has_drop) {
+  const Transform<T> tf = make_transform<T>(softcap, slopes, int64_t(pr.seqs.size()), q.size(2));
+  with_features(bias.data != nullptr, has_drop, [&](auto kb, auto kd) {
+    fwd_impl<in_t, T, decltype(kb)::value, decltype(kd)::value>(q, k, v, out, lse, T(scale), pr, tf, bias, drop);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                           const std::optional<at::Tensor>& cu_seqlens_q,
+                                           const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k, const std::optional<at::Tensor>& bias,
                                            double softmax_scale, int64_t diag_offset, int64_t window_left,
                                            int64_t window_right, double softcap,
-                                           const std::optional<at::Tensor>& alibi_slopes) {
-  check_qkv(q_in, k_in, v_in);
+                                           const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                                           int64_t dropout_seed) {
+  TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
+              "flashattn_lite cpu: cu_seqlens_q and cu_seqlens_k must be given together");
+  const bool varlen = cu_seqlens_q.has_value();
+  check_qkv(q_in, k_in, v_in, varlen);
   const at::ScalarType ct = compute_type(q_in.scalar_type());
-  at::Tensor q = blas_ready(q_in), k = blas_ready(k_in), v = blas_ready(v_in);
+  at::Tensor q = blas_ready(as_4d(q_in, varlen)), k = blas_ready(as_4d(k_in, varlen)),
+             v = blas_ready(as_4d(v_in, varlen));
+  const Problem pr = make_problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, diag_offset,
+                                  window_left, window_right);
+  const BiasView bv = make_bias(bias, q, k, varlen);
+  const Dropout drop = make_dropout(dropout_p, dropout_seed);
   at::Tensor out = at::empty_like(q);  // q's strides are ones the kernel can write through
-  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(ct == at::kDouble ? ct : at::kFloat));
-  const Band band{diag_offset, window_left, window_right, q.size(1), k.size(1)};
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(ct));
   if (q.numel() == 0) {
     lse.fill_(-std::numeric_limits<double>::infinity());
-    return {out, lse};
+  } else {
+    const bool has_drop = dropout_p > 0;
+    switch (q.scalar_type()) {
+      case at::kFloat:
+        fwd_typed<float, float>(q, k, v, out, lse, softmax_scale, pr, softcap, alibi_slopes, bv, drop, has_drop);
+        break;
+      case at::kDouble:
+        fwd_typed<double, double>(q, k, v, out, lse, softmax_scale, pr, softcap, alibi_slopes, bv, drop, has_drop);
+        break;
+      case at::kBFloat16:
+        fwd_typed<at::BFloat16, float>(q, k, v, out, lse, softmax_scale, pr, softcap, alibi_slopes, bv, drop,
+                                       has_drop);
+        break;
+      case at::kHalf:
+        fwd_typed<at::Half, float>(q, k, v, out, lse, softmax_scale, pr, softcap, alibi_slopes, bv, drop, has_drop);
+        break;
+      default: TORCH_CHECK(false, "flashattn_lite cpu: unsupported dtype ", q.scalar_type());
+    }
   }
-  switch (q.scalar_type()) {
-    case at::kFloat: {
-      fwd_impl<float, float>(q, k, v, out, lse, float(softmax_scale), band,
-                             make_transform<float>(softcap, alibi_slopes, diag_offset, q));
-      break;
-    }
-    case at::kDouble: {
-      fwd_impl<double, double>(q, k, v, out, lse, softmax_scale, band,
-                               make_transform<double>(softcap, alibi_slopes, diag_offset, q));
-      break;
-    }
-    case at::kBFloat16: {
-      fwd_impl<at::BFloat16, float>(q, k, v, out, lse, float(softmax_scale), band,
-                                    make_transform<float>(softcap, alibi_slopes, diag_offset, q));
-      break;
-    }
-    case at::kHalf: {
-      fwd_impl<at::Half, float>(q, k, v, out, lse, float(softmax_scale), band,
-                                make_transform<float>(softcap, alibi_slopes, diag_offset, q));
-      break;
-    }
-    default: TORCH_CHECK(false, "flashattn_lite cpu: unsupported dtype ", q.scalar_type());
-  }
+  if (varlen) return {out.squeeze(0), lse.squeeze(0)};
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse,
-                                                       const at::Tensor& q_in, const at::Tensor& k_in,
-                                                       const at::Tensor& v_in, const at::Tensor& out_in,
-                                                       const at::Tensor& lse_in, double softmax_scale,
-                                                       int64_t diag_offset, int64_t window_left,
-                                                       int64_t window_right, double softcap,
-                                                       const std::optional<at::Tensor>& alibi_slopes) {
-  check_qkv(q_in, k_in, v_in);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+    const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& bias, double softmax_scale,
+    int64_t diag_offset, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t dropout_seed, bool bias_grad,
+    bool deterministic) {
+  (void)deterministic;  // every CPU backward is deterministic
+  TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
+              "flashattn_lite cpu: cu_seqlens_q and cu_seqlens_k must be given together");
+  const bool varlen = cu_seqlens_q.has_value();
+  check_qkv(q_in, k_in, v_in, varlen);
+  TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
+              "flashattn_lite cpu: dout and out must have q's shape ", q_in.sizes());
+  const std::vector<int64_t> lse_shape =
+      varlen ? std::vector<int64_t>{q_in.size(1), q_in.size(0)}
+             : std::vector<int64_t>{q_in.size(0), q_in.size(2), q_in.size(1)};
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef(lse_shape), "flashattn_lite cpu: lse must have shape ",
+              at::IntArrayRef(lse_shape), ", got ", lse_in.sizes());
+  TORCH_CHECK(!dlse.has_value() || dlse->sizes() == at::IntArrayRef(lse_shape),
+              "flashattn_lite cpu: dlse must have lse's shape ", at::IntArrayRef(lse_shape));
+  TORCH_CHECK(!bias_grad || bias.has_value(), "flashattn_lite cpu: bias_grad needs a bias");
   const at::ScalarType ct = compute_type(q_in.scalar_type());
-  at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct), v = prepare(v_in, ct);
-  at::Tensor dout = prepare(dout_in, ct), out = prepare(out_in, ct);
-  at::Tensor lse = lse_in.to(ct).contiguous();
+  at::Tensor q = prepare(as_4d(q_in, varlen), ct), k = prepare(as_4d(k_in, varlen), ct),
+             v = prepare(as_4d(v_in, varlen), ct);
+  at::Tensor dout = prepare(as_4d(dout_in, varlen), ct), out = prepare(as_4d(out_in, varlen), ct);
+  const Problem pr = make_problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, diag_offset,
+                                  window_left, window_right);
+  const BiasView bv = make_bias(bias, q, k, varlen);
+  const Dropout drop = make_dropout(dropout_p, dropout_seed);
+  at::Tensor lse = lse_in.to(ct).reshape({q.size(0), q.size(2), q.size(1)}).contiguous();
   // delta = rowsum(dO * O) - dlse, shape (B, H, Sq)
   at::Tensor delta = (dout * out).sum(-1).transpose(1, 2).contiguous();
-  if (dlse.has_value()) delta.sub_(dlse->to(ct));
+  if (dlse.has_value()) delta.sub_(dlse->to(ct).reshape(delta.sizes()));
   at::Tensor dq = at::empty_like(q);
   at::Tensor dk = at::empty_like(k);
   at::Tensor dv = at::empty_like(v);
-  const Band band{diag_offset, window_left, window_right, q.size(1), k.size(1)};
+  at::Tensor dbias = bias_grad ? at::zeros({q.size(0), q.size(2), q.size(1), k.size(1)}, q.options())
+                               : at::empty({0}, q.options());
   if (q.numel() == 0 || k.numel() == 0) {
     dq.zero_();
     dk.zero_();
     dv.zero_();
   } else {
     AT_DISPATCH_FLOATING_TYPES(ct, "flashattn_lite_cpu_bwd", [&] {
-      bwd_impl<scalar_t>(dout, q, k, v, lse, delta, dq, dk, dv, scalar_t(softmax_scale), band,
-                         make_transform<scalar_t>(softcap, alibi_slopes, diag_offset, q));
+      const Transform<scalar_t> tf =
+          make_transform<scalar_t>(softcap, alibi_slopes, int64_t(pr.seqs.size()), q.size(2));
+      scalar_t* dbp = bias_grad ? dbias.data_ptr<scalar_t>() : nullptr;
+      with_features(bv.data != nullptr, dropout_p > 0, [&](auto kb, auto kd) {
+        bwd_impl<scalar_t, decltype(kb)::value, decltype(kd)::value>(dout, q, k, v, lse, delta, dq, dk, dv, dbp,
+                                                                     scalar_t(softmax_scale), pr, tf, bv, drop);
+      });
     });
   }
-  auto narrow = [](const at::Tensor& wide, const at::ScalarType type) {
-    return wide.scalar_type() == type ? wide : wide.to(type);
+  auto narrow = [varlen](const at::Tensor& wide, const at::ScalarType type) {
+    const at::Tensor t = varlen ? wide.squeeze(0) : wide;
+    return t.scalar_type() == type ? t : t.to(type);
   };
-  return {narrow(dq, q_in.scalar_type()), narrow(dk, k_in.scalar_type()), narrow(dv, v_in.scalar_type())};
+  if (bias_grad) dbias = dbias.to(bias->scalar_type());
+  return {narrow(dq, q_in.scalar_type()), narrow(dk, k_in.scalar_type()), narrow(dv, v_in.scalar_type()), dbias};
 }
 
 }  // namespace

@@ -13,7 +13,8 @@ from .. import _build
 from .base import missing_features
 
 NAME = "cpu"
-FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "softcap", "alibi")
+FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "softcap", "alibi",
+            "varlen", "attn_mask", "dropout")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _warned = []
 
@@ -53,12 +54,18 @@ def warn_fallback_once(reason):
                       RuntimeWarning, stacklevel=4)
 
 
+def _param_args(p):
+    """Params as the C++ op's arguments (csrc/ops.cpp: the order of ops.py's _PARAM_ARGS)."""
+    return (p.cu_seqlens_q, p.cu_seqlens_k, int(p.max_seqlen_q), int(p.max_seqlen_k), p.bias, p.softmax_scale,
+            int(p.diag_offset), p.window_left, p.window_right, p.softcap, p.alibi_slopes, p.dropout_p,
+            p.dropout_seed)
+
+
 def fwd(q, k, v, p):
-    return _ensure_built().fwd(q, k, v, p.softmax_scale, p.diag_offset, p.window_left, p.window_right, p.softcap,
-                               p.alibi_slopes)
+    return _ensure_built().fwd(q, k, v, *_param_args(p))
 
 
 def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
-    dq, dk, dv = _ensure_built().bwd(dout, dlse, q, k, v, out, lse, p.softmax_scale, p.diag_offset, p.window_left,
-                                     p.window_right, p.softcap, p.alibi_slopes)
-    return dq, dk, dv, None
+    dq, dk, dv, dbias = _ensure_built().bwd(dout, dlse, q, k, v, out, lse, *_param_args(p), bool(bias_grad),
+                                            bool(deterministic))
+    return dq, dk, dv, (dbias if bias_grad else None)
