@@ -19,14 +19,30 @@ namespace fa_torch {
 // backward?, bf16?, params, stream -> nullptr or an error message
 using RunFn = const char* (*)(bool, bool, const fa::AttnParams&, void*);
 
-// The operator schemas of csrc/ops.cpp (flashattn_lite_C), for the emulator's namespace.
+// The operator schemas of csrc/ops.cpp (flashattn_lite_C), repeated for the emulator's
+// own namespace (flashattn_lite_emu) so both bindings take the very same arguments.
 constexpr const char* kFwdSchema =
-    "fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, int diag_offset, int window_left, "
-    "int window_right, float softcap, Tensor? alibi_slopes) -> (Tensor, Tensor)";
+    "fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
+    "int max_seqlen_k, Tensor? bias, float softmax_scale, int diag_offset, int window_left, "
+    "int window_right, float softcap, Tensor? alibi_slopes, float dropout_p, int dropout_seed) "
+    "-> (Tensor, Tensor)";
 constexpr const char* kBwdSchema =
     "bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? bias, "
     "float softmax_scale, int diag_offset, int window_left, int window_right, float softcap, "
-    "Tensor? alibi_slopes) -> (Tensor, Tensor, Tensor)";
+    "Tensor? alibi_slopes, float dropout_p, int dropout_seed, bool bias_grad, bool deterministic) "
+    "-> (Tensor, Tensor, Tensor, Tensor)";
+
+using OptT = c10::optional<at::Tensor>;
+
+// Features of the schema the CUDA kernels do not implement: refused before launch (the
+// Python capability check routes such calls elsewhere first).
+inline void check_unsupported(const char* who, const OptT& cu_q, const OptT& cu_k, const OptT& bias,
+                              double dropout_p) {
+  TORCH_CHECK(!cu_q.has_value() && !cu_k.has_value(), who, ": varlen (cu_seqlens) is not implemented");
+  TORCH_CHECK(!bias.has_value(), who, ": attn_mask / bias is not implemented");
+  TORCH_CHECK(dropout_p == 0.0, who, ": dropout is not implemented");
+}
 
 inline fa::Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
@@ -154,6 +170,34 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
   const char* err = run(true, q.scalar_type() == at::kBFloat16, p, stream);
   TORCH_CHECK(err == nullptr, who, ": backward launch failed: ", err ? err : "");
   return {dq, dk, dv};
+}
+
+// The operators with the full schema.  B: who (name in errors), device, run (the launch
+// entry point), Guard (device guard type, constructed from q's device), stream().
+template <class B>
+std::tuple<at::Tensor, at::Tensor> fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const OptT& cu_q, const OptT& cu_k, int64_t max_q, int64_t max_k,
+                                          const OptT& bias, double scale, int64_t off, int64_t left, int64_t right,
+                                          double softcap, const OptT& alibi, double dropout_p, int64_t seed) {
+  (void)max_q, (void)max_k, (void)seed;
+  check_unsupported(B::who, cu_q, cu_k, bias, dropout_p);
+  const typename B::Guard guard(q.device());
+  return fwd(B::who, B::device, B::run, B::stream(), q, k, v, scale, off, left, right, softcap, alibi);
+}
+
+template <class B>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_op(
+    const at::Tensor& dout, const OptT& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const OptT& cu_q, const OptT& cu_k, int64_t max_q, int64_t max_k,
+    const OptT& bias, double scale, int64_t off, int64_t left, int64_t right, double softcap, const OptT& alibi,
+    double dropout_p, int64_t seed, bool bias_grad, bool deterministic) {
+  (void)max_q, (void)max_k, (void)seed, (void)deterministic;  // always deterministic: no atomics
+  check_unsupported(B::who, cu_q, cu_k, bias, dropout_p);
+  TORCH_CHECK(!bias_grad, B::who, ": bias gradients are not implemented");
+  const typename B::Guard guard(q.device());
+  auto grads = bwd(B::who, B::device, B::run, B::stream(), dout, dlse, q, k, v, out, lse, scale, off, left, right,
+                   softcap, alibi);
+  return {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), at::empty({0}, q.options())};
 }
 
 }  // namespace fa_torch

@@ -12,7 +12,7 @@ kernels have been measured faster on a GPU.  They have been verified by compilat
 import torch
 
 from .. import _build_cuda
-from .cuda_emu import FEATURES, kernel_limits, param_limits
+from .cuda_emu import FEATURES, kernel_limits, op_args, param_limits
 
 NAME = "cuda"
 __all__ = ["NAME", "FEATURES", "available", "supports", "fwd", "bwd"]
@@ -46,12 +46,12 @@ def supports(call):
 
 def fwd(q, k, v, p):
     param_limits(p, NAME)
-    return _ops().fwd(q, k, v, p.softmax_scale, p.diag_offset, p.window_left, p.window_right, p.softcap,
-                      p.alibi_slopes)
+    return _ops().fwd(q, k, v, *op_args(p))
 
 
 def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
     param_limits(p, NAME)
-    dq, dk, dv = _ops().bwd(dout, dlse, q, k, v, out, lse, p.softmax_scale, p.diag_offset, p.window_left,
-                            p.window_right, p.softcap, p.alibi_slopes)
+    if bias_grad:
+        raise RuntimeError(f"the {NAME} backend does not implement bias gradients")
+    dq, dk, dv, _ = _ops().bwd(dout, dlse, q, k, v, out, lse, *op_args(p), False, bool(deterministic))
     return dq, dk, dv, None

@@ -46,6 +46,13 @@ def kernel_limits(call, backend):
     return None
 
 
+def op_args(p):
+    """Params as the C++ operators' arguments (csrc/ops.cpp's schema order)."""
+    return (p.cu_seqlens_q, p.cu_seqlens_k, int(p.max_seqlen_q), int(p.max_seqlen_k), p.bias, p.softmax_scale,
+            int(p.diag_offset), p.window_left, p.window_right, p.softcap, p.alibi_slopes, p.dropout_p,
+            p.dropout_seed)
+
+
 def param_limits(p, backend):
     """The same check on the parameters themselves (fwd/bwd may be called directly)."""
     extra = set(p.features()) - set(FEATURES)
@@ -65,12 +72,12 @@ def supports(call):
 
 def fwd(q, k, v, p):
     param_limits(p, NAME)
-    return _ops().fwd(q, k, v, p.softmax_scale, p.diag_offset, p.window_left, p.window_right, p.softcap,
-                      p.alibi_slopes)
+    return _ops().fwd(q, k, v, *op_args(p))
 
 
 def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
     param_limits(p, NAME)
-    dq, dk, dv = _ops().bwd(dout, dlse, q, k, v, out, lse, p.softmax_scale, p.diag_offset, p.window_left,
-                            p.window_right, p.softcap, p.alibi_slopes)
+    if bias_grad:
+        raise RuntimeError(f"the {NAME} backend does not implement bias gradients")
+    dq, dk, dv, _ = _ops().bwd(dout, dlse, q, k, v, out, lse, *op_args(p), False, bool(deterministic))
     return dq, dk, dv, None

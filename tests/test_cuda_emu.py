@@ -1,0 +1,151 @@
+"""The CUDA C++ kernels (csrc/cuda), run on the CPU under the host emulator through
+the ``cuda_emu`` backend, against the float64 reference with the project tolerance.
+
+Tile sizes (csrc/cuda/fa_config.h): forward and dQ use 64 query rows x 64 keys (32 keys
+at head dim 256), dK/dV 64 keys x 32 queries; the shapes below cross several blocks with
+ragged tails.  Head dims off the compiled set (32, 64, 96, 128, 256) are zero padded;
+a head dim that is not a multiple of 8, or unaligned strides, take the element-load path
+instead of cp.async.
+"""
+
+import pytest
+import torch
+
+import flashattn_lite as fl
+from flashattn_lite.backends import Call, select
+from flashattn_lite.testing import check_against_reference, reference_results
+
+from helpers import check_case, make_qkv, run_flash
+
+F16, BF16 = torch.float16, torch.bfloat16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _emu():
+    ok, why = fl.available_backends()["cuda_emu"]
+    if not ok:
+        pytest.skip(why)
+
+
+CASES = [
+    # batch, sq, sk, hq, hk, d, dtype, causal, window, memory
+    (1, 130, 130, 2, 2, 64, F16, False, (-1, -1), "bshd"),
+    (2, 70, 150, 2, 2, 64, BF16, False, (-1, -1), "bshd"),       # Sq < Sk
+    (1, 150, 40, 2, 2, 32, F16, False, (-1, -1), "bshd"),        # Sq > Sk, one ragged key block
+    (1, 70, 200, 2, 1, 64, F16, True, (-1, -1), "bshd"),         # causal, Sq < Sk (bottom-right)
+    (1, 200, 70, 2, 1, 32, BF16, True, (-1, -1), "bshd"),        # causal, Sq > Sk: top rows see nothing
+    (1, 160, 160, 2, 2, 32, F16, False, (40, 10), "bshd"),       # window both sides
+    (1, 100, 170, 1, 1, 64, BF16, False, (-1, 0), "bshd"),       # causal by window
+    (1, 170, 100, 1, 1, 32, F16, True, (25, -1), "bshd"),        # causal + left window
+    (1, 96, 96, 4, 2, 32, F16, True, (-1, -1), "bshd"),          # GQA
+    (1, 90, 130, 4, 1, 64, BF16, False, (-1, -1), "bshd"),       # MQA
+    (1, 80, 100, 2, 1, 96, F16, False, (-1, -1), "bshd"),        # head dim 96
+    (1, 80, 100, 2, 1, 128, BF16, True, (-1, -1), "bshd"),       # head dim 128
+    (1, 70, 90, 2, 1, 256, F16, False, (-1, -1), "bshd"),        # head dim 256 (8-warp dK/dV)
+    (1, 70, 90, 1, 1, 256, BF16, True, (-1, -1), "bshd"),
+    (1, 75, 110, 2, 2, 40, F16, False, (-1, -1), "bshd"),        # padded to 64
+    (1, 75, 110, 2, 1, 17, BF16, True, (-1, -1), "bshd"),        # padded to 32, element loads
+    (1, 100, 120, 2, 1, 200, BF16, False, (-1, -1), "bshd"),     # padded to 256
+    (2, 90, 110, 2, 2, 64, F16, True, (-1, -1), "bhsd"),         # torch's layout through strides
+    (1, 90, 70, 2, 1, 64, BF16, False, (-1, -1), "padded"),      # gaps between rows/heads, unaligned
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_matches_reference(case):
+    batch, sq, sk, hq, hk, d, dtype, causal, window, memory = case
+    check_case("cuda_emu", batch, sq, sk, hq, hk, d, dtype, causal=causal, window=window, memory=memory)
+
+
+def test_softmax_scale_and_tiny_lengths():
+    check_case("cuda_emu", 1, 1, 1, 2, 1, 64, F16, scale=0.3)
+    check_case("cuda_emu", 1, 3, 65, 1, 1, 32, BF16, causal=True, scale=1.7)
+
+
+def test_row_that_sees_nothing():
+    # window (0, 0) with Sq > Sk: rows i >= Sk... no: bottom-right alignment puts row i on
+    # key i + Sk - Sq, so the first Sq - Sk rows see no key at all.
+    res = check_case("cuda_emu", 1, 100, 30, 1, 1, 32, F16, window=(0, 0))
+    assert torch.isinf(res["lse"][0, 0, :70]).all() and (res["out"][0, :70] == 0).all()
+    assert (res["dq"][0, :70] == 0).all()
+
+
+def test_top_left_causal_through_sdpa():
+    """scaled_dot_product_attention(is_causal=True) aligns the diagonal top-left (offset 0)."""
+    q, k, v = make_qkv(1, 100, 140, 2, 2, 64, F16, memory="bhsd")
+    q, k, v = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))  # (B, H, S, D)
+    dout = torch.randn(1, 2, 100, 64, dtype=F16)
+    with fl.use_backend("cuda_emu"):
+        out = fl.scaled_dot_product_attention(q, k, v, is_causal=True)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    ours = {"out": out.detach().transpose(1, 2), "dq": dq.transpose(1, 2), "dk": dk.transpose(1, 2),
+            "dv": dv.transpose(1, 2)}
+    t = [x.detach().transpose(1, 2) for x in (q, k, v)]
+    ref, base = reference_results(*t, dout.transpose(1, 2), 64 ** -0.5, 0, -1, 0)
+    failed = [str(c) for c in check_against_reference(ours, ref, base, F16) if not c.ok]
+    assert not failed, failed
+
+
+def test_gradient_through_lse():
+    q, k, v = make_qkv(1, 70, 90, 2, 1, 64, BF16)
+    g = torch.randn(1, 2, 70)
+    grads = {}
+    for backend in ("cuda_emu", "reference"):
+        with fl.use_backend(backend):
+            out, lse, _ = fl.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+            grads[backend] = torch.autograd.grad((lse * g).sum() + out.float().sum(), (q, k, v))
+    for ours, ref in zip(grads["cuda_emu"], grads["reference"]):
+        assert (ours.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max() + 1e-2
+
+
+def test_backward_is_bitwise_deterministic():
+    q, k, v = make_qkv(1, 130, 130, 4, 2, 64, F16)
+    dout = torch.randn(1, 130, 4, 64, dtype=F16)
+    a = run_flash("cuda_emu", q, k, v, dout, causal=True)
+    b = run_flash("cuda_emu", q, k, v, dout, causal=True)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_auto_never_picks_cuda_emu():
+    for dtype in (F16, BF16, torch.float32):
+        assert select(Call(torch.device("cpu"), dtype, 64)) != "cuda_emu"
+
+
+@pytest.mark.parametrize("call, reason", [
+    (Call(torch.device("cpu"), torch.float32, 64), "dtype"),
+    (Call(torch.device("cpu"), F16, 300), "head_dim"),
+    (Call(torch.device("cpu"), F16, 64, frozenset({"softcap"})), "softcap"),
+    (Call(torch.device("cpu"), F16, 64, frozenset({"varlen"})), "varlen"),
+    (Call(torch.device("cpu"), F16, 64, frozenset({"dropout"})), "dropout"),
+    (Call(torch.device("cpu"), F16, 64, frozenset({"attn_mask"})), "attn_mask"),
+    (Call(torch.device("cpu"), F16, 64, frozenset({"alibi"})), "alibi"),
+])
+def test_capability_check_declines(call, reason):
+    from flashattn_lite.backends import cuda, cuda_emu
+    assert reason in cuda_emu.supports(call)
+    assert cuda.supports(Call(torch.device("cuda"), call.dtype, call.head_dim, call.features)) is not None
+
+
+def test_forced_backend_raises_for_fp32():
+    q, k, v = make_qkv(1, 8, 8, 1, 1, 32, torch.float32)
+    with fl.use_backend("cuda_emu"), pytest.raises(RuntimeError, match="cuda_emu"):
+        fl.flash_attn_func(q, k, v)
+
+
+def test_operator_validates_before_launch():
+    from flashattn_lite.backends import cuda_emu
+    ops = cuda_emu._ops()
+    q = torch.randn(1, 8, 3, 32, dtype=F16)
+    k = torch.randn(1, 8, 2, 32, dtype=F16)
+    args = (None, None, 0, 0, None, 0.1, 0, -1, -1, 0.0, None, 0.0, 0)
+    with pytest.raises(RuntimeError, match="multiple of the number of kv heads"):
+        ops.fwd(q, k, k, *args)
+    with pytest.raises(RuntimeError, match="float16 and bfloat16"):
+        ops.fwd(q.float(), k.float(), k.float(), *args)
+    with pytest.raises(RuntimeError, match="unit stride"):
+        ops.fwd(q.transpose(1, 3).contiguous().transpose(1, 3)[:, :, :2], k, k, *args)
+    with pytest.raises(RuntimeError, match="dropout"):
+        ops.fwd(q[:, :, :2], k, k, *args[:11], 0.5, 0)
+    with pytest.raises(RuntimeError, match="softcap"):
+        ops.fwd(q[:, :, :2], k, k, *args[:9], 1.0, None, 0.0, 0)
