@@ -190,7 +190,7 @@ KERNELS = {"fwd": "fwd_kernel", "bwd_dkdv": "bwd_dkdv_kernel", "bwd_dq": "bwd_dq
 def shipped_configs(score_mods=False):
     """Every (table, arch, dtype class, padded head dim, config) a call can use; with
     ``score_mods``, the configs of calls with softcap or ALiBi."""
-    for name, table in (("fwd", _FWD), ("bwd_dkdv", _BWD_DKDV), ("bwd_dq", _BWD_DQ)):
+    for name, table in (("fwd", _FWD), ("bwd_dkdv", _BWD_DKDV), ("bwd_dq", _BWD_DQ), *_DECODE_TABLES):
         for (arch, dclass, hd), cfg in sorted(table.items()):
             if score_mods:
                 cfg = _WITH_SCORE_MODS.get((name, arch, dclass, hd), cfg)
@@ -211,3 +211,56 @@ def override(kernel: str, config: KernelConfig):
             _overrides.pop(kernel, None)
         else:
             _overrides[kernel] = previous
+
+
+# ------------------------------------------------------------------ KV-cache decoding
+# decode_split_kernel (triton_kernels/decode.py): block_m rows = the query rows of one GQA
+# group (group x seqlen_q, usually a handful), so 16, the smallest tl.dot tile; block_n
+# cache positions per step, as many as fit: decoding streams the cache once and is bound
+# by memory, not by the products.  combine_kernel: block_n = splits merged per step
+# (block_m unused).  16-row tiles are below sm_90's 64-row warp-group MMA, so the split
+# kernel uses mma.sync there (listed in SM90_MMA_SYNC below).
+_DECODE_SPLIT = {}
+for _arch in ("sm80", "sm90"):
+    _DECODE_SPLIT.update({
+        (_arch, "lowp", 16): KernelConfig(16, 128, 4, 3),
+        (_arch, "lowp", 32): KernelConfig(16, 128, 4, 3),
+        (_arch, "lowp", 64): KernelConfig(16, 128, 4, 3),
+        (_arch, "lowp", 128): KernelConfig(16, 64, 4, 3),
+        (_arch, "lowp", 256): KernelConfig(16, 64, 8, 2),
+        (_arch, "fp32", 16): KernelConfig(16, 128, 4, 2),
+        (_arch, "fp32", 32): KernelConfig(16, 64, 4, 2),
+        (_arch, "fp32", 64): KernelConfig(16, 64, 4, 2),
+        (_arch, "fp32", 128): KernelConfig(16, 32, 4, 2),
+        (_arch, "fp32", 256): KernelConfig(16, 32, 8, 2),
+    })
+# sm_90 fp32: the sm_80 configs spill there (1120 and 56 bytes); these do not
+_DECODE_SPLIT[("sm90", "fp32", 128)] = KernelConfig(16, 32, 8, 2)
+_DECODE_SPLIT[("sm90", "fp32", 256)] = KernelConfig(16, 32, 8, 1)
+_COMBINE = {(arch, dclass, hd): KernelConfig(1, 16, 4 if hd <= 128 else 8, 1)
+            for arch in ("sm80", "sm90") for dclass in ("lowp", "fp32") for hd in HEAD_DIM_BUCKETS}
+_DECODE_TABLES = (("decode_split", _DECODE_SPLIT), ("combine", _COMBINE))
+KERNELS.update(decode_split="decode_split_kernel", combine="combine_kernel")
+# kernels without a matrix product (no tensor-core instructions to expect)
+ELEMENTWISE_KERNELS = ("combine",)
+for _hd in HEAD_DIM_BUCKETS:
+    for _mods in (False, True):
+        SM90_MMA_SYNC[("decode_split", "lowp", _hd, _mods)] = (
+            "16-row tiles (the query rows of one GQA group while decoding) are below the 64 rows of a warp-group "
+            "MMA; padding them to 64 would multiply the product work by 4 for no gain in a memory-bound kernel")
+
+# The interpreter: 16-key tiles and 2 splits merged per combine step, so tiny test
+# shapes cross tiles, pages and combine steps.
+_INTERPRETER_COMBINE = KernelConfig(1, 2, 4, 1)
+
+
+def decode_split_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False) -> KernelConfig:
+    """Config of ``decode_split_kernel``."""
+    return _lookup(_DECODE_SPLIT, "decode_split", head_dim, dtype, capability, score_mods)
+
+
+def combine_config(head_dim: int, dtype: torch.dtype, capability=None) -> KernelConfig:
+    """Config of ``combine_kernel`` (block_n = splits merged per step)."""
+    if "combine" not in _overrides and arch_name(capability) == "interp":
+        return _INTERPRETER_COMBINE
+    return _lookup(_COMBINE, "combine", head_dim, dtype, capability)
