@@ -1,0 +1,358 @@
+"""The Hugging Face backend "fa_lite" on tiny random models built from configs (nothing downloaded).
+
+Tolerance, the project's scheme (flashattn_lite.testing.compare) applied to whole models:
+the oracle is the same model in float64 with eager attention; ours (float32, fa_lite)
+passes when ``max|ours - ref| <= factor * max|baseline - ref| + rounding`` with the
+baseline the float32 model under eager attention or sdpa (whichever is further from the
+oracle), factor 2 for logits and 3 for gradients.  Padding query positions carry no
+meaning in transformers (eager gives them arbitrary values) and are excluded.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import flashattn_lite.integrations.transformers as fat  # noqa: E402
+from flashattn_lite.testing import FWD_FACTOR, GRAD_FACTOR, compare  # noqa: E402
+
+fat.register()
+
+VOCAB = 96
+
+
+def _config(family, **over):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64, attention_dropout=0.0)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(num_key_value_heads=2, **common)  # GQA 4/2
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(num_key_value_heads=2, use_sliding_window=True, sliding_window=5,
+                                       max_window_layers=1, **common)  # layer 0 full, layer 1 sliding
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(num_key_value_heads=1, sliding_window=4, **common)  # MQA, window 4
+    elif family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2,
+                                      attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    elif family == "bert":
+        cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=96, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0)
+    else:
+        raise ValueError(family)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _auto(family):
+    return transformers.AutoModelForMaskedLM if family == "bert" else transformers.AutoModelForCausalLM
+
+
+_MODELS = {}
+
+
+def _models(family):
+    """{impl: model} sharing one set of random weights: eager64 (oracle), eager32, sdpa32, fa_lite32."""
+    if family not in _MODELS:
+        torch.manual_seed(1234)
+        base = _auto(family).from_config(_config(family), attn_implementation="eager").eval()
+        models = {"eager64": copy.deepcopy(base).double(), "eager32": base}
+        for impl in ("sdpa", "fa_lite"):
+            m = _auto(family).from_config(_config(family), attn_implementation=impl).eval()
+            m.load_state_dict(base.state_dict())
+            models[impl + "32"] = m
+        _MODELS[family] = models
+    return _MODELS[family]
+
+
+def _batch(side, batch=3, seqlen=11):
+    ids = torch.randint(1, VOCAB, (batch, seqlen))
+    mask = torch.ones(batch, seqlen, dtype=torch.long)
+    for b, n in enumerate((0, 3, 6)[:batch]):
+        if n:
+            if side == "left":
+                mask[b, :n] = 0
+            else:
+                mask[b, seqlen - n:] = 0
+    return ids, mask
+
+
+def _check(name, ours, ref, baselines, factor):
+    base = max(baselines, key=lambda t: (t.double() - ref).abs().max().item())
+    c = compare(name, ours, ref, base, torch.float32, factor, ref.abs().max().item())
+    assert c.ok, str(c)
+    return c
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "bert"]
+
+
+def _positions(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _loss(family, logits, ids, mask):
+    """Summed cross-entropy over real tokens (next token for causal LMs, the token itself for BERT)."""
+    if family == "bert":
+        keep = mask.bool()
+        return torch.nn.functional.cross_entropy(logits[keep], ids[keep], reduction="sum")
+    keep = (mask[:, :-1] * mask[:, 1:]).bool()
+    return torch.nn.functional.cross_entropy(logits[:, :-1][keep], ids[:, 1:][keep], reduction="sum")
+
+
+def _run(family, model, ids, mask, grads=False):
+    """logits (NaN-free at real tokens) and, with ``grads``, the flattened parameter gradients of
+    the mean loss over real tokens."""
+    model.zero_grad(set_to_none=True)
+    model.train(grads)
+    try:
+        with torch.set_grad_enabled(grads):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
+            if grads:
+                count = mask.sum() if family == "bert" else (mask[:, :-1] * mask[:, 1:]).sum()
+                (_loss(family, logits, ids, mask) / count).backward()
+    finally:
+        model.eval()
+    g = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]) if grads else None
+    return logits.detach(), g
+
+
+def _oracle(family, ids, mask, grads=False):
+    """float64 eager attention, each sequence alone and unpadded (eager itself turns padding
+    rows into NaN in float64: its softmax runs in float32 where the float64 mask value is
+    -inf), assembled into the padded batch's layout; gradients of the same mean loss."""
+    model = _models(family)["eager64"]
+    model.zero_grad(set_to_none=True)
+    model.train(grads)
+    logits = torch.full(ids.shape + (VOCAB,), float("nan"), dtype=torch.float64)
+    count = mask.sum() if family == "bert" else (mask[:, :-1] * mask[:, 1:]).sum()
+    try:
+        with torch.set_grad_enabled(grads):
+            for b in range(ids.shape[0]):
+                keep = mask[b].bool()
+                one_ids = ids[b][keep][None]
+                one_mask = torch.ones_like(one_ids)
+                out = model(input_ids=one_ids, attention_mask=one_mask, position_ids=_positions(one_mask)).logits
+                logits[b, keep] = out[0].detach()
+                if grads:
+                    (_loss(family, out, one_ids, one_mask) / count).backward()
+    finally:
+        model.eval()
+    g = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]) if grads else None
+    return logits, g
+
+
+def _check(name, ours, ref, baselines, factor):
+    base = max(baselines, key=lambda t: (t.double() - ref).abs().max().item())
+    c = compare(name, ours, ref, base, torch.float32, factor, ref.abs().max().item())
+    assert c.ok, str(c)
+    return c
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_logits_padded_batch_match_eager(family, side):
+    models = _models(family)
+    ids, mask = _batch(side)
+    out = {impl: _run(family, models[impl], ids, mask)[0] for impl in ("eager32", "sdpa32", "fa_lite32")}
+    ref, _ = _oracle(family, ids, mask)
+    valid = mask.bool()
+    _check("logits", out["fa_lite32"][valid], ref[valid], [out["eager32"][valid], out["sdpa32"][valid]],
+           FWD_FACTOR)
+
+
+def test_no_seqlen_by_seqlen_mask_for_padding(monkeypatch):
+    """Padding + causal (prefill and decode steps) never builds the q x kv mask."""
+    def forbidden(self):
+        raise AssertionError("dense mask materialised")
+
+    monkeypatch.setattr(fat.MaskPlan, "dense", forbidden)
+    for family in ("llama", "mistral"):
+        m = _models(family)["fa_lite32"]
+        for side in ("left", "right"):
+            ids, mask = _batch(side)
+            with torch.no_grad():
+                m(input_ids=ids, attention_mask=mask)
+        ids, mask = _batch("left")
+        m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2", "qwen2"])
+def test_generate_left_padding_same_greedy_tokens(family):
+    models = _models(family)
+    ids, mask = _batch("left")
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    eager = models["eager32"].generate(**kw)
+    ours = models["fa_lite32"].generate(**kw)
+    assert torch.equal(eager, ours)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_step_gradients_match_eager(family):
+    models = _models(family)
+    ids, mask = _batch("left" if family in ("llama", "qwen2") else "right")
+    res = {impl: _run(family, models[impl], ids, mask, grads=True) for impl in ("eager32", "sdpa32", "fa_lite32")}
+    _, ref = _oracle(family, ids, mask, grads=True)
+    _check("grads", res["fa_lite32"][1], ref, [res["eager32"][1], res["sdpa32"][1]], GRAD_FACTOR)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_packed_sequences_via_position_ids(family):
+    """Three sequences packed in one row, marked by position_ids restarting at 0: equal to
+    eager on the packed row and to running each sequence alone."""
+    models = _models(family)
+    lengths = (4, 7, 5)
+    ids = torch.randint(1, VOCAB, (1, sum(lengths)))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        out = {impl: m(input_ids=ids, position_ids=pos, use_cache=False).logits for impl, m in models.items()}
+        alone = []
+        start = 0
+        for n in lengths:
+            alone.append(models["eager64"](input_ids=ids[:, start:start + n], use_cache=False).logits)
+            start += n
+    ref = torch.cat(alone, dim=1)
+    torch.testing.assert_close(out["eager64"], ref)  # eager itself treats them as separate sequences
+    _check("packed logits", out["fa_lite32"], ref, [out["eager32"], out["sdpa32"]], FWD_FACTOR)
+
+
+def test_training_with_attention_dropout_uses_the_kernel():
+    from flashattn_lite.testing import record_dropout
+
+    torch.manual_seed(0)
+    cfg = _config("llama", attention_dropout=0.3)
+    m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="fa_lite").train()
+    ids, mask = _batch("right")
+    with record_dropout() as calls:
+        out = m(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    assert calls and all(c.p == pytest.approx(0.3) for c in calls)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    m.eval()
+    with record_dropout() as calls, torch.no_grad():
+        m(input_ids=ids, attention_mask=mask)
+    assert not calls  # no dropout in eval mode
+
+
+def test_registration_paths(tmp_path):
+    models = _models("llama")
+    ids, mask = _batch("left")
+    with torch.no_grad():
+        expected = models["fa_lite32"](input_ids=ids, attention_mask=mask).logits
+    # set_attn_implementation on a live model
+    m = copy.deepcopy(models["eager32"])
+    m.set_attn_implementation("fa_lite")
+    assert m.config._attn_implementation == "fa_lite"
+    # from_pretrained from a local directory
+    models["eager32"].save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fa_lite").eval()
+    assert loaded.config._attn_implementation == "fa_lite"
+    with torch.no_grad():
+        for model in (m, loaded):
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="flash"):
+        fat.register("my_flash")
+
+
+def test_custom_4d_mask_and_unrecognised_pattern_are_honoured():
+    """A user's own 4-D mask, and a mask function this backend does not recognise (an
+    or_mask_function overlay), are served exactly: dense mask, same answer as eager."""
+    models = _models("llama")
+    ids, mask = _batch("right")
+    s = ids.shape[1]
+    custom = torch.tril(torch.ones(s, s, dtype=torch.bool))
+    custom[:, 0] = True
+    custom4 = torch.where(custom, 0.0, torch.finfo(torch.float32).min)[None, None].expand(3, 1, s, s)
+    with torch.no_grad():
+        out = {impl: m(input_ids=ids, attention_mask=custom4.to(m.dtype)).logits for impl, m in models.items()}
+    _check("4-D mask logits", out["fa_lite32"], out["eager64"], [out["eager32"], out["sdpa32"]], FWD_FACTOR)
+
+    from transformers.masking_utils import create_causal_mask
+
+    def see_first(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx == 0
+
+    cfg = models["fa_lite32"].config
+    emb = torch.zeros(3, s, 8)
+    ours = create_causal_mask(config=cfg, inputs_embeds=emb, attention_mask=mask.bool(), cache=None,
+                              or_mask_function=see_first)
+    plan = getattr(ours, fat._PLAN_ATTR)
+    assert plan.pattern is None  # unrecognised: the dense mask is what it runs with
+    cfg_e = copy.deepcopy(cfg)
+    cfg_e._attn_implementation = "sdpa"
+    dense = create_causal_mask(config=cfg_e, inputs_embeds=emb, attention_mask=mask.bool(), cache=None,
+                               or_mask_function=see_first)
+    assert torch.equal(plan.dense(), dense)
+
+
+def test_unsupported_call_falls_back_to_sdpa_with_one_warning():
+    """Head dim 272 (> 256): served by sdpa, warned about once, same answer as eager."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=272, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=32)
+    eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    ours = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="fa_lite").eval()
+    ours.load_state_dict(eager.state_dict())
+    ids, mask = _batch("left", seqlen=6)
+    fat._warned.clear()
+    with warnings.catch_warnings(record=True) as w, torch.no_grad():
+        warnings.simplefilter("always")
+        a = ours(input_ids=ids, attention_mask=mask).logits
+        ours(input_ids=ids, attention_mask=mask)
+    msgs = [str(x.message) for x in w if "falling back to sdpa" in str(x.message)]
+    assert len(msgs) == 1 and "head dim 272" in msgs[0]
+    with torch.no_grad():
+        b = eager(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(a[valid], b[valid], rtol=1e-4, atol=1e-5)
+
+
+def test_plan_matches_transformers_dense_masks():
+    """The compact plan, run through the kernel, against the dense mask transformers builds,
+    for mask shapes the models above do not all reach: decode offsets, sliding caches,
+    bidirectional windows, rows of pure padding, holes in the padding (dense fallback)."""
+    from transformers import masking_utils as mu
+
+    def run_both(mask_function, b, sq, sk, q_off, kv_off, pad):
+        plan_t = fat.fa_lite_mask(b, sq, sk, q_off, kv_off, mask_function=mask_function, attention_mask=pad)
+        plan = getattr(plan_t, fat._PLAN_ATTR)
+        q = torch.randn(b, 4, sq, 8, dtype=torch.float64)
+        k = torch.randn(b, 2, sk, 8, dtype=torch.float64)
+        v = torch.randn(b, 2, sk, 8, dtype=torch.float64)
+        ours, _ = fat.fa_lite_attention_forward(torch.nn.Module(), q, k, v, plan_t)
+        dense = mu.sdpa_mask(batch_size=b, q_length=sq, kv_length=sk, q_offset=q_off, kv_offset=kv_off,
+                             mask_function=mask_function, attention_mask=pad, allow_is_causal_skip=False)
+        kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        scores = (q @ kk.transpose(-1, -2)) * 8 ** -0.5
+        scores = scores.masked_fill(~dense, float("-inf"))
+        ref = torch.nan_to_num(torch.softmax(scores, -1), nan=0.0) @ vv
+        ref = ref.transpose(1, 2)
+        # rows compared: real query tokens (a query's own key is real), or every row when bidirectional
+        rows = torch.ones(b, sq, dtype=torch.bool)
+        if pad is not None and mask_function is not mu.bidirectional_mask_function:
+            padded = torch.nn.functional.pad(pad, (0, max(0, q_off + sq - pad.shape[1])))
+            rows = padded[:, q_off:q_off + sq].bool()
+        torch.testing.assert_close(ours[rows], ref[rows], rtol=1e-9, atol=1e-9)
+        return plan
+
+    pad_left = torch.tensor([[1] * 9, [0, 0, 0] + [1] * 6, [0] * 9], dtype=torch.bool)
+    pad_right = torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 2 + [0] * 7], dtype=torch.bool)
+    causal, bidir = mu.causal_mask_function, mu.bidirectional_mask_function
+    sw = mu.sliding_window_causal_mask_function(3)
+    for fn in (causal, sw):
+        for pad in (None, pad_left, pad_right):
+            assert run_both(fn, 3, 9, 9, 0, 0, pad)._layout[1][0] in ("dense", "padded")
+        assert run_both(fn, 3, 1, 9, 8, 0, pad_left)._layout[1][0] == "padded"  # decode step
+        assert run_both(fn, 3, 2, 9, 7, 0, pad_left)._layout[1][0] == "padded"  # two-token step
+    run_both(sw, 3, 1, 4, 8, 5, pad_left)  # sliding-window cache: keys 5..8 only
+    for pad in (None, pad_right, pad_left):
+        run_both(bidir, 3, 9, 9, 0, 0, pad)
+        run_both(mu.sliding_window_bidirectional_mask_function(2), 3, 9, 9, 0, 0, pad)
+    holes = pad_right.clone()
+    holes[0, 4] = False
+    assert run_both(causal, 3, 9, 9, 0, 0, holes)._layout[1][0] == "mask"
