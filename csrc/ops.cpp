@@ -30,4 +30,5 @@ TORCH_LIBRARY(flashattn_lite_C, m) {
         "float softmax_scale, int diag_offset, int window_left, int window_right, float softcap, "
         "Tensor? alibi_slopes, float dropout_p, int dropout_seed, bool bias_grad, bool deterministic) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seqlens_k, Tensor? leftpad, float softmax_scale, int window_left, int window_right, float softcap, Tensor? alibi_slopes, int num_splits) -> (Tensor, Tensor)");  // KV-cache decoding: cpu/decode_cpu.cpp
 }

@@ -13,7 +13,7 @@ import flashattn_lite as fl
 from flashattn_lite.backends.reference import attention_math
 from flashattn_lite.testing import check_against_reference
 
-BACKENDS = ["reference", "triton"]  # cpu: added with its kernel
+BACKENDS = ["reference", "triton", "cpu"]
 
 
 # ------------------------------------------------------------------ oracle

@@ -14,7 +14,7 @@ from .base import missing_features
 
 NAME = "cpu"
 FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "softcap", "alibi",
-            "varlen", "attn_mask", "dropout")
+            "varlen", "attn_mask", "dropout", "kv-cache")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _warned = []
 
@@ -69,3 +69,13 @@ def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
     dq, dk, dv, dbias = _ensure_built().bwd(dout, dlse, q, k, v, out, lse, *_param_args(p), bool(bias_grad),
                                             bool(deterministic))
     return dq, dk, dv, (dbias if bias_grad else None)
+
+
+# ------------------------------------------------------------------ KV-cache decoding
+
+
+def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p, max_seqlen_k, num_splits):
+    """csrc/cpu/decode_cpu.cpp: split-KV over (batch, kv head, split) tasks; ``num_splits=0``
+    picks enough splits to occupy every thread (keeping >= 256 positions per split)."""
+    return _ensure_built().decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p.softmax_scale,
+                                  p.window_left, p.window_right, p.softcap, p.alibi_slopes, num_splits)
