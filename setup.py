@@ -41,7 +41,7 @@ setup(
     packages=["flashattn_lite", "flashattn_lite.backends", "flashattn_lite.integrations",
               "flashattn_lite.triton_kernels", "flashattn_lite.csrc"],
     package_dir={"flashattn_lite.triton_kernels": "triton_kernels", "flashattn_lite.csrc": "csrc"},
-    package_data={"flashattn_lite.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*"],
+    package_data={"flashattn_lite.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*", "cuda/emu/*"],
                   "flashattn_lite": ["_C.key"]},
     install_requires=["torch>=2.4", "triton>=3.0", "ninja", "einops", "filelock"],
     extras_require={"bench": ["matplotlib"], "test": ["pytest", "hypothesis", "matplotlib", "transformers>=5"]},
