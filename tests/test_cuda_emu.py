@@ -22,7 +22,8 @@ F16, BF16 = torch.float16, torch.bfloat16
 
 @pytest.fixture(scope="module", autouse=True)
 def _emu():
-    ok, why = fl.available_backends()["cuda_emu"]
+    from flashattn_lite.backends import cuda_emu
+    ok, why = cuda_emu.available()
     if not ok:
         pytest.skip(why)
 
@@ -108,8 +109,11 @@ def test_backward_is_bitwise_deterministic():
 
 
 def test_auto_never_picks_cuda_emu():
-    for dtype in (F16, BF16, torch.float32):
-        assert select(Call(torch.device("cpu"), dtype, 64)) != "cuda_emu"
+    from flashattn_lite import backends
+    assert all("cuda_emu" not in order for order in backends._AUTO_ORDER.values())
+    assert "cuda_emu" in backends.BACKENDS  # listed (available_backends, info), never auto
+    for device in ("cuda", "meta"):
+        assert select(Call(torch.device(device), F16, 64)) != "cuda_emu"
 
 
 @pytest.mark.parametrize("call, reason", [
@@ -149,3 +153,8 @@ def test_operator_validates_before_launch():
         ops.fwd(q[:, :, :2], k, k, *args[:11], 0.5, 0)
     with pytest.raises(RuntimeError, match="softcap"):
         ops.fwd(q[:, :, :2], k, k, *args[:9], 1.0, None, 0.0, 0)
+
+
+@pytest.mark.parametrize("sq, sk", [(0, 20), (20, 0), (1, 1)])
+def test_empty_and_single_sequences(sq, sk):
+    check_case("cuda_emu", 1, sq, sk, 2, 1, 64, BF16, causal=True)

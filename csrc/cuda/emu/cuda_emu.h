@@ -46,6 +46,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -526,20 +528,12 @@ inline void cp_async_wait(int n) {  // all but the newest n committed groups are
 
 // ---------------------------------------------------------------- launches
 struct FuncAttr { size_t max_dynamic_smem = 48 * 1024; };
-inline std::vector<std::pair<const void*, FuncAttr>>& attrs() {
-  static std::vector<std::pair<const void*, FuncAttr>> a;
-  return a;
-}
+// Per-kernel attributes (cudaFuncSetAttribute), keyed by the kernel's address.
 inline FuncAttr& attr_of(const void* f) {
-  static std::atomic_flag lock = ATOMIC_FLAG_INIT;
-  while (lock.test_and_set()) {}
-  auto& a = attrs();
-  for (auto& e : a)
-    if (e.first == f) { lock.clear(); return e.second; }
-  a.emplace_back(f, FuncAttr{});
-  FuncAttr& r = a.back().second;
-  lock.clear();
-  return r;
+  static std::map<const void*, FuncAttr> attrs;  // node based: references stay valid
+  static std::mutex lock;
+  std::lock_guard<std::mutex> guard(lock);
+  return attrs[f];
 }
 
 // How blocks of a grid are spread over OS threads; set by the torch binding.
@@ -556,10 +550,10 @@ inline void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) throw std::runtime_error("cuda_emu: empty grid");
   if (grid.y > 65535 || grid.z > 65535) throw std::runtime_error("cuda_emu: grid.y/z above 65535");
   if (block.x * block.y * block.z > 1024) throw std::runtime_error("cuda_emu: more than 1024 threads");
-  const FuncAttr& fa = attr_of(reinterpret_cast<const void*>(kernel));
-  if (smem > fa.max_dynamic_smem)
+  const size_t limit = attr_of(reinterpret_cast<const void*>(kernel)).max_dynamic_smem;
+  if (smem > limit)
     throw std::runtime_error("cuda_emu: dynamic shared memory " + std::to_string(smem) +
-                             " B above the kernel's limit " + std::to_string(fa.max_dynamic_smem) +
+                             " B above the kernel's limit " + std::to_string(limit) +
                              " B (cudaFuncSetAttribute missing?)");
   std::function<void()> body = [&]() { kernel(args...); };
   const int64_t n = static_cast<int64_t>(grid.x) * grid.y * grid.z;
