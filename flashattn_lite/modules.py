@@ -123,6 +123,7 @@ class FlashAttention(nn.MultiheadAttention):
         key_padding_mask = _check_mask_dtype("key_padding_mask", key_padding_mask)
         attn_mask = _check_mask_dtype("attn_mask", attn_mask)
 
+        self_attention = query is key and key is value  # decided before any view is taken
         batched = query.dim() == 3
         if query.dim() not in (2, 3):
             raise ValueError(f"query must be 2-D (L, E) unbatched or 3-D batched, got shape {tuple(query.shape)}")
@@ -183,10 +184,10 @@ class FlashAttention(nn.MultiheadAttention):
         if key_padding_mask is not None and key_padding_mask.device != query.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but query is on {query.device}")
 
-        q, k, v = self._project(query, key, value)  # (N, L|S, E)
-        q = q.view(bsz, tgt_len, heads, head_dim)
-        k = k.view(bsz, k.shape[1], heads, head_dim)
-        v = v.view(bsz, v.shape[1], heads, head_dim)
+        q, k, v = self._project(query, key, value, self_attention)  # (N, L|S, E)
+        q = q.reshape(bsz, tgt_len, heads, head_dim)
+        k = k.reshape(bsz, k.shape[1], heads, head_dim)
+        v = v.reshape(bsz, v.shape[1], heads, head_dim)
 
         extra = 0  # keys appended after the inputs (bias_k, zero attention), visible to every query
         if self.bias_k is not None:
@@ -242,12 +243,12 @@ class FlashAttention(nn.MultiheadAttention):
             out = out.transpose(0, 1)
         return out, weights
 
-    def _project(self, query, key, value):
+    def _project(self, query, key, value, self_attention):
         e = self.embed_dim
         if self._qkv_same_embed_dim:
             w = self.in_proj_weight
             b = self.in_proj_bias
-            if query is key and key is value:  # self-attention: one GEMM, then views
+            if self_attention:  # one GEMM, then views
                 return F.linear(query, w, b).chunk(3, dim=-1)
             wq, wk, wv = w[:e], w[e:2 * e], w[2 * e:]
         else:
@@ -274,10 +275,13 @@ def swap_attention(model, share_parameters=True):
     """
     if isinstance(model, nn.MultiheadAttention) and not isinstance(model, FlashAttention):
         return FlashAttention.from_torch(model, share_parameters=share_parameters)
+    converted = {}  # a module registered in several places stays one module
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.MultiheadAttention) and not isinstance(child, FlashAttention):
-                setattr(parent, name, FlashAttention.from_torch(child, share_parameters=share_parameters))
+                if id(child) not in converted:
+                    converted[id(child)] = FlashAttention.from_torch(child, share_parameters=share_parameters)
+                setattr(parent, name, converted[id(child)])
     return model
 
 

@@ -50,7 +50,7 @@ def _supported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return False
     if query.dtype not in SUPPORTED_DTYPES or not (query.dtype == key.dtype == value.dtype):
         return False
-    if not (query.device == key.device == value.device):
+    if not (query.device == key.device == value.device) or query.device.type not in ("cpu", "cuda"):
         return False
     if query.shape[:-3] != key.shape[:-3] or key.shape != value.shape:
         return False  # batch broadcasting or a different value shape: leave it to torch
@@ -63,8 +63,8 @@ def _supported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     if attn_mask is not None:
         if is_causal or not isinstance(attn_mask, torch.Tensor) or attn_mask.device != query.device:
             return False
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            return False
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            return False  # torch rejects a float mask of another dtype; let it say so
         full = tuple(query.shape[:-1]) + (key.shape[-2],)
         try:
             if attn_mask.dim() > len(full) or torch.broadcast_shapes(attn_mask.shape, full) != full:
@@ -85,8 +85,10 @@ def _make_wrapper(original):
         if not kwargs and _supported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
             return _fa_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, enable_gqa=enable_gqa)
+        if enable_gqa:  # only passed on when set: torch < 2.5 has no such argument
+            kwargs["enable_gqa"] = enable_gqa
         return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa, **kwargs)
+                        scale=scale, **kwargs)
 
     scaled_dot_product_attention._flashattn_lite_replaced = original
     return scaled_dot_product_attention

@@ -35,8 +35,9 @@ def _config(family, **over):
     elif family == "mistral":
         cfg = transformers.MistralConfig(num_key_value_heads=1, sliding_window=4, **common)  # MQA, window 4
     elif family == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2,
-                                      attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                      bos_token_id=1, eos_token_id=2, attn_pdrop=0.0, resid_pdrop=0.0,
+                                      embd_pdrop=0.0)
     elif family == "bert":
         cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       intermediate_size=96, max_position_embeddings=64, hidden_dropout_prob=0.0,
@@ -181,11 +182,14 @@ def test_no_seqlen_by_seqlen_mask_for_padding(monkeypatch):
         m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2", "qwen2"])
-def test_generate_left_padding_same_greedy_tokens(family):
+@pytest.mark.parametrize("family,cache", [("llama", "dynamic"), ("llama", "static"), ("mistral", "dynamic"),
+                                          ("mistral", "static"), ("gpt2", "dynamic"), ("qwen2", "dynamic")])
+def test_generate_left_padding_same_greedy_tokens(family, cache):
     models = _models(family)
     ids, mask = _batch("left")
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
     eager = models["eager32"].generate(**kw)
     ours = models["fa_lite32"].generate(**kw)
     assert torch.equal(eager, ours)
@@ -202,22 +206,26 @@ def test_training_step_gradients_match_eager(family):
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_packed_sequences_via_position_ids(family):
-    """Three sequences packed in one row, marked by position_ids restarting at 0: equal to
-    eager on the packed row and to running each sequence alone."""
+    """Three sequences packed in one row, marked by position_ids restarting at 0 (no padding
+    mask): equal to running each sequence alone.  With use_cache=False transformers' eager
+    itself separates them (same layout as ours); with the default cache eager does not, and
+    fa_lite follows flash-attn's convention (as transformers' flash-attn backends do)."""
     models = _models(family)
     lengths = (4, 7, 5)
     ids = torch.randint(1, VOCAB, (1, sum(lengths)))
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     with torch.no_grad():
-        out = {impl: m(input_ids=ids, position_ids=pos, use_cache=False).logits for impl, m in models.items()}
         alone = []
         start = 0
         for n in lengths:
             alone.append(models["eager64"](input_ids=ids[:, start:start + n], use_cache=False).logits)
             start += n
-    ref = torch.cat(alone, dim=1)
-    torch.testing.assert_close(out["eager64"], ref)  # eager itself treats them as separate sequences
-    _check("packed logits", out["fa_lite32"], ref, [out["eager32"], out["sdpa32"]], FWD_FACTOR)
+        ref = torch.cat(alone, dim=1)
+        out = {impl: m(input_ids=ids, position_ids=pos, use_cache=False).logits for impl, m in models.items()}
+        torch.testing.assert_close(out["eager64"], ref)  # eager itself treats them as separate sequences
+        _check("packed logits", out["fa_lite32"], ref, [out["eager32"], out["sdpa32"]], FWD_FACTOR)
+        with_cache = models["fa_lite32"](input_ids=ids, position_ids=pos).logits
+    _check("packed logits (cache on)", with_cache, ref, [out["eager32"], out["sdpa32"]], FWD_FACTOR)
 
 
 def test_training_with_attention_dropout_uses_the_kernel():

@@ -247,7 +247,24 @@ def _int_list(t):
     return [int(x) for x in t.tolist()]
 
 
-def _layout(plan, sq, sk):
+def _segments_from_position_ids(plan, position_ids, sq, sk):
+    """flash-attn's packing convention: with no padding mask and no past tokens, a position id
+    of 0 after a row's first token starts a new sequence.  (B, sq) segment ids, or None."""
+    p = plan.pattern
+    if (p is None or p["segments"] is not None or plan.attention_mask is not None or plan.q_offset != 0
+            or plan.kv_offset != 0 or sq != sk or sq < 2 or not isinstance(position_ids, torch.Tensor)):
+        return None
+    if position_ids.dim() != 2 or position_ids.shape[-1] != sq or position_ids.shape[0] not in (1, plan.batch_size):
+        return None
+    starts = position_ids.expand(plan.batch_size, sq) == 0
+    if not bool(starts[:, 1:].any()):
+        return None
+    starts = starts.clone()
+    starts[:, 0] = True
+    return starts.cumsum(-1)
+
+
+def _layout(plan, sq, sk, position_ids=None):
     """How to run ``plan`` for q length ``sq`` and k length ``sk``: ("dense", k_end) |
     ("padded", ...) | ("packed", ...) | ("mask", None) (the dense bool mask)."""
     p = plan.pattern
@@ -256,8 +273,11 @@ def _layout(plan, sq, sk):
     d = plan.q_offset - plan.kv_offset  # key index j and query index i share a position iff j == i + d
     causal = p["causal"]
     left, right = p["window"]
-    if p["segments"] is not None:
-        seg = p["segments"]
+    seg = p["segments"]
+    if seg is None:
+        seg = _segments_from_position_ids(plan, position_ids, sq, sk)
+    if seg is not None:
+        seg = seg.expand(plan.batch_size, -1) if seg.shape[0] == 1 else seg
         if plan.attention_mask is not None or d != 0 or sq != sk or tuple(seg.shape) != (plan.batch_size, sq):
             return ("mask", None)
         starts = torch.ones(seg.shape, dtype=torch.bool, device=seg.device)
@@ -303,13 +323,13 @@ def _layout(plan, sq, sk):
     return ("padded", ks, ke, qs, qe)
 
 
-def _run_plan(plan, q, k, v, scale, softcap, dropout):
+def _run_plan(plan, q, k, v, scale, softcap, dropout, position_ids=None):
     """q (B, Sq, Hq, D), k/v (B, Sk, Hk, D) (views) -> out (B, Sq, Hq, D)."""
     batch, sq, hq, dim = q.shape
     sk = k.shape[1]
     key = (sq, sk)
     if plan._layout is None or plan._layout[0] != key:
-        plan._layout = (key, _layout(plan, sq, sk))
+        plan._layout = (key, _layout(plan, sq, sk, position_ids))
     layout = plan._layout[1]
     p = plan.pattern
     kw = dict(softmax_scale=scale, softcap=softcap, dropout_p=dropout)
@@ -417,7 +437,7 @@ def fa_lite_attention_forward(module, query, key, value, attention_mask, dropout
         if (plan.batch_size, plan.q_length, plan.kv_length) != (q.shape[0], sq, sk):
             return _fallback(f"mask built for (batch, q, kv) = {(plan.batch_size, plan.q_length, plan.kv_length)} "
                              f"used with {(q.shape[0], sq, sk)}", *args)
-        out = _run_plan(plan, q, k, v, scale, softcap, dropout)
+        out = _run_plan(plan, q, k, v, scale, softcap, dropout, kwargs.get("position_ids"))
         if out is None:
             return _fallback("softcap with a mask pattern only a dense mask describes", *args)
         return out, None
