@@ -21,7 +21,11 @@
   when no row is padded, otherwise :func:`flash_attn_varlen_func` over each row's
   contiguous key range (left or right padding, KV-cache decoding with left padding) or
   over the packed sequences.  GQA runs without repeating K/V; sliding windows, softcap,
-  the model's scaling and dropout map onto the kernel's arguments.
+  the model's scaling and dropout map onto the kernel's arguments.  Packed sequences are
+  those transformers' mask marks (``position_ids`` given, no padding mask, no cache) and,
+  following flash-attn's convention as transformers' flash-attn backends do, also a
+  ``position_ids`` restarting at 0 with no padding mask and no past tokens while a cache
+  is in use (where eager attention would let the sequences see each other).
 
 Outputs at *padding query positions* are 0 (as with flash-attn): those positions carry
 no meaning in transformers (losses and generation ignore them), and eager attention
