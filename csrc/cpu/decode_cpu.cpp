@@ -20,12 +20,15 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace flashattn_lite {
@@ -41,19 +44,46 @@ struct DecodeShape {
   double scale, softcap;
 };
 
-template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
-  // four independent partial sums: vectorisable without reassociation flags
-  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  Vec<T> acc(T(0));
   int64_t d = 0;
-  for (; d + 4 <= n; d += 4) {
-    s0 += a[d] * b[d];
-    s1 += a[d + 1] * b[d + 1];
-    s2 += a[d + 2] * b[d + 2];
-    s3 += a[d + 3] * b[d + 3];
+  for (; d + Vec<T>::size() <= n; d += Vec<T>::size()) acc = at::vec::fmadd(Vec<T>::loadu(a + d), Vec<T>::loadu(b + d), acc);
+  T s = at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return x + y; }, acc);
+  for (; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// y += w * x
+template <typename T>
+inline void axpy(T* y, const T* x, T w, int64_t n) {
+  const Vec<T> wv(w);
+  int64_t d = 0;
+  for (; d + Vec<T>::size() <= n; d += Vec<T>::size())
+    at::vec::fmadd(wv, Vec<T>::loadu(x + d), Vec<T>::loadu(y + d)).store(y + d);
+  for (; d < n; ++d) y[d] += w * x[d];
+}
+
+// x[j] = exp(x[j] - shift) in place; returns the sum
+template <typename T>
+inline T exp_shifted_sum(T* x, int64_t n, T shift) {
+  const Vec<T> sv(shift);
+  Vec<T> acc(T(0));
+  int64_t j = 0;
+  for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
+    const Vec<T> e = (Vec<T>::loadu(x + j) - sv).exp();
+    e.store(x + j);
+    acc = acc + e;
   }
-  for (; d < n; ++d) s0 += a[d] * b[d];
-  return (s0 + s1) + (s2 + s3);
+  T s = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] - shift);
+    s += x[j];
+  }
+  return s;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -80,6 +110,8 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
   at::parallel_for(0, B * Hk * S, 1, [&](int64_t begin, int64_t finish) {
     std::vector<acc_t> qf(R * D), acc(R * D), m(R), l(R), kt(kDecodeKeyTile * D), vt(kDecodeKeyTile * D);
     std::vector<acc_t> sc(kDecodeKeyTile);
+    const acc_t* krow[kDecodeKeyTile];
+    const acc_t* vrow[kDecodeKeyTile];
     for (int64_t task = begin; task < finish; ++task) {
       const int64_t s = task % S, hk = (task / S) % Hk, b = task / (S * Hk);
       const int64_t end = ends[b], start = starts ? starts[b] : 0, offset = end - Sq;
@@ -106,9 +138,14 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
           const int64_t blk = tp[b * tsb + (p / P) * tsp], row = p % P;
           const scalar_t* ks = kp + blk * ksb + row * kss + hk * ksh;
           const scalar_t* vs = vp + blk * vsb + row * vss + hk * vsh;
-          for (int64_t d = 0; d < D; ++d) {
-            kt[j * D + d] = acc_t(ks[d]);
-            vt[j * D + d] = acc_t(vs[d]);
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {  // read the cache in place
+            krow[j] = ks;
+            vrow[j] = vs;
+          } else {  // widen once; the whole group uses the row
+            at::vec::convert(ks, &kt[j * D], D);
+            at::vec::convert(vs, &vt[j * D], D);
+            krow[j] = &kt[j * D];
+            vrow[j] = &vt[j * D];
           }
         }
         for (int64_t r = 0; r < R; ++r) {
@@ -118,27 +155,25 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
           if (sh.right >= 0) jhi = std::min(jhi, qpos + sh.right + 1);
           if (jlo >= jhi) continue;
           const acc_t slope = sp ? acc_t(sp[b * ssb + h * ssh]) : acc_t(0);
+          acc_t* x = &sc[jlo - t0];
+          const int64_t cnt = jhi - jlo;
           acc_t mx = neg_inf;
-          for (int64_t p = jlo; p < jhi; ++p) {
-            acc_t x = dot(&qf[r * D], &kt[(p - t0) * D], D);
-            x = cap > 0 ? cap * std::tanh(x * scale / cap) : x * scale;
-            if (sp) x -= slope * acc_t(std::abs(qpos - p));
-            sc[p - t0] = x;
-            mx = std::max(mx, x);
+          for (int64_t j = 0; j < cnt; ++j) {
+            const int64_t p = jlo + j;
+            acc_t v = dot(&qf[r * D], krow[p - t0], D);
+            v = cap > 0 ? cap * std::tanh(v * scale / cap) : v * scale;
+            if (sp) v -= slope * acc_t(std::abs(qpos - p));
+            x[j] = v;
+            mx = std::max(mx, v);
           }
           const acc_t m_new = std::max(m[r], mx);
           const acc_t alpha = std::exp(m[r] - m_new);  // 0 while m[r] is -inf
           acc_t* a = &acc[r * D];
-          acc_t sum = 0;
           if (alpha != acc_t(1)) {
             for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
           }
-          for (int64_t p = jlo; p < jhi; ++p) {
-            const acc_t w = std::exp(sc[p - t0] - m_new);
-            sum += w;
-            const acc_t* v = &vt[(p - t0) * D];
-            for (int64_t d = 0; d < D; ++d) a[d] += w * v[d];
-          }
+          const acc_t sum = exp_shifted_sum(x, cnt, m_new);
+          for (int64_t j = 0; j < cnt; ++j) axpy(a, vrow[jlo + j - t0], x[j], D);
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
         }
