@@ -158,3 +158,22 @@ def test_operator_validates_before_launch():
 @pytest.mark.parametrize("sq, sk", [(0, 20), (20, 0), (1, 1)])
 def test_empty_and_single_sequences(sq, sk):
     check_case("cuda_emu", 1, sq, sk, 2, 1, 64, BF16, causal=True)
+
+
+def test_binding_schemas_match_ops_cpp():
+    """cuda_emu's operators (and the CUDA binding, which registers into flashattn_lite_C)
+    take exactly csrc/ops.cpp's fwd/bwd schema."""
+    import os
+    import re
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+    def literal(text):
+        return "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', text))
+
+    ops = open(os.path.join(root, "ops.cpp")).read()
+    defs = {literal(d).split("(")[0]: literal(d) for d in re.findall(r"m\.def\((.*?)\);", ops, re.S)}
+    ours = open(os.path.join(root, "cuda", "fa_torch.h")).read()
+    for name, var in (("fwd", "kFwdSchema"), ("bwd", "kBwdSchema")):
+        mine = literal(re.search(var + r" =(.*?);", ours, re.S).group(1))
+        assert mine == defs[name]
