@@ -70,3 +70,23 @@ def test_both_layouts_reach_the_kernel_without_copies(monkeypatch):
     assert seen[0] == tuple(t.data_ptr() for t in bhsd)
     assert seen[1] == tuple(t.data_ptr() for t in bshd)
     assert out.is_contiguous()  # the output comes back in the caller's layout
+
+
+def _feature_args(backend, feature):
+    """Op arguments exercising varlen, a bias that requires grad, or dropout."""
+    if feature == "varlen":
+        q, k, v = (torch.randn(20, 2, 16, requires_grad=True) for _ in range(3))
+        cu = torch.tensor([0, 7, 7, 20], dtype=torch.int32)
+        return (q, k, v, cu, cu, 13, 13, None, 0.25, 0, -1, 0, 0.0, None, 0.0, 0, backend)
+    q, k, v = make_qkv(2, 11, 13, 2, 1, 16, torch.float32)
+    bias = None
+    if feature == "bias":
+        bias = torch.randn(1, 2, 11, 1).requires_grad_().expand(2, 2, 11, 13)
+    dropout = (0.3, 1234) if feature == "dropout" else (0.0, 0)
+    return (q, k, v, None, None, 0, 0, bias, 0.25, 0, -1, -1, 0.0, None, *dropout, backend)
+
+
+@pytest.mark.parametrize("feature", ["varlen", "bias", "dropout"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
+def test_opcheck_features(backend, feature):
+    torch.library.opcheck(torch.ops.flashattn_lite.fwd.default, _feature_args(backend, feature))
