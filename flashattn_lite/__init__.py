@@ -8,7 +8,8 @@ from .sdpa_patch import disable_sdpa_patch, enable_sdpa_patch, patch_sdpa, sdpa_
 
 __version__ = "0.1.0"
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "scaled_dot_product_attention", "use_backend", "available_backends",
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "scaled_dot_product_attention",
+           "use_backend", "available_backends",
            "FlashAttention", "FlashSelfAttention", "FlashCrossAttention", "swap_attention",
            "patch_sdpa", "enable_sdpa_patch", "disable_sdpa_patch", "sdpa_patch_enabled",
            "__version__"]

@@ -33,8 +33,8 @@ import torch
 
 from . import backends
 from . import ops as _ops  # noqa: F401  (registers torch.ops.flashattn_lite.decode)
-from .interface import (_check_alibi, _check_scale, _check_softcap, _check_tensor, _check_window, _select_backend,
-                        _unbounded_if_beyond, MAX_HEAD_DIM)
+from .interface import (MAX_HEAD_DIM, _check_alibi, _check_scale, _check_softcap, _check_tensor, _check_window,
+                        _select_backend, _unbounded_if_beyond)
 
 _LAYOUT = "(batch, seqlen, heads, headdim)"
 _CACHE_LAYOUT = "(batch_cache, seqlen_cache, heads_k, headdim) or, paged, (num_blocks, page_size, heads_k, headdim)"
@@ -341,6 +341,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     backend = _select_backend(device, q.dtype, head_dim, params.features() | {"kv-cache"})
     if q.shape[-1] > 1 and q.stride(-1) != 1:
         q = q.contiguous()
-    out, lse = torch.ops.flashattn_lite.decode(q, k_cache, v_cache, table, seqlens_k, cache_leftpad, max(ends, default=0),
-                                               scale, left, right, softcap, slopes, num_splits, backend)
+    out, lse = torch.ops.flashattn_lite.decode(q, k_cache, v_cache, table, seqlens_k, cache_leftpad,
+                                               max(ends, default=0), scale, left, right, softcap, slopes, num_splits,
+                                               backend)
     return (out, lse) if return_softmax_lse else out

@@ -206,7 +206,8 @@ def combine_kernel(PART_O, PART_LSE, O, LSE,
     for s0 in range(0, num_splits, BLOCK_S):
         splits = s0 + offs_s
         ok = splits < num_splits
-        lse_s = tl.load(lse_base + splits.to(tl.int64) * stride_qsplit, mask=ok, other=float("-inf")) * 1.4426950408889634
+        lse_s = tl.load(lse_base + splits.to(tl.int64) * stride_qsplit, mask=ok, other=float("-inf"))
+        lse_s = lse_s * 1.4426950408889634
         m_new = tl.maximum(m, tl.max(lse_s, 0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         w = tl.exp2(lse_s - m_use)  # 0 for empty splits
