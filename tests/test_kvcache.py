@@ -404,9 +404,58 @@ def test_requires_grad_refused():
         fl.flash_attn_with_kvcache(**case)
 
 
-def test_explicit_backend_without_feature_raises():
+def test_backends_without_kv_cache_decline():
     from flashattn_lite import backends
 
     call = backends.Call(device=torch.device("cpu"), dtype=torch.float16, head_dim=16,
                          features=frozenset({"kv-cache"}))
-    assert backends.BACKENDS["cuda"].supports(call) is not None
+    for name, mod in backends.BACKENDS.items():
+        if "kv-cache" not in mod.FEATURES:
+            assert "kv-cache" in backends.missing_features(call, mod.FEATURES), name
+    with fl.use_backend("cuda"), pytest.raises(RuntimeError, match="'cuda' cannot run this call"):
+        fl.flash_attn_with_kvcache(**make_case(seqlens=(3, 5)))
+
+
+# ------------------------------------------------------------------ property-based
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def kvcache_cases(draw):
+    batch = draw(st.integers(1, 3))
+    hk = draw(st.integers(1, 2))
+    page = draw(st.sampled_from([None, None, 1, 3, 5, 16, 64]))
+    capacity = draw(st.integers(1, 48))
+    snew = draw(st.integers(0, min(3, capacity)))
+    seqlens = [draw(st.integers(0, capacity - snew)) for _ in range(batch)]
+    leftpad = draw(st.sampled_from([None, "some"]))
+    rotary = draw(st.sampled_from([None, None, (8, True), (8, False), (16, True)])) if snew else None
+    d = draw(st.sampled_from([8, 16, 24, 40]))
+    return dict(
+        make=dict(batch=batch, sq=draw(st.integers(1, 4)), hq=hk * draw(st.integers(1, 3)), hk=hk, d=d,
+                  dtype=draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32])), seqlens=tuple(seqlens),
+                  snew=snew, page_size=page, capacity=capacity,
+                  batch_idx=page is None and draw(st.booleans()),
+                  leftpad=None if leftpad is None else tuple(draw(st.integers(0, n)) for n in seqlens),
+                  rotary=None if rotary is None or rotary[0] > d else rotary),
+        run=dict(causal=draw(st.booleans()),
+                 window=draw(st.sampled_from([(-1, -1), (-1, -1), (4, 0), (3, 2), (-1, 1), (9, -1)])),
+                 softcap=draw(st.sampled_from([0.0, 0.0, 4.0])),
+                 alibi=draw(st.sampled_from([None, None, "heads", "batch-heads"])),
+                 num_splits=draw(st.sampled_from([0, 1, 2, 3, 7]))),
+    )
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_property(backend):
+    examples = {"cpu": 40, "triton": 12}[backend]
+
+    @settings(max_examples=examples, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(kvcache_cases())
+    def prop(case):
+        run_case(backend, make_case(**case["make"]), **case["run"])
+
+    prop()
