@@ -355,21 +355,27 @@ def _run_plan(plan, q, k, v, scale, softcap, dropout, position_ids=None):
                                      v.reshape(batch * sk, v.shape[2], dim), cu, cu, max_len, max_len,
                                      causal=causal, window_size=window, **kw)
         return out.view(batch, sq, hq, dim)
-    _, ks, ke, qs, qe = layout
-    device = q.device
-    k_idx = torch.arange(sk, device=device)
-    q_idx = torch.arange(sq, device=device)
-    k_keep = (k_idx >= torch.tensor(ks, device=device)[:, None]) & (k_idx < torch.tensor(ke, device=device)[:, None])
-    q_keep = (q_idx >= torch.tensor(qs, device=device)[:, None]) & (q_idx < torch.tensor(qe, device=device)[:, None])
-    lens_k = [e - s for s, e in zip(ks, ke)]
-    lens_q = [e - s for s, e in zip(qs, qe)]
-    cu_k = torch.tensor([0] + list(_cumsum(lens_k)), dtype=torch.int32, device=device)
-    cu_q = torch.tensor([0] + list(_cumsum(lens_q)), dtype=torch.int32, device=device)
-    out_packed = flash_attn_varlen_func(q[q_keep], k[k_keep], v[k_keep], cu_q, cu_k, max(max(lens_q), 1),
-                                        max(max(lens_k), 1), causal=causal, window_size=window, **kw)
-    if bool(q_keep.all()):
+    if len(layout) == 5:  # first use: build the index tensors once, every layer reuses them
+        _, ks, ke, qs, qe = layout
+        device = q.device
+        k_idx = torch.arange(sk, device=device)
+        q_idx = torch.arange(sq, device=device)
+        def between(idx, lo, hi):
+            return (idx >= torch.tensor(lo, device=device)[:, None]) & (idx < torch.tensor(hi, device=device)[:, None])
+
+        k_keep, q_keep = between(k_idx, ks, ke), between(q_idx, qs, qe)
+        lens_k = [e - s for s, e in zip(ks, ke)]
+        lens_q = [e - s for s, e in zip(qs, qe)]
+        cu_k = torch.tensor([0, *_cumsum(lens_k)], dtype=torch.int32, device=device)
+        cu_q = torch.tensor([0, *_cumsum(lens_q)], dtype=torch.int32, device=device)
+        rows = None if all(n == sq for n in lens_q) else q_keep.nonzero(as_tuple=True)
+        layout = ("padded", k_keep, q_keep, cu_k, cu_q, max(max(lens_q), 1), max(max(lens_k), 1), rows)
+        plan._layout = (key, layout)
+    _, k_keep, q_keep, cu_k, cu_q, max_q, max_k, rows = layout
+    out_packed = flash_attn_varlen_func(q[q_keep], k[k_keep], v[k_keep], cu_q, cu_k, max_q, max_k, causal=causal,
+                                        window_size=window, **kw)
+    if rows is None:
         return out_packed.view(batch, sq, hq, dim)
-    rows = q_keep.nonzero(as_tuple=True)
     return out_packed.new_zeros(batch, sq, hq, dim).index_put(rows, out_packed)
 
 
