@@ -26,7 +26,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 ARCHS = ("sm80", "sm90")
-NVCC_FLAGS = ["-std=c++17", "-O3", "-Xptxas", "-v", "-Xcompiler", "-Wall,-Wextra"]
+# the flags of the just-in-time build (torch's COMMON_NVCC_FLAGS + ours), plus -Xptxas -v and host warnings
+NVCC_FLAGS = ["-std=c++17", "-O3", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
+              "-Xptxas", "-v", "-Xcompiler", "-Wall,-Wextra"]
 KERNELS = ("fwd_kernel", "bwd_preprocess_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel")
 # per kernel name: the fa_config.h struct that sizes it
 _CFG = {"fwd_kernel": "FwdCfg", "bwd_dkdv_kernel": "DkdvCfg", "bwd_dq_kernel": "DqCfg"}
