@@ -256,6 +256,24 @@ def test_training_with_attention_dropout_uses_the_kernel():
     assert not calls  # no dropout in eval mode
 
 
+def test_gradient_checkpointing_replays_the_same_dropout():
+    """Recomputation under gradient checkpointing draws the same dropout mask (the seed comes
+    from torch's generator, whose state checkpointing restores): identical gradients."""
+    cfg = _config("llama", attention_dropout=0.2)
+    torch.manual_seed(0)
+    plain = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="fa_lite")
+    ckpt = copy.deepcopy(plain)
+    ckpt.gradient_checkpointing_enable()
+    ids, mask = _batch("left")
+    grads = []
+    for m in (plain, ckpt):
+        m.train()
+        torch.manual_seed(5)
+        m(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_registration_paths(tmp_path):
     models = _models("llama")
     ids, mask = _batch("left")
