@@ -313,6 +313,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be an int in 0..{MAX_SPLITS} (0 = automatic), got {num_splits!r}")
 
+    # the backend is chosen before the caches are touched: a call no backend can serve
+    # raises without having appended anything
+    params = backends.Params(softmax_scale=scale, window_left=left, window_right=right, softcap=softcap,
+                             alibi_slopes=slopes)
+    backend = _select_backend(device, q.dtype, head_dim, params.features() | {"kv-cache"})
+
     if seqlen_ro:
         q_rows = seqlen_q if (causal or local) else 1
         needed = max(lengths) + max(seqlen_new, q_rows)
@@ -336,9 +342,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         v_cache[blocks, rows] = v
 
     seqlens_k = (seqlens_t + seqlen_new).to(torch.int32)
-    params = backends.Params(softmax_scale=scale, window_left=left, window_right=right, softcap=softcap,
-                             alibi_slopes=slopes)
-    backend = _select_backend(device, q.dtype, head_dim, params.features() | {"kv-cache"})
     if q.shape[-1] > 1 and q.stride(-1) != 1:
         q = q.contiguous()
     out, lse = torch.ops.flashattn_lite.decode(q, k_cache, v_cache, table, seqlens_k, cache_leftpad,

@@ -412,8 +412,11 @@ def test_backends_without_kv_cache_decline():
     for name, mod in backends.BACKENDS.items():
         if "kv-cache" not in mod.FEATURES:
             assert "kv-cache" in backends.missing_features(call, mod.FEATURES), name
+    case = make_case(seqlens=(3, 5), snew=1)
+    before = case["k_cache"].clone()
     with fl.use_backend("cuda"), pytest.raises(RuntimeError, match="'cuda' cannot run this call"):
-        fl.flash_attn_with_kvcache(**make_case(seqlens=(3, 5)))
+        fl.flash_attn_with_kvcache(**case)
+    assert torch.equal(case["k_cache"], before)  # refused before anything was appended
 
 
 # ------------------------------------------------------------------ property-based
