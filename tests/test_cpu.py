@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import flashattn_lite as fl
-from flashattn_lite import _build, backends
+from flashattn_lite import _build, backends, rng
+from flashattn_lite.testing import (check_against_reference, record_dropout, reference_results,
+                                    reference_results_varlen)
 
 from helpers import assert_matches_reference, check_case, make_qkv, run_flash
 
@@ -327,3 +329,329 @@ def _raw_fwd(q, k, v, **params):
 def _raw_bwd(dout, dlse, q, k, v, out, lse, bias_grad=False, **params):
     _build.build_cpu()
     return torch.ops.flashattn_lite_C.bwd(dout, dlse, q, k, v, out, lse, *_raw_args(**params), bias_grad, True)
+
+
+def _cu(lengths):
+    return torch.tensor([0] + list(lengths), dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+
+def _with_threads(n, fn):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _varlen_case(lens_q, lens_k, hq, hk, d, dtype, causal=False, window=(-1, -1), alibi=False, softcap=0.0,
+                 dropout_p=0.0, seed=0):
+    """flash_attn_varlen_func on cpu, forward and gradients: (results, inputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lens_q), hq, d, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(sum(lens_k), hk, d, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(sum(lens_k), hk, d, generator=gen).to(dtype).requires_grad_()
+    dout = torch.randn(q.shape, generator=gen).to(dtype)
+    slopes = torch.rand(len(lens_q), hq, generator=gen) if alibi else None
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    torch.manual_seed(seed)
+    with fl.use_backend("cpu"), record_dropout() as calls:
+        out, lse, _ = fl.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), dropout_p=dropout_p,
+                                                causal=causal, window_size=window, softcap=softcap,
+                                                alibi_slopes=slopes, return_attn_probs=True)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    ours = dict(out=out.detach(), lse=lse.detach(), dq=dq, dk=dk, dv=dv)
+    keep = calls[0].keep() if dropout_p > 0 else None
+    inputs = dict(q=q, k=k, v=v, dout=dout, cu_q=cu_q, cu_k=cu_k, slopes=slopes, keep=keep)
+    return ours, inputs
+
+
+def _assert_varlen_matches(ours, inp, d, causal=False, window=(-1, -1), softcap=0.0, dropout_p=0.0):
+    ref, base = reference_results_varlen(inp["q"], inp["k"], inp["v"], inp["dout"], inp["cu_q"], inp["cu_k"],
+                                         d ** -0.5, causal, window, softcap, inp["slopes"],
+                                         dropout_keep=inp["keep"], dropout_p=dropout_p)
+    failed = [str(c) for c in check_against_reference(ours, ref, base, inp["q"].dtype) if not c.ok]
+    assert not failed, "; ".join(failed)
+    assert torch.equal(torch.isinf(ours["lse"]), torch.isinf(ref["lse"]))
+    for key in ("out", "dq", "dk", "dv"):
+        assert torch.isfinite(ours[key]).all(), key
+
+
+# lengths with empty sequences on either side, one long sequence (many query/key tiles),
+# and many short ones: the largest-first dynamic schedule has to place all of them
+_MANY_Q = [0, 70, 3, 0, 17, 1, 33, 0, 5, 48, 2, 9, 0, 21, 64, 1, 7, 12, 0, 30]
+_MANY_K = [4, 70, 0, 0, 40, 1, 16, 9, 5, 48, 31, 2, 3, 21, 80, 0, 7, 25, 6, 30]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("causal,window,alibi,softcap", [(False, (-1, -1), False, 0.0), (True, (-1, -1), True, 0.0),
+                                                         (False, (9, 4), False, 3.0)],
+                         ids=["plain", "causal-alibi", "window-softcap"])
+def test_varlen_many_sequences_over_threads_and_tiles(small_tiles, dtype, causal, window, alibi, softcap):
+    kw = dict(causal=causal, window=window, alibi=alibi, softcap=softcap)
+    ours, inp = _with_threads(3, lambda: _varlen_case(_MANY_Q, _MANY_K, 4, 2, 24, dtype, **kw))
+    kw.pop("alibi")
+    _assert_varlen_matches(ours, inp, 24, **kw)
+    # rows of empty key sequences: 0 and -inf; keys of empty query sequences: zero gradients
+    cu_q, cu_k = inp["cu_q"].tolist(), inp["cu_k"].tolist()
+    for b, (lq, lk) in enumerate(zip(_MANY_Q, _MANY_K)):
+        if lk == 0 and lq > 0:
+            assert (ours["out"][cu_q[b]:cu_q[b + 1]] == 0).all()
+            assert torch.isinf(ours["lse"][:, cu_q[b]:cu_q[b + 1]]).all()
+        if lq == 0 and lk > 0:
+            assert (ours["dk"][cu_k[b]:cu_k[b + 1]] == 0).all() and (ours["dv"][cu_k[b]:cu_k[b + 1]] == 0).all()
+
+
+def test_varlen_bitwise_equal_across_thread_counts(small_tiles):
+    runs = [_with_threads(n, lambda: _varlen_case(_MANY_Q, _MANY_K, 4, 1, 16, torch.float32, causal=True,
+                                                  dropout_p=0.2, seed=7)[0]) for n in (1, 2, 3)]
+    for other in runs[1:]:
+        for key in runs[0]:
+            assert torch.equal(runs[0][key], other[key]), key
+
+
+_BIAS_DIMS = (2, 4, 29, 41)  # (B, H, Sq, Sk) of the bias tests
+
+
+def _sdpa_bias_case(bias, hq=4, hk=2, d=16, dtype=torch.float32, seed=0, dropout_p=0.0):
+    """SDPA with the float mask ``bias`` (requires grad) on cpu: ours, reference, baseline."""
+    batch, sq, sk = _BIAS_DIMS[0], _BIAS_DIMS[2], _BIAS_DIMS[3]
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, sq, d, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(batch, hk, sk, d, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(batch, hk, sk, d, generator=gen).to(dtype).requires_grad_()
+    dout = torch.randn(q.shape, generator=gen).to(dtype)
+    with fl.use_backend("cpu"), record_dropout() as calls:
+        out = fl.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True, dropout_p=dropout_p)
+        dq, dk, dv, dbias = torch.autograd.grad(out, (q, k, v, bias), dout)
+    assert dbias.shape == bias.shape and dbias.dtype == bias.dtype
+    ours = dict(out=out.detach().transpose(1, 2), dq=dq.transpose(1, 2), dk=dk.transpose(1, 2),
+                dv=dv.transpose(1, 2), dbias=dbias)
+    keep = calls[0].keep() if dropout_p > 0 else None
+    ref, base = reference_results(*(t.transpose(1, 2) for t in (q, k, v)), dout.transpose(1, 2), d ** -0.5,
+                                  bias=bias, dropout_keep=keep, dropout_p=dropout_p)
+    return ours, ref, base
+
+
+def _assert_ok(ours, ref, base, dtype):
+    failed = [str(c) for c in check_against_reference(ours, ref, base, dtype) if not c.ok]
+    assert not failed, "; ".join(failed)
+    for key, t in ours.items():
+        if key != "lse":
+            assert torch.isfinite(t).all(), f"{key} has NaN/inf"
+
+
+def _bias(kind, dtype):
+    """Float masks whose (B, H, Sq, Sk) view has stride-0 dims (the last one included) or a
+    non-unit last stride."""
+    B, H, Sq, Sk = _BIAS_DIMS
+    shapes = {"full": (B, H, Sq, Sk), "2d": (Sq, Sk), "rows": (B, 1, Sq, 1), "cols": (1, H, 1, Sk),
+              "scalar": (1, 1, 1, 1), "last-stride-0": (B, H, Sq, 1)}
+    if kind == "transposed":  # last stride Sq
+        t = torch.randn(B, H, Sk, Sq).transpose(-1, -2)
+    else:
+        t = torch.randn(shapes[kind])
+    return (t * 2).to(dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["full", "2d", "rows", "cols", "scalar", "last-stride-0", "transposed"])
+def test_bias_broadcast_strides(small_tiles, kind, dtype):
+    ours, ref, base = _sdpa_bias_case(_bias(kind, dtype), dtype=dtype)
+    _assert_ok(ours, ref, base, dtype)
+
+
+def test_bias_with_dropout_softcap_alibi_window_gqa(small_tiles):
+    """Every score modifier at once through the Python op (the interface has no softcap for
+    SDPA): softcap, ALiBi, window, a bias with -inf entries and stride-0 heads, dropout, GQA."""
+    q, k, v = make_qkv(2, 37, 45, 4, 2, 16, torch.float32)
+    bias = (torch.randn(2, 1, 37, 45) * 2).masked_fill(torch.rand(2, 1, 37, 45) < 0.2, float("-inf"))
+    bias.requires_grad_()
+    dout = torch.randn(2, 37, 4, 16)
+    slopes = torch.rand(2, 4)
+    scale, offset, left, right, softcap, p, seed = 0.3, 8, 12, 3, 4.0, 0.3, 1234
+    out, lse = torch.ops.flashattn_lite.fwd(q, k, v, None, None, 0, 0, bias.expand(2, 4, 37, 45), scale, offset,
+                                            left, right, softcap, slopes, p, seed, "cpu")
+    dq, dk, dv, dbias = torch.autograd.grad(out, (q, k, v, bias), dout)
+    keep = rng.dropout_keep(seed, p, 2, 4, 37, 45)
+    ref, base = reference_results(q, k, v, dout, scale, offset, left, right, softcap, slopes, bias=bias,
+                                  dropout_keep=keep, dropout_p=p)
+    _assert_ok(dict(out=out.detach(), lse=lse.detach(), dq=dq, dk=dk, dv=dv, dbias=dbias), ref, base, torch.float32)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref["lse"]))
+
+
+def test_bias_all_neg_inf_rows_and_tiles(small_tiles):
+    """Rows whose every score is -inf: out 0, lse -inf, zero gradients, never NaN; rows
+    whose first key tiles are all -inf (the online softmax must not take its shift from them)."""
+    B, H, Sq, Sk = 1, 2, 40, 90
+    q, k, v = make_qkv(B, Sq, Sk, H, H, 16, torch.float32)
+    bias = torch.randn(B, H, Sq, Sk)
+    bias[:, :, 3] = float("-inf")  # whole row
+    bias[:, 1, 10:20] = float("-inf")  # whole rows of one head only
+    bias[:, :, 25:35, :70] = float("-inf")  # the first tiles (32 keys each) of these rows
+    bias[:, :, 36, 1:] = float("-inf")  # one visible key, the first
+    bias.requires_grad_()
+    dout = torch.randn(B, Sq, H, 16)
+    out, lse = torch.ops.flashattn_lite.fwd(q, k, v, None, None, 0, 0, bias, 0.25, 0, -1, -1, 0.0, None, 0.0, 0,
+                                            "cpu")
+    dq, dk, dv, dbias = torch.autograd.grad(out, (q, k, v, bias), dout)
+    ours = dict(out=out.detach(), lse=lse.detach(), dq=dq, dk=dk, dv=dv, dbias=dbias)
+    ref, base = reference_results(q, k, v, dout, 0.25, bias=bias)
+    _assert_ok(ours, ref, base, torch.float32)
+    assert (out[:, 3] == 0).all() and torch.isinf(lse[:, :, 3]).all() and (dq[:, 3] == 0).all()
+    assert (dbias[:, :, 3] == 0).all()
+    assert (out[:, 10:20, 1] == 0).all() and torch.isinf(lse[:, 1, 10:20]).all() and (dbias[:, 1, 10:20] == 0).all()
+    assert torch.isfinite(lse[:, 0, 10:20]).all() and torch.isfinite(lse[:, :, 25:37]).all()
+
+
+def _keep_from_one_hot_values(out, sk):
+    """With q = 0 every visible probability is equal and v[j] = e_j, so out[..., j] is
+    P_ij * keep_ij / (1 - p): exactly 0 where dropped (or invisible), positive where kept."""
+    return out[..., :sk] != 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_mask_is_exactly_the_rng_mask(small_tiles, causal):
+    B, Sq, Sk, H, D = 2, 37, 203, 3, 208  # keys: 7 tiles of 32 (tail 11), D >= Sk for one-hot rows
+    q = torch.zeros(B, Sq, H, D)
+    v = torch.eye(Sk, D).expand(B, H, Sk, D).transpose(1, 2).contiguous()
+    k = torch.randn(B, Sk, H, D)
+    with fl.use_backend("cpu"), record_dropout() as calls:
+        out = fl.flash_attn_func(q, k, v, dropout_p=0.37, causal=causal)
+    keep = calls[0].keep()  # (B, H, Sq, Sk)
+    visible = torch.ones(Sq, Sk, dtype=torch.bool)
+    if causal:
+        visible = torch.ones(Sq, Sk, dtype=torch.bool).tril(Sk - Sq)
+    got = _keep_from_one_hot_values(out.transpose(1, 2), Sk)
+    assert torch.equal(got, keep & visible)
+    assert 0.55 < keep.float().mean() < 0.71
+
+
+def test_dropout_mask_varlen_and_counter_low_word_wrap(small_tiles):
+    """Varlen counters ((h * total_q + row) * max_seqlen_k + j) with max_seqlen_k near 2**32,
+    so the counter's low word wraps inside a row (the vectorised Philox's scalar path)."""
+    lens_q, lens_k, H, D = [3, 5], [13, 21], 2, 24
+    total_q = sum(lens_q)
+    q = torch.zeros(total_q, H, D)
+    k = torch.randn(sum(lens_k), H, D)
+    v = torch.cat([torch.eye(n, D) for n in lens_k])[:, None, :].expand(-1, H, D).contiguous()
+    max_k = 2 ** 32 - 5
+    with fl.use_backend("cpu"), record_dropout() as calls:
+        out = fl.flash_attn_varlen_func(q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max_k, dropout_p=0.5)
+    seed, thr = calls[0].seed, rng.threshold(0.5)
+    row = 0
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        for i in range(lq):
+            for h in range(H):
+                counter = (h * total_q + row) * max_k + torch.arange(lk, dtype=torch.int64)
+                want = rng.philox_first_word(seed, counter) >= thr
+                assert torch.equal(out[row, h, :lk] != 0, want), (b, i, h)
+            row += 1
+
+
+def test_dropout_bitwise_equal_across_thread_counts(small_tiles):
+    q, k, v = make_qkv(2, 45, 70, 4, 2, 24, torch.float32)
+    dout = torch.randn(2, 45, 4, 24)
+
+    def run():
+        torch.manual_seed(11)
+        with fl.use_backend("cpu"):
+            out, lse, _ = fl.flash_attn_func(q, k, v, dropout_p=0.25, causal=True, return_attn_probs=True)
+            return (out, lse) + torch.autograd.grad(out, (q, k, v), dout)
+
+    runs = [_with_threads(n, run) for n in (1, 2, 3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_backward_bitwise_equal_across_thread_counts():
+    """The backward's key-block chunks (and so its dQ summation order) do not depend on
+    the thread count, and no BLAS call is split among threads of its own."""
+    q, k, v = make_qkv(1, 300, 520, 4, 1, 32, torch.float32)
+    dout = torch.randn(1, 300, 4, 32)
+    runs = [_with_threads(n, lambda: run_flash("cpu", q, k, v, dout, causal=True)) for n in (1, 2, 4)]
+    for other in runs[1:]:
+        for key in runs[0]:
+            assert torch.equal(runs[0][key], other[key]), key
+
+
+def test_gradcheck_bias_float64(small_tiles):
+    q = torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 13, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 13, 4, dtype=torch.float64, requires_grad=True)
+    full = torch.randn(1, 2, 9, 13, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(1, 1, 9, 1, dtype=torch.float64, requires_grad=True)  # stride 0 on heads and keys
+    with fl.use_backend("cpu"):
+        for bias in (full, rows):
+            assert torch.autograd.gradcheck(
+                lambda a, b, c, m: fl.scaled_dot_product_attention(a, b, c, attn_mask=m, enable_gqa=True),
+                (q, k, v, bias))
+
+
+def test_gradcheck_varlen_float64(small_tiles):
+    lens_q, lens_k = [4, 0, 7, 2], [6, 3, 5, 0]
+    q = torch.randn(sum(lens_q), 2, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(sum(lens_k), 1, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(sum(lens_k), 1, 4, dtype=torch.float64, requires_grad=True)
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    slopes = torch.rand(4, 2)
+
+    def f(a, b, c, dropout_p=0.0):
+        torch.manual_seed(0)  # the same dropout mask on every evaluation
+        return fl.flash_attn_varlen_func(a, b, c, cu_q, cu_k, 7, 6, causal=True, alibi_slopes=slopes,
+                                         dropout_p=dropout_p)
+
+    with fl.use_backend("cpu"):
+        assert torch.autograd.gradcheck(f, (q, k, v))
+        assert torch.autograd.gradcheck(lambda a, b, c: f(a, b, c, 0.3), (q, k, v))
+
+
+def test_kernel_op_rejects_bad_varlen_bias_dropout_input():
+    q3, k3 = torch.randn(10, 2, 8), torch.randn(12, 2, 8)
+    cu_q, cu_k = torch.tensor([0, 4, 10], dtype=torch.int32), torch.tensor([0, 5, 12], dtype=torch.int32)
+    ok = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=6, max_seqlen_k=7)
+    _raw_fwd(q3, k3, k3, **ok)  # well-formed
+    cases = [
+        (dict(ok, cu_seqlens_q=cu_q.long()), "cu_seqlens_q must be int32"),
+        (dict(ok, cu_seqlens_k=torch.tensor([0, 5, 7, 12], dtype=torch.int32)), "must have the same length"),
+        (dict(ok, cu_seqlens_k=torch.tensor([0, 8, 5], dtype=torch.int32)), "non-decreasing"),
+        (dict(ok, cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32)), r"cu_seqlens_q\[-1\] = 9"),
+        (dict(ok, cu_seqlens_q=torch.tensor([1, 4, 10], dtype=torch.int32)), r"cu_seqlens_q\[0\] must be 0"),
+        (dict(ok, cu_seqlens_q=torch.tensor([[0, 4, 10]], dtype=torch.int32)), "must be 1-D"),
+        (dict(ok, cu_seqlens_k=None), "must be given together"),
+        (dict(ok, max_seqlen_q=5), "max_seqlen_q = 5 is smaller"),
+        (dict(ok, max_seqlen_k=6), "max_seqlen_k = 6 is smaller"),
+        (dict(ok, alibi_slopes=torch.ones(3, 2)), "alibi_slopes must be float32"),
+        (dict(ok, bias=torch.zeros(1, 2, 10, 12)), "not supported with cu_seqlens"),
+        (dict(ok, dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),
+    ]
+    for params, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            _raw_fwd(q3, k3, k3, **params)
+    with pytest.raises(RuntimeError, match="must be 3-D"):
+        _raw_fwd(q3[None], k3[None], k3[None], **ok)
+    q = torch.randn(2, 5, 2, 8)
+    for bias, match in [(torch.zeros(2, 2, 5, 4), "bias must be a"), (torch.zeros(2, 2, 5), "bias must be a"),
+                        (torch.zeros(2, 2, 5, 5, dtype=torch.int32), "bias must be a floating-point")]:
+        with pytest.raises(RuntimeError, match=match):
+            _raw_fwd(q, q, q, bias=bias)
+    with pytest.raises(RuntimeError, match="dropout_p must be in"):
+        _raw_fwd(q, q, q, dropout_p=-0.1)
+    out, lse = _raw_fwd(q, q, q)
+    with pytest.raises(RuntimeError, match="bias_grad needs a bias"):
+        _raw_bwd(q, None, q, q, q, out, lse, bias_grad=True)
+    with pytest.raises(RuntimeError, match="lse must have shape"):
+        _raw_bwd(q, None, q, q, q, out, lse[:, :, :4])
+    with pytest.raises(RuntimeError, match="dout and out must have q's shape"):
+        _raw_bwd(q[:, :4], None, q, q, q, out, lse)
+
+
+def test_raw_bwd_returns_dbias_in_the_bias_dtype():
+    q = torch.randn(1, 6, 2, 8, dtype=torch.bfloat16)
+    bias = torch.randn(1, 1, 6, 1, dtype=torch.bfloat16).expand(1, 2, 6, 6)
+    out, lse = _raw_fwd(q, q, q, bias=bias)
+    dq, dk, dv, dbias = _raw_bwd(torch.randn_like(q), None, q, q, q, out, lse, bias_grad=True, bias=bias)
+    assert dbias.shape == (1, 2, 6, 6) and dbias.dtype == torch.bfloat16 and dbias.is_contiguous()
+    *_, none = _raw_bwd(torch.randn_like(q), None, q, q, q, out, lse, bias=bias)
+    assert none.numel() == 0

@@ -31,6 +31,8 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <new>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -47,6 +49,8 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
             const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL's per-thread thread count (returns the previous one; 0 restores the global setting).
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 }
 
 template <typename T>
@@ -323,11 +327,17 @@ inline void apply_keep(T* x, const uint32_t* mask, int64_t n) {
   for (int64_t j = 0; j < n; ++j) x[j] = mask[j] ? x[j] : T(0);
 }
 
-// Uninitialised scratch (zero-filling a 256 KiB tile per task would cost more than a decode step).
+// Uninitialised scratch (zero-filling a 256 KiB tile per task would cost more than a decode
+// step), 64-byte aligned: BLAS may pick its kernels (and so its summation order) by the
+// operands' alignment, and results must not depend on which worker's buffers a task used.
 template <typename T>
 struct Scratch {
-  std::unique_ptr<T[]> p;
-  explicit Scratch(int64_t n) : p(new T[std::max<int64_t>(n, 1)]) {}
+  struct Free {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  std::unique_ptr<T[], Free> p;
+  explicit Scratch(int64_t n)
+      : p(static_cast<T*>(::operator new[](sizeof(T) * std::max<int64_t>(n, 1), std::align_val_t(64)))) {}
   T* data() { return p.get(); }
 };
 
@@ -353,8 +363,12 @@ void run_tasks(int64_t n, MakeState&& make_state, Body&& body) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     // (a nested call runs this once, serially: it then claims every task itself)
+    // Each BLAS call runs on the calling worker alone: a call that MKL split among threads
+    // of its own would sum in another order, and results would depend on the thread count.
+    const int mkl_prev = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
     auto state = make_state();
     for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(t, state);
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_prev);
   });
 }
 
@@ -525,9 +539,13 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
 // ----------------------------------------------------------------------------------------- backward
 
 // Backward tasks per (sequence, kv head) chunk their key blocks so that even one
-// (sequence, kv head) gives this many tasks; a constant, not the thread count, so the
-// dQ summation order (and every bit of the result) is the same for any thread count.
-constexpr int64_t kBwdTargetTasks = 16;
+// (sequence, kv head) gives two tasks per processor of the machine: the machine's count,
+// not torch's thread count, so the dQ summation order (and every bit of the result) is
+// the same for any torch.set_num_threads.
+int64_t bwd_target_tasks() {
+  static const int64_t n = 2 * std::max<int64_t>(1, int64_t(std::thread::hardware_concurrency()));
+  return n;
+}
 // At most this many chunks: the dQ partials then cost at most 4x dQ in memory (O(N) still).
 constexpr int64_t kMaxBwdChunks = 4;
 
@@ -549,7 +567,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   }
   const int64_t per_head = std::max<int64_t>(1, with_keys * Hk);
   const int64_t chunks = std::max<int64_t>(
-      1, std::min<int64_t>({max_nkb, kMaxBwdChunks, (kBwdTargetTasks + per_head - 1) / per_head}));
+      1, std::min<int64_t>({max_nkb, kMaxBwdChunks, (bwd_target_tasks() + per_head - 1) / per_head}));
   std::vector<Unit> units;
   for (int64_t s = 0; s < int64_t(pr.seqs.size()); ++s) {
     const Seq& sq = pr.seqs[s];
@@ -591,13 +609,12 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   const T rescale = kDrop ? T(drop.rescale) : T(1);
 
   struct State {
-    std::vector<T> P, dP, PZ, dk_acc, dv_acc, dcap;
-    std::vector<uint32_t> keep;
+    Scratch<T> P, dP, PZ, dk_acc, dv_acc, dcap;
+    Scratch<uint32_t> keep;
   };
   auto make_state = [&] {
-    return State{std::vector<T>(BM * BN), std::vector<T>(BM * BN), std::vector<T>(kDrop ? BM * BN : 0),
-                 std::vector<T>(BN * D), std::vector<T>(BN * D), std::vector<T>(capped ? BM * BN : 0),
-                 std::vector<uint32_t>(kDrop ? BM * BN : 0)};
+    return State{Scratch<T>(BM * BN), Scratch<T>(BM * BN), Scratch<T>(kDrop ? BM * BN : 0), Scratch<T>(BN * D),
+                 Scratch<T>(BN * D), Scratch<T>(capped ? BM * BN : 0), Scratch<uint32_t>(kDrop ? BM * BN : 0)};
   };
   run_tasks(Hk * nunits, make_state, [&](int64_t task, State& st) {
     const int64_t hk = task / nunits;
@@ -612,8 +629,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     const T* vt = vp + sq.pb * svb + hk * svh + sq.k0 * svs;
     for (int64_t kb = u.begin; kb < u.end; ++kb) {
       const int64_t c0 = kb * BN, cols = std::min(BN, sq.len_k - c0);
-      std::fill(st.dk_acc.begin(), st.dk_acc.begin() + cols * D, T(0));
-      std::fill(st.dv_acc.begin(), st.dv_acc.begin() + cols * D, T(0));
+      std::fill(st.dk_acc.data(), st.dk_acc.data() + cols * D, T(0));
+      std::fill(st.dv_acc.data(), st.dv_acc.data() + cols * D, T(0));
       int64_t qlo, qhi, unused;
       band.queries(c0, qlo, unused);
       band.queries(c0 + cols - 1, unused, qhi);
