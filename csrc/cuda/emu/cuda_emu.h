@@ -171,6 +171,8 @@ struct Thread {
   int linear, lane, warp;
   unsigned collectives = 0;  // collective instructions executed, picks the slot set
   bool done = false;
+  const uint64_t* wait_gen = nullptr;  // parked until *wait_gen != wait_val
+  uint64_t wait_val = 0;
   void* sp = nullptr;
 #if !defined(__x86_64__)
   ucontext_t ctx;
@@ -310,27 +312,34 @@ inline void run_block(dim3 grid, dim3 dim, dim3 idx, size_t smem_bytes, const st
     makecontext(&t.ctx, cuda_emu_fiber_entry_uc, 0);
 #endif
   }
-  // Round robin until every thread is done.  A full pass without progress (no barrier
-  // completed, nobody finished) while threads remain means a barrier can never complete.
+  // Scheduling is deliberately skewed: always resume the lowest-numbered thread that can
+  // run, and start over from thread 0 whenever a barrier or collective completes.  So
+  // warp 0 runs as far ahead as the synchronisation allows (to the next __syncthreads)
+  // before warp 1 moves: a read of shared memory that another warp has not written yet
+  // (missing barrier after a load) and an overwrite of data another warp still has to
+  // read (missing barrier before reuse) both show.  Threads parked at a barrier whose
+  // generation has not moved are skipped without a switch.  A pass in which no thread
+  // can run while some are not done is a deadlock.
   for (;;) {
-    int live = 0;
-    const uint64_t before = b.progress;
+    bool live = false, resumed = false;
     for (int i = 0; i < b.nthreads && b.error.empty(); ++i) {
       Thread& t = b.threads[i];
       if (t.done) continue;
-      ++live;
+      live = true;
+      if (t.wait_gen != nullptr && *t.wait_gen == t.wait_val) continue;
+      resumed = true;
+      const uint64_t before = b.progress;
       w.current = &t;
 #if defined(__x86_64__)
       cuda_emu_switch_stack(&w.sched_sp, t.sp);
 #else
       swapcontext(&w.sched_ctx, &t.ctx);
 #endif
+      if (b.progress != before) break;  // start over from thread 0
     }
     w.current = nullptr;
-    if (!b.error.empty()) break;
-    if (live == 0) break;
-    if (b.progress == before) {
-      // Every live thread is parked at a barrier no one else will reach.
+    if (!b.error.empty() || !live) break;
+    if (!resumed) {
       b.error = "deadlock: threads wait at a barrier or warp collective that the others never reach";
       break;
     }
@@ -344,6 +353,14 @@ inline void run_block(dim3 grid, dim3 dim, dim3 idx, size_t smem_bytes, const st
 }
 
 // ---------------------------------------------------------------- barriers and collectives
+inline void wait_for(const uint64_t* generation, uint64_t value) {
+  Thread& t = cur();
+  t.wait_gen = generation;
+  t.wait_val = value;
+  while (*generation == value) yield();
+  t.wait_gen = nullptr;
+}
+
 inline void syncthreads() {
   Block& b = cur_block();
   const uint64_t gen = b.bar_generation;
@@ -353,7 +370,7 @@ inline void syncthreads() {
     b.progress++;
     return;
   }
-  while (b.bar_generation == gen) yield();
+  wait_for(&b.bar_generation, gen);
 }
 
 enum Kind { kSyncwarp = 1, kShfl, kLdmatrix, kMma };
@@ -376,7 +393,7 @@ inline Slot& collective(int kind, Exec&& exec) {
     w.generation++;
     b.progress++;
   } else {
-    while (w.generation == gen) yield();
+    wait_for(&w.generation, gen);
   }
   return mine;
 }
