@@ -272,6 +272,20 @@ def test_empty_cache_rows(backend):
     run_case(backend, make_case(seqlens=(0, 4), page_size=4), num_splits=2)
 
 
+def test_cpu_bits_independent_of_threads():
+    case = make_case(batch=1, sq=2, hq=4, hk=1, seqlens=(300,), capacity=320, page_size=7, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with fl.use_backend("cpu"):
+                results.append(fl.flash_attn_with_kvcache(**case, num_splits=3, return_softmax_lse=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 def test_auto_routes_cpu_tensors():
     case = make_case(seqlens=(3, 5))
     out = fl.flash_attn_with_kvcache(case["q"], case["k_cache"], case["v_cache"],

@@ -15,7 +15,8 @@
 // writes a normalised partial output and its lse, and a second pass over (batch, row,
 // head) merges the splits: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s.
 // Every output is computed by one task in a fixed order: the result depends on the split
-// count only, never on the thread count or the scheduling.
+// count only, never on the scheduling.  (num_splits = 0 derives the split count from the
+// thread count; pass a count to get the same bits whatever the threads.)
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
