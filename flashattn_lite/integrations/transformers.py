@@ -102,24 +102,22 @@ class MaskPlan:
     """
 
     def __init__(self, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
-                 use_vmap, device, pattern):
+                 pattern, mask_kwargs):
         self.batch_size, self.q_length, self.kv_length = batch_size, q_length, kv_length
         self.q_offset, self.kv_offset = q_offset, kv_offset
-        self.mask_function, self.attention_mask, self.use_vmap, self.device = (mask_function, attention_mask,
-                                                                               use_vmap, device)
+        self.mask_function, self.attention_mask = mask_function, attention_mask
         self.pattern = pattern
+        self._mask_kwargs = mask_kwargs  # the mask function's arguments, as transformers gave them
         self._dense = None
         self._layout = None
 
     def dense(self):
-        """(batch, 1, q_length, kv_length) bool, True = may attend: the mask sdpa would get."""
+        """(batch, 1, q_length, kv_length) bool, True = may attend: the mask sdpa would get,
+        built by transformers' own ``sdpa_mask`` from the same arguments."""
         if self._dense is None:
             from transformers.masking_utils import sdpa_mask
-            self._dense = sdpa_mask(batch_size=self.batch_size, q_length=self.q_length, kv_length=self.kv_length,
-                                    q_offset=self.q_offset, kv_offset=self.kv_offset,
-                                    mask_function=self.mask_function, attention_mask=self.attention_mask,
-                                    allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
-                                    use_vmap=self.use_vmap, device=self.device)
+            kwargs = dict(self._mask_kwargs, allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+            self._dense = sdpa_mask(**kwargs)
         return self._dense
 
     def padding(self):
@@ -171,7 +169,7 @@ def _parse(fn, acc, inside_remap=False):
     if fn is mu.causal_mask_function:
         acc["causal"] = True
         return True
-    if fn is mu.bidirectional_mask_function:
+    if fn is getattr(mu, "bidirectional_mask_function", None):  # not in every transformers version
         return True
     code = getattr(fn, "__code__", None)
     kind = _known_codes().get(code)
@@ -217,23 +215,40 @@ def _recognise(mask_function):
     return {"causal": acc["causal"], "window": (left, right), "segments": acc["segments"]}
 
 
-def fa_lite_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
-                 use_vmap=False, device="cpu", **kwargs):
-    """transformers mask function for ``"fa_lite"`` (same arguments as ``sdpa_mask``).
+def fa_lite_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask=None, device=None, cache_position=None, **kwargs):
+    """transformers mask function for ``"fa_lite"`` (same arguments as ``sdpa_mask``: transformers
+    5.x passes ``q_length``/``q_offset``, 4.x the query positions as ``cache_position``).
 
     Returns a bool ``(batch, 1, 1, kv_length)`` key-validity tensor carrying a
     :class:`MaskPlan`; nothing of size q_length x kv_length is built for recognised patterns.
     """
     from transformers import masking_utils as mu
-    if mask_function is None:
+    mask_kwargs = dict(kwargs, batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset,
+                       attention_mask=attention_mask)
+    if mask_function is not None:
+        mask_kwargs["mask_function"] = mask_function
+    else:
         mask_function = mu.causal_mask_function
-    if isinstance(q_offset, torch.Tensor):
-        q_offset = int(q_offset)
     if isinstance(kv_offset, torch.Tensor):
         kv_offset = int(kv_offset)
-    pattern = _recognise(mask_function)
-    plan = MaskPlan(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, use_vmap,
-                    device, pattern)
+    contiguous_queries = True
+    if cache_position is not None:  # transformers 4.x: absolute query positions
+        mask_kwargs["cache_position"] = cache_position
+        q_length = int(cache_position.numel())
+        q_offset = int(cache_position[0]) if q_length else 0
+        expected = torch.arange(q_offset, q_offset + q_length, device=cache_position.device)
+        contiguous_queries = bool((cache_position == expected).all())
+        device = cache_position.device if device is None else device
+    else:
+        mask_kwargs.update(q_length=q_length, q_offset=q_offset)
+        if isinstance(q_offset, torch.Tensor):
+            q_offset = int(q_offset)
+    device = torch.device("cpu") if device is None else device
+    mask_kwargs["device"] = device
+    pattern = _recognise(mask_function) if contiguous_queries else None
+    plan = MaskPlan(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, pattern,
+                    mask_kwargs)
     pad = plan.padding()
     if pad is None:
         carrier = torch.ones((), dtype=torch.bool, device=device).expand(batch_size, 1, 1, kv_length)
