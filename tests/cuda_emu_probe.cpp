@@ -141,6 +141,17 @@ __global__ void cp_async_kernel() {
   g_out[t * 4 + 3] = s[128 + 4 * t];
 }
 
+// ---- a cp.async whose destination is read (ldmatrix) before the wait: a race
+__global__ void cp_async_race_kernel() {
+  uint16_t* s = reinterpret_cast<uint16_t*>(dynamic_smem());
+  const int l = threadIdx.x;
+  fa::cp_async_16(s + l * 8, &g_u32[4 * l], true);
+  fa::cp_async_commit();
+  uint32_t r[4];
+  fa::ldmatrix_x4(r, s + l * 8);
+  fa::cp_async_wait<0>();
+}
+
 // ---- misuse the emulator must report
 __global__ void divergent_barrier_kernel() {
   if (threadIdx.x < 32) __syncthreads();
@@ -199,6 +210,9 @@ int main(int argc, char** argv) {
       g_out.assign(32 * 4, 0);
       cuda_emu::launch(cp_async_kernel, dim3(1), dim3(32), 2 * 32 * 16);
       print_out(32, 4);
+    } else if (mode == "cp_async_race") {
+      g_u32.assign(32 * 4, 1);
+      cuda_emu::launch(cp_async_race_kernel, dim3(1), dim3(32), 32 * 16);
     } else if (mode == "divergent_barrier") {
       cuda_emu::launch(divergent_barrier_kernel, dim3(1), dim3(64), 0);
     } else if (mode == "divergent_shfl") {

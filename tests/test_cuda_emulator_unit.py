@@ -182,6 +182,11 @@ def test_cp_async_lands_at_wait_group(probe):
         assert zero_after == 0
 
 
+def test_reading_a_pending_cp_async_is_reported(probe):
+    res = probe("cp_async_race", ok=False)
+    assert res.returncode == 1 and "pending cp.async" in res.stdout
+
+
 def test_divergent_barrier_is_reported(probe):
     res = probe("divergent_barrier", ok=False)
     assert res.returncode == 1 and "deadlock" in res.stdout

@@ -48,6 +48,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <unordered_map>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -206,6 +207,7 @@ struct Block {
   uint64_t progress = 0;  // bumped whenever a barrier completes or a thread finishes
   const std::function<void()>* body = nullptr;
   std::string error;
+  std::unordered_map<uintptr_t, int> in_flight;  // 16-byte shared chunks a pending cp.async writes
 };
 
 struct Worker {  // per OS thread: the block it runs, the fiber stacks, the scheduler context
@@ -242,14 +244,18 @@ inline void yield() {
   for (;;) yield();  // never resumed: the scheduler stops at the first error
 }
 
+inline void perform(const Copy& c);
+
 inline void fiber_main() {
   Worker& w = tl_worker;
   (*w.block->body)();
   Thread& t = *w.current;
   if (!t.uncommitted.empty() || !t.groups.empty()) {  // outstanding copies land eventually
     for (auto& g : t.groups)
-      for (auto& c : g) std::memcpy(c.dst, c.src, c.bytes);
+      for (auto& c : g) perform(c);
+    for (auto& c : t.uncommitted) perform(c);
     t.groups.clear();
+    t.uncommitted.clear();
   }
   t.done = true;
   w.block->progress++;
@@ -451,6 +457,12 @@ inline void ldmatrix(uint32_t* r, int nmat, bool trans, const void* row_addr) {
       if (s[l].in[1] != shape) fail("ldmatrix: lanes disagree on the shape");
     const int n = static_cast<int>(shape / 2);
     const bool tr = shape & 1;
+    // A cp.async that is issued but not yet waited for may land at any moment: reading
+    // its destination is a race (a missing wait, or a buffer refilled while still read).
+    const auto& f = cur_block().in_flight;
+    if (!f.empty())
+      for (int r = 0; r < 8 * n; ++r)
+        if (f.count(static_cast<uintptr_t>(s[r].in[0]))) fail("ldmatrix reads shared memory that a pending cp.async writes (missing cp.async.wait_group or __syncthreads)");
     for (int l = 0; l < 32; ++l) {
       for (int i = 0; i < n; ++i) {
         uint16_t e[2];
@@ -525,8 +537,12 @@ inline void cp_async(void* dst, const void* src, int src_bytes) {
   check_smem(dst, 16, "cp.async destination");
   if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16) fail("cp.async: global address not 16-byte aligned");
   cur().uncommitted.push_back(Copy{dst, src, 16, src_bytes});
+  cur_block().in_flight[reinterpret_cast<uintptr_t>(dst)]++;
 }
 inline void perform(const Copy& c) {
+  auto& f = cur_block().in_flight;
+  auto it = f.find(reinterpret_cast<uintptr_t>(c.dst));
+  if (it != f.end() && --it->second == 0) f.erase(it);
   if (c.src_bytes > 0) std::memcpy(c.dst, c.src, c.src_bytes);
   if (c.src_bytes < c.bytes) std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
 }
