@@ -347,6 +347,22 @@ def test_unsupported_call_falls_back_to_sdpa_with_one_warning():
     torch.testing.assert_close(a[valid], b[valid], rtol=1e-4, atol=1e-5)
 
 
+def test_softcap_with_a_dense_only_mask_falls_back_to_eager():
+    """A hole in the padding mask needs the dense mask; with softcap (which sdpa lacks) the call
+    goes to the model's own eager function, warned about once, same answer."""
+    models = _models("gemma2")
+    ids, mask = _batch("right")
+    mask[0, 3] = 0
+    fat._warned.clear()
+    with warnings.catch_warnings(record=True) as w, torch.no_grad():
+        warnings.simplefilter("always")
+        ours = models["fa_lite32"](input_ids=ids, attention_mask=mask).logits
+        eager = models["eager32"](input_ids=ids, attention_mask=mask).logits
+    assert [x for x in w if "falling back to the model's eager attention" in str(x.message)]
+    valid = mask.bool()
+    torch.testing.assert_close(ours[valid], eager[valid], rtol=1e-5, atol=1e-5)
+
+
 def test_plan_matches_transformers_dense_masks():
     """The compact plan, run through the kernel, against the dense mask transformers builds,
     for mask shapes the models above do not all reach: decode offsets, sliding caches,
