@@ -549,8 +549,8 @@ int64_t bwd_target_tasks() {
 // At most this many chunks: the dQ partials then cost at most 4x dQ in memory (O(N) still).
 constexpr int64_t kMaxBwdChunks = 4;
 
-// dbias (float/double, contiguous (B, H, Sq, Sk), zero-filled by the caller) receives
-// dS = P * (dP - delta), the gradient w.r.t. the final scores, where not null.
+// dbias (float/double, contiguous (B, H, Sq, Sk)), where not null, receives
+// dS = P * (dP - delta), the gradient w.r.t. the final scores (every element written).
 template <typename T, bool kBias, bool kDrop>
 void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
@@ -643,6 +643,13 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
         const T* delh = dlp + row0;
         T* dqh = dqp + (u.chunk * Bp * Hq * pr.rows + row0) * D;
         const T slope_h = tf.slope(sq.b, h);
+        if (kBias && dbias != nullptr) {  // dBias is 0 in the rows that see none of this key block
+          auto zero_rows = [&](int64_t from, int64_t to) {
+            for (int64_t i = from; i < to; ++i) std::fill_n(dbias + (row0 + i) * Skp + sq.k0 + c0, cols, T(0));
+          };
+          zero_rows(0, qlo);
+          zero_rows(qhi, sq.len_q);
+        }
         for (int64_t r0 = qlo; r0 < qhi; r0 += BM) {
           const int64_t rows = std::min(BM, qhi - r0);
           gemm_rm<T>(false, true, rows, cols, D, scale, qh + r0 * sqs, sqs, kt + c0 * sks, sks, T(0), P, BN);
@@ -973,9 +980,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   at::Tensor dq = at::empty_like(q);
   at::Tensor dk = at::empty_like(k);
   at::Tensor dv = at::empty_like(v);
-  at::Tensor dbias = bias_grad ? at::zeros({q.size(0), q.size(2), q.size(1), k.size(1)}, q.options())
+  at::Tensor dbias = bias_grad ? at::empty({q.size(0), q.size(2), q.size(1), k.size(1)}, q.options())
                                : at::empty({0}, q.options());
   if (q.numel() == 0 || k.numel() == 0) {
+    dbias.zero_();
     dq.zero_();
     dk.zero_();
     dv.zero_();

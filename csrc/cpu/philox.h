@@ -59,6 +59,31 @@ struct PhiloxDropout {
   // mask[j] = ~0 where the element at counter0 + j is kept, 0 where it is dropped.
   void keep_mask(uint64_t counter0, int64_t n, uint32_t* mask) const {
     int64_t j = 0;
+#if defined(__AVX512F__)
+    {
+      const __m512i mul_a = _mm512_set1_epi32(int(kRoundA)), mul_b = _mm512_set1_epi32(int(kRoundB));
+      const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      const __m512i thr = _mm512_set1_epi32(int(threshold)), ones = _mm512_set1_epi32(-1);
+      for (; j + 16 <= n; j += 16) {
+        const uint64_t c = counter0 + uint64_t(j);
+        if (uint32_t(c) > 0xFFFFFFF0u) break;  // the low word wraps inside these 16: narrower paths
+        __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(c))), lanes);
+        __m512i c1 = _mm512_set1_epi32(int(uint32_t(c >> 32)));
+        __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+        for (int r = 0; r < kRounds; ++r) {
+          __m512i hi_b, hi_a;
+          const __m512i lo_b = mulhilo512(c2, mul_b, hi_b);
+          const __m512i lo_a = mulhilo512(c0, mul_a, hi_a);
+          c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(int(key0[r])));
+          c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(int(key1[r])));
+          c1 = lo_b;
+          c3 = lo_a;
+        }
+        const __mmask16 keep = _mm512_cmpge_epu32_mask(c0, thr);
+        _mm512_storeu_si512(mask + j, _mm512_maskz_mov_epi32(keep, ones));
+      }
+    }
+#endif
 #if defined(__AVX2__)
     const __m256i mul_a = _mm256_set1_epi32(int(kRoundA)), mul_b = _mm256_set1_epi32(int(kRoundB));
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -87,6 +112,14 @@ struct PhiloxDropout {
   }
 
  private:
+#if defined(__AVX512F__)
+  static inline __m512i mulhilo512(__m512i a, __m512i m, __m512i& hi) {
+    const __m512i even = _mm512_mul_epu32(a, m);
+    const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+    hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+    return _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  }
+#endif
 #if defined(__AVX2__)
   // 32 x 32 -> 64-bit products of 8 lanes: returns the low words, ``hi`` the high words.
   static inline __m256i mulhilo(__m256i a, __m256i m, __m256i& hi) {
