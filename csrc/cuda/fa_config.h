@@ -47,7 +47,7 @@ struct DqCfg {
 };
 
 struct PreCfg {
-  static constexpr int BM = 64, THREADS = 128;
+  static constexpr int BM = 128, THREADS = 128;  // one query row per thread
 };
 
 }  // namespace fa
