@@ -68,6 +68,38 @@ inline void axpy(T* y, const T* x, T w, int64_t n) {
   for (; d < n; ++d) y[d] += w * x[d];
 }
 
+// The same two for a float row against an fp16/bf16 cache row, widened in registers
+// (no widened copy: used when a single query row reads each cache row).
+template <typename scalar_t>
+inline float dot_mixed(const float* a, const scalar_t* b, int64_t n) {
+  using bVec = Vec<scalar_t>;
+  using fVec = Vec<float>;
+  fVec acc0(0.f), acc1(0.f);
+  int64_t d = 0;
+  for (; d + bVec::size() <= n; d += bVec::size()) {
+    auto [b0, b1] = at::vec::convert_to_float<scalar_t>(bVec::loadu(b + d));
+    acc0 = at::vec::fmadd(fVec::loadu(a + d), b0, acc0);
+    acc1 = at::vec::fmadd(fVec::loadu(a + d + fVec::size()), b1, acc1);
+  }
+  float s = at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, acc0 + acc1);
+  for (; d < n; ++d) s += a[d] * float(b[d]);
+  return s;
+}
+
+template <typename scalar_t>
+inline void axpy_mixed(float* y, const scalar_t* x, float w, int64_t n) {
+  using bVec = Vec<scalar_t>;
+  using fVec = Vec<float>;
+  const fVec wv(w);
+  int64_t d = 0;
+  for (; d + bVec::size() <= n; d += bVec::size()) {
+    auto [x0, x1] = at::vec::convert_to_float<scalar_t>(bVec::loadu(x + d));
+    at::vec::fmadd(wv, x0, fVec::loadu(y + d)).store(y + d);
+    at::vec::fmadd(wv, x1, fVec::loadu(y + d + fVec::size())).store(y + d + fVec::size());
+  }
+  for (; d < n; ++d) y[d] += w * float(x[d]);
+}
+
 // x[j] = exp(x[j] - shift) in place; returns the sum
 template <typename T>
 inline T exp_shifted_sum(T* x, int64_t n, T shift) {
@@ -107,12 +139,15 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
   acc_t* lp = lse.data_ptr<acc_t>();
   const acc_t scale = acc_t(sh.scale), cap = acc_t(sh.softcap);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const bool direct = R == 1;  // fp16/bf16 with one query row per task: no widened copies
 
   at::parallel_for(0, B * Hk * S, 1, [&](int64_t begin, int64_t finish) {
     std::vector<acc_t> qf(R * D), acc(R * D), m(R), l(R), kt(kDecodeKeyTile * D), vt(kDecodeKeyTile * D);
     std::vector<acc_t> sc(kDecodeKeyTile);
     const acc_t* krow[kDecodeKeyTile];
     const acc_t* vrow[kDecodeKeyTile];
+    const scalar_t* ksrc[kDecodeKeyTile];
+    const scalar_t* vsrc[kDecodeKeyTile];
     for (int64_t task = begin; task < finish; ++task) {
       const int64_t s = task % S, hk = (task / S) % Hk, b = task / (S * Hk);
       const int64_t end = ends[b], start = starts ? starts[b] : 0, offset = end - Sq;
@@ -139,9 +174,23 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
           const int64_t blk = tp[b * tsb + (p / P) * tsp], row = p % P;
           const scalar_t* ks = kp + blk * ksb + row * kss + hk * ksh;
           const scalar_t* vs = vp + blk * vsb + row * vss + hk * vsh;
+          if (p + kDecodeKeyTile < split_hi) {
+            // cache rows sit a whole (kv heads x headdim) apart: hint the next tile's rows
+            const int64_t pn = p + kDecodeKeyTile;
+            const int64_t bn = tp[b * tsb + (pn / P) * tsp], rn = pn % P;
+            const char* kn = reinterpret_cast<const char*>(kp + bn * ksb + rn * kss + hk * ksh);
+            const char* vn = reinterpret_cast<const char*>(vp + bn * vsb + rn * vss + hk * vsh);
+            for (int64_t off = 0; off < D * int64_t(sizeof(scalar_t)); off += 64) {
+              __builtin_prefetch(kn + off);
+              __builtin_prefetch(vn + off);
+            }
+          }
           if constexpr (std::is_same_v<scalar_t, acc_t>) {  // read the cache in place
             krow[j] = ks;
             vrow[j] = vs;
+          } else if (direct) {  // one reader: widen in registers
+            ksrc[j] = ks;
+            vsrc[j] = vs;
           } else {  // widen once; the whole group uses the row
             at::vec::convert(ks, &kt[j * D], D);
             at::vec::convert(vs, &vt[j * D], D);
@@ -161,7 +210,12 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
           acc_t mx = neg_inf;
           for (int64_t j = 0; j < cnt; ++j) {
             const int64_t p = jlo + j;
-            acc_t v = dot(&qf[r * D], krow[p - t0], D);
+            acc_t v;
+            if constexpr (std::is_same_v<scalar_t, acc_t>) {
+              v = dot(&qf[r * D], krow[p - t0], D);
+            } else {
+              v = direct ? dot_mixed(&qf[r * D], ksrc[p - t0], D) : dot(&qf[r * D], krow[p - t0], D);
+            }
             v = cap > 0 ? cap * std::tanh(v * scale / cap) : v * scale;
             if (sp) v -= slope * acc_t(std::abs(qpos - p));
             x[j] = v;
@@ -174,7 +228,13 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
             for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
           }
           const acc_t sum = exp_shifted_sum(x, cnt, m_new);
-          for (int64_t j = 0; j < cnt; ++j) axpy(a, vrow[jlo + j - t0], x[j], D);
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            for (int64_t j = 0; j < cnt; ++j) axpy(a, vrow[jlo + j - t0], x[j], D);
+          } else if (direct) {
+            for (int64_t j = 0; j < cnt; ++j) axpy_mixed(a, vsrc[jlo + j - t0], x[j], D);
+          } else {
+            for (int64_t j = 0; j < cnt; ++j) axpy(a, vrow[jlo + j - t0], x[j], D);
+          }
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
         }
