@@ -39,6 +39,7 @@ CASES = [
     (1, 100, 170, 1, 1, 64, BF16, False, (-1, 0), "bshd"),       # causal by window
     (1, 170, 100, 1, 1, 32, F16, True, (25, -1), "bshd"),        # causal + left window
     (1, 96, 96, 4, 2, 32, F16, True, (-1, -1), "bshd"),          # GQA
+    (2, 90, 200, 4, 2, 64, BF16, False, (30, 20), "bshd"),       # GQA + window, Sq < Sk
     (1, 90, 130, 4, 1, 64, BF16, False, (-1, -1), "bshd"),       # MQA
     (1, 80, 100, 2, 1, 96, F16, False, (-1, -1), "bshd"),        # head dim 96
     (1, 80, 100, 2, 1, 128, BF16, True, (-1, -1), "bshd"),       # head dim 128
