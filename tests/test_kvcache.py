@@ -476,3 +476,28 @@ def test_property(backend):
         run_case(backend, make_case(**case["make"]), **case["run"])
 
     prop()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    # q from torch's (B, H, S, D) layout; caches that are slices of wider buffers (gaps
+    # between heads and rows); a block table that is a column slice of a wider one
+    case = make_case(sq=3, snew=2, hq=4, hk=2, seqlens=(6, 17), page_size=5, capacity=25)
+    case["q"] = torch.randn(2, 4, 3, 16, dtype=torch.float16).transpose(1, 2)
+    nb = case["k_cache"].shape[0]
+    case["k_cache"] = torch.randn(nb, 5, 3, 24, dtype=torch.float16)[:, :, 1:, :16]
+    case["v_cache"] = torch.randn(nb, 5, 3, 24, dtype=torch.float16)[:, :, :2, 4:20]
+    wide = torch.full((2, 2 * case["block_table"].shape[1]), -1, dtype=torch.int32)
+    wide[:, ::2] = case["block_table"]
+    case["block_table"] = wide[:, ::2]
+    run_case(backend, case, causal=True, num_splits=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_query_rows(backend):
+    case = make_case(sq=0, snew=1, seqlens=(2, 3))
+    with fl.use_backend(backend):
+        out, lse = fl.flash_attn_with_kvcache(**case, return_softmax_lse=True)
+    assert out.shape == (2, 0, 2, 16) and lse.shape == (2, 2, 0)
+    # the new keys/values are appended all the same
+    assert torch.equal(case["k_cache"][0, 2], case["k"][0, 0]) and torch.equal(case["v_cache"][1, 3], case["v"][1, 0])
