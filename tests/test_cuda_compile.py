@@ -26,7 +26,7 @@ HEAD_DIMS = (32, 64, 96, 128, 256)
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("cuda_static") / "report.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benches", "cuda_static_report.py"), "--json", str(out)],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, check=False)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -87,5 +87,5 @@ def test_torch_binding_parses(tmp_path):
     (stub / "cuda_cmake_macros.h").write_text("")
     cmd = [os.environ.get("CXX", "c++"), "-std=c++17", "-fsyntax-only", f"-I{tmp_path}",
            *[f"-I{i}" for i in inc], os.path.join(ROOT, "csrc", "cuda", "attention_cuda.cpp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

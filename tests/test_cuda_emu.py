@@ -10,12 +10,11 @@ instead of cp.async.
 
 import pytest
 import torch
+from helpers import check_case, make_qkv, run_flash
 
 import flashattn_lite as fl
 from flashattn_lite.backends import Call, select
 from flashattn_lite.testing import check_against_reference, reference_results
-
-from helpers import check_case, make_qkv, run_flash
 
 F16, BF16 = torch.float16, torch.bfloat16
 
@@ -172,9 +171,11 @@ def test_binding_schemas_match_ops_cpp():
     def literal(text):
         return "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', text))
 
-    ops = open(os.path.join(root, "ops.cpp")).read()
-    defs = {literal(d).split("(")[0]: literal(d) for d in re.findall(r"m\.def\((.*?)\);", ops, re.S)}
-    ours = open(os.path.join(root, "cuda", "fa_torch.h")).read()
+    with open(os.path.join(root, "ops.cpp")) as f:
+        ops = f.read()
+    defs = {literal(d).split("(")[0]: literal(d) for d in re.findall(r"m\.def\((.*?)\);", ops, re.DOTALL)}
+    with open(os.path.join(root, "cuda", "fa_torch.h")) as f:
+        ours = f.read()
     for name, var in (("fwd", "kFwdSchema"), ("bwd", "kBwdSchema")):
-        mine = literal(re.search(var + r" =(.*?);", ours, re.S).group(1))
+        mine = literal(re.search(var + r" =(.*?);", ours, re.DOTALL).group(1))
         assert mine == defs[name]
