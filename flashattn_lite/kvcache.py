@@ -4,7 +4,7 @@ What happens in one call:
 
 1. every argument is validated on the host (this reads ``cache_seqlens``,
    ``cache_leftpad``, ``cache_batch_idx`` and the used part of ``block_table`` back from
-   the device: one small device-to-host copy per call, the price of a clear error
+   the device: one small device-to-host copy per index tensor, the price of a clear error
    instead of an out-of-bounds read inside a kernel);
 2. rotary embedding (when ``rotary_cos``/``rotary_sin`` are given) is applied to ``q``
    (into a new tensor) and to the new ``k``;
