@@ -315,6 +315,17 @@ def test_fake_impl_and_schema():
     assert out.shape == q.shape and lse.shape == (2, 2, 1)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    # schema, fake implementation and dynamic-shape tracing of flashattn_lite::decode
+    q = torch.randn(2, 1, 4, 16)
+    kc, vc = torch.randn(5, 4, 2, 16), torch.randn(5, 4, 2, 16)
+    table = torch.tensor([[0, 1], [3, 4]], dtype=torch.int32)
+    seqlens = torch.tensor([3, 7], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.flashattn_lite.decode.default,
+                          (q, kc, vc, table, seqlens, None, 7, 0.25, -1, 0, 0.0, None, 2, backend))
+
+
 # ------------------------------------------------------------------ bad input
 
 
