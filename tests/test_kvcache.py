@@ -512,3 +512,13 @@ def test_no_query_rows(backend):
     assert out.shape == (2, 0, 2, 16) and lse.shape == (2, 2, 0)
     # the new keys/values are appended all the same
     assert torch.equal(case["k_cache"][0, 2], case["k"][0, 0]) and torch.equal(case["v_cache"][1, 3], case["v"][1, 0])
+
+
+def test_triton_other_tiles():
+    # 32 x 32 split tiles (two GQA groups' rows per block would not fit 16) and 4 splits merged per combine step
+    from flashattn_lite.triton_kernels import configs
+
+    with configs.override("decode_split", configs.KernelConfig(32, 32, 4, 1)), \
+            configs.override("combine", configs.KernelConfig(1, 4, 4, 1)):
+        run_case("triton", make_case(batch=2, sq=5, snew=5, hq=6, hk=1, seqlens=(40, 3), capacity=50, page_size=9),
+                 causal=True, num_splits=6, alibi="heads")
