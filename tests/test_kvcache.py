@@ -515,7 +515,7 @@ def test_no_query_rows(backend):
 
 
 def test_triton_other_tiles():
-    # 32 x 32 split tiles (two GQA groups' rows per block would not fit 16) and 4 splits merged per combine step
+    # 32 x 32 split tiles (all 5 x 6 query rows of the group in one block) and 4 splits per combine step
     from flashattn_lite.triton_kernels import configs
 
     with configs.override("decode_split", configs.KernelConfig(32, 32, 4, 1)), \
