@@ -522,3 +522,11 @@ def test_triton_other_tiles():
             configs.override("combine", configs.KernelConfig(1, 4, 4, 1)):
         run_case("triton", make_case(batch=2, sq=5, snew=5, hq=6, hk=1, seqlens=(40, 3), capacity=50, page_size=9),
                  causal=True, num_splits=6, alibi="heads")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_llama_like_step(backend):
+    # one generation step of a GQA model: head dim 64, 8 query / 2 kv heads, rotary over
+    # the whole head (NeoX layout), paged cache with pages of 32, ragged lengths
+    run_case(backend, make_case(batch=3, sq=1, snew=1, hq=8, hk=2, d=64, seqlens=(150, 31, 0), capacity=192,
+                                page_size=32, rotary=(64, False), dtype=torch.bfloat16), causal=True)
