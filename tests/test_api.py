@@ -15,7 +15,7 @@ def _qkv(**kw):
 
 def test_available_backends_lists_every_backend():
     states = fl.available_backends()
-    assert set(states) == {"triton", "cuda", "cpu", "reference"}
+    assert set(states) == {"triton", "cuda", "cuda_emu", "cpu", "reference"}
     assert states["reference"][0] is True
     for usable, why in states.values():
         assert isinstance(usable, bool) and why

@@ -280,8 +280,9 @@ def fwd_kernel(Q, K, V, O, LSE, BIAS, CU_Q, CU_K, ALIBI,
     off_h = off_h.to(tl.int64)
     q_start, k_start, seqlen_q, seqlen_k, offset = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, offset,
                                                                IS_VARLEN)
-    if start_m >= seqlen_q:
-        return  # varlen: past the end of a shorter sequence
+    if IS_VARLEN:
+        if start_m >= seqlen_q:
+            return  # past the end of a shorter sequence
 
     rel_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + rel_m
@@ -364,8 +365,9 @@ def bwd_preprocess_kernel(O, DO, LSE, DLSE, DELTA, LSE2, CU_Q,
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
     q_start, _, seqlen_q, _, _ = _seq_bounds(CU_Q, CU_Q, off_b, seqlen_q, 0, 0, IS_VARLEN)
-    if start_m >= seqlen_q:
-        return
+    if IS_VARLEN:
+        if start_m >= seqlen_q:
+            return  # past the end of a shorter sequence
     rel_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + rel_m
     offs_d = tl.arange(0, BLOCK_D)
@@ -472,8 +474,9 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, BIAS, CU_Q, CU_K, ALIBI,
     off_b = tl.program_id(2).to(tl.int64)
     q_start, k_start, seqlen_q, seqlen_k, offset = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, offset,
                                                                IS_VARLEN)
-    if start_n >= seqlen_k:
-        return
+    if IS_VARLEN:
+        if start_n >= seqlen_k:
+            return  # past the end of a shorter sequence
 
     rel_n = tl.arange(0, BLOCK_N)
     offs_n = start_n + rel_n
@@ -606,8 +609,9 @@ def bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, BIAS, DBIAS, CU_Q, CU_K, ALIBI,
     off_h = off_h.to(tl.int64)
     q_start, k_start, seqlen_q, seqlen_k, offset = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, offset,
                                                                IS_VARLEN)
-    if start_m >= seqlen_q:
-        return
+    if IS_VARLEN:
+        if start_m >= seqlen_q:
+            return  # past the end of a shorter sequence
 
     rel_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + rel_m
