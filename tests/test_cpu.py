@@ -651,7 +651,7 @@ def test_raw_bwd_returns_dbias_in_the_bias_dtype():
     q = torch.randn(1, 6, 2, 8, dtype=torch.bfloat16)
     bias = torch.randn(1, 1, 6, 1, dtype=torch.bfloat16).expand(1, 2, 6, 6)
     out, lse = _raw_fwd(q, q, q, bias=bias)
-    dq, dk, dv, dbias = _raw_bwd(torch.randn_like(q), None, q, q, q, out, lse, bias_grad=True, bias=bias)
+    *_, dbias = _raw_bwd(torch.randn_like(q), None, q, q, q, out, lse, bias_grad=True, bias=bias)
     assert dbias.shape == (1, 2, 6, 6) and dbias.dtype == torch.bfloat16 and dbias.is_contiguous()
     *_, none = _raw_bwd(torch.randn_like(q), None, q, q, q, out, lse, bias=bias)
     assert none.numel() == 0
