@@ -1,0 +1,422 @@
+#pragma once
+
+// CPU attention kernels: tiled online-softmax forward, recomputation backward.
+//
+// This header holds what the forward (attention_fwd_cpu.cpp), the backward
+// (attention_bwd_cpu.cpp) and the operator entry points (attention_cpu.cpp) share;
+// the kernels live in their own translation units so they compile in parallel.
+//
+// Every tile product runs through the BLAS torch.mm uses, in float32 (float64 for
+// float64 input).  fp16/bf16 inputs are widened to float32 (per tile in the forward,
+// once per call in the backward): a low-precision BLAS product is slower than
+// widening, O(N d), and then multiplying in float32, O(N^2 d).
+//
+// Problems: a dense batch is B problems of (Sq, Sk); a packed varlen batch is one
+// 4-D batch entry whose sequences are row ranges (``Seq``).  Optional features that
+// touch every score (the additive bias, dropout) are template switches, so the
+// feature-free instantiation carries no per-element test; softcap/ALiBi and the
+// varlen bookkeeping are per row or per task.
+//
+// Parallelism: forward over (sequence, head, query block); backward over
+// (sequence, kv head, chunk of key blocks), each task summing dK/dV over its GQA
+// group in a fixed order and writing its own dQ partial, reduced in a fixed order.
+// Tasks are claimed dynamically, largest first (sequences and causal blocks differ
+// in cost).  No atomics on data: every result element is computed by one task in a
+// fixed order, and the task split does not depend on the thread count, so results
+// are reproducible bit for bit and identical for any number of threads.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <new>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "philox.h"
+
+namespace flashattn_lite {
+namespace attention_cpu {
+
+// Fortran BLAS entry points.  torch's x86 wheels link MKL into libtorch_cpu and
+// export these (they are what torch.mm ends up calling); declared weak so that a
+// torch without them still loads, falling back to ATen's exported gemm kernel.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL's per-thread thread count (returns the previous one; 0 restores the global setting).
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+}
+
+template <typename T>
+inline void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                      const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+  const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_) return sgemm_(&ca, &cb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+  } else {
+    if (dgemm_) return dgemm_(&ca, &cb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+  }
+  // Fallback through ATen (dispatcher overhead per call, same numbers): column-major
+  // X (r x c, ld) is the row-major tensor X^T of shape (c, r) with row stride ld.
+  auto view = [](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    at::Tensor t = at::from_blob(const_cast<T*>(p), {cols, rows}, {ld, 1}, c10::CppTypeToScalarType<T>::value);
+    return trans ? t : t.t();  // column-major op(X) as a row-major (rows x cols) view
+  };
+  at::Tensor A = view(a, ta ? k : m, ta ? m : k, lda, ta);
+  at::Tensor Bm = view(b, tb ? n : k, tb ? k : n, ldb, tb);
+  at::Tensor C = at::from_blob(c, {n, m}, {ldc, 1}, c10::CppTypeToScalarType<T>::value).t();
+  if (beta == T(0)) C.zero_(); else C.mul_(beta);
+  C.add_(at::mm(A, Bm), alpha);
+}
+
+// Row-major C[M, N] = alpha * op(A) @ op(B) + beta * C, with BLAS being column-major:
+// a row-major matrix is its column-major transpose, so C^T = op(B)^T op(A)^T.
+template <typename T>
+inline void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+                    int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  blas_gemm<T>(trans_b, trans_a, N, M, K, alpha, B, std::max<int64_t>(ldb, 1), A, std::max<int64_t>(lda, 1), beta,
+               C, std::max<int64_t>(ldc, 1));
+}
+
+// Visibility band: query i sees keys [i + offset - left, i + offset + right]; < 0 = unbounded.
+struct Band {
+  int64_t offset, left, right, seqlen_q, seqlen_k;
+
+  // Visible keys of query row i, as [lo, hi) (empty: lo == hi).
+  inline void keys(int64_t i, int64_t& lo, int64_t& hi) const {
+    lo = left < 0 ? 0 : std::max<int64_t>(0, i + offset - left);
+    hi = right < 0 ? seqlen_k : std::min<int64_t>(seqlen_k, i + offset + right + 1);
+    lo = std::min(lo, seqlen_k);
+    if (hi < lo) hi = lo;
+  }
+  // Queries that see key j, as [lo, hi): the transposed band.
+  inline void queries(int64_t j, int64_t& lo, int64_t& hi) const {
+    lo = right < 0 ? 0 : std::max<int64_t>(0, j - offset - right);
+    hi = left < 0 ? seqlen_q : std::min<int64_t>(seqlen_q, j - offset + left + 1);
+    lo = std::min(lo, seqlen_q);
+    if (hi < lo) hi = lo;
+  }
+};
+
+// Tile sizes.  Large key tiles keep BLAS efficient (long inner products for P @ V);
+// FLASHATTN_LITE_CPU_FWD_BLOCKS / FLASHATTN_LITE_CPU_BWD_BLOCKS = "BM,BN" override
+// them (tuning only).
+struct Blocks {
+  int64_t m = 64, n = 512;
+};
+
+inline Blocks blocks_from_env(const char* var, int64_t bm, int64_t bn) {
+  Blocks b{bm, bn};
+  if (const char* env = std::getenv(var)) {
+    long m = 0, n = 0;
+    if (std::sscanf(env, "%ld,%ld", &m, &n) == 2 && m > 0 && n > 0) b = Blocks{m, n};
+  }
+  return b;
+}
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+inline T row_max(const T* x, int64_t n) {
+  int64_t j = 0;
+  T m = -std::numeric_limits<T>::infinity();
+  if (n >= Vec<T>::size()) {
+    Vec<T> vm(m);
+    for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) vm = at::vec::maximum(vm, Vec<T>::loadu(x + j));
+    m = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// exp on a vector: float uses ATen's fast polynomial exp (<= 20 ulp, the one torch's own
+// CPU flash attention uses); double keeps the accurate Sleef exp.
+template <typename T>
+inline Vec<T> vexp(const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+// out[j] = exp(x[j] - shift) (out may alias x); returns the sum.
+template <typename T>
+inline T exp_shift_sum(const T* x, T* out, int64_t n, T shift) {
+  int64_t j = 0;
+  T sum = 0;
+  if (n >= Vec<T>::size()) {
+    Vec<T> vs(shift), acc(T(0));
+    for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
+      Vec<T> e = vexp<T>(Vec<T>::loadu(x + j) - vs);
+      e.store(out + j);
+      acc = acc + e;
+    }
+    sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
+  }
+  for (; j < n; ++j) {
+    out[j] = std::exp(x[j] - shift);
+    sum += out[j];
+  }
+  return sum;
+}
+
+// exp_shift_sum fused with the max of x (one pass instead of two).
+template <typename T>
+inline T exp_shift_sum_max(const T* x, T* out, int64_t n, T shift, T& mx) {
+  int64_t j = 0;
+  T sum = 0;
+  mx = -std::numeric_limits<T>::infinity();
+  if (n >= Vec<T>::size()) {
+    Vec<T> vs(shift), acc(T(0)), vm(mx);
+    for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
+      const Vec<T> xv = Vec<T>::loadu(x + j);
+      vm = at::vec::maximum(vm, xv);
+      Vec<T> e = vexp<T>(xv - vs);
+      e.store(out + j);
+      acc = acc + e;
+    }
+    sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
+    mx = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; j < n; ++j) {
+    mx = std::max(mx, x[j]);
+    out[j] = std::exp(x[j] - shift);
+    sum += out[j];
+  }
+  return sum;
+}
+
+// The online softmax may shift a row by any value not far below its scores (the
+// result, out = acc / l and lse = shift + log l, does not depend on the shift).
+// Keeping the running shift while a tile's scores exceed it by at most this
+// much saves a separate max pass over every tile; exp(kLazyShift) ~ 9e6 cannot overflow
+// the sums.  Beyond it, the row's shift is raised and the tile recomputed.
+constexpr double kLazyShift = 16.0;
+
+template <typename T>
+inline void scale_row(T* x, int64_t n, T s) {
+  int64_t j = 0;
+  Vec<T> vs(s);
+  for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) (Vec<T>::loadu(x + j) * vs).store(x + j);
+  for (; j < n; ++j) x[j] *= s;
+}
+
+// Score transforms after the scaled product, in flash-attn's order: softcap
+// (cap * tanh(s / cap), Gemma 2), then the ALiBi bias -slope * |i + offset - j|.
+template <typename T>
+struct Transform {
+  T softcap;  // 0 = off
+  const float* slopes;  // (B, H) with strides (sb, sh), or null
+  int64_t sb, sh, offset;
+
+  bool any() const { return softcap > T(0) || slopes != nullptr; }
+  T slope(int64_t b, int64_t h) const { return slopes ? T(slopes[b * sb + h * sh]) : T(0); }
+
+  // Row i's scores for keys c0 + [a, e), in place.  With softcap, also writes
+  // 1 - tanh^2 (the cap's derivative) into ``dcap`` when it is not null.
+  inline void apply(T* x, int64_t a, int64_t e, int64_t i, int64_t c0, T slope_v, T* dcap) const {
+    if (softcap > T(0)) {
+      const T inv = T(1) / softcap;
+      int64_t j = a;
+      const Vec<T> vinv(inv), vcap(softcap), one(T(1));
+      for (; j + Vec<T>::size() <= e; j += Vec<T>::size()) {
+        const Vec<T> t = (Vec<T>::loadu(x + j) * vinv).tanh();
+        (t * vcap).store(x + j);
+        if (dcap) (one - t * t).store(dcap + j);
+      }
+      for (; j < e; ++j) {
+        const T t = std::tanh(x[j] * inv);
+        x[j] = t * softcap;
+        if (dcap) dcap[j] = T(1) - t * t;
+      }
+    }
+    if (slopes) {
+      for (int64_t j = a; j < e; ++j) x[j] -= slope_v * T(std::llabs(i + offset - (c0 + j)));
+    }
+  }
+};
+
+
+// ------------------------------------------------------------------------------------ the problem
+
+// One attention problem: a batch entry (dense) or one packed sequence (varlen).
+struct Seq {
+  int64_t b;             // sequence index: ALiBi row, bias batch
+  int64_t pb;            // batch index into the 4-D tensors (0 for varlen)
+  int64_t q0, k0;        // first query / key row in the tensors' sequence dim
+  int64_t len_q, len_k;  // lengths
+  int64_t offset;        // diagonal offset (varlen: diag_offset + len_k - len_q)
+};
+
+struct Problem {
+  std::vector<Seq> seqs;
+  int64_t rows = 0;              // sequence dim of the 4-D tensors (Sq, or total_q); lse is (B, H, rows)
+  int64_t max_q = 0, max_k = 0;  // longest sequences (tile sizes)
+  int64_t left = -1, right = -1;
+  int64_t drop_cols = 0;  // Sk of the dropout counter: Sk, or max_seqlen_k
+
+  Band band(const Seq& s) const { return Band{s.offset, left, right, s.len_q, s.len_k}; }
+  // Index of query row i of ``s``, head h, in lse (B, H, rows); also the dropout counter's row.
+  int64_t row_id(const Seq& s, int64_t h, int64_t heads, int64_t i) const {
+    return (s.pb * heads + h) * rows + s.q0 + i;
+  }
+};
+
+// x[j] += bias[j * sj] (bias in any float dtype; sj = 0 broadcasts one value along the row).
+template <typename T, typename B>
+inline void add_bias_row(T* x, const B* row, int64_t sj, int64_t n) {
+  if (sj == 0) {
+    const T c = T(row[0]);
+    for (int64_t j = 0; j < n; ++j) x[j] += c;
+  } else if (sj == 1) {
+    if constexpr (std::is_same_v<T, B>) {
+      for (int64_t j = 0; j < n; ++j) x[j] += row[j];
+    } else {
+      T buf[64];
+      for (int64_t j0 = 0; j0 < n; j0 += 64) {
+        const int64_t m = std::min<int64_t>(64, n - j0);
+        at::vec::convert(row + j0, buf, m);
+        for (int64_t t = 0; t < m; ++t) x[j0 + t] += buf[t];
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) x[j] += T(row[j * sj]);
+  }
+}
+
+// The additive bias (SDPA's attn_mask): a (B, H, Sq, Sk) view, broadcast dims with stride 0.
+struct BiasView {
+  const void* data = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  int64_t sb = 0, sh = 0, si = 0, sj = 0;
+
+  // x[0, n) += bias[b, h, i, j0 + [0, n)]
+  template <typename T>
+  void add(T* x, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n) const {
+    const int64_t off = b * sb + h * sh + i * si + j0 * sj;
+    switch (dtype) {
+      case at::kFloat: return add_bias_row(x, static_cast<const float*>(data) + off, sj, n);
+      case at::kDouble: return add_bias_row(x, static_cast<const double*>(data) + off, sj, n);
+      case at::kHalf: return add_bias_row(x, static_cast<const at::Half*>(data) + off, sj, n);
+      case at::kBFloat16: return add_bias_row(x, static_cast<const at::BFloat16*>(data) + off, sj, n);
+      default: return;  // rejected by the host checks
+    }
+  }
+};
+
+// Dropout: keep masks from the Philox stream; kept values are scaled by 1 / (1 - p),
+// which the kernels fold into a GEMM's alpha or the final normalisation.
+struct Dropout {
+  PhiloxDropout philox;
+  double rescale = 1.0;  // 1 / (1 - p)
+};
+
+// x[j] = 0 where mask[j] == 0.
+template <typename T>
+inline void apply_keep(T* x, const uint32_t* mask, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = mask[j] ? x[j] : T(0);
+}
+
+// Uninitialised scratch (zero-filling a 256 KiB tile per task would cost more than a decode
+// step), 64-byte aligned: BLAS may pick its kernels (and so its summation order) by the
+// operands' alignment, and results must not depend on which worker's buffers a task used.
+template <typename T>
+struct Scratch {
+  struct Free {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  std::unique_ptr<T[], Free> p;
+  explicit Scratch(int64_t n)
+      : p(static_cast<T*>(::operator new[](sizeof(T) * std::max<int64_t>(n, 1), std::align_val_t(64)))) {}
+  T* data() { return p.get(); }
+};
+
+// A unit of work of one head: a query block (forward) or a chunk of key blocks (backward)
+// of one sequence.  Tasks are (head, unit); units are sorted by decreasing cost and
+// claimed dynamically, so long sequences start first and short ones fill the gaps.
+struct Unit {
+  int64_t seq, begin, end;  // query rows (forward) or key blocks (backward) [begin, end)
+  int64_t chunk;            // backward: which dQ partial it writes
+  double cost;
+};
+
+inline void sort_by_cost(std::vector<Unit>& units) {
+  std::stable_sort(units.begin(), units.end(), [](const Unit& a, const Unit& b) { return a.cost > b.cost; });
+}
+
+// Runs body(task, worker_state) for every task in [0, n), each exactly once, on
+// at::get_num_threads() workers; ``make_state`` builds each worker's scratch.
+template <typename MakeState, typename Body>
+void run_tasks(int64_t n, MakeState&& make_state, Body&& body) {
+  if (n == 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    // (a nested call runs this once, serially: it then claims every task itself)
+    // Each BLAS call runs on the calling worker alone: a call that MKL split among threads
+    // of its own would sum in another order, and results would depend on the thread count.
+    const int mkl_prev = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    auto state = make_state();
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(t, state);
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_prev);
+  });
+}
+
+template <typename T>
+Transform<T> make_transform(double softcap, const std::optional<at::Tensor>& slopes, int64_t batch,
+                            int64_t heads) {
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "flashattn_lite cpu: softcap must be >= 0, got ", softcap);
+  Transform<T> tf{T(softcap), nullptr, 0, 0, 0};
+  if (slopes.has_value()) {
+    const at::Tensor& s = *slopes;
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(0) == batch && s.size(1) == heads &&
+                    s.device().is_cpu(),
+                "flashattn_lite cpu: alibi_slopes must be float32 (batch, heads) = (", batch, ", ", heads,
+                ") on the CPU, got ", s.scalar_type(), " ", s.sizes());
+    tf.slopes = s.data_ptr<float>();
+    tf.sb = s.stride(0);
+    tf.sh = s.stride(1);
+  }
+  return tf;
+}
+
+// Calls f(bool_constant<kBias>, bool_constant<kDrop>): the feature switches as compile-time values.
+template <typename F>
+void with_features(bool has_bias, bool has_drop, F&& f) {
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (has_bias) {
+    has_drop ? f(yes{}, yes{}) : f(yes{}, no{});
+  } else {
+    has_drop ? f(no{}, yes{}) : f(no{}, no{});
+  }
+}
+
+// attention_fwd_cpu.cpp: out and lse (4-D tensors, prepared by the entry point).
+void fwd_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+             double scale, const Problem& pr, double softcap, const std::optional<at::Tensor>& slopes,
+             const BiasView& bias, const Dropout& drop, bool has_drop);
+
+// attention_bwd_cpu.cpp: dq, dk, dv (and dbias where not null) from compute-type tensors.
+void bwd_run(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+             at::Tensor* dbias, double scale, const Problem& pr, double softcap,
+             const std::optional<at::Tensor>& slopes, const BiasView& bias, const Dropout& drop, bool has_drop);
+
+}  // namespace attention_cpu
+}  // namespace flashattn_lite

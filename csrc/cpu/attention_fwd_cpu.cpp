@@ -1,0 +1,201 @@
+// The forward kernel: tiled online softmax over (sequence, head, query block) tasks.
+// Shared pieces and the design notes: attention_cpu.h.
+
+#include "attention_cpu.h"
+
+namespace flashattn_lite {
+namespace attention_cpu {
+namespace {
+
+// A (rows x D) tile of a strided (seq, D) matrix, in the compute type: a pointer into
+// the input itself when the types agree, else a widened copy in ``buf`` (ld = D).
+template <typename in_t, typename T>
+inline const T* tile(const in_t* src, int64_t ld, int64_t rows, int64_t D, T* buf, int64_t& ld_out) {
+  if constexpr (std::is_same_v<in_t, T>) {
+    ld_out = ld;
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) at::vec::convert(src + r * ld, buf + r * D, D);
+    ld_out = D;
+    return buf;
+  }
+}
+
+// in_t: the tensors' dtype; T: the compute type (float, or double for double).
+// fp16/bf16 tiles are widened as they are used, so nothing the size of K or V is copied.
+// kBias: add the bias to the scores; kDrop: dropout.
+template <typename in_t, typename T, bool kBias, bool kDrop>
+void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+              T scale, const Problem& pr, const Transform<T>& tf, const BiasView& bias, const Dropout& drop) {
+  const int64_t Hq = q.size(2), D = q.size(3);
+  const int64_t Hk = k.size(2), group = Hq / Hk;
+  // Shorter query sequences use smaller query tiles so every thread gets work.
+  const Blocks bs = blocks_from_env("FLASHATTN_LITE_CPU_FWD_BLOCKS", pr.max_q >= 768 ? 256 : 128, 512);
+  const int64_t BM = std::max<int64_t>(1, std::min(bs.m, pr.max_q));
+  const int64_t BN = std::max<int64_t>(1, std::min(bs.n, pr.max_k));
+  std::vector<Unit> units;
+  for (int64_t s = 0; s < int64_t(pr.seqs.size()); ++s) {
+    const Seq& sq = pr.seqs[s];
+    const Band band = pr.band(sq);
+    for (int64_t r0 = 0; r0 < sq.len_q; r0 += BM) {
+      const int64_t r1 = std::min(sq.len_q, r0 + BM);
+      int64_t klo, khi, unused;
+      band.keys(r0, klo, unused);
+      band.keys(r1 - 1, unused, khi);
+      units.push_back(Unit{s, r0, r1, 0, double(r1 - r0) * double(std::max<int64_t>(khi - klo, 0) + D)});
+    }
+  }
+  sort_by_cost(units);
+  const int64_t nunits = int64_t(units.size());
+
+  const in_t* qp = q.data_ptr<in_t>();
+  const in_t* kp = k.data_ptr<in_t>();
+  const in_t* vp = v.data_ptr<in_t>();
+  in_t* op = out.data_ptr<in_t>();
+  float* lp32 = lse.scalar_type() == at::kFloat ? lse.data_ptr<float>() : nullptr;
+  double* lp64 = lse.scalar_type() == at::kDouble ? lse.data_ptr<double>() : nullptr;
+  const int64_t sqb = q.stride(0), sqs = q.stride(1), sqh = q.stride(2);
+  const int64_t skb = k.stride(0), sks = k.stride(1), skh = k.stride(2);
+  const int64_t svb = v.stride(0), svs = v.stride(1), svh = v.stride(2);
+  const int64_t sob = out.stride(0), sos = out.stride(1), soh = out.stride(2);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  constexpr bool widen = !std::is_same_v<in_t, T>;
+  // dropout's 1 / (1 - p) is applied with the final 1 / l
+  const T out_scale = kDrop ? T(drop.rescale) : T(1);
+
+  struct State {
+    Scratch<T> S, P, acc, m, l, orow, qbuf, kbuf, vbuf;
+    Scratch<uint32_t> keep;
+  };
+  auto make_state = [&] {
+    return State{Scratch<T>(BM * BN), Scratch<T>(BM * BN), Scratch<T>(BM * D), Scratch<T>(BM), Scratch<T>(BM),
+                 Scratch<T>(D), Scratch<T>(widen ? BM * D : 0), Scratch<T>(widen ? BN * D : 0),
+                 Scratch<T>(widen ? BN * D : 0), Scratch<uint32_t>(kDrop ? BN : 0)};
+  };
+  run_tasks(Hq * nunits, make_state, [&](int64_t task, State& st) {
+    const int64_t h = task / nunits;
+    const Unit& u = units[task % nunits];
+    const Seq& sq = pr.seqs[u.seq];
+    const Band band = pr.band(sq);
+    Transform<T> tfs = tf;
+    tfs.offset = sq.offset;
+    const int64_t r0 = u.begin, rows = u.end - u.begin;
+    const in_t* kt = kp + sq.pb * skb + (h / group) * skh + sq.k0 * sks;
+    const in_t* vt = vp + sq.pb * svb + (h / group) * svh + sq.k0 * svs;
+    const int64_t row0 = pr.row_id(sq, h, Hq, r0);
+    const T slope_h = tf.slope(sq.b, h);
+    T* acc = st.acc.data();
+    T* m = st.m.data();
+    T* l = st.l.data();
+    int64_t ldq;
+    const T* qt = tile<in_t, T>(qp + sq.pb * sqb + h * sqh + (sq.q0 + r0) * sqs, sqs, rows, D, st.qbuf.data(), ldq);
+    std::fill(acc, acc + rows * D, T(0));
+    std::fill(m, m + rows, neg_inf);
+    std::fill(l, l + rows, T(0));
+    // band bounds are monotone in the row, so the block's keys are [lo(first), hi(last))
+    int64_t klo, khi, unused;
+    band.keys(r0, klo, unused);
+    band.keys(r0 + rows - 1, unused, khi);
+    for (int64_t c0 = klo; c0 < khi; c0 += BN) {
+      const int64_t cols = std::min(BN, khi - c0);
+      int64_t ldk, ldv;
+      const T* ktile = tile<in_t, T>(kt + c0 * sks, sks, cols, D, st.kbuf.data(), ldk);
+      gemm_rm<T>(false, true, rows, cols, D, scale, qt, ldq, ktile, ldk, T(0), st.S.data(), BN);
+      for (int64_t r = 0; r < rows; ++r) {
+        T* srow = st.S.data() + r * BN;
+        T* prow = st.P.data() + r * BN;
+        int64_t lo, hi;
+        band.keys(r0 + r, lo, hi);
+        const int64_t a = std::clamp(lo - c0, int64_t(0), cols), e = std::clamp(hi - c0, int64_t(0), cols);
+        std::fill(prow, prow + a, T(0));
+        std::fill(prow + std::max(a, e), prow + cols, T(0));
+        if (a >= e) continue;  // nothing visible in this tile: P row is 0, state unchanged
+        if (tfs.any()) tfs.apply(srow, a, e, r0 + r, c0, slope_h, nullptr);
+        if constexpr (kBias) bias.add(srow + a, sq.b, h, r0 + r, c0 + a, e - a);
+        T& mr = m[r];
+        T& lr = l[r];
+        // The row's first visible tile: a provisional shift from its first few scores (a
+        // lower bound of the max, so nothing can underflow that would not anyway).
+        if (mr == neg_inf) {
+          mr = row_max(srow + a, std::min<int64_t>(e - a, Vec<T>::size()));
+          if constexpr (kBias) {  // -inf bias entries: the shift must be finite
+            if (mr == neg_inf) mr = row_max(srow + a, e - a);
+            if (mr == neg_inf) {  // every score of this tile is -inf: P row 0, state unchanged
+              std::fill(prow + a, prow + e, T(0));
+              continue;
+            }
+          }
+        }
+        T mx;
+        const T sum = exp_shift_sum_max(srow + a, prow + a, e - a, mr, mx);
+        if (mx <= mr + T(kLazyShift)) {
+          lr += sum;
+        } else {  // rare: scores far above the shift; rescale the row to the new max
+          const T alpha = std::exp(mr - mx);
+          lr = lr * alpha + exp_shift_sum(srow + a, prow + a, e - a, mx);
+          scale_row(acc + r * D, D, alpha);
+          mr = mx;
+        }
+        if constexpr (kDrop) {  // l sums the undropped probabilities; only P @ V is dropped
+          drop.philox.keep_mask(uint64_t(row0 + r) * uint64_t(pr.drop_cols) + uint64_t(c0 + a), e - a,
+                                st.keep.data());
+          apply_keep(prow + a, st.keep.data(), e - a);
+        }
+      }
+      const T* vtile = tile<in_t, T>(vt + c0 * svs, svs, cols, D, st.vbuf.data(), ldv);
+      gemm_rm<T>(false, false, rows, D, cols, T(1), st.P.data(), BN, vtile, ldv, T(1), acc, D);
+    }
+    T* orow = st.orow.data();
+    for (int64_t r = 0; r < rows; ++r) {
+      in_t* dst = op + sq.pb * sob + h * soh + (sq.q0 + r0 + r) * sos;
+      const T lr = l[r];
+      T row_lse = neg_inf;
+      if (lr == T(0)) {  // the row saw no key
+        std::fill(orow, orow + D, T(0));
+      } else {
+        const T inv = out_scale / lr;
+        const T* arow = acc + r * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] = arow[d] * inv;
+        row_lse = m[r] + std::log(lr);
+      }
+      if constexpr (widen) {
+        at::vec::convert(orow, dst, D);
+      } else {
+        std::copy(orow, orow + D, dst);
+      }
+      if (lp32) lp32[row0 + r] = float(row_lse);
+      if (lp64) lp64[row0 + r] = double(row_lse);
+    }
+  });
+}
+
+template <typename in_t, typename T>
+void fwd_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+               double scale, const Problem& pr, double softcap, const std::optional<at::Tensor>& slopes,
+               const BiasView& bias, const Dropout& drop, bool has_drop) {
+  const Transform<T> tf = make_transform<T>(softcap, slopes, int64_t(pr.seqs.size()), q.size(2));
+  with_features(bias.data != nullptr, has_drop, [&](auto kb, auto kd) {
+    fwd_impl<in_t, T, decltype(kb)::value, decltype(kd)::value>(q, k, v, out, lse, T(scale), pr, tf, bias, drop);
+  });
+}
+
+}  // namespace
+
+void fwd_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+             double scale, const Problem& pr, double softcap, const std::optional<at::Tensor>& slopes,
+             const BiasView& bias, const Dropout& drop, bool has_drop) {
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      return fwd_typed<float, float>(q, k, v, out, lse, scale, pr, softcap, slopes, bias, drop, has_drop);
+    case at::kDouble:
+      return fwd_typed<double, double>(q, k, v, out, lse, scale, pr, softcap, slopes, bias, drop, has_drop);
+    case at::kBFloat16:
+      return fwd_typed<at::BFloat16, float>(q, k, v, out, lse, scale, pr, softcap, slopes, bias, drop, has_drop);
+    case at::kHalf:
+      return fwd_typed<at::Half, float>(q, k, v, out, lse, scale, pr, softcap, slopes, bias, drop, has_drop);
+    default: TORCH_CHECK(false, "flashattn_lite cpu: unsupported dtype ", q.scalar_type());
+  }
+}
+
+}  // namespace attention_cpu
+}  // namespace flashattn_lite
