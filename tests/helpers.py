@@ -80,3 +80,12 @@ def check_case(backend, batch, sq, sk, hq, hk, d, dtype, causal=False, window=(-
     ours = run_flash(backend, q, k, v, dout, **kw)
     assert_matches_reference(ours, q, k, v, dout, **kw)
     return ours
+
+
+def assert_checks_ok(ours, ref, base, dtype):
+    """Every key of ``ours`` within tolerance of ``ref``, and finite (lse may hold -inf)."""
+    failed = [str(c) for c in check_against_reference(ours, ref, base, dtype) if not c.ok]
+    assert not failed, "; ".join(failed)
+    for key, t in ours.items():
+        if key != "lse":
+            assert torch.isfinite(t).all(), f"{key} has NaN/inf"

@@ -7,18 +7,10 @@ import torch
 
 import flashattn_lite as fl
 from flashattn_lite import rng
-from flashattn_lite.testing import (check_against_reference, record_dropout, reference_results,
-                                    reference_results_varlen)
+from flashattn_lite.testing import record_dropout, reference_results, reference_results_varlen
+from helpers import assert_checks_ok
 
 BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.triton)]
-
-
-def _assert_ok(ours, ref, base, dtype):
-    failed = [str(c) for c in check_against_reference(ours, ref, base, dtype) if not c.ok]
-    assert not failed, "; ".join(failed)
-    for key, t in ours.items():
-        if key != "lse":
-            assert torch.isfinite(t).all(), f"{key} has NaN/inf"
 
 
 # ---------------------------------------------------------------- varlen
@@ -45,7 +37,7 @@ def check_varlen(backend, lens_q, lens_k, hq, hk, d, dtype, causal=False, window
     keep = calls[0].keep() if dropout_p > 0 else None
     ref, base = reference_results_varlen(q, k, v, dout, cu_q, cu_k, d ** -0.5, causal, window, softcap, slopes,
                                          dropout_keep=keep, dropout_p=dropout_p)
-    _assert_ok(dict(out=out.detach(), lse=lse, dq=dq, dk=dk, dv=dv), ref, base, dtype)
+    assert_checks_ok(dict(out=out.detach(), lse=lse, dq=dq, dk=dk, dv=dv), ref, base, dtype)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref["lse"]))
 
 
@@ -107,7 +99,7 @@ def check_mask(backend, batch, sq, sk, hq, hk, d, dtype, mask_shape, kind, dropo
     keep = calls[0].keep() if dropout_p > 0 else None
     ref, base = reference_results(*(t.transpose(1, 2) for t in (q, k, v)), dout.transpose(1, 2), d ** -0.5,
                                   bias=bias, dropout_keep=keep, dropout_p=dropout_p)
-    _assert_ok(ours, ref, base, dtype)
+    assert_checks_ok(ours, ref, base, dtype)
     if mask_rows:
         assert (ours["out"][:, 1] == 0).all()
     return ours
@@ -147,7 +139,7 @@ def check_dropout(backend, batch, sq, sk, hq, hk, d, dtype, p, causal=False):
     keep = calls[0].keep()
     ref, base = reference_results(q, k, v, dout, d ** -0.5, sk - sq, -1, 0 if causal else -1, dropout_keep=keep,
                                   dropout_p=p)
-    _assert_ok(dict(out=out.detach(), lse=lse, dq=dq, dk=dk, dv=dv), ref, base, dtype)
+    assert_checks_ok(dict(out=out.detach(), lse=lse, dq=dq, dk=dk, dv=dv), ref, base, dtype)
     return out
 
 

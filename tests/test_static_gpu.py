@@ -33,7 +33,7 @@ def report(tmp_path_factory):
 def test_every_shipped_config_compiled(report):
     from flashattn_lite.triton_kernels import configs
 
-    for mods in (False, True):
+    for mods in (False, True, configs.DROPOUT):
         expected = {(configs.KERNELS[t], arch, hd, dclass, (c.block_m, c.block_n, c.num_warps, c.num_stages))
                     for t, arch, dclass, hd, c in configs.shipped_configs(mods)}
         got = {(r["kernel"], r["arch"], r["head_dim"], "fp32" if r["dtype"] == "fp32" else "lowp",

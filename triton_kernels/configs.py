@@ -66,9 +66,9 @@ _BWD_DKDV = {
     ("sm90", "lowp", 64): KernelConfig(64, 64, 8, 1),
     ("sm90", "lowp", 128): KernelConfig(16, 64, 8, 1),
     ("sm90", "lowp", 256): KernelConfig(32, 32, 8, 1),
-    ("sm80", "fp32", 16): KernelConfig(64, 64, 8, 2),
+    ("sm80", "fp32", 16): KernelConfig(32, 64, 8, 1),
     ("sm80", "fp32", 32): KernelConfig(32, 32, 8, 1),
-    ("sm80", "fp32", 64): KernelConfig(32, 32, 4, 1),
+    ("sm80", "fp32", 64): KernelConfig(32, 64, 8, 1),
     ("sm80", "fp32", 128): KernelConfig(32, 32, 8, 1),
     ("sm80", "fp32", 256): KernelConfig(16, 16, 8, 1),
     ("sm90", "fp32", 16): KernelConfig(32, 32, 4, 1),
@@ -101,24 +101,115 @@ _BWD_DQ = {
     ("sm90", "fp32", 256): KernelConfig(16, 16, 8, 1),
 }
 
-# Configs for calls with softcap or ALiBi, where they differ from the tables above:
-# the extra per-score work (tanh, its derivative kept for the backward, the bias)
-# costs registers, and these base configs spill with it.  Keys: (kernel, arch,
+# Configs for calls with softcap, ALiBi or an additive bias (attention mask), where
+# they differ from the tables above: the extra per-score work (tanh, its derivative
+# kept for the backward, the ALiBi distance, the bias tile and its gradient's store)
+# costs registers, and the base configs spill with it.  Each entry is the first
+# spill-free config of a short candidate list, compiled with all of them on.  Keys: (kernel, arch,
 # dtype class, padded head dim).  Filled in below the tables.
 _WITH_SCORE_MODS = {}
 
 _WITH_SCORE_MODS.update({
-    ("fwd", "sm90", "lowp", 256): KernelConfig(64, 32, 8, 1),
     ("bwd_dkdv", "sm80", "fp32", 16): KernelConfig(64, 64, 8, 1),
-    ("bwd_dkdv", "sm80", "lowp", 16): KernelConfig(64, 64, 8, 1),
-    ("bwd_dkdv", "sm80", "lowp", 32): KernelConfig(64, 64, 8, 1),
-    ("bwd_dkdv", "sm80", "lowp", 128): KernelConfig(32, 64, 8, 1),
-    ("bwd_dkdv", "sm90", "lowp", 16): KernelConfig(64, 64, 8, 2),
+    ("bwd_dkdv", "sm80", "fp32", 64): KernelConfig(16, 32, 8, 1),
+    ("bwd_dkdv", "sm80", "fp32", 128): KernelConfig(16, 32, 8, 1),
+    ("bwd_dkdv", "sm80", "lowp", 16): KernelConfig(32, 64, 8, 1),
+    ("bwd_dkdv", "sm80", "lowp", 32): KernelConfig(32, 64, 8, 1),
+    ("bwd_dkdv", "sm80", "lowp", 128): KernelConfig(16, 64, 8, 1),
+    ("bwd_dkdv", "sm80", "lowp", 256): KernelConfig(16, 32, 8, 1),
+    ("bwd_dkdv", "sm90", "fp32", 64): KernelConfig(16, 32, 8, 1),
+    ("bwd_dkdv", "sm90", "fp32", 128): KernelConfig(16, 32, 4, 1),
+    ("bwd_dkdv", "sm90", "lowp", 16): KernelConfig(32, 64, 8, 1),
     ("bwd_dkdv", "sm90", "lowp", 32): KernelConfig(64, 64, 8, 1),
     ("bwd_dkdv", "sm90", "lowp", 64): KernelConfig(32, 64, 8, 1),
     ("bwd_dkdv", "sm90", "lowp", 128): KernelConfig(32, 32, 8, 1),
+    ("bwd_dkdv", "sm90", "lowp", 256): KernelConfig(16, 16, 8, 1),
+    ("bwd_dq", "sm80", "fp32", 16): KernelConfig(32, 16, 8, 1),
     ("bwd_dq", "sm80", "fp32", 64): KernelConfig(32, 32, 8, 1),
+    ("bwd_dq", "sm80", "lowp", 32): KernelConfig(64, 32, 8, 1),
+    ("bwd_dq", "sm90", "lowp", 128): KernelConfig(64, 32, 8, 1),
+    ("bwd_dq", "sm90", "lowp", 256): KernelConfig(32, 16, 8, 1),
+    ("fwd", "sm80", "lowp", 16): KernelConfig(64, 32, 8, 2),
+    ("fwd", "sm80", "lowp", 32): KernelConfig(64, 32, 8, 2),
+    ("fwd", "sm80", "lowp", 64): KernelConfig(64, 32, 8, 2),
+    ("fwd", "sm90", "fp32", 32): KernelConfig(32, 32, 8, 1),
+    ("fwd", "sm90", "fp32", 64): KernelConfig(32, 32, 8, 1),
+    ("fwd", "sm90", "lowp", 16): KernelConfig(64, 32, 8, 2),
+    ("fwd", "sm90", "lowp", 32): KernelConfig(64, 32, 8, 2),
+    ("fwd", "sm90", "lowp", 64): KernelConfig(64, 32, 8, 2),
+    ("fwd", "sm90", "lowp", 128): KernelConfig(64, 32, 8, 2),
+    ("fwd", "sm90", "lowp", 256): KernelConfig(64, 16, 8, 1),
 })
+
+# Calls with dropout: the Philox stream is generated per score in registers (four
+# 32-bit words through ten rounds), so tiles hold few scores per thread and pipelines
+# are shallow.  Keys as in _WITH_SCORE_MODS; every attention-kernel key has an entry,
+# each the first spill-free one of a short candidate list (largest first; on sm_90
+# fp16/bf16 the first that also keeps warp-group MMA), compiled with every score
+# modifier on (dropout, softcap, ALiBi, a bias and its gradient).
+DROPOUT = "dropout"
+_WITH_DROPOUT = {
+    ("bwd_dkdv", "sm80", "fp32", 16): KernelConfig(16, 32, 8, 1),
+    ("bwd_dkdv", "sm80", "fp32", 32): KernelConfig(16, 32, 8, 1),
+    ("bwd_dkdv", "sm80", "fp32", 64): KernelConfig(16, 32, 8, 1),
+    ("bwd_dkdv", "sm80", "fp32", 128): KernelConfig(16, 16, 8, 1),
+    ("bwd_dkdv", "sm80", "fp32", 256): KernelConfig(16, 16, 8, 1),
+    ("bwd_dkdv", "sm80", "lowp", 16): KernelConfig(32, 64, 8, 1),
+    ("bwd_dkdv", "sm80", "lowp", 32): KernelConfig(16, 64, 8, 1),
+    ("bwd_dkdv", "sm80", "lowp", 64): KernelConfig(32, 32, 8, 1),
+    ("bwd_dkdv", "sm80", "lowp", 128): KernelConfig(32, 32, 8, 1),
+    ("bwd_dkdv", "sm80", "lowp", 256): KernelConfig(16, 16, 8, 1),
+    ("bwd_dkdv", "sm90", "fp32", 16): KernelConfig(16, 32, 8, 1),
+    ("bwd_dkdv", "sm90", "fp32", 32): KernelConfig(16, 32, 8, 1),
+    ("bwd_dkdv", "sm90", "fp32", 64): KernelConfig(16, 16, 8, 1),
+    ("bwd_dkdv", "sm90", "fp32", 128): KernelConfig(16, 16, 8, 1),
+    ("bwd_dkdv", "sm90", "fp32", 256): KernelConfig(16, 16, 8, 1),
+    ("bwd_dkdv", "sm90", "lowp", 16): KernelConfig(32, 64, 8, 1),
+    ("bwd_dkdv", "sm90", "lowp", 32): KernelConfig(32, 64, 8, 1),
+    ("bwd_dkdv", "sm90", "lowp", 64): KernelConfig(32, 32, 8, 1),
+    ("bwd_dkdv", "sm90", "lowp", 128): KernelConfig(32, 32, 8, 1),
+    ("bwd_dkdv", "sm90", "lowp", 256): KernelConfig(16, 16, 8, 1),
+    ("bwd_dq", "sm80", "fp32", 16): KernelConfig(32, 32, 8, 1),
+    ("bwd_dq", "sm80", "fp32", 32): KernelConfig(32, 32, 8, 1),
+    ("bwd_dq", "sm80", "fp32", 64): KernelConfig(32, 32, 8, 1),
+    ("bwd_dq", "sm80", "fp32", 128): KernelConfig(32, 16, 8, 1),
+    ("bwd_dq", "sm80", "fp32", 256): KernelConfig(32, 16, 8, 1),
+    ("bwd_dq", "sm80", "lowp", 16): KernelConfig(64, 32, 8, 1),
+    ("bwd_dq", "sm80", "lowp", 32): KernelConfig(64, 32, 8, 1),
+    ("bwd_dq", "sm80", "lowp", 64): KernelConfig(64, 32, 8, 1),
+    ("bwd_dq", "sm80", "lowp", 128): KernelConfig(64, 32, 8, 1),
+    ("bwd_dq", "sm80", "lowp", 256): KernelConfig(64, 16, 8, 1),
+    ("bwd_dq", "sm90", "fp32", 16): KernelConfig(32, 32, 8, 1),
+    ("bwd_dq", "sm90", "fp32", 32): KernelConfig(32, 32, 8, 1),
+    ("bwd_dq", "sm90", "fp32", 64): KernelConfig(32, 32, 8, 1),
+    ("bwd_dq", "sm90", "fp32", 128): KernelConfig(32, 16, 8, 1),
+    ("bwd_dq", "sm90", "fp32", 256): KernelConfig(32, 16, 8, 1),
+    ("bwd_dq", "sm90", "lowp", 16): KernelConfig(64, 32, 8, 1),
+    ("bwd_dq", "sm90", "lowp", 32): KernelConfig(64, 32, 8, 1),
+    ("bwd_dq", "sm90", "lowp", 64): KernelConfig(64, 32, 8, 1),
+    ("bwd_dq", "sm90", "lowp", 128): KernelConfig(64, 16, 8, 1),
+    ("bwd_dq", "sm90", "lowp", 256): KernelConfig(32, 16, 8, 1),
+    ("fwd", "sm80", "fp32", 16): KernelConfig(32, 32, 8, 1),
+    ("fwd", "sm80", "fp32", 32): KernelConfig(32, 32, 8, 1),
+    ("fwd", "sm80", "fp32", 64): KernelConfig(32, 32, 8, 1),
+    ("fwd", "sm80", "fp32", 128): KernelConfig(32, 32, 8, 1),
+    ("fwd", "sm80", "fp32", 256): KernelConfig(32, 16, 8, 1),
+    ("fwd", "sm80", "lowp", 16): KernelConfig(64, 32, 8, 2),
+    ("fwd", "sm80", "lowp", 32): KernelConfig(64, 32, 8, 2),
+    ("fwd", "sm80", "lowp", 64): KernelConfig(64, 32, 8, 2),
+    ("fwd", "sm80", "lowp", 128): KernelConfig(64, 32, 8, 1),
+    ("fwd", "sm80", "lowp", 256): KernelConfig(64, 32, 8, 1),
+    ("fwd", "sm90", "fp32", 16): KernelConfig(32, 32, 8, 1),
+    ("fwd", "sm90", "fp32", 32): KernelConfig(32, 32, 4, 1),
+    ("fwd", "sm90", "fp32", 64): KernelConfig(32, 32, 8, 1),
+    ("fwd", "sm90", "fp32", 128): KernelConfig(32, 16, 8, 1),
+    ("fwd", "sm90", "fp32", 256): KernelConfig(32, 16, 8, 1),
+    ("fwd", "sm90", "lowp", 16): KernelConfig(64, 32, 8, 2),
+    ("fwd", "sm90", "lowp", 32): KernelConfig(64, 32, 8, 2),
+    ("fwd", "sm90", "lowp", 64): KernelConfig(64, 32, 8, 2),
+    ("fwd", "sm90", "lowp", 128): KernelConfig(64, 32, 8, 2),
+    ("fwd", "sm90", "lowp", 256): KernelConfig(32, 16, 8, 1),
+}
 
 # Shipped sm_90 configs that use warp-level mma.sync (HMMA) instead of warp-group
 # wgmma (HGMMA), and why; ``True`` in the key marks the softcap/ALiBi table.  The
@@ -130,7 +221,19 @@ SM90_MMA_SYNC = {
     ("bwd_dkdv", "lowp", 256, True): "as without softcap/ALiBi",
     ("bwd_dkdv", "lowp", 128, True): "with the softcap derivative kept per score, every 64-row wgmma tile tried "
                                      "(16 x 64 at 8 and 16 warps) spills; 32 x 32 mma.sync tiles do not",
+    ("bwd_dq", "lowp", 256, True): "with the bias tile and its gradient's store per score, 64 x 16 and 64 x 32 "
+                                   "wgmma tiles spill at 8 warps; 32 x 16 mma.sync tiles do not",
 }
+
+_DROPOUT_MMA_SYNC = ("with the Philox stream per score, every 64-row warp-group tile tried spilled registers; "
+                     "smaller mma.sync tiles do not")
+SM90_MMA_SYNC.update({
+    ("bwd_dkdv", "lowp", 64, DROPOUT): _DROPOUT_MMA_SYNC,
+    ("bwd_dkdv", "lowp", 128, DROPOUT): _DROPOUT_MMA_SYNC,
+    ("bwd_dkdv", "lowp", 256, DROPOUT): _DROPOUT_MMA_SYNC,
+    ("bwd_dq", "lowp", 256, DROPOUT): _DROPOUT_MMA_SYNC,
+    ("fwd", "lowp", 256, DROPOUT): _DROPOUT_MMA_SYNC,
+})
 
 _INTERPRETER = KernelConfig(16, 16, 4, 1)
 
@@ -163,6 +266,8 @@ def _lookup(table, kernel, head_dim, dtype, capability, score_mods=False):
     if arch == "interp":
         return _INTERPRETER
     key = (arch, dtype_class(dtype), padded_head_dim(head_dim))
+    if score_mods == DROPOUT and (kernel, *key) in _WITH_DROPOUT:
+        return _WITH_DROPOUT[(kernel, *key)]
     if score_mods and (kernel, *key) in _WITH_SCORE_MODS:
         return _WITH_SCORE_MODS[(kernel, *key)]
     return table[key]
@@ -189,7 +294,12 @@ KERNELS = {"fwd": "fwd_kernel", "bwd_dkdv": "bwd_dkdv_kernel", "bwd_dq": "bwd_dq
 
 def shipped_configs(score_mods=False):
     """Every (table, arch, dtype class, padded head dim, config) a call can use; with
-    ``score_mods``, the configs of calls with softcap or ALiBi."""
+    ``score_mods`` True, the configs of calls with softcap, ALiBi or a bias; with
+    ``score_mods == DROPOUT``, those of calls with dropout (attention kernels only)."""
+    if score_mods == DROPOUT:
+        for (name, arch, dclass, hd), cfg in sorted(_WITH_DROPOUT.items()):
+            yield name, arch, dclass, hd, cfg
+        return
     for name, table in (("fwd", _FWD), ("bwd_dkdv", _BWD_DKDV), ("bwd_dq", _BWD_DQ), *_DECODE_TABLES):
         for (arch, dclass, hd), cfg in sorted(table.items()):
             if score_mods:

@@ -12,7 +12,7 @@ kernels have been measured faster on a GPU.  They have been verified by compilat
 import torch
 
 from .. import _build_cuda
-from .cuda_emu import FEATURES, kernel_limits, op_args, param_limits  # noqa: F401  (FEATURES: the same kernels)
+from .cuda_emu import FEATURES, kernel_limits, run_bwd, run_fwd  # noqa: F401  (FEATURES: the same kernels)
 
 NAME = "cuda"
 
@@ -44,13 +44,8 @@ def supports(call):
 
 
 def fwd(q, k, v, p):
-    param_limits(p, NAME)
-    return _ops().fwd(q, k, v, *op_args(p))
+    return run_fwd(_ops(), NAME, q, k, v, p)
 
 
 def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
-    param_limits(p, NAME)
-    if bias_grad:
-        raise RuntimeError(f"the {NAME} backend does not implement bias gradients")
-    dq, dk, dv, _ = _ops().bwd(dout, dlse, q, k, v, out, lse, *op_args(p), False, bool(deterministic))
-    return dq, dk, dv, None
+    return run_bwd(_ops(), NAME, dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic)

@@ -70,14 +70,23 @@ def supports(call):
     return None if ok else why
 
 
+def run_fwd(ops, backend, q, k, v, p):
+    """fwd through the ``flashattn_lite_C`` ops of ``ops`` (the emulated or the real CUDA build)."""
+    param_limits(p, backend)
+    return ops.fwd(q, k, v, *op_args(p))
+
+
+def run_bwd(ops, backend, dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
+    param_limits(p, backend)
+    if bias_grad:
+        raise RuntimeError(f"the {backend} backend does not implement bias gradients")
+    dq, dk, dv, _ = ops.bwd(dout, dlse, q, k, v, out, lse, *op_args(p), False, bool(deterministic))
+    return dq, dk, dv, None
+
+
 def fwd(q, k, v, p):
-    param_limits(p, NAME)
-    return _ops().fwd(q, k, v, *op_args(p))
+    return run_fwd(_ops(), NAME, q, k, v, p)
 
 
 def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
-    param_limits(p, NAME)
-    if bias_grad:
-        raise RuntimeError(f"the {NAME} backend does not implement bias gradients")
-    dq, dk, dv, _ = _ops().bwd(dout, dlse, q, k, v, out, lse, *op_args(p), False, bool(deterministic))
-    return dq, dk, dv, None
+    return run_bwd(_ops(), NAME, dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic)

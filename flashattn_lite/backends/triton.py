@@ -176,8 +176,11 @@ def _on_device(t):
 
 
 def _score_mods(p):
-    """Calls whose scores carry more than q.k (they get their own, register-lighter configs)."""
-    return p.softcap > 0 or p.alibi_slopes is not None or p.bias is not None or p.dropout_p > 0
+    """Which config table serves a call: calls whose scores carry more than q.k get their own,
+    register-lighter configs (``configs.DROPOUT`` for dropout, the lightest)."""
+    if p.dropout_p > 0:
+        return "dropout"
+    return p.softcap > 0 or p.alibi_slopes is not None or p.bias is not None
 
 
 def fwd(q, k, v, p):
