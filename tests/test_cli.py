@@ -146,8 +146,8 @@ def test_bench_checks_gradients_and_interior_rows(monkeypatch):
     assert r["fa_lite:cpu"].status == "mismatch"
 
     def wrong_grad(*args):
-        dq, dk, dv = real_bwd(*args)
-        return dq, dk * 1.05, dv
+        dq, dk, dv, dbias = real_bwd(*args)
+        return dq, dk * 1.05, dv, dbias
 
     monkeypatch.setattr(backends.cpu, "fwd", real_fwd)
     monkeypatch.setattr(backends.cpu, "bwd", wrong_grad)
