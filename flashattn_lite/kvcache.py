@@ -236,7 +236,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Forward only (no gradients).
     """
     _check_caches(q, k_cache, v_cache)
-    _check_requires_grad((q, k_cache, v_cache, k, v))
+    _check_requires_grad((q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, alibi_slopes))
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_new = _check_new(k, v, q, k_cache)
     device = q.device
@@ -335,6 +335,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if block_table is not None:
             blocks = block_table.long().gather(1, pos // page_size)
             rows = pos % page_size
+            slots = blocks * page_size + rows
+            if torch.unique(slots).numel() != slots.numel():
+                raise ValueError("block_table maps two appended tokens to one cache slot (a page shared between "
+                                 "sequences at the positions being appended): the append would write it twice")
         else:
             blocks = table.long().expand(batch, seqlen_new)
             rows = pos

@@ -61,9 +61,9 @@ def _fwd_fake(q, k, v, cu_seqlens_q, *args):
     return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=lse_dtype(q.dtype))
 
 
-def _dbias_or_empty(dbias, bias, bias_grad):
+def _dbias_or_empty(dbias, bias, bias_grad, q):
     if not bias_grad:
-        return bias.new_empty(0) if bias is not None else torch.empty(0)
+        return (bias if bias is not None else q).new_empty(0)
     return dbias.to(bias.dtype)
 
 
@@ -72,7 +72,7 @@ def bwd(dout, dlse, q, k, v, out, lse, *args):
     *params, bias_grad, deterministic, backend = args
     params = _params(params)
     dq, dk, dv, dbias = backends.get(backend).bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic)
-    return _like(dq, q), _like(dk, k), _like(dv, v), _dbias_or_empty(dbias, params.bias, bias_grad)
+    return _like(dq, q), _like(dk, k), _like(dv, v), _dbias_or_empty(dbias, params.bias, bias_grad, q)
 
 
 @bwd.register_fake

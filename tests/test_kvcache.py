@@ -343,6 +343,22 @@ def test_bad_block_table_entry():
     _bad(r"block_table\[1, 1\] = 999 is out of range", block_table=table)
 
 
+def test_bad_shared_page_at_appended_positions():
+    case = make_case(seqlens=(3, 5), snew=1, page_size=4, capacity=8)
+    table = case["block_table"].clone()
+    table[1, 0] = table[0, 0]  # both sequences append into the first page, at row 3
+    k_before = case["k_cache"].clone()
+    _bad("one cache slot", block_table=table, cache_seqlens=torch.tensor([3, 3], dtype=torch.int32))
+    assert torch.equal(case["k_cache"], k_before)  # refused before anything was written
+
+
+def test_inputs_that_require_grad_are_refused():
+    case = make_case(seqlens=(3, 5), page_size=4, capacity=8)
+    case["alibi_slopes"] = torch.rand(case["q"].shape[2], requires_grad=True)
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        fl.flash_attn_with_kvcache(**case)
+
+
 def test_unused_block_table_entries_are_not_checked():
     case = make_case(seqlens=(3, 2), page_size=4, capacity=8)
     case["block_table"][:, 1] = -1  # padding, never read: 3 and 2 keys fit the first page

@@ -90,3 +90,13 @@ def _feature_args(backend, feature):
 @pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
 def test_opcheck_features(backend, feature):
     torch.library.opcheck(torch.ops.flashattn_lite.fwd.default, _feature_args(backend, feature))
+
+
+def test_opcheck_bwd_float64_without_bias():
+    """The empty dbias of a call without bias follows q's dtype and device in the real and the fake op."""
+    q, k, v, *params, backend = _fwd_args("reference", dtype=torch.float64)
+    out, lse = torch.ops.flashattn_lite.fwd(q, k, v, *params, backend)
+    args = (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), *params,
+            False, True, backend)
+    torch.library.opcheck(torch.ops.flashattn_lite.bwd.default, args)
+    assert torch.ops.flashattn_lite.bwd(*args)[3].dtype == torch.float64

@@ -407,3 +407,15 @@ def test_plan_matches_transformers_dense_masks():
     holes = pad_right.clone()
     holes[0, 4] = False
     assert run_both(causal, 3, 9, 9, 0, 0, holes)._layout[1][0] == "mask"
+
+
+def test_a_copied_compact_mask_is_refused_not_misread():
+    """A copy of the compact mask loses its plan; read as a plain padding mask it would drop
+    causality, so a causal model refuses it loudly."""
+    from transformers import masking_utils as mu
+
+    plan_t = fat.fa_lite_mask(1, 6, 6, 0, 0, mask_function=mu.causal_mask_function, attention_mask=None)
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    fat.fa_lite_attention_forward(torch.nn.Module(), q, k, v, plan_t)  # with its plan: fine
+    with pytest.raises(RuntimeError, match="copied or moved"):
+        fat.fa_lite_attention_forward(torch.nn.Module(), q, k, v, plan_t.clone())

@@ -22,9 +22,10 @@ Conventions shared by every kernel here:
   then (heads, total_q) and addressed as ``head * stride_lh + q_start + row``.
 * An additive bias (``HAS_BIAS``, an attention mask) is read through four strides
   (0 on broadcast dims) and added after softcap and ALiBi; it may hold -inf.
-* Dropout (``HAS_DROPOUT``) keeps element (i, j) iff ``tl.randint(seed, counter) >=
-  drop_thresh`` with ``counter = (ctr_row0 + i) * ctr_sk + j`` (flashattn_lite.rng
-  defines the stream); the mask is regenerated, never stored.
+* Dropout (``HAS_DROPOUT``) keeps element (i, j) iff the first Philox4x32-10 word at
+  ``counter = (ctr_row0 + i) * ctr_sk + j`` (split into lo/hi words; key = seed) is
+  ``>= drop_thresh`` (flashattn_lite.rng defines the stream); the mask is regenerated,
+  never stored.
 
 Kernels know nothing of autograd or of torch; the launcher lives in
 ``flashattn_lite.backends.triton``.
@@ -183,7 +184,7 @@ def _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, offset, IS_VARLEN: tl.con
 def _bias2(bias_base, rows, cols, stride_bm, stride_bn, seqlen_q, seqlen_k,
            CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """Bias tile in base-2 units; ``rows``/``cols`` broadcastable index tiles."""
-    ptrs = bias_base + rows.to(tl.int64) * stride_bm + cols * stride_bn
+    ptrs = bias_base + rows.to(tl.int64) * stride_bm + cols.to(tl.int64) * stride_bn
     if CHECK_ROWS:
         if CHECK_COLS:
             b = tl.load(ptrs, mask=(rows < seqlen_q) & (cols < seqlen_k), other=0.0)
@@ -201,7 +202,13 @@ def _bias2(bias_base, rows, cols, stride_bm, stride_bn, seqlen_q, seqlen_k,
 def _keep(seed, drop_thresh, ctr_row0, rows, cols, ctr_sk):
     """Dropout's keep mask for a tile (rows/cols broadcastable): Philox at each element's counter."""
     counter = (ctr_row0 + rows.to(tl.int64)) * ctr_sk + cols.to(tl.int64)
-    return tl.randint(seed, counter).to(tl.int64) >= drop_thresh
+    # Philox4x32 with the counter split into (lo, hi) words, spelled out: what tl.randint does
+    # with a 64-bit offset since Triton 3.4; older releases ran Philox4x64 there instead.
+    lo = counter.to(tl.uint32)
+    hi = (counter >> 32).to(tl.uint32)
+    zero = lo * 0
+    word, _, _, _ = tl.philox(seed, lo, hi, zero, zero)
+    return word.to(tl.int64) >= drop_thresh
 
 
 # --------------------------------------------------------------------------- forward

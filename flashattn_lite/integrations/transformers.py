@@ -467,6 +467,16 @@ def fa_lite_attention_forward(module, query, key, value, attention_mask, dropout
             return _fallback("softcap with a mask pattern only a dense mask describes", *args)
         return out, None
     if attention_mask is not None:
+        causal_model = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if attention_mask.dim() == 4 and attention_mask.shape[-2] == 1 and sq > 1 and causal_model:
+            # The shape of fa_lite_mask's compact mask, without its plan: a copy of it (.clone(),
+            # .to(another device), e.g. accelerate's hooks across GPUs) drops the attribute.  Used
+            # as a plain mask it would silently drop the causal part, so it is refused.
+            raise RuntimeError(
+                f"{NAME}: a causal model got a (batch, 1, 1, kv_len) attention mask without its {NAME} "
+                "description; the mask built by the fa_lite mask function was copied or moved (for example "
+                "across devices) before attention, which would drop its causal part. Keep the model on one "
+                "device, or use attn_implementation='sdpa'.")
         # a mask this backend did not build (e.g. a user's 4-D mask): honour it as sdpa would
         if attention_mask.dim() == 4 and (attention_mask.dtype == torch.bool or attention_mask.is_floating_point()) \
                 and not softcap:
