@@ -6,7 +6,8 @@ Element (b, h, i, j) of the attention matrix is kept iff
 
 with the 64-bit ``counter = ((b * H + h) * Sq + i) * Sk + j`` split into the Philox
 counter words (lo, hi, 0, 0) and the 64-bit seed into the key words (lo, hi).  That is
-exactly ``tl.randint(seed, counter)`` in Triton, so the Triton kernels call it directly;
+``tl.philox(seed, lo, hi, 0, 0)[0]`` in Triton (and ``tl.randint(seed, counter)`` since
+Triton 3.4), which the Triton kernels call;
 the C++ kernels implement the same function, and this module is its plain PyTorch form
 (the reference backend and the tests use it).  In varlen mode b = 0, H = heads,
 Sq = total_q (i is the packed row) and Sk = max_seqlen_k (j is the key's index in its

@@ -201,3 +201,23 @@ def test_philox_known_answer():
     """Philox4x32-10 known-answer vector of the Random123 suite (counter 0, key 0),
     first word 0x6627e8d5: a check independent of Triton."""
     assert rng.philox_first_word(0, torch.zeros(1, dtype=torch.int64)).item() == 0x6627E8D5
+
+
+def test_dropout_stream_is_triton_philox_on_split_counter():
+    """The kernels' exact call: tl.philox on the (lo, hi) words of the 64-bit counter."""
+    pytest.importorskip("triton")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def draw(out, seed, base, N: tl.constexpr):
+        counter = base + tl.arange(0, N).to(tl.int64)
+        lo = counter.to(tl.uint32)
+        hi = (counter >> 32).to(tl.uint32)
+        word, _, _, _ = tl.philox(seed, lo, hi, lo * 0, lo * 0)
+        tl.store(out + tl.arange(0, N), word.to(tl.int64))
+
+    for seed, base in [(7, 0), (2 ** 63 - 5, 2 ** 34 + 3)]:
+        got = torch.empty(64, dtype=torch.int64)
+        draw[(1,)](got, seed, base, N=64)
+        assert torch.equal(got, rng.philox_first_word(seed, torch.arange(64, dtype=torch.int64) + base))
