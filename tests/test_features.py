@@ -221,3 +221,14 @@ def test_dropout_stream_is_triton_philox_on_split_counter():
         got = torch.empty(64, dtype=torch.int64)
         draw[(1,)](got, seed, base, N=64)
         assert torch.equal(got, rng.philox_first_word(seed, torch.arange(64, dtype=torch.int64) + base))
+
+
+def test_triton_refuses_a_mask_layout_that_overflows_32_bit_key_offsets():
+    from flashattn_lite.backends import Params, triton as triton_backend
+
+    # key stride 2**30 over 4 keys: offsets past 2**31 (a meta tensor: nothing allocated)
+    huge = torch.empty_strided((1, 1, 4, 4), (0, 0, 1, 2 ** 30), device="meta")
+    with pytest.raises(ValueError, match="exceeds 32-bit offsets"):
+        triton_backend._check_bias_layout(Params(softmax_scale=1.0, bias=huge), 4)
+    fits = torch.empty_strided((1, 1, 4, 4), (0, 0, 1, 2 ** 20), device="meta")
+    triton_backend._check_bias_layout(Params(softmax_scale=1.0, bias=fits), 4)

@@ -184,7 +184,8 @@ def _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, offset, IS_VARLEN: tl.con
 def _bias2(bias_base, rows, cols, stride_bm, stride_bn, seqlen_q, seqlen_k,
            CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """Bias tile in base-2 units; ``rows``/``cols`` broadcastable index tiles."""
-    ptrs = bias_base + rows.to(tl.int64) * stride_bm + cols.to(tl.int64) * stride_bn
+    # rows in 64-bit; cols * stride_bn stays 32-bit (the launcher refuses a layout where it could overflow)
+    ptrs = bias_base + rows.to(tl.int64) * stride_bm + cols * stride_bn
     if CHECK_ROWS:
         if CHECK_COLS:
             b = tl.load(ptrs, mask=(rows < seqlen_q) & (cols < seqlen_k), other=0.0)

@@ -183,6 +183,18 @@ def _score_mods(p):
     return p.softcap > 0 or p.alibi_slopes is not None or p.bias is not None
 
 
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _check_bias_layout(p, seqlen_k):
+    """The kernels add ``key * stride`` to a 64-bit row address in 32-bit arithmetic (64-bit there
+    costs registers in every score tile); refuse the rare layout where that could overflow
+    (keys up to one 256-wide tile past the end are addressed, masked)."""
+    if p.bias is not None and (seqlen_k + 256) * abs(p.bias.stride(3)) > _INT32_MAX:
+        raise ValueError(f"triton backend: the attention mask's key stride ({p.bias.stride(3)}) times seqlen_k "
+                         f"({seqlen_k}) exceeds 32-bit offsets; pass a mask whose last dim is contiguous")
+
+
 def fwd(q, k, v, p):
     attention, configs = _kernels()
     batch, seqlen_q, _, heads, _ = _geometry(q, k, p)
@@ -194,6 +206,7 @@ def fwd(q, k, v, p):
         return out.zero_(), lse
     _check_grid(batch, heads)
     cfg = configs.fwd_config(q.shape[-1], q.dtype, _capability(q.device), _score_mods(p))
+    _check_bias_layout(p, k.shape[1])
     args, meta = _common(q, k, p, cfg, configs)
     grid = (triton_cdiv(seqlen_q, cfg.block_m), heads, batch)
     with _on_device(q):
@@ -218,6 +231,7 @@ def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
     if q.numel() == 0 or k.numel() == 0 or seqlen_q == 0 or seqlen_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dbias
     _check_grid(batch, heads)
+    _check_bias_layout(p, seqlen_k)
     capability = _capability(q.device)
     mods = _score_mods(p)
     dq_cfg = configs.bwd_dq_config(head_dim, q.dtype, capability, mods)
