@@ -136,9 +136,7 @@ def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap
     backend = _select_backend(q.device, q.dtype, int(q.shape[-1]), params.features())
     if dropout_p > 0:
         rng.note_call(params, q, k)
-    return torch.ops.flashattn_lite.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias,
-                                        softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes,
-                                        dropout_p, seed, backend)
+    return torch.ops.flashattn_lite.fwd(q, k, v, *params.op_args(), backend)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

@@ -138,7 +138,7 @@ def apply_rotary(x, cos, sin, positions, interleaved):
     (float64 for float64 input) and rounded once to x's dtype.
     """
     rd = 2 * cos.shape[1]
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    work = backends.accum_dtype(x.dtype)
     c = cos[positions].to(work)[:, :, None, :]
     s = sin[positions].to(work)[:, :, None, :]
     xr = x[..., :rd].to(work)

@@ -6,13 +6,17 @@ outputs take the strides of the matching input (``empty_like``), so a
 (B, H, S, D) caller gets (B, H, S, D) memory back.
 """
 
+import dataclasses
+
 import torch
 
 from . import backends
+from .backends import OP_FIELDS, Params, accum_dtype
 
 # Fwd: (out, lse).  ``backend`` is resolved by the caller (never "auto") so that
 # forward and backward of one call always run on the same backend.  The arguments
-# between ``v`` and ``backend`` are the fields of ``backends.Params`` (documented there):
+# between ``v`` and ``backend`` are the fields of ``backends.Params`` (documented there),
+# in ``backends.OP_FIELDS`` order:
 # varlen when cu_seqlens_q is given; bias a (B, H, Sq, Sk) view; softcap 0 = off;
 # alibi_slopes float32 (B, H); dropout_p 0 = off.
 _PARAM_ARGS = ("Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor? bias, "
@@ -22,14 +26,9 @@ FWD_SCHEMA = f"(Tensor q, Tensor k, Tensor v, {_PARAM_ARGS}, str backend) -> (Te
 # Bwd: (dq, dk, dv, dbias); dbias is (B, H, Sq, Sk) in the bias dtype when bias_grad, else an empty tensor.
 BWD_SCHEMA = (f"(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_PARAM_ARGS}, "
               "bool bias_grad, bool deterministic, str backend) -> (Tensor, Tensor, Tensor, Tensor)")
-_N_PARAMS = 13
-
-
-def _params(args):
-    (cu_q, cu_k, max_q, max_k, bias, scale, offset, left, right, softcap, slopes, dropout_p, seed) = args
-    return backends.Params(softmax_scale=scale, diag_offset=offset, window_left=left, window_right=right,
-                           softcap=softcap, alibi_slopes=slopes, bias=bias, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                           max_seqlen_q=max_q, max_seqlen_k=max_k, dropout_p=dropout_p, dropout_seed=seed)
+# autograd input index of the bias (after q, k, v)
+_BIAS_INPUT = 3 + OP_FIELDS.index("bias")
+_TENSOR_FIELDS = ("cu_seqlens_q", "cu_seqlens_k", "bias", "alibi_slopes")
 
 
 def _like(result, template):
@@ -44,21 +43,16 @@ def _lse_shape(q, varlen):
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
 
-def lse_dtype(dtype):
-    """lse is float32, except float64 for float64 input (so gradcheck sees full precision)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("flashattn_lite::fwd", mutates_args=(), schema=FWD_SCHEMA)
 def fwd(q, k, v, *args):
     *params, backend = args
-    out, lse = backends.get(backend).fwd(q, k, v, _params(params))
+    out, lse = backends.get(backend).fwd(q, k, v, Params.from_op_args(params))
     return _like(out, q), lse.contiguous()
 
 
 @fwd.register_fake
 def _fwd_fake(q, k, v, cu_seqlens_q, *args):
-    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=lse_dtype(q.dtype))
+    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=accum_dtype(q.dtype))
 
 
 def _dbias_or_empty(dbias, bias, bias_grad, q):
@@ -70,7 +64,7 @@ def _dbias_or_empty(dbias, bias, bias_grad, q):
 @torch.library.custom_op("flashattn_lite::bwd", mutates_args=(), schema=BWD_SCHEMA)
 def bwd(dout, dlse, q, k, v, out, lse, *args):
     *params, bias_grad, deterministic, backend = args
-    params = _params(params)
+    params = Params.from_op_args(params)
     dq, dk, dv, dbias = backends.get(backend).bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic)
     return _like(dq, q), _like(dk, k), _like(dv, v), _dbias_or_empty(dbias, params.bias, bias_grad, q)
 
@@ -78,34 +72,34 @@ def bwd(dout, dlse, q, k, v, out, lse, *args):
 @bwd.register_fake
 def _bwd_fake(dout, dlse, q, k, v, out, lse, *args):
     *params, bias_grad, deterministic, backend = args
-    bias = params[4]
+    bias = Params.from_op_args(params).bias
     dbias = bias.new_empty(bias.shape) if bias_grad else (bias.new_empty(0) if bias is not None else q.new_empty(0))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, *params, backend = inputs
-    out, lse = output
-    cu_q, cu_k, bias, slopes = params[0], params[1], params[4], params[10]
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, bias, slopes)
-    ctx.scalars = [None if isinstance(a, torch.Tensor) else a for a in params]
-    ctx.bias_grad = bias is not None and bias.requires_grad
+    q, k, v, *args, backend = inputs
+    params = Params.from_op_args(args)
+    ctx.save_for_backward(q, k, v, *output, *(getattr(params, name) for name in _TENSOR_FIELDS))
+    ctx.params = dataclasses.replace(params, **dict.fromkeys(_TENSOR_FIELDS))  # tensors go through saved_tensors
+    ctx.bias_grad = params.bias is not None and params.bias.requires_grad
     ctx.backend = backend
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, bias, slopes = ctx.saved_tensors
-    params = list(ctx.scalars)
-    params[0], params[1], params[4], params[10] = cu_q, cu_k, bias, slopes
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    params = dataclasses.replace(ctx.params, **dict(zip(_TENSOR_FIELDS, tensors)))
     if dout.stride(-1) != 1:
         # e.g. the expanded gradient of out.sum(): kernels need a unit last stride
         dout = dout.contiguous()
     if dlse is not None:
         dlse = dlse.contiguous()
-    bias_grad = bool(ctx.needs_input_grad[7]) and ctx.bias_grad
-    dq, dk, dv, dbias = torch.ops.flashattn_lite.bwd(dout, dlse, q, k, v, out, lse, *params, bias_grad, True,
-                                                     ctx.backend)
-    return (dq, dk, dv) + (None,) * 4 + ((dbias if bias_grad else None),) + (None,) * (_N_PARAMS - 4)
+    bias_grad = bool(ctx.needs_input_grad[_BIAS_INPUT]) and ctx.bias_grad
+    dq, dk, dv, dbias = torch.ops.flashattn_lite.bwd(dout, dlse, q, k, v, out, lse, *params.op_args(), bias_grad,
+                                                     True, ctx.backend)
+    grads = [dq, dk, dv] + [None] * (len(OP_FIELDS) + 1)  # + backend
+    grads[_BIAS_INPUT] = dbias if bias_grad else None
+    return tuple(grads)
 
 
 fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -138,4 +132,4 @@ def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, s
 
 @decode.register_fake
 def _decode_fake(q, *args):
-    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=lse_dtype(q.dtype))
+    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=accum_dtype(q.dtype))

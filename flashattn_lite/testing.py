@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import rng
+from .backends import accum_dtype
 from .backends.reference import attention_math
 
 FWD_FACTOR = 2.0
@@ -60,7 +61,7 @@ def _finite_diff(a, b):
 
 def compare(name, ours, ref, baseline, dtype, factor, scale):
     """One tolerance check; ``ref`` float64, ``baseline`` computed in ``dtype``."""
-    accum = torch.float64 if dtype == torch.float64 else torch.float32
+    accum = accum_dtype(dtype)
     eps = torch.finfo(dtype).eps + ACCUM_ULPS * torch.finfo(accum).eps
     rounding = eps * max(1.0, scale)
     bound = factor * _finite_diff(baseline, ref) + rounding
@@ -138,8 +139,7 @@ def check_against_reference(ours, ref, baseline, dtype):
         if value is None:
             continue
         forward = key in ("out", "lse")
-        lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        checks.append(compare(key, value, ref[key], baseline[key], lse_dtype if key == "lse" else dtype,
+        checks.append(compare(key, value, ref[key], baseline[key], accum_dtype(dtype) if key == "lse" else dtype,
                               FWD_FACTOR if forward else GRAD_FACTOR,
                               scale((key,)) if key == "lse" else (fwd_scale if forward else bwd_scale)))
     return checks

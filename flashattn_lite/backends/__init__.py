@@ -10,7 +10,7 @@ import contextlib
 import contextvars
 import os
 from . import cpu, cuda, cuda_emu, reference, triton
-from .base import Call, Params, missing_features  # noqa: F401  (re-exported)
+from .base import OP_FIELDS, Call, Params, accum_dtype, missing_features  # noqa: F401  (re-exported)
 
 BACKENDS = {m.NAME: m for m in (triton, cuda, cpu, reference, cuda_emu)}  # cuda_emu: verification only, never auto
 NAMES = ("auto",) + tuple(BACKENDS)

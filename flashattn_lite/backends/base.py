@@ -7,6 +7,17 @@ from typing import Optional
 import torch
 
 
+def accum_dtype(dtype):
+    """float64 for float64 input, else float32: the dtype every backend accumulates in and lse has."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Params' fields in the order they are operator arguments: ops.py's _PARAM_ARGS and the
+# C++ schema of csrc/ops.cpp.
+OP_FIELDS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "bias", "softmax_scale", "diag_offset",
+             "window_left", "window_right", "softcap", "alibi_slopes", "dropout_p", "dropout_seed")
+
+
 @dataclass(frozen=True)
 class Call:
     """What a backend needs to know to decide whether it can serve a call.
@@ -62,6 +73,15 @@ class Params:
     max_seqlen_k: int = 0
     dropout_p: float = 0.0
     dropout_seed: int = 0
+
+    @classmethod
+    def from_op_args(cls, args):
+        """Params from the operator arguments (in ``OP_FIELDS`` order)."""
+        return cls(**dict(zip(OP_FIELDS, args)))
+
+    def op_args(self):
+        """The fields as operator arguments, in ``OP_FIELDS`` order."""
+        return tuple(getattr(self, name) for name in OP_FIELDS)
 
     @property
     def varlen(self):

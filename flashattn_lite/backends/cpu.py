@@ -54,19 +54,12 @@ def warn_fallback_once(reason):
                       RuntimeWarning, stacklevel=4)
 
 
-def _param_args(p):
-    """Params as the C++ op's arguments (csrc/ops.cpp: the order of ops.py's _PARAM_ARGS)."""
-    return (p.cu_seqlens_q, p.cu_seqlens_k, int(p.max_seqlen_q), int(p.max_seqlen_k), p.bias, p.softmax_scale,
-            int(p.diag_offset), p.window_left, p.window_right, p.softcap, p.alibi_slopes, p.dropout_p,
-            p.dropout_seed)
-
-
 def fwd(q, k, v, p):
-    return _ensure_built().fwd(q, k, v, *_param_args(p))
+    return _ensure_built().fwd(q, k, v, *p.op_args())
 
 
 def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
-    dq, dk, dv, dbias = _ensure_built().bwd(dout, dlse, q, k, v, out, lse, *_param_args(p), bool(bias_grad),
+    dq, dk, dv, dbias = _ensure_built().bwd(dout, dlse, q, k, v, out, lse, *p.op_args(), bool(bias_grad),
                                             bool(deterministic))
     return dq, dk, dv, (dbias if bias_grad else None)
 

@@ -46,13 +46,6 @@ def kernel_limits(call, backend):
     return None
 
 
-def op_args(p):
-    """Params as the C++ operators' arguments (csrc/ops.cpp's schema order)."""
-    return (p.cu_seqlens_q, p.cu_seqlens_k, int(p.max_seqlen_q), int(p.max_seqlen_k), p.bias, p.softmax_scale,
-            int(p.diag_offset), p.window_left, p.window_right, p.softcap, p.alibi_slopes, p.dropout_p,
-            p.dropout_seed)
-
-
 def param_limits(p, backend):
     """The same check on the parameters themselves (fwd/bwd may be called directly)."""
     extra = set(p.features()) - set(FEATURES)
@@ -73,14 +66,14 @@ def supports(call):
 def run_fwd(ops, backend, q, k, v, p):
     """fwd through the ``flashattn_lite_C`` ops of ``ops`` (the emulated or the real CUDA build)."""
     param_limits(p, backend)
-    return ops.fwd(q, k, v, *op_args(p))
+    return ops.fwd(q, k, v, *p.op_args())
 
 
 def run_bwd(ops, backend, dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
     param_limits(p, backend)
     if bias_grad:
         raise RuntimeError(f"the {backend} backend does not implement bias gradients")
-    dq, dk, dv, _ = ops.bwd(dout, dlse, q, k, v, out, lse, *op_args(p), False, bool(deterministic))
+    dq, dk, dv, _ = ops.bwd(dout, dlse, q, k, v, out, lse, *p.op_args(), False, bool(deterministic))
     return dq, dk, dv, None
 
 

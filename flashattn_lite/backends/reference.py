@@ -7,6 +7,7 @@ float32 (float64 for float64 input) and casts the result to the input dtype.
 import torch
 
 from .. import rng
+from .base import accum_dtype
 
 NAME = "reference"
 FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "dropout", "softcap",
@@ -58,7 +59,7 @@ def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window
     """
     dtype = q.dtype
     if upcast:
-        work = torch.float64 if dtype == torch.float64 else torch.float32
+        work = accum_dtype(dtype)
         q, k, v = q.to(work), k.to(work), v.to(work)
     hq, hk = q.shape[2], k.shape[2]
     if hq != hk:
@@ -80,7 +81,7 @@ def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window
         probs = probs * dropout_keep.to(probs.dtype) / (1.0 - dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     lse = torch.where(empty, torch.full_like(denom, float("-inf")), row_max + torch.log(denom_safe))
-    return out.to(dtype), lse.squeeze(-1).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    return out.to(dtype), lse.squeeze(-1).to(accum_dtype(dtype))
 
 
 def dropout_keep_for(params, batch, heads, seqlen_q, seqlen_k, device):
@@ -90,10 +91,16 @@ def dropout_keep_for(params, batch, heads, seqlen_q, seqlen_k, device):
     return rng.dropout_keep(params.dropout_seed, params.dropout_p, batch, heads, seqlen_q, seqlen_k, device)
 
 
-def sequences(params, total_q, total_k):
-    """Varlen: [(b, q_start, q_end, k_start, k_end)] from the cu_seqlens."""
-    cu_q, cu_k = params.cu_seqlens_q.tolist(), params.cu_seqlens_k.tolist()
-    return [(b, cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]) for b in range(len(cu_q) - 1)]
+def _sequences(p, q):
+    """Varlen: per sequence ``(rows of q, rows of k, diagonal offset, slopes, keep)``, the last
+    two sliced for it (None when unused); ``rows`` are slices of the packed dim."""
+    keep = dropout_keep_for(p, 1, q.shape[1], q.shape[0], p.max_seqlen_k, q.device)
+    cu_q, cu_k = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
+    for b in range(len(cu_q) - 1):
+        qs, qe, ks, ke = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        slopes = None if p.alibi_slopes is None else p.alibi_slopes[b:b + 1]
+        keep_b = None if keep is None else keep[:, :, qs:qe, :ke - ks]
+        yield slice(qs, qe), slice(ks, ke), p.diag_offset + (ke - ks) - (qe - qs), slopes, keep_b
 
 
 def supports(call):
@@ -116,20 +123,12 @@ def fwd(q, k, v, params):
             keep = dropout_keep_for(p, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device)
             return _dense_fwd(q, k, v, p, p.diag_offset, p.alibi_slopes, keep)
         out = torch.zeros_like(q)
-        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
-        keep = dropout_keep_for(p, 1, q.shape[1], q.shape[0], p.max_seqlen_k, q.device)
-        for b, qs, qe, ks, ke in sequences(p, q.shape[0], k.shape[0]):
-            slopes = None if p.alibi_slopes is None else p.alibi_slopes[b:b + 1]
-            kp = None if keep is None else keep[:, :, qs:qe, :ke - ks]
-            o, l = _dense_fwd(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], p, p.diag_offset + (ke - ks) - (qe - qs),
-                              slopes, kp)
-            out[qs:qe] = o[0]
-            lse[:, qs:qe] = l[0]
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=accum_dtype(q.dtype), device=q.device)
+        for rq, rk, offset, slopes, keep in _sequences(p, q):
+            o, l = _dense_fwd(q[None, rq], k[None, rk], v[None, rk], p, offset, slopes, keep)
+            out[rq] = o[0]
+            lse[:, rq] = l[0]
         return out, lse
-
-
-def lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic):
@@ -138,14 +137,10 @@ def bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic):
         keep = dropout_keep_for(p, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device)
         return _dense_bwd(dout, dlse, q, k, v, lse, p, p.diag_offset, p.alibi_slopes, keep, bias_grad)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    keep = dropout_keep_for(p, 1, q.shape[1], q.shape[0], p.max_seqlen_k, q.device)
-    for b, qs, qe, ks, ke in sequences(p, q.shape[0], k.shape[0]):
-        slopes = None if p.alibi_slopes is None else p.alibi_slopes[b:b + 1]
-        kp = None if keep is None else keep[:, :, qs:qe, :ke - ks]
-        g = _dense_bwd(dout[None, qs:qe], None if dlse is None else dlse[None, :, qs:qe], q[None, qs:qe],
-                       k[None, ks:ke], v[None, ks:ke], lse[None, :, qs:qe], p,
-                       p.diag_offset + (ke - ks) - (qe - qs), slopes, kp, False)
-        dq[qs:qe], dk[ks:ke], dv[ks:ke] = g[0][0], g[1][0], g[2][0]
+    for rq, rk, offset, slopes, keep in _sequences(p, q):
+        g = _dense_bwd(dout[None, rq], None if dlse is None else dlse[None, :, rq], q[None, rq], k[None, rk],
+                       v[None, rk], lse[None, :, rq], p, offset, slopes, keep, False)
+        dq[rq], dk[rk], dv[rk] = g[0][0], g[1][0], g[2][0]
     return dq, dk, dv, None
 
 
@@ -159,7 +154,7 @@ def _dense_bwd(dout, dlse, q, k, v, lse, p, offset, slopes, keep, bias_grad):
     shifts the scores.
     """
     dtype = q.dtype
-    work = torch.float64 if dtype == torch.float64 else torch.float32
+    work = accum_dtype(dtype)
     q, k, v, dout = (t.to(work) for t in (q, k, v, dout))
     batch, seqlen_k, hk, _ = k.shape
     group = q.shape[2] // hk
@@ -212,7 +207,7 @@ def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, params, max_seq
     ends = seqlens_k.tolist()
     starts = leftpad.tolist() if leftpad is not None else [0] * batch
     out = torch.zeros_like(q)
-    lse = torch.full((batch, heads, seqlen_q), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    lse = torch.full((batch, heads, seqlen_q), float("-inf"), dtype=accum_dtype(q.dtype), device=q.device)
     with torch.no_grad():
         for b in range(batch):
             start, end = starts[b], ends[b]
