@@ -285,15 +285,9 @@ def swap_attention(model, share_parameters=True):
     return model
 
 
-class FlashSelfAttention(nn.Module):
-    """flash-attn's ``FlashSelfAttention``: softmax attention on packed qkv, no projections.
-
-    ``forward(qkv, causal=None, cu_seqlens=None, max_seqlen=None)``:
-    qkv (batch, seqlen, 3, nheads, headdim), or (total, 3, nheads, headdim) with
-    ``cu_seqlens`` (int32, (batch + 1,)) and ``max_seqlen``; returns (batch, seqlen,
-    nheads, headdim) or (total, nheads, headdim).  ``causal`` overrides the constructor's.
-    Dropout applies in training mode only.
-    """
+class _CoreAttention(nn.Module):
+    """What flash-attn's FlashSelfAttention and FlashCrossAttention share: the constructor,
+    and the keyword arguments of one call (dropout in training mode only)."""
 
     def __init__(self, causal=False, softmax_scale=None, attention_dropout=0.0, window_size=(-1, -1),
                  alibi_slopes=None, deterministic=False):
@@ -305,13 +299,27 @@ class FlashSelfAttention(nn.Module):
         self.window_size = window_size
         self.deterministic = deterministic
 
+    def _call_kwargs(self, causal):
+        causal = self.causal if causal is None else causal
+        p = self.drop.p if self.training else 0.0
+        return dict(dropout_p=p, softmax_scale=self.softmax_scale, causal=causal, window_size=self.window_size,
+                    alibi_slopes=self.alibi_slopes, deterministic=self.deterministic)
+
+
+class FlashSelfAttention(_CoreAttention):
+    """flash-attn's ``FlashSelfAttention``: softmax attention on packed qkv, no projections.
+
+    ``forward(qkv, causal=None, cu_seqlens=None, max_seqlen=None)``:
+    qkv (batch, seqlen, 3, nheads, headdim), or (total, 3, nheads, headdim) with
+    ``cu_seqlens`` (int32, (batch + 1,)) and ``max_seqlen``; returns (batch, seqlen,
+    nheads, headdim) or (total, nheads, headdim).  ``causal`` overrides the constructor's.
+    Dropout applies in training mode only.
+    """
+
     def forward(self, qkv, causal=None, cu_seqlens=None, max_seqlen=None):
         if not isinstance(qkv, torch.Tensor):
             raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
-        causal = self.causal if causal is None else causal
-        p = self.drop.p if self.training else 0.0
-        kw = dict(dropout_p=p, softmax_scale=self.softmax_scale, causal=causal, window_size=self.window_size,
-                  alibi_slopes=self.alibi_slopes, deterministic=self.deterministic)
+        kw = self._call_kwargs(causal)
         if cu_seqlens is not None:
             if qkv.dim() != 4 or qkv.shape[1] != 3:
                 raise ValueError(f"with cu_seqlens, qkv must be (total, 3, nheads, headdim), got {tuple(qkv.shape)}")
@@ -325,7 +333,7 @@ class FlashSelfAttention(nn.Module):
         return flash_attn_func(q, k, v, **kw)
 
 
-class FlashCrossAttention(nn.Module):
+class FlashCrossAttention(_CoreAttention):
     """flash-attn's ``FlashCrossAttention``: q attends to packed kv, no projections.
 
     ``forward(q, kv, causal=None, cu_seqlens=None, max_seqlen=None, cu_seqlens_k=None, max_seqlen_k=None)``:
@@ -334,24 +342,11 @@ class FlashCrossAttention(nn.Module):
     kv (total_k, 2, nheads_k, headdim) with all four varlen arguments.
     """
 
-    def __init__(self, causal=False, softmax_scale=None, attention_dropout=0.0, window_size=(-1, -1),
-                 alibi_slopes=None, deterministic=False):
-        super().__init__()
-        self.causal = causal
-        self.softmax_scale = softmax_scale
-        self.drop = nn.Dropout(attention_dropout)
-        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
-        self.window_size = window_size
-        self.deterministic = deterministic
-
     def forward(self, q, kv, causal=None, cu_seqlens=None, max_seqlen=None, cu_seqlens_k=None, max_seqlen_k=None):
         for name, t in (("q", q), ("kv", kv)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        causal = self.causal if causal is None else causal
-        p = self.drop.p if self.training else 0.0
-        kw = dict(dropout_p=p, softmax_scale=self.softmax_scale, causal=causal, window_size=self.window_size,
-                  alibi_slopes=self.alibi_slopes, deterministic=self.deterministic)
+        kw = self._call_kwargs(causal)
         if cu_seqlens is not None:
             if cu_seqlens_k is None or max_seqlen is None or max_seqlen_k is None:
                 raise ValueError("varlen mode needs cu_seqlens, max_seqlen, cu_seqlens_k and max_seqlen_k")
