@@ -85,7 +85,7 @@ def select(call):
         why = BACKENDS[candidate].supports(call)
         if why is None:
             if candidate == "reference" and call.device.type == "cpu" and reasons:
-                cpu.warn_fallback_once(reasons[0])
+                cpu.warn_fallback_once(reasons[0], built=cpu.available()[0])
             return candidate
         reasons.append(f"{candidate}: {why}")
     raise RuntimeError("no flashattn_lite backend can run this call (" + "; ".join(reasons) + ")")

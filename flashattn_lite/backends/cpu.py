@@ -44,12 +44,12 @@ def supports(call):
     return None if ok else why
 
 
-def warn_fallback_once(reason):
-    """auto handed a CPU call to the slow O(N^2) reference backend: say so once per reason."""
+def warn_fallback_once(reason, built):
+    """auto handed a CPU call to the slow O(N^2) reference backend: say so once per reason.
+    ``built``: the extension is there but declined the call (rather than failed to build)."""
     if reason not in _warned:
         _warned.append(reason)
-        what = ("the C++ CPU backend is unavailable" if "not implement" not in reason
-                else "the C++ CPU backend cannot serve this call")
+        what = "the C++ CPU backend cannot serve this call" if built else "the C++ CPU backend is unavailable"
         warnings.warn(f"flashattn_lite: {what}, falling back to the slow 'reference' backend. {reason}",
                       RuntimeWarning, stacklevel=4)
 
