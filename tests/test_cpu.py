@@ -198,14 +198,16 @@ def test_cache_key_covers_sources_flags_and_torch(monkeypatch, tmp_path):
     assert _build.cache_key([str(src)]) != key
 
 
+@pytest.mark.parametrize("jump", [30, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_online_softmax_shift_raised_by_later_tiles(small_tiles, dtype):
+def test_online_softmax_shift_raised_by_later_tiles(small_tiles, dtype, jump):
     """Scores in later key tiles far above the first tile's (and above the
-    provisional shift) take the rescaling path; the result must not change."""
+    provisional shift) take the rescaling path; the result must not change.  A jump of
+    100 nats overflows float32 if the shift is not raised."""
     q, k, v = make_qkv(1, 40, 100, 2, 1, 16, dtype, requires_grad=False)
     with torch.no_grad():
         k[:, :, :, :] = k * 0.01
-        k[:, 64:] = q[:, :1].mean(2, keepdim=True) * 30  # tile 3 scores ~ +30 nats higher
+        k[:, 64:] = q[:, :1].mean(2, keepdim=True) * jump  # tile 3 scores ~ jump nats higher
         k[:, 40:41] = -k[:, 40:41] * 100  # one key far below: underflows identically everywhere
     for t in (q, k, v):
         t.requires_grad_()

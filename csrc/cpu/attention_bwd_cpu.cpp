@@ -139,7 +139,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
             std::fill(prow + e, prow + cols, T(0));
             if (tfs.any()) tfs.apply(prow, a, e, r0 + r, c0, slope_h, capped ? st.dcap.data() + r * BN : nullptr);
             if constexpr (kBias) bias.add(prow + a, sq.b, h, r0 + r, c0 + a, e - a);
-            exp_shift_sum(prow + a, prow + a, e - a, row_lse);
+            exp_shift_sum<T, kBias>(prow + a, prow + a, e - a, row_lse);
             if constexpr (kDrop) {  // Z = keep / (1 - p), the 1 / (1 - p) in the GEMMs' alpha
               uint32_t* keep = st.keep.data() + r * BN;
               T* pzrow = st.PZ.data() + r * BN;

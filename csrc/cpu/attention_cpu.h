@@ -143,26 +143,56 @@ inline T row_max(const T* x, int64_t n) {
   return m;
 }
 
-// exp on a vector: float uses ATen's fast polynomial exp (<= 20 ulp, the one torch's own
-// CPU flash attention uses); double keeps the accurate Sleef exp.
-template <typename T>
-inline Vec<T> vexp(const Vec<T>& x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x.exp_u20();
-  } else {
-    return x.exp();
-  }
-}
+// exp(x - shift) on a vector.  float with AVX-512: 2^t with t = (x - shift) log2(e),
+// subtracting first so that t is exact to an ulp of the difference, not of the shift
+// (the backward's shift is the lse, and its P is not normalised again).  t = n + f with
+// n = round(t), |f| <= 1/2; 2^f by a degree-5 polynomial (a relative-error fit of our
+// own, <= 4 ulp in float32 arithmetic) and 2^n by vscalefps, which also gives 0 below
+// the denormals and inf above the range without compares.  About 11 instructions,
+// where ATen's exp_u20 (<= 20 ulp) takes about 20; this pass over the scores is the
+// forward's largest cost after the tile products.  kNegInf: scores may be -inf (an
+// additive mask), so t is clamped at -200 (2^-200 scales to exactly 0) instead of
+// giving NaN; vmaxps returns its second operand, which keeps NaN.  Other types and
+// ISAs: ATen's exp_u20 for float, the accurate Sleef exp for double.
+template <typename T, bool kNegInf>
+struct ExpShift {
+  Vec<T> shift;
+  explicit ExpShift(T s) : shift(s) {}
 
-// out[j] = exp(x[j] - shift) (out may alias x); returns the sum.
-template <typename T>
+  inline Vec<T> operator()(const Vec<T>& x) const {
+#if defined(__AVX512F__) && defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      __m512 t = _mm512_mul_ps(_mm512_sub_ps(x, shift), _mm512_set1_ps(1.4426950408889634f));
+      if constexpr (kNegInf) t = _mm512_max_ps(_mm512_set1_ps(-200.f), t);
+      const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 f = _mm512_sub_ps(t, n);
+      __m512 p = _mm512_set1_ps(1.3276470126584172e-3f);
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675541892647743e-3f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713464617729e-2f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022120237350464e-1f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+      return _mm512_scalef_ps(p, n);
+    }
+#endif
+    if constexpr (std::is_same_v<T, float>) {
+      return (x - shift).exp_u20();
+    } else {
+      return (x - shift).exp();
+    }
+  }
+};
+
+// out[j] = exp(x[j] - shift) (out may alias x); returns the sum.  kNegInf: x may hold -inf.
+template <typename T, bool kNegInf>
 inline T exp_shift_sum(const T* x, T* out, int64_t n, T shift) {
   int64_t j = 0;
   T sum = 0;
   if (n >= Vec<T>::size()) {
-    Vec<T> vs(shift), acc(T(0));
+    const ExpShift<T, kNegInf> vexp(shift);
+    Vec<T> acc(T(0));
     for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
-      Vec<T> e = vexp<T>(Vec<T>::loadu(x + j) - vs);
+      Vec<T> e = vexp(Vec<T>::loadu(x + j));
       e.store(out + j);
       acc = acc + e;
     }
@@ -175,38 +205,13 @@ inline T exp_shift_sum(const T* x, T* out, int64_t n, T shift) {
   return sum;
 }
 
-// exp_shift_sum fused with the max of x (one pass instead of two).
-template <typename T>
-inline T exp_shift_sum_max(const T* x, T* out, int64_t n, T shift, T& mx) {
-  int64_t j = 0;
-  T sum = 0;
-  mx = -std::numeric_limits<T>::infinity();
-  if (n >= Vec<T>::size()) {
-    Vec<T> vs(shift), acc(T(0)), vm(mx);
-    for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
-      const Vec<T> xv = Vec<T>::loadu(x + j);
-      vm = at::vec::maximum(vm, xv);
-      Vec<T> e = vexp<T>(xv - vs);
-      e.store(out + j);
-      acc = acc + e;
-    }
-    sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
-    mx = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, vm);
-  }
-  for (; j < n; ++j) {
-    mx = std::max(mx, x[j]);
-    out[j] = std::exp(x[j] - shift);
-    sum += out[j];
-  }
-  return sum;
-}
-
-// The online softmax may shift a row by any value not far below its scores (the
-// result, out = acc / l and lse = shift + log l, does not depend on the shift).
-// Keeping the running shift while a tile's scores exceed it by at most this
-// much saves a separate max pass over every tile; exp(kLazyShift) ~ 9e6 cannot overflow
-// the sums.  Beyond it, the row's shift is raised and the tile recomputed.
-constexpr double kLazyShift = 16.0;
+// The online softmax may shift a row by any value not far below its scores: the
+// result, out = acc / l and lse = shift + log l, does not depend on the shift, and
+// float sums lose nothing to a larger scale.  So the forward keeps a row's shift
+// while a tile's exp-sum under it stays at most exp(kLazyShift) ~ 4.9e8 (then no
+// probability exceeds that, far from overflowing the sums), and needs no max of the
+// scores at all; a larger (or inf/NaN) sum makes it take the tile's max and recompute.
+constexpr double kLazyShift = 20.0;
 
 template <typename T>
 inline void scale_row(T* x, int64_t n, T s) {

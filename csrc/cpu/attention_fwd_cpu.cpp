@@ -62,6 +62,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   constexpr bool widen = !std::is_same_v<in_t, T>;
   // dropout's 1 / (1 - p) is applied with the final 1 / l
   const T out_scale = kDrop ? T(drop.rescale) : T(1);
+  const T kLazy = T(std::exp(kLazyShift));
 
   struct State {
     Scratch<T> S, P, acc, m, l, orow, qbuf, kbuf, vbuf;
@@ -126,13 +127,13 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
             }
           }
         }
-        T mx;
-        const T sum = exp_shift_sum_max(srow + a, prow + a, e - a, mr, mx);
-        if (mx <= mr + T(kLazyShift)) {
+        const T sum = exp_shift_sum<T, kBias>(srow + a, prow + a, e - a, mr);
+        if (sum <= T(kLazy)) {
           lr += sum;
-        } else {  // rare: scores far above the shift; rescale the row to the new max
+        } else {  // rare: scores far above the shift; rescale the row to the tile's max
+          const T mx = std::max(mr, row_max(srow + a, e - a));  // (NaN scores keep the sum NaN)
           const T alpha = std::exp(mr - mx);
-          lr = lr * alpha + exp_shift_sum(srow + a, prow + a, e - a, mx);
+          lr = lr * alpha + exp_shift_sum<T, kBias>(srow + a, prow + a, e - a, mx);
           scale_row(acc + r * D, D, alpha);
           mr = mx;
         }
