@@ -145,34 +145,35 @@ inline T row_max(const T* x, int64_t n) {
 
 // exp(x - shift) on a vector.  float with AVX-512: 2^t with t = (x - shift) log2(e),
 // subtracting first so that t is exact to an ulp of the difference, not of the shift
-// (the backward's shift is the lse, and its P is not normalised again).  t = n + f with
-// n = round(t), |f| <= 1/2; 2^f by a degree-5 polynomial (a relative-error fit of our
-// own, <= 4 ulp in float32 arithmetic) and 2^n by vscalefps, which also gives 0 below
-// the denormals and inf above the range without compares.  About 11 instructions,
-// where ATen's exp_u20 (<= 20 ulp) takes about 20; this pass over the scores is the
-// forward's largest cost after the tile products.  kNegInf: scores may be -inf (an
-// additive mask), so t is clamped at -200 (2^-200 scales to exactly 0) instead of
-// giving NaN; vmaxps returns its second operand, which keeps NaN.  Other types and
-// ISAs: ATen's exp_u20 for float, the accurate Sleef exp for double.
+// (the backward's shift is the lse, and its P is not normalised again).  2^t =
+// 2^floor(t) 2^f with f in [0, 1) from vreduceps; 2^f by a degree-5 polynomial (a
+// relative-error fit of our own, <= 2.5 ulp in float32 fma arithmetic) and the power
+// of two by vscalefps, which gives 0 below the denormals and inf above the range
+// without compares.  10 instructions where ATen's exp_u20 (<= 20 ulp) takes about 20;
+// this pass over the scores is the forward's largest cost after the tile products.
+// kNegInf: scores may be -inf (an additive mask), so t is clamped at -200 (2^-200
+// scales to exactly 0) instead of giving NaN; vmaxps returns its second operand,
+// which keeps NaN.  Other types and ISAs: ATen's exp_u20 for float, Sleef's exp for
+// double.
 template <typename T, bool kNegInf>
 struct ExpShift {
   Vec<T> shift;
   explicit ExpShift(T s) : shift(s) {}
 
   inline Vec<T> operator()(const Vec<T>& x) const {
-#if defined(__AVX512F__) && defined(CPU_CAPABILITY_AVX512)
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<T, float>) {
       __m512 t = _mm512_mul_ps(_mm512_sub_ps(x, shift), _mm512_set1_ps(1.4426950408889634f));
       if constexpr (kNegInf) t = _mm512_max_ps(_mm512_set1_ps(-200.f), t);
-      const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 f = _mm512_sub_ps(t, n);
-      __m512 p = _mm512_set1_ps(1.3276470126584172e-3f);
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675541892647743e-3f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713464617729e-2f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022120237350464e-1f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
-      return _mm512_scalef_ps(p, n);
+      // f = t - floor(t) in [0, 1) in one vreduceps; vscalefps multiplies by 2^floor(t) itself
+      const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      __m512 p = _mm512_set1_ps(1.8775765784084797e-3f);
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.989340625703335e-3f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.582631751894951e-2f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4015361070632935e-1f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931530833244324e-1f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999999403953552e-1f));
+      return _mm512_scalef_ps(p, t);
     }
 #endif
     if constexpr (std::is_same_v<T, float>) {
