@@ -48,14 +48,18 @@ def _hashed_files():
 
 
 def _vector_flags():
-    """Compile for the host's vector ISA; tell ATen's vec headers which one it is."""
+    """Compile for the host's vector ISA, capped at the one torch runs with: ATen's vec
+    headers are told which one it is, and where torch was limited below the host
+    (``ATEN_CPU_CAPABILITY=avx2`` or ``default``) the compiler may not use more."""
     flags = ["-march=native"]
     if platform.machine() in ("x86_64", "AMD64"):
         cap = torch.backends.cpu.get_cpu_capability()
         if cap == "AVX512":
             flags.append("-DCPU_CAPABILITY_AVX512")
         elif cap == "AVX2":
-            flags.append("-DCPU_CAPABILITY_AVX2")
+            flags += ["-mno-avx512f", "-DCPU_CAPABILITY_AVX2"]
+        else:
+            flags.append("-mno-avx")
     return flags
 
 

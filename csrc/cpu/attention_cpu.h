@@ -118,6 +118,33 @@ struct Blocks {
   int64_t m = 64, n = 512;
 };
 
+// Slabs per tile the band cuts (see for_slabs): 64 rows of the 256-row tiles.
+constexpr int64_t kStairSlabs = 4;
+
+// Whether the band hides part of the rows x cols tile at (r0, c0) from some of its rows.
+inline bool band_cuts(const Band& band, int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
+  int64_t lo_first, hi_first, lo_last, hi_last;
+  band.keys(r0, lo_first, hi_first);
+  band.keys(r0 + rows - 1, lo_last, hi_last);
+  return hi_first < c0 + cols || lo_last > c0;
+}
+
+// fn(s0, s1, ca, ce) for the row slabs [s0, s1) of the tile, slab rows each, with the
+// tile columns [ca, ce) any of the slab's rows sees (slabs that see none are skipped).
+// Band bounds are monotone in the row, so the slab's range is its first row's lo to its
+// last row's hi.
+template <typename F>
+inline void for_slabs(const Band& band, int64_t r0, int64_t rows, int64_t c0, int64_t cols, int64_t slab, F&& fn) {
+  for (int64_t s0 = 0; s0 < rows; s0 += slab) {
+    const int64_t s1 = std::min(rows, s0 + slab);
+    int64_t lo, hi, unused;
+    band.keys(r0 + s0, lo, unused);
+    band.keys(r0 + s1 - 1, unused, hi);
+    const int64_t ca = std::clamp(lo - c0, int64_t(0), cols), ce = std::clamp(hi - c0, int64_t(0), cols);
+    if (ca < ce) fn(s0, s1, ca, ce);
+  }
+}
+
 inline Blocks blocks_from_env(const char* var, int64_t bm, int64_t bn) {
   Blocks b{bm, bn};
   if (const char* env = std::getenv(var)) {
@@ -153,8 +180,8 @@ inline T row_max(const T* x, int64_t n) {
 // this pass over the scores is the forward's largest cost after the tile products.
 // kNegInf: scores may be -inf (an additive mask), so t is clamped at -200 (2^-200
 // scales to exactly 0) instead of giving NaN; vmaxps returns its second operand,
-// which keeps NaN.  Other types and ISAs: ATen's exp_u20 for float, Sleef's exp for
-// double.
+// which keeps NaN.  AVX2 (no vreduceps/vscalefps) below; other types and ISAs:
+// ATen's exp_u20 for float, Sleef's exp for double.
 template <typename T, bool kNegInf>
 struct ExpShift {
   Vec<T> shift;
@@ -174,6 +201,25 @@ struct ExpShift {
       p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931530833244324e-1f));
       p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999999403953552e-1f));
       return _mm512_scalef_ps(p, t);
+    }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      // The same polynomial; 2^floor(t) is built in the exponent field.  t is clamped to
+      // [-127, 128]: floor -127 gives the bit pattern of +0 (so -inf and anything below
+      // 2^-126 give exactly 0), 128 gives inf; vmaxps/vminps return their second operand
+      // for NaN, which keeps it.
+      __m256 t = _mm256_mul_ps(_mm256_sub_ps(x, shift), _mm256_set1_ps(1.4426950408889634f));
+      t = _mm256_min_ps(_mm256_set1_ps(128.f), _mm256_max_ps(_mm256_set1_ps(-127.f), t));
+      const __m256 n = _mm256_floor_ps(t);
+      const __m256 f = _mm256_sub_ps(t, n);
+      __m256 p = _mm256_set1_ps(1.8775765784084797e-3f);
+      p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.989340625703335e-3f));
+      p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.582631751894951e-2f));
+      p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4015361070632935e-1f));
+      p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931530833244324e-1f));
+      p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.999999403953552e-1f));
+      const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+      return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     }
 #endif
     if constexpr (std::is_same_v<T, float>) {

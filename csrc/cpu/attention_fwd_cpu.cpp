@@ -101,7 +101,14 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       const int64_t cols = std::min(BN, khi - c0);
       int64_t ldk, ldv;
       const T* ktile = tile<in_t, T>(kt + c0 * sks, sks, cols, D, st.kbuf.data(), ldk);
-      gemm_rm<T>(false, true, rows, cols, D, scale, qt, ldq, ktile, ldk, T(0), st.S.data(), BN);
+      // A tile the band cuts (causal diagonal, window edges) runs its products on row
+      // slabs, each over just the columns its rows can see (a staircase), instead of the
+      // whole rectangle; a slab's rows read and write only inside its column range.
+      const int64_t slab = band_cuts(band, r0, rows, c0, cols) ? (rows + kStairSlabs - 1) / kStairSlabs : rows;
+      for_slabs(band, r0, rows, c0, cols, slab, [&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
+        gemm_rm<T>(false, true, s1 - s0, ce - ca, D, scale, qt + s0 * ldq, ldq, ktile + ca * ldk, ldk, T(0),
+                   st.S.data() + s0 * BN + ca, BN);
+      });
       for (int64_t r = 0; r < rows; ++r) {
         T* srow = st.S.data() + r * BN;
         T* prow = st.P.data() + r * BN;
@@ -144,7 +151,10 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
         }
       }
       const T* vtile = tile<in_t, T>(vt + c0 * svs, svs, cols, D, st.vbuf.data(), ldv);
-      gemm_rm<T>(false, false, rows, D, cols, T(1), st.P.data(), BN, vtile, ldv, T(1), acc, D);
+      for_slabs(band, r0, rows, c0, cols, slab, [&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
+        gemm_rm<T>(false, false, s1 - s0, D, ce - ca, T(1), st.P.data() + s0 * BN + ca, BN, vtile + ca * ldv, ldv,
+                   T(1), acc + s0 * D, D);
+      });
     }
     T* orow = st.orow.data();
     for (int64_t r = 0; r < rows; ++r) {
