@@ -27,6 +27,7 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 def small_tiles(monkeypatch):
     monkeypatch.setenv("FLASHATTN_LITE_CPU_FWD_BLOCKS", "16,32")
     monkeypatch.setenv("FLASHATTN_LITE_CPU_BWD_BLOCKS", "16,16")
+    monkeypatch.setenv("FLASHATTN_LITE_CPU_POISON", "1")  # scratch starts as NaN: unwritten reads show
 
 
 def _check(*args, **kwargs):
@@ -472,6 +473,22 @@ def test_bias_with_dropout_softcap_alibi_window_gqa(small_tiles):
                                   dropout_keep=keep, dropout_p=p)
     assert_checks_ok(dict(out=out.detach(), lse=lse.detach(), dq=dq, dk=dk, dv=dv, dbias=dbias), ref, base, torch.float32)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref["lse"]))
+
+
+@pytest.mark.parametrize("window", [(-1, 0), (3, 2)], ids=["causal", "window"])
+def test_bias_grad_on_tiles_the_band_cuts(small_tiles, window):
+    """Tiles the band cuts run on row slabs over the columns each sees; dBias still needs
+    every element of the tile (0 outside the band).  One 16 x 16 tile per head, so the
+    first tile each worker runs is a cut one and its scratch is still NaN-poisoned."""
+    q, k, v = make_qkv(1, 16, 16, 2, 2, 8, torch.float32)
+    bias = torch.randn(1, 2, 16, 16, requires_grad=True)
+    dout = torch.randn(1, 16, 2, 8)
+    out, lse = torch.ops.flashattn_lite.fwd(q, k, v, None, None, 0, 0, bias, 0.3, 0, *window, 0.0, None, 0.0, 0,
+                                            "cpu")
+    dq, dk, dv, dbias = torch.autograd.grad(out, (q, k, v, bias), dout)
+    ref, base = reference_results(q, k, v, dout, 0.3, 0, *window, bias=bias)
+    assert_checks_ok(dict(out=out.detach(), lse=lse.detach(), dq=dq, dk=dk, dv=dv, dbias=dbias), ref, base,
+                     torch.float32)
 
 
 def test_bias_all_neg_inf_rows_and_tiles(small_tiles):

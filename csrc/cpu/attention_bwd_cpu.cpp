@@ -123,7 +123,14 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
         }
         for (int64_t r0 = qlo; r0 < qhi; r0 += BM) {
           const int64_t rows = std::min(BM, qhi - r0);
-          gemm_rm<T>(false, true, rows, cols, D, scale, qh + r0 * sqs, sqs, kt + c0 * sks, sks, T(0), P, BN);
+          // a tile the band cuts runs its five products on row slabs over the columns
+          // each sees (attention_fwd_cpu.cpp); outside them P is 0 and dP is zeroed below
+          const int64_t slab = band_cuts(band, r0, rows, c0, cols) ? (rows + kStairSlabs - 1) / kStairSlabs : rows;
+          auto slabs = [&](auto&& fn) { for_slabs(band, r0, rows, c0, cols, slab, fn); };
+          slabs([&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
+            gemm_rm<T>(false, true, s1 - s0, ce - ca, D, scale, qh + (r0 + s0) * sqs, sqs, kt + (c0 + ca) * sks, sks,
+                       T(0), P + s0 * BN + ca, BN);
+          });
           for (int64_t r = 0; r < rows; ++r) {
             T* prow = P + r * BN;
             int64_t lo, hi;
@@ -152,12 +159,24 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           }
           // dV += (P Z)^T dO ; dP = (dO V^T) Z
           const T* pv = kDrop ? st.PZ.data() : P;
-          gemm_rm<T>(true, false, cols, D, rows, rescale, pv, BN, doh + r0 * sds, sds, T(1), st.dv_acc.data(), D);
-          gemm_rm<T>(false, true, rows, cols, D, rescale, doh + r0 * sds, sds, vt + c0 * svs, svs, T(0), dP, BN);
+          slabs([&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
+            const T* dos = doh + (r0 + s0) * sds;
+            gemm_rm<T>(true, false, ce - ca, D, s1 - s0, rescale, pv + s0 * BN + ca, BN, dos, sds, T(1),
+                       st.dv_acc.data() + ca * D, D);
+            gemm_rm<T>(false, true, s1 - s0, ce - ca, D, rescale, dos, sds, vt + (c0 + ca) * svs, svs, T(0),
+                       dP + s0 * BN + ca, BN);
+          });
           // dS = P * (dP - delta) (= dBias), then * scale (and the cap's derivative) for dQ, dK; into dP
           for (int64_t r = 0; r < rows; ++r) {
             T* prow = P + r * BN;
             T* dprow = dP + r * BN;
+            if (slab < rows) {  // dP was computed only where the row's slab sees keys
+              int64_t lo, hi;
+              band.keys(r0 + r, lo, hi);
+              const int64_t a = std::clamp(lo - c0, int64_t(0), cols), e = std::clamp(hi - c0, int64_t(0), cols);
+              std::fill(dprow, dprow + a, T(0));
+              std::fill(dprow + std::max(a, e), dprow + cols, T(0));
+            }
             if constexpr (kDrop) apply_keep(dprow, st.keep.data() + r * BN, cols);
             const T dl = delh[r0 + r];
             if constexpr (kBias) {
@@ -181,8 +200,13 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
             }
           }
           // dK += dS^T Q ; dQ += dS K
-          gemm_rm<T>(true, false, cols, D, rows, T(1), dP, BN, qh + r0 * sqs, sqs, T(1), st.dk_acc.data(), D);
-          gemm_rm<T>(false, false, rows, D, cols, T(1), dP, BN, kt + c0 * sks, sks, T(1), dqh + r0 * D, D);
+          slabs([&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
+            const T* dss = dP + s0 * BN + ca;
+            gemm_rm<T>(true, false, ce - ca, D, s1 - s0, T(1), dss, BN, qh + (r0 + s0) * sqs, sqs, T(1),
+                       st.dk_acc.data() + ca * D, D);
+            gemm_rm<T>(false, false, s1 - s0, D, ce - ca, T(1), dss, BN, kt + (c0 + ca) * sks, sks, T(1),
+                       dqh + (r0 + s0) * D, D);
+          });
         }
       }
       for (int64_t c = 0; c < cols; ++c) {

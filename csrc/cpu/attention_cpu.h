@@ -34,6 +34,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <new>
@@ -387,6 +388,8 @@ inline void apply_keep(T* x, const uint32_t* mask, int64_t n) {
 // Uninitialised scratch (zero-filling a 256 KiB tile per task would cost more than a decode
 // step), 64-byte aligned: BLAS may pick its kernels (and so its summation order) by the
 // operands' alignment, and results must not depend on which worker's buffers a task used.
+// Tests set FLASHATTN_LITE_CPU_POISON=1 to fill it with NaN bytes (0xFF), so a read of
+// anything never written shows up in the results.
 template <typename T>
 struct Scratch {
   struct Free {
@@ -394,7 +397,9 @@ struct Scratch {
   };
   std::unique_ptr<T[], Free> p;
   explicit Scratch(int64_t n)
-      : p(static_cast<T*>(::operator new[](sizeof(T) * std::max<int64_t>(n, 1), std::align_val_t(64)))) {}
+      : p(static_cast<T*>(::operator new[](sizeof(T) * std::max<int64_t>(n, 1), std::align_val_t(64)))) {
+    if (std::getenv("FLASHATTN_LITE_CPU_POISON")) std::memset(p.get(), 0xFF, sizeof(T) * std::max<int64_t>(n, 1));
+  }
   T* data() { return p.get(); }
 };
 
