@@ -21,10 +21,10 @@ inline const T* tile(const in_t* src, int64_t ld, int64_t rows, int64_t D, T* bu
   }
 }
 
-// in_t: the tensors' dtype; T: the compute type (float, or double for double).
-// fp16/bf16 tiles are widened as they are used, so nothing the size of K or V is copied.
-// kBias: add the bias to the scores; kDrop: dropout.
-template <typename in_t, typename T, bool kBias, bool kDrop>
+// in_t: q's and out's dtype; kv_t: k's and v's (in_t, or T when fwd_typed widened them);
+// T: the compute type (float, or double for double).  Tiles not in T are widened as
+// they are used.  kBias: add the bias to the scores; kDrop: dropout.
+template <typename in_t, typename kv_t, typename T, bool kBias, bool kDrop>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
               T scale, const Problem& pr, const Transform<T>& tf, const BiasView& bias, const Dropout& drop) {
   const int64_t Hq = q.size(2), D = q.size(3);
@@ -49,8 +49,8 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const int64_t nunits = int64_t(units.size());
 
   const in_t* qp = q.data_ptr<in_t>();
-  const in_t* kp = k.data_ptr<in_t>();
-  const in_t* vp = v.data_ptr<in_t>();
+  const kv_t* kp = k.data_ptr<kv_t>();
+  const kv_t* vp = v.data_ptr<kv_t>();
   in_t* op = out.data_ptr<in_t>();
   float* lp32 = lse.scalar_type() == at::kFloat ? lse.data_ptr<float>() : nullptr;
   double* lp64 = lse.scalar_type() == at::kDouble ? lse.data_ptr<double>() : nullptr;
@@ -60,6 +60,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const int64_t sob = out.stride(0), sos = out.stride(1), soh = out.stride(2);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   constexpr bool widen = !std::is_same_v<in_t, T>;
+  constexpr bool widen_kv = !std::is_same_v<kv_t, T>;
   // dropout's 1 / (1 - p) is applied with the final 1 / l
   const T out_scale = kDrop ? T(drop.rescale) : T(1);
   const T kLazy = T(std::exp(kLazyShift));
@@ -70,8 +71,8 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   };
   auto make_state = [&] {
     return State{Scratch<T>(BM * BN), Scratch<T>(BM * BN), Scratch<T>(BM * D), Scratch<T>(BM), Scratch<T>(BM),
-                 Scratch<T>(D), Scratch<T>(widen ? BM * D : 0), Scratch<T>(widen ? BN * D : 0),
-                 Scratch<T>(widen ? BN * D : 0), Scratch<uint32_t>(kDrop ? BN : 0)};
+                 Scratch<T>(D), Scratch<T>(widen ? BM * D : 0), Scratch<T>(widen_kv ? BN * D : 0),
+                 Scratch<T>(widen_kv ? BN * D : 0), Scratch<uint32_t>(kDrop ? BN : 0)};
   };
   run_tasks(Hq * nunits, make_state, [&](int64_t task, State& st) {
     const int64_t h = task / nunits;
@@ -81,8 +82,8 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     Transform<T> tfs = tf;
     tfs.offset = sq.offset;
     const int64_t r0 = u.begin, rows = u.end - u.begin;
-    const in_t* kt = kp + sq.pb * skb + (h / group) * skh + sq.k0 * sks;
-    const in_t* vt = vp + sq.pb * svb + (h / group) * svh + sq.k0 * svs;
+    const kv_t* kt = kp + sq.pb * skb + (h / group) * skh + sq.k0 * sks;
+    const kv_t* vt = vp + sq.pb * svb + (h / group) * svh + sq.k0 * svs;
     const int64_t row0 = pr.row_id(sq, h, Hq, r0);
     const T slope_h = tf.slope(sq.b, h);
     T* acc = st.acc.data();
@@ -100,7 +101,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     for (int64_t c0 = klo; c0 < khi; c0 += BN) {
       const int64_t cols = std::min(BN, khi - c0);
       int64_t ldk, ldv;
-      const T* ktile = tile<in_t, T>(kt + c0 * sks, sks, cols, D, st.kbuf.data(), ldk);
+      const T* ktile = tile<kv_t, T>(kt + c0 * sks, sks, cols, D, st.kbuf.data(), ldk);
       // A tile the band cuts (causal diagonal, window edges) runs its products on row
       // slabs, each over just the columns its rows can see (a staircase), instead of the
       // whole rectangle; a slab's rows read and write only inside its column range.
@@ -150,7 +151,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
           apply_keep(prow + a, st.keep.data(), e - a);
         }
       }
-      const T* vtile = tile<in_t, T>(vt + c0 * svs, svs, cols, D, st.vbuf.data(), ldv);
+      const T* vtile = tile<kv_t, T>(vt + c0 * svs, svs, cols, D, st.vbuf.data(), ldv);
       for_slabs(band, r0, rows, c0, cols, slab, [&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
         gemm_rm<T>(false, false, s1 - s0, D, ce - ca, T(1), st.P.data() + s0 * BN + ca, BN, vtile + ca * ldv, ldv,
                    T(1), acc + s0 * D, D);
@@ -185,8 +186,18 @@ void fwd_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at
                double scale, const Problem& pr, double softcap, const std::optional<at::Tensor>& slopes,
                const BiasView& bias, const Dropout& drop, bool has_drop) {
   const Transform<T> tf = make_transform<T>(softcap, slopes, int64_t(pr.seqs.size()), q.size(2));
+  // fp16/bf16 K and V: where two or more query blocks read each key tile (longer
+  // query sequences), widen them once for the call (O(N d) memory, like the backward)
+  // instead of once per tile and query block; else per tile, copying nothing K-sized.
+  const bool widen_once = !std::is_same_v<in_t, T> && pr.max_q > 128;
   with_features(bias.data != nullptr, has_drop, [&](auto kb, auto kd) {
-    fwd_impl<in_t, T, decltype(kb)::value, decltype(kd)::value>(q, k, v, out, lse, T(scale), pr, tf, bias, drop);
+    constexpr bool b = decltype(kb)::value, d = decltype(kd)::value;
+    if (widen_once) {
+      const auto wide = c10::CppTypeToScalarType<T>::value;
+      fwd_impl<in_t, T, T, b, d>(q, k.to(wide), v.to(wide), out, lse, T(scale), pr, tf, bias, drop);
+    } else {
+      fwd_impl<in_t, in_t, T, b, d>(q, k, v, out, lse, T(scale), pr, tf, bias, drop);
+    }
   });
 }
 
