@@ -475,14 +475,16 @@ def test_bias_with_dropout_softcap_alibi_window_gqa(small_tiles):
     assert torch.equal(torch.isinf(lse), torch.isinf(ref["lse"]))
 
 
+@pytest.mark.parametrize("sq", [16, 1])
 @pytest.mark.parametrize("window", [(-1, 0), (3, 2)], ids=["causal", "window"])
-def test_bias_grad_on_tiles_the_band_cuts(small_tiles, window):
+def test_bias_grad_on_tiles_the_band_cuts(small_tiles, window, sq):
     """Tiles the band cuts run on row slabs over the columns each sees; dBias still needs
-    every element of the tile (0 outside the band).  One 16 x 16 tile per head, so the
-    first tile each worker runs is a cut one and its scratch is still NaN-poisoned."""
-    q, k, v = make_qkv(1, 16, 16, 2, 2, 8, torch.float32)
-    bias = torch.randn(1, 2, 16, 16, requires_grad=True)
-    dout = torch.randn(1, 16, 2, 8)
+    every element of the tile (0 outside the band).  One tile per head, so the first tile
+    each worker runs is a cut one and its scratch is still NaN-poisoned; sq = 1 makes a
+    one-row tile, whose single slab is still cut."""
+    q, k, v = make_qkv(1, sq, 16, 2, 2, 8, torch.float32)
+    bias = torch.randn(1, 2, sq, 16, requires_grad=True)
+    dout = torch.randn(1, sq, 2, 8)
     out, lse = torch.ops.flashattn_lite.fwd(q, k, v, None, None, 0, 0, bias, 0.3, 0, *window, 0.0, None, 0.0, 0,
                                             "cpu")
     dq, dk, dv, dbias = torch.autograd.grad(out, (q, k, v, bias), dout)

@@ -125,7 +125,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           const int64_t rows = std::min(BM, qhi - r0);
           // a tile the band cuts runs its five products on row slabs over the columns
           // each sees (attention_fwd_cpu.cpp); outside them P is 0 and dP is zeroed below
-          const int64_t slab = band_cuts(band, r0, rows, c0, cols) ? (rows + kStairSlabs - 1) / kStairSlabs : rows;
+          const bool cut = band_cuts(band, r0, rows, c0, cols);
+          const int64_t slab = cut ? (rows + kStairSlabs - 1) / kStairSlabs : rows;
           auto slabs = [&](auto&& fn) { for_slabs(band, r0, rows, c0, cols, slab, fn); };
           slabs([&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
             gemm_rm<T>(false, true, s1 - s0, ce - ca, D, scale, qh + (r0 + s0) * sqs, sqs, kt + (c0 + ca) * sks, sks,
@@ -170,7 +171,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           for (int64_t r = 0; r < rows; ++r) {
             T* prow = P + r * BN;
             T* dprow = dP + r * BN;
-            if (slab < rows) {  // dP was computed only where the row's slab sees keys
+            if (cut) {  // dP was computed only where the row's slab sees keys (even a one-row slab)
               int64_t lo, hi;
               band.keys(r0 + r, lo, hi);
               const int64_t a = std::clamp(lo - c0, int64_t(0), cols), e = std::clamp(hi - c0, int64_t(0), cols);

@@ -389,7 +389,10 @@ inline void apply_keep(T* x, const uint32_t* mask, int64_t n) {
 // step), 64-byte aligned: BLAS may pick its kernels (and so its summation order) by the
 // operands' alignment, and results must not depend on which worker's buffers a task used.
 // Tests set FLASHATTN_LITE_CPU_POISON=1 to fill it with NaN bytes (0xFF), so a read of
-// anything never written shows up in the results.
+// anything never written shows up in the results (run_tasks then also gives every task
+// fresh scratch, not the previous task's finite leftovers).
+inline bool poison_scratch() { return std::getenv("FLASHATTN_LITE_CPU_POISON") != nullptr; }
+
 template <typename T>
 struct Scratch {
   struct Free {
@@ -398,7 +401,7 @@ struct Scratch {
   std::unique_ptr<T[], Free> p;
   explicit Scratch(int64_t n)
       : p(static_cast<T*>(::operator new[](sizeof(T) * std::max<int64_t>(n, 1), std::align_val_t(64)))) {
-    if (std::getenv("FLASHATTN_LITE_CPU_POISON")) std::memset(p.get(), 0xFF, sizeof(T) * std::max<int64_t>(n, 1));
+    if (poison_scratch()) std::memset(p.get(), 0xFF, sizeof(T) * std::max<int64_t>(n, 1));
   }
   T* data() { return p.get(); }
 };
@@ -428,8 +431,12 @@ void run_tasks(int64_t n, MakeState&& make_state, Body&& body) {
     // Each BLAS call runs on the calling worker alone: a call that MKL split among threads
     // of its own would sum in another order, and results would depend on the thread count.
     const int mkl_prev = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    const bool fresh = poison_scratch();
     auto state = make_state();
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(t, state);
+    for (int64_t t, done = 0; (t = next.fetch_add(1, std::memory_order_relaxed)) < n; ++done) {
+      if (fresh && done > 0) state = make_state();
+      body(t, state);
+    }
     if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_prev);
   });
 }
