@@ -7,9 +7,10 @@
 // the kernels live in their own translation units so they compile in parallel.
 //
 // Every tile product runs through the BLAS torch.mm uses, in float32 (float64 for
-// float64 input).  fp16/bf16 inputs are widened to float32 (per tile in the forward,
-// once per call in the backward): a low-precision BLAS product is slower than
-// widening, O(N d), and then multiplying in float32, O(N^2 d).
+// float64 input).  fp16/bf16 inputs are widened to float32 (K and V once per call,
+// except in a forward of at most 128 queries, which widens the tiles it reads): a
+// low-precision BLAS product is slower than widening, O(N d), and then multiplying in
+// float32, O(N^2 d).
 //
 // Problems: a dense batch is B problems of (Sq, Sk); a packed varlen batch is one
 // 4-D batch entry whose sequences are row ranges (``Seq``).  Optional features that
