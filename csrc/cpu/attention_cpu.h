@@ -172,6 +172,12 @@ inline T row_max(const T* x, int64_t n) {
   return m;
 }
 
+// 2^f for f in [0, 1), highest degree first (Horner), shared by the AVX-512 and AVX2 paths.
+constexpr int kExp2Degree = 5;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kExp2Poly[kExp2Degree + 1] = {1.8775765784084797e-3f, 8.989340625703335e-3f, 5.582631751894951e-2f,
+                                              2.4015361070632935e-1f, 6.931530833244324e-1f, 9.999999403953552e-1f};
+
 // exp(x - shift) on a vector.  float with AVX-512: 2^t with t = (x - shift) log2(e),
 // subtracting first so that t is exact to an ulp of the difference, not of the shift
 // (the backward's shift is the lse, and its P is not normalised again).  2^t =
@@ -192,34 +198,25 @@ struct ExpShift {
   inline Vec<T> operator()(const Vec<T>& x) const {
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<T, float>) {
-      __m512 t = _mm512_mul_ps(_mm512_sub_ps(x, shift), _mm512_set1_ps(1.4426950408889634f));
+      __m512 t = _mm512_mul_ps(_mm512_sub_ps(x, shift), _mm512_set1_ps(kLog2e));
       if constexpr (kNegInf) t = _mm512_max_ps(_mm512_set1_ps(-200.f), t);
       // f = t - floor(t) in [0, 1) in one vreduceps; vscalefps multiplies by 2^floor(t) itself
       const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-      __m512 p = _mm512_set1_ps(1.8775765784084797e-3f);
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.989340625703335e-3f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.582631751894951e-2f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4015361070632935e-1f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931530833244324e-1f));
-      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999999403953552e-1f));
+      __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+      for (int i = 1; i < kExp2Degree + 1; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
       return _mm512_scalef_ps(p, t);
     }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<T, float>) {
-      // The same polynomial; 2^floor(t) is built in the exponent field.  t is clamped to
-      // [-127, 128]: floor -127 gives the bit pattern of +0 (so -inf and anything below
-      // 2^-126 give exactly 0), 128 gives inf; vmaxps/vminps return their second operand
-      // for NaN, which keeps it.
-      __m256 t = _mm256_mul_ps(_mm256_sub_ps(x, shift), _mm256_set1_ps(1.4426950408889634f));
+      // 2^floor(t) is built in the exponent field.  t is clamped to [-127, 128]: floor
+      // -127 gives the bit pattern of +0 (so -inf and anything below 2^-126 give exactly
+      // 0), 128 gives inf; vmaxps/vminps return their second operand for NaN, which keeps it.
+      __m256 t = _mm256_mul_ps(_mm256_sub_ps(x, shift), _mm256_set1_ps(kLog2e));
       t = _mm256_min_ps(_mm256_set1_ps(128.f), _mm256_max_ps(_mm256_set1_ps(-127.f), t));
       const __m256 n = _mm256_floor_ps(t);
       const __m256 f = _mm256_sub_ps(t, n);
-      __m256 p = _mm256_set1_ps(1.8775765784084797e-3f);
-      p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.989340625703335e-3f));
-      p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.582631751894951e-2f));
-      p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4015361070632935e-1f));
-      p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931530833244324e-1f));
-      p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.999999403953552e-1f));
+      __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+      for (int i = 1; i < kExp2Degree + 1; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
       const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
       return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     }
