@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from . import backends, rng
+from . import backends, ops, rng
 from .ops import fwd as _fwd_op  # noqa: F401  (registers torch.ops.flashattn_lite.*)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -136,7 +136,7 @@ def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap
     backend = _select_backend(q.device, q.dtype, int(q.shape[-1]), params.features())
     if dropout_p > 0:
         rng.note_call(params, q, k)
-    return torch.ops.flashattn_lite.fwd(q, k, v, *params.op_args(), backend)
+    return ops.run_fwd(q, k, v, params, backend)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

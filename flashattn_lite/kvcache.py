@@ -10,7 +10,8 @@ What happens in one call:
    (into a new tensor) and to the new ``k``;
 3. the new ``k``/``v`` are written into the caches in place at positions
    ``cache_seqlens[b] ..`` (through the block table for a paged cache);
-4. ``torch.ops.flashattn_lite.decode`` runs attention of ``q`` against the cache.
+4. ``torch.ops.flashattn_lite.decode`` runs attention of ``q`` against the cache (called
+   directly, without the operator dispatch, where ``ops.direct_call_ok`` allows).
 
 Both cache layouts reach the operator as one: a contiguous cache
 (batch_cache, seqlen_cache, heads_k, headdim) *is* a paged cache whose pages are
@@ -348,7 +349,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     seqlens_k = (seqlens_t + seqlen_new).to(torch.int32)
     if q.shape[-1] > 1 and q.stride(-1) != 1:
         q = q.contiguous()
-    out, lse = torch.ops.flashattn_lite.decode(q, k_cache, v_cache, table, seqlens_k, cache_leftpad,
-                                               max(ends, default=0), scale, left, right, softcap, slopes, num_splits,
-                                               backend)
+    out, lse = _ops.run_decode(q, k_cache, v_cache, table, seqlens_k, cache_leftpad,
+                                max(ends, default=0), scale, left, right, softcap, slopes, num_splits, backend)
     return (out, lse) if return_softmax_lse else out

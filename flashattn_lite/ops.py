@@ -43,11 +43,15 @@ def _lse_shape(q, varlen):
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
 
+def _fwd_direct(q, k, v, params, backend):
+    out, lse = backends.get(backend).fwd(q, k, v, params)
+    return _like(out, q), lse.contiguous()
+
+
 @torch.library.custom_op("flashattn_lite::fwd", mutates_args=(), schema=FWD_SCHEMA)
 def fwd(q, k, v, *args):
     *params, backend = args
-    out, lse = backends.get(backend).fwd(q, k, v, Params.from_op_args(params))
-    return _like(out, q), lse.contiguous()
+    return _fwd_direct(q, k, v, Params.from_op_args(params), backend)
 
 
 @fwd.register_fake
@@ -75,6 +79,38 @@ def _bwd_fake(dout, dlse, q, k, v, out, lse, *args):
     bias = Params.from_op_args(params).bias
     dbias = bias.new_empty(bias.shape) if bias_grad else (bias.new_empty(0) if bias is not None else q.new_empty(0))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def direct_call_ok(tensors):
+    """Whether calling the backend directly does exactly what the operator would.
+
+    The operator's dispatch (autograd wrapper, torch.compile guard, schema checks) costs
+    about 50 us a call on the CPU, as much as a whole decoding step's kernel.  It is
+    needed only when something must see the operator: autograd (a tensor requiring grad
+    with grad mode on), torch.compile or torch.jit tracing, a torch function or dispatch
+    mode (FakeTensorMode, FlopCounterMode, ...), a tensor subclass (fake tensors
+    included) or a functorch transform (vmap, grad).  Otherwise the operator would only
+    run its implementation, and the caller may run that itself.
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or (grad and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return False
+    return True
+
+
+def run_fwd(q, k, v, params, backend):
+    """(out, lse) of ``flashattn_lite::fwd``: the operator, or its implementation directly
+    where :func:`direct_call_ok` says that is the same thing."""
+    if direct_call_ok((q, k, v) + tuple(getattr(params, name) for name in _TENSOR_FIELDS)):
+        return _fwd_direct(q, k, v, params, backend)
+    return torch.ops.flashattn_lite.fwd(q, k, v, *params.op_args(), backend)
 
 
 def _fwd_setup_context(ctx, inputs, output):
@@ -120,14 +156,26 @@ DECODE_SCHEMA = ("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table,
                  "Tensor? alibi_slopes, int num_splits, str backend) -> (Tensor, Tensor)")
 
 
-@torch.library.custom_op("flashattn_lite::decode", mutates_args=(), schema=DECODE_SCHEMA)
-def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, softmax_scale, window_left,
-           window_right, softcap, alibi_slopes, num_splits, backend):
+def _decode_direct(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, softmax_scale, window_left,
+                   window_right, softcap, alibi_slopes, num_splits, backend):
     params = backends.Params(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
                              softcap=softcap, alibi_slopes=alibi_slopes)
     out, lse = backends.get(backend).decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, params,
                                             max_seqlen_k, num_splits)
     return _like(out, q), lse.contiguous()
+
+
+@torch.library.custom_op("flashattn_lite::decode", mutates_args=(), schema=DECODE_SCHEMA)
+def decode(*args):
+    return _decode_direct(*args)
+
+
+def run_decode(*args):
+    """(out, lse) of ``flashattn_lite::decode`` (arguments in its schema's order): the operator,
+    or its implementation directly where :func:`direct_call_ok` says that is the same thing."""
+    if direct_call_ok([a for a in args if isinstance(a, torch.Tensor)]):
+        return _decode_direct(*args)
+    return torch.ops.flashattn_lite.decode(*args)
 
 
 @decode.register_fake

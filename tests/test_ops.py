@@ -100,3 +100,61 @@ def test_opcheck_bwd_float64_without_bias():
             False, True, backend)
     torch.library.opcheck(torch.ops.flashattn_lite.bwd.default, args)
     assert torch.ops.flashattn_lite.bwd(*args)[3].dtype == torch.float64
+
+
+# ------------------------------------------------------------------ direct calls in eager mode
+
+
+def _ops_seen(fn):
+    """Names of the operators the profiler saw while ``fn`` ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def test_eager_call_without_grad_skips_the_operator_dispatch():
+    # Plain tensors, nothing to record for autograd: the backend runs without going
+    # through flashattn_lite::fwd / ::decode (same kernel, same bits), saving the
+    # dispatch's cost; a call that needs autograd goes through the operator.
+    q, k, v = make_qkv(1, 9, 12, 2, 1, 16, torch.float32)
+    with fl.use_backend("cpu"):
+        with torch.no_grad():
+            direct = fl.flash_attn_func(q, k, v, causal=True)
+            seen = _ops_seen(lambda: fl.flash_attn_func(q, k, v, causal=True))
+        assert "flashattn_lite::fwd" not in seen and "flashattn_lite_C::fwd" in seen
+        seen = _ops_seen(lambda: fl.flash_attn_func(q, k, v, causal=True))  # make_qkv's tensors require grad
+        assert "flashattn_lite::fwd" in seen
+        via_op = fl.flash_attn_func(q, k, v, causal=True)
+    assert via_op.grad_fn is not None and torch.equal(direct, via_op.detach())
+
+    cache = torch.randn(1, 12, 1, 16)
+    with torch.inference_mode():
+        seen = _ops_seen(lambda: fl.flash_attn_with_kvcache(q[:, :1].detach(), cache, cache))
+    assert "flashattn_lite::decode" not in seen and "flashattn_lite_C::decode" in seen
+
+
+def test_direct_call_ok_declines_whatever_must_see_the_operator():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ok = fl.ops.direct_call_ok
+    q = torch.randn(1, 4, 2, 8)
+    assert ok((q, q, None))
+    grad_q = q.clone().requires_grad_()
+    assert not ok((q, grad_q, q))  # autograd must record the call
+    with torch.no_grad():
+        assert ok((q, grad_q, q))
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        assert not ok((q,))
+    with TorchFunctionMode():
+        assert not ok((q,))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(q)
+    assert not ok((fake,))  # a subclass, even outside its mode
+    assert torch.vmap(lambda x: torch.tensor(ok((x,))))(torch.randn(3, 4)).tolist() == [False] * 3

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -68,36 +69,189 @@ inline void axpy(T* y, const T* x, T w, int64_t n) {
   for (; d < n; ++d) y[d] += w * x[d];
 }
 
-// The same two for a float row against an fp16/bf16 cache row, widened in registers
-// (no widened copy: used when a single query row reads each cache row).
-template <typename scalar_t>
-inline float dot_mixed(const float* a, const scalar_t* b, int64_t n) {
-  using bVec = Vec<scalar_t>;
-  using fVec = Vec<float>;
-  fVec acc0(0.f), acc1(0.f);
-  int64_t d = 0;
-  for (; d + bVec::size() <= n; d += bVec::size()) {
-    auto [b0, b1] = at::vec::convert_to_float<scalar_t>(bVec::loadu(b + d));
-    acc0 = at::vec::fmadd(fVec::loadu(a + d), b0, acc0);
-    acc1 = at::vec::fmadd(fVec::loadu(a + d + fVec::size()), b1, acc1);
+// ---- float rows: the scores of a whole block of keys at once, and P @ V in registers.
+// One key's dot product leaves a vector of partial sums; sum_lanes reduces W of them
+// (W = lanes per vector) into one vector, lane j the sum of a[j], in about 3 instructions
+// per key instead of a horizontal reduction each.
+using fVec = Vec<float>;
+constexpr int64_t W = fVec::size();
+
+inline fVec sum_lanes(const fVec* a) {
+#if defined(__AVX512F__) && defined(CPU_CAPABILITY_AVX512)
+  // pairs interleaved (32-bit, then 64-bit halves): each 128-bit block k of c[i] holds
+  // block k's partial sums of a[4i .. 4i+3]; then the four blocks are summed across.
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
   }
-  float s = at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, acc0 + acc1);
-  for (; d < n; ++d) s += a[d] * float(b[d]);
-  return s;
+  // 0x88: blocks (0, 2) of each operand; 0xDD: blocks (1, 3)
+  const __m512 f01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+  const __m512 f23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(f01, f23, 0x88), _mm512_shuffle_f32x4(f01, f23, 0xDD));
+#elif defined(__AVX2__) && defined(CPU_CAPABILITY_AVX2)
+  __m256 b[4], c[2];
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm256_add_ps(_mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 2; ++i) {
+    const __m256d x = _mm256_castps_pd(b[2 * i]), y = _mm256_castps_pd(b[2 * i + 1]);
+    c[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)), _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(c[0], c[1], 0x20), _mm256_permute2f128_ps(c[0], c[1], 0x31));
+#else
+  float out[W];
+  for (int64_t j = 0; j < W; ++j)
+    out[j] = at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, a[j]);
+  return fVec::loadu(out);
+#endif
 }
 
-template <typename scalar_t>
-inline void axpy_mixed(float* y, const scalar_t* x, float w, int64_t n) {
-  using bVec = Vec<scalar_t>;
-  using fVec = Vec<float>;
-  const fVec wv(w);
-  int64_t d = 0;
-  for (; d + bVec::size() <= n; d += bVec::size()) {
-    auto [x0, x1] = at::vec::convert_to_float<scalar_t>(bVec::loadu(x + d));
-    at::vec::fmadd(wv, x0, fVec::loadu(y + d)).store(y + d);
-    at::vec::fmadd(wv, x1, fVec::loadu(y + d + fVec::size())).store(y + d + fVec::size());
+// 2W elements of a row as two float vectors; load2_part: ``count`` of them (the rest 0).
+template <typename src_t>
+inline void load2(const src_t* p, fVec& lo, fVec& hi) {
+  if constexpr (std::is_same_v<src_t, float>) {
+    lo = fVec::loadu(p);
+    hi = fVec::loadu(p + W);
+  } else {
+    static_assert(Vec<src_t>::size() == 2 * W, "a half-precision vector widens to two float vectors");
+    std::tie(lo, hi) = at::vec::convert_to_float<src_t>(Vec<src_t>::loadu(p));
   }
-  for (; d < n; ++d) y[d] += w * float(x[d]);
+}
+
+template <typename src_t>
+inline void load2_part(const src_t* p, int64_t count, fVec& lo, fVec& hi) {
+  if (count >= 2 * W) return load2(p, lo, hi);
+  if constexpr (std::is_same_v<src_t, float>) {
+    lo = fVec::loadu(p, std::min(count, W));
+    hi = count > W ? fVec::loadu(p + W, count - W) : fVec(0.f);
+  } else {
+    std::tie(lo, hi) = at::vec::convert_to_float<src_t>(Vec<src_t>::loadu(p, count));
+  }
+}
+
+// x[j] = q . rows[j] for j in [0, cnt) (q float, D long; rows float or fp16/bf16).  Blocks
+// of W keys with a fixed trip count (a short block repeats its last row), so that the W
+// accumulators stay in registers.
+template <typename src_t>
+inline void scores_block(const float* q, const src_t* const* rows, int64_t cnt, int64_t D, float* x) {
+  for (int64_t j0 = 0; j0 < cnt; j0 += W) {
+    const int64_t m = std::min(W, cnt - j0);
+    const src_t* r[W];
+    for (int64_t j = 0; j < W; ++j) r[j] = rows[j0 + std::min(j, m - 1)];
+    fVec acc[W];
+    for (int64_t j = 0; j < W; ++j) acc[j] = fVec(0.f);
+    int64_t d = 0;
+    for (; d + 2 * W <= D; d += 2 * W) {
+      fVec q0, q1;
+      load2(q + d, q0, q1);
+#pragma GCC unroll 16
+      for (int64_t j = 0; j < W; ++j) {
+        fVec k0, k1;
+        load2(r[j] + d, k0, k1);
+        acc[j] = at::vec::fmadd(q1, k1, at::vec::fmadd(q0, k0, acc[j]));
+      }
+    }
+    if (d < D) {
+      fVec q0, q1;
+      load2_part(q + d, D - d, q0, q1);
+#pragma GCC unroll 16
+      for (int64_t j = 0; j < W; ++j) {
+        fVec k0, k1;
+        load2_part(r[j] + d, D - d, k0, k1);
+        acc[j] = at::vec::fmadd(q1, k1, at::vec::fmadd(q0, k0, acc[j]));
+      }
+    }
+    const fVec s = sum_lanes(acc);
+    if (m == W) {
+      s.store(x + j0);
+    } else {
+      s.store(x + j0, m);
+    }
+  }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(CPU_CAPABILITY_AVX512)
+#define FLASHATTN_LITE_DPBF16 1
+// bf16 q against bf16 rows with vdpbf16ps: a product of two bf16 numbers is exact in
+// float32 and the pairs are summed in float32 (round to nearest, as an fma), so the
+// scores match the widening path's to float32 rounding in a third of the instructions.
+// (Input denormals, below 1.2e-38, count as 0.)
+inline void scores_block(const at::BFloat16* q, const at::BFloat16* const* rows, int64_t cnt, int64_t D, float* x) {
+  for (int64_t j0 = 0; j0 < cnt; j0 += W) {
+    const int64_t m = std::min(W, cnt - j0);
+    const at::BFloat16* r[W];
+    for (int64_t j = 0; j < W; ++j) r[j] = rows[j0 + std::min(j, m - 1)];
+    __m512 a[W];
+    for (int64_t j = 0; j < W; ++j) a[j] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      const int64_t c = std::min<int64_t>(32, D - d);
+      const __mmask32 mk = c == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << c) - 1u);
+      const __m512i qv = _mm512_maskz_loadu_epi16(mk, q + d);
+#pragma GCC unroll 16
+      for (int64_t j = 0; j < W; ++j)
+        a[j] = _mm512_dpbf16_ps(a[j], (__m512bh)qv, (__m512bh)_mm512_maskz_loadu_epi16(mk, r[j] + d));
+    }
+    fVec acc[W];
+    for (int64_t j = 0; j < W; ++j) acc[j] = a[j];
+    const fVec s = sum_lanes(acc);
+    if (m == W) {
+      s.store(x + j0);
+    } else {
+      s.store(x + j0, m);
+    }
+  }
+}
+#endif
+
+// a[0, D) += sum_j w[j] rows[j][0, D), the accumulators held in registers over the keys:
+// blocks of 4W columns, two sets of accumulators (even and odd keys) to hide the fma latency.
+template <typename src_t>
+inline void accumulate_rows(float* a, const src_t* const* rows, const float* w, int64_t cnt, int64_t D) {
+  for (int64_t d = 0; d < D; d += 4 * W) {
+    const int64_t len = std::min(4 * W, D - d);
+    fVec acc[4], odd[4];
+    for (int64_t u = 0; u < 4; ++u) {
+      const int64_t c = std::clamp<int64_t>(len - u * W, 0, W);
+      acc[u] = c == W ? fVec::loadu(a + d + u * W) : fVec::loadu(a + d + u * W, c);
+      odd[u] = fVec(0.f);
+    }
+    auto step = [&](fVec* sum, int64_t j) {
+      const fVec wv(w[j]);
+      fVec r0, r1, r2, r3;
+      if (len == 4 * W) {
+        load2(rows[j] + d, r0, r1);
+        load2(rows[j] + d + 2 * W, r2, r3);
+      } else {
+        load2_part(rows[j] + d, len, r0, r1);
+        if (len > 2 * W) {
+          load2_part(rows[j] + d + 2 * W, len - 2 * W, r2, r3);
+        } else {
+          r2 = r3 = fVec(0.f);
+        }
+      }
+      sum[0] = at::vec::fmadd(wv, r0, sum[0]);
+      sum[1] = at::vec::fmadd(wv, r1, sum[1]);
+      sum[2] = at::vec::fmadd(wv, r2, sum[2]);
+      sum[3] = at::vec::fmadd(wv, r3, sum[3]);
+    };
+    int64_t j = 0;
+    for (; j + 2 <= cnt; j += 2) {
+      step(acc, j);
+      step(odd, j + 1);
+    }
+    if (j < cnt) step(acc, j);
+    for (int64_t u = 0; u < 4; ++u) {
+      const int64_t c = std::clamp<int64_t>(len - u * W, 0, W);
+      acc[u] = acc[u] + odd[u];
+      if (c == W) {
+        acc[u].store(a + d + u * W);
+      } else if (c > 0) {
+        acc[u].store(a + d + u * W, c);
+      }
+    }
+  }
 }
 
 // x[j] = exp(x[j] - shift) in place; returns the sum
@@ -143,6 +297,7 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
 
   at::parallel_for(0, B * Hk * S, 1, [&](int64_t begin, int64_t finish) {
     std::vector<acc_t> qf(R * D), acc(R * D), m(R), l(R), kt(kDecodeKeyTile * D), vt(kDecodeKeyTile * D);
+    std::vector<scalar_t> qs(R * D);  // q as given (the bf16 dot products read it)
     std::vector<acc_t> sc(kDecodeKeyTile);
     const acc_t* krow[kDecodeKeyTile];
     const acc_t* vrow[kDecodeKeyTile];
@@ -162,6 +317,7 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
         const int64_t i = r / G, h = hk * G + r % G;
         const scalar_t* src = qp + b * qsb + i * qss + h * qsh;
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = acc_t(src[d]);
+        std::copy(src, src + D, qs.begin() + r * D);
       }
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m.begin(), m.end(), neg_inf);
@@ -169,21 +325,14 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
 
       for (int64_t t0 = split_lo; t0 < split_hi; t0 += kDecodeKeyTile) {
         const int64_t n = std::min(kDecodeKeyTile, split_hi - t0);
+        // cache rows of positions [t0, t0 + n), walking the pages (no division per row)
+        int64_t page = t0 / P, prow = t0 % P, blk = tp[b * tsb + page * tsp];
         for (int64_t j = 0; j < n; ++j) {
-          const int64_t p = t0 + j;
-          const int64_t blk = tp[b * tsb + (p / P) * tsp], row = p % P;
-          const scalar_t* ks = kp + blk * ksb + row * kss + hk * ksh;
-          const scalar_t* vs = vp + blk * vsb + row * vss + hk * vsh;
-          if (p + kDecodeKeyTile < split_hi) {
-            // cache rows sit a whole (kv heads x headdim) apart: hint the next tile's rows
-            const int64_t pn = p + kDecodeKeyTile;
-            const int64_t bn = tp[b * tsb + (pn / P) * tsp], rn = pn % P;
-            const char* kn = reinterpret_cast<const char*>(kp + bn * ksb + rn * kss + hk * ksh);
-            const char* vn = reinterpret_cast<const char*>(vp + bn * vsb + rn * vss + hk * vsh);
-            for (int64_t off = 0; off < D * int64_t(sizeof(scalar_t)); off += 64) {
-              __builtin_prefetch(kn + off);
-              __builtin_prefetch(vn + off);
-            }
+          const scalar_t* ks = kp + blk * ksb + prow * kss + hk * ksh;
+          const scalar_t* vs = vp + blk * vsb + prow * vss + hk * vsh;
+          if (++prow == P && j + 1 < n) {
+            prow = 0;
+            blk = tp[b * tsb + (++page) * tsp];
           }
           if constexpr (std::is_same_v<scalar_t, acc_t>) {  // read the cache in place
             krow[j] = ks;
@@ -208,18 +357,49 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
           acc_t* x = &sc[jlo - t0];
           const int64_t cnt = jhi - jlo;
           acc_t mx = neg_inf;
-          for (int64_t j = 0; j < cnt; ++j) {
-            const int64_t p = jlo + j;
-            acc_t v;
-            if constexpr (std::is_same_v<scalar_t, acc_t>) {
-              v = dot(&qf[r * D], krow[p - t0], D);
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (!std::is_same_v<scalar_t, acc_t> && direct) {
+#ifdef FLASHATTN_LITE_DPBF16
+              if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+                scores_block(&qs[r * D], ksrc + (jlo - t0), cnt, D, x);
+              } else {
+                scores_block(&qf[r * D], ksrc + (jlo - t0), cnt, D, x);
+              }
+#else
+              scores_block(&qf[r * D], ksrc + (jlo - t0), cnt, D, x);
+#endif
             } else {
-              v = direct ? dot_mixed(&qf[r * D], ksrc[p - t0], D) : dot(&qf[r * D], krow[p - t0], D);
+              scores_block(&qf[r * D], krow + (jlo - t0), cnt, D, x);
             }
-            v = cap > 0 ? cap * std::tanh(v * scale / cap) : v * scale;
-            if (sp) v -= slope * acc_t(std::abs(qpos - p));
-            x[j] = v;
-            mx = std::max(mx, v);
+          }
+          if (std::is_same_v<acc_t, float> && cap == acc_t(0) && !sp) {  // just the scale: vectorised
+            const Vec<acc_t> vs(scale);
+            Vec<acc_t> vm(neg_inf);
+            int64_t j = 0;
+            for (; j + Vec<acc_t>::size() <= cnt; j += Vec<acc_t>::size()) {
+              const Vec<acc_t> v = Vec<acc_t>::loadu(x + j) * vs;
+              v.store(x + j);
+              vm = at::vec::maximum(vm, v);
+            }
+            mx = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, vm);
+            for (; j < cnt; ++j) {
+              x[j] *= scale;
+              mx = std::max(mx, x[j]);
+            }
+          } else {
+            for (int64_t j = 0; j < cnt; ++j) {
+              const int64_t p = jlo + j;
+              acc_t v;
+              if constexpr (std::is_same_v<acc_t, float>) {
+                v = x[j];
+              } else {
+                v = dot(&qf[r * D], krow[p - t0], D);
+              }
+              v = cap > 0 ? cap * std::tanh(v * scale / cap) : v * scale;
+              if (sp) v -= slope * acc_t(std::abs(qpos - p));
+              x[j] = v;
+              mx = std::max(mx, v);
+            }
           }
           const acc_t m_new = std::max(m[r], mx);
           const acc_t alpha = std::exp(m[r] - m_new);  // 0 while m[r] is -inf
@@ -228,12 +408,12 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
             for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
           }
           const acc_t sum = exp_shifted_sum(x, cnt, m_new);
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if constexpr (!std::is_same_v<acc_t, float>) {
             for (int64_t j = 0; j < cnt; ++j) axpy(a, vrow[jlo + j - t0], x[j], D);
-          } else if (direct) {
-            for (int64_t j = 0; j < cnt; ++j) axpy_mixed(a, vsrc[jlo + j - t0], x[j], D);
+          } else if (!std::is_same_v<scalar_t, acc_t> && direct) {
+            accumulate_rows(a, vsrc + (jlo - t0), x, cnt, D);
           } else {
-            for (int64_t j = 0; j < cnt; ++j) axpy(a, vrow[jlo + j - t0], x[j], D);
+            accumulate_rows(a, vrow + (jlo - t0), x, cnt, D);
           }
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
