@@ -124,6 +124,79 @@ def test_forward_bitwise_equal_across_thread_counts():
         assert torch.equal(results[0]["out"], other["out"]) and torch.equal(results[0]["lse"], other["lse"])
 
 
+# ---- short queries: the forward's route to the decode kernel (backends/cpu.py)
+
+
+def _decode_calls(monkeypatch):
+    """Counts the forward calls the cpu backend hands to the decode kernel."""
+    calls = []
+    real = backends.cpu._decode_route
+
+    def spy(q, k, p):
+        routed = real(q, k, p)
+        calls.append(routed)
+        return routed
+
+    monkeypatch.setattr(backends.cpu, "_decode_route", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sq,hq,hk", [(1, 4, 4), (1, 8, 2), (3, 8, 2), (4, 4, 1)])
+@pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap-alibi"])
+def test_short_queries_on_the_decode_kernel(monkeypatch, dtype, sq, hq, hk, feature):
+    # One query row (any group) or up to 4 rows of a GQA group of >= 4: forward on the
+    # decode kernel (split over keys: 1100 keys, 2 splits per kv head), gradients from the
+    # backward kernel with the lse the decode kernel wrote.
+    calls = _decode_calls(monkeypatch)
+    kw = {"causal": dict(causal=True), "window": dict(window=(300, 0)),
+          "softcap-alibi": dict(causal=True, softcap=3.0, alibi="batch-heads")}.get(feature, {})
+    _check(2, sq, 1100, hq, hk, 72, dtype, **kw)
+    assert calls == [True]
+
+
+@pytest.mark.parametrize("case", ["two-rows-mha", "top-left-causal", "bias", "dropout"])
+def test_short_queries_the_decode_kernel_cannot_take(monkeypatch, case):
+    # Two rows of plain MHA (the tiled forward is as fast), SDPA's top-left causal
+    # alignment (another diagonal than the decode kernel's), a bias or dropout: the tiled
+    # forward serves them, and the results are still right.
+    calls = _decode_calls(monkeypatch)
+    if case == "two-rows-mha":
+        _check(2, 2, 300, 4, 4, 32, torch.float32, causal=True)
+    elif case == "top-left-causal":
+        q, k, v = (torch.randn(1, 2, n, 32) for n in (1, 300, 300))
+        with fl.use_backend("cpu"):
+            out = fl.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.testing.assert_close(out, v[:, :, :1])  # the first query sees only the first key
+    elif case == "bias":
+        q, k, v = (torch.randn(1, 2, n, 32) for n in (1, 300, 300))
+        bias = torch.randn(1, 2, 1, 300)
+        with fl.use_backend("cpu"):
+            out = fl.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 32 ** 0.5 + bias.double(), -1) @ v.double()
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    else:
+        q, k, v = make_qkv(1, 1, 300, 2, 2, 32, torch.float32, requires_grad=False)
+        with fl.use_backend("cpu"):
+            fl.flash_attn_func(q, k, v, dropout_p=0.3)
+    assert calls and not any(calls)
+
+
+def test_short_queries_bitwise_equal_across_thread_counts():
+    # The decode route's key splits depend on the shape only, never on the thread count.
+    q, k, v = make_qkv(1, 1, 3000, 8, 2, 64, torch.bfloat16, requires_grad=False)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run_flash("cpu", q, k, v, causal=True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert torch.equal(results[0]["out"], other["out"]) and torch.equal(results[0]["lse"], other["lse"])
+
+
 def test_auto_picks_cpu_for_cpu_tensors():
     call = backends.Call(device=torch.device("cpu"), dtype=torch.bfloat16, head_dim=64)
     assert backends.select(call) == "cpu"
