@@ -49,6 +49,31 @@ struct DecodeShape {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
+// Prefetch hint for the next tile's cache rows: __builtin_prefetch locality 2 (prefetcht1,
+// into L2).  Measured on 2 cores (16 x 8 heads x 1024 positions, caches cycled through
+// memory): without it, bf16 rows of two lines 1 KiB apart stream at 12 GB/s instead of 20;
+// locality 3 (into L1) evicts the tile being read (fp32 30% slower); 1 is the same as 2.
+constexpr int kDecodePrefetchLocality = 2;
+
+// Walks cache positions p, p + 1, ... of one sequence through its block-table row
+// (``table``, entries ``tsp`` apart; pages of P positions) without a division per step.
+struct PageWalk {
+  const int32_t* table;
+  int64_t tsp, P, page, row, blk;
+  // at position p; its page is looked up only if ``valid`` (p is in range)
+  PageWalk(const int32_t* t, int64_t tsp_, int64_t P_, int64_t p, bool valid)
+      : table(t), tsp(tsp_), P(P_), page(valid ? p / P_ : 0), row(valid ? p % P_ : 0), blk(0) {
+    if (valid) blk = table[page * tsp];
+  }
+  // to the next position; its page is looked up only if ``valid`` (it is in range)
+  void next(bool valid) {
+    if (++row == P && valid) {
+      row = 0;
+      blk = table[(++page) * tsp];
+    }
+  }
+};
+
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
   Vec<T> acc(T(0));
@@ -323,16 +348,27 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), acc_t(0));
 
+      // walk the split's positions (and, kDecodeKeyTile ahead, the prefetched ones)
+      PageWalk here(tp + b * tsb, tsp, P, split_lo, split_lo < split_hi);
+      PageWalk ahead(tp + b * tsb, tsp, P, split_lo + kDecodeKeyTile, split_lo + kDecodeKeyTile < split_hi);
       for (int64_t t0 = split_lo; t0 < split_hi; t0 += kDecodeKeyTile) {
         const int64_t n = std::min(kDecodeKeyTile, split_hi - t0);
-        // cache rows of positions [t0, t0 + n), walking the pages (no division per row)
-        int64_t page = t0 / P, prow = t0 % P, blk = tp[b * tsb + page * tsp];
+        // cache rows of positions [t0, t0 + n); the next tile's rows are prefetched
+        // meanwhile (cache rows sit a whole kv-heads x headdim apart, a stride the
+        // hardware prefetchers follow poorly when a row is only a line or two)
+        const int64_t pf_end = std::min(split_hi, t0 + 2 * n);
         for (int64_t j = 0; j < n; ++j) {
-          const scalar_t* ks = kp + blk * ksb + prow * kss + hk * ksh;
-          const scalar_t* vs = vp + blk * vsb + prow * vss + hk * vsh;
-          if (++prow == P && j + 1 < n) {
-            prow = 0;
-            blk = tp[b * tsb + (++page) * tsp];
+          const scalar_t* ks = kp + here.blk * ksb + here.row * kss + hk * ksh;
+          const scalar_t* vs = vp + here.blk * vsb + here.row * vss + hk * vsh;
+          here.next(t0 + j + 1 < split_hi);
+          if (t0 + n + j < pf_end) {
+            const char* kn = reinterpret_cast<const char*>(kp + ahead.blk * ksb + ahead.row * kss + hk * ksh);
+            const char* vn = reinterpret_cast<const char*>(vp + ahead.blk * vsb + ahead.row * vss + hk * vsh);
+            for (int64_t off = 0; off < D * int64_t(sizeof(scalar_t)); off += 64) {
+              __builtin_prefetch(kn + off, 0, kDecodePrefetchLocality);
+              __builtin_prefetch(vn + off, 0, kDecodePrefetchLocality);
+            }
+            ahead.next(t0 + n + j + 1 < split_hi);
           }
           if constexpr (std::is_same_v<scalar_t, acc_t>) {  // read the cache in place
             krow[j] = ks;
