@@ -272,18 +272,20 @@ def test_empty_cache_rows(backend):
     run_case(backend, make_case(seqlens=(0, 4), page_size=4), num_splits=2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq", [2, 4])
 @pytest.mark.parametrize("d", [80, 256])
 def test_cpu_long_cache(dtype, hq, d):
     # The CPU decode kernel past the short caches above: several 64-position key tiles per
-    # split (the next tile's rows prefetched while one is read), pages of 7 positions that
-    # cross tile edges, head dims over one register block (80 leaves a partial vector,
-    # 256 four blocks), a query row per kv head (fp16/bf16 widened in registers, hq 2)
-    # and two (rows widened once for the group, hq 4).
+    # split, pages of 7 positions that cross tile edges (the page walk of the tile being
+    # read, and of the next one while it is prefetched), head dims over one register
+    # block (80 leaves a partial vector, 256 four blocks), one query row per kv head
+    # (fp16/bf16 rows widened in registers, hq 2) and two (rows widened once for the
+    # group, hq 4).
     case = make_case(batch=2, sq=1, hq=hq, hk=2, d=d, dtype=dtype, seqlens=(200, 131), page_size=7, capacity=210)
     run_case("cpu", case, num_splits=1)
-    run_case("cpu", case, causal=True, window=(90, 0), num_splits=2)
+    run_case("cpu", case, causal=True, window=(150, 0), num_splits=1)  # 3 tiles of the window
+    run_case("cpu", case, num_splits=2)
 
 
 def test_cpu_bits_independent_of_threads():

@@ -202,7 +202,8 @@ inline void scores_block(const float* q, const src_t* const* rows, int64_t cnt, 
 // bf16 q against bf16 rows with vdpbf16ps: a product of two bf16 numbers is exact in
 // float32 and the pairs are summed in float32 (round to nearest, as an fma), so the
 // scores match the widening path's to float32 rounding in a third of the instructions.
-// (Input denormals, below 1.2e-38, count as 0.)
+// (It flushes denormals, below 1.2e-38, to 0, inputs and results: so these bits depend on
+// the host's instructions, as every vector path's do, never on the thread count.)
 inline void scores_block(const at::BFloat16* q, const at::BFloat16* const* rows, int64_t cnt, int64_t D, float* x) {
   for (int64_t j0 = 0; j0 < cnt; j0 += W) {
     const int64_t m = std::min(W, cnt - j0);
