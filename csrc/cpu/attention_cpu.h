@@ -177,6 +177,11 @@ constexpr int kExp2Degree = 5;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kExp2Poly[kExp2Degree + 1] = {1.8775765784084797e-3f, 8.989340625703335e-3f, 5.582631751894951e-2f,
                                               2.4015361070632935e-1f, 6.931530833244324e-1f, 9.999999403953552e-1f};
+// 2^f for f in [-0.5, 0.5] (the AVX2 path rounds to nearest): the same kind of fit, <= 2.02
+// ulp in float32 fma arithmetic (checked on 2e6 points against float64).
+constexpr float kExp2PolyHalf[kExp2Degree + 1] = {1.3264727313071489e-3f, 9.6715129911899567e-3f,
+                                                  5.5507335811853409e-2f, 2.4022242426872253e-1f,
+                                                  6.9314700365066528e-1f, 1.0f};
 
 // exp(x - shift) on a vector.  float with AVX-512: 2^t with t = (x - shift) log2(e),
 // subtracting first so that t is exact to an ulp of the difference, not of the shift
@@ -208,17 +213,21 @@ struct ExpShift {
     }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<T, float>) {
-      // 2^floor(t) is built in the exponent field.  t is clamped to [-127, 128]: floor
-      // -127 gives the bit pattern of +0 (so -inf and anything below 2^-126 give exactly
-      // 0), 128 gives inf; vmaxps/vminps return their second operand for NaN, which keeps it.
+      // n = round(t) without a rounding instruction: j = t + M with M = 1.5 * 2^23 + 127 is
+      // an integer-valued float whose low mantissa bits hold 127 + n, so j << 23 is the bit
+      // pattern of 2^n, and j - M is n exactly; f = t - n is in [-0.5, 0.5].  t is clamped
+      // to [-127, 128] first: n = -127 gives +0 (so -inf and anything below 2^-126.5 give
+      // exactly 0), 128 gives inf; vmaxps/vminps return their second operand for NaN,
+      // which keeps it.  The adds run on ports the fmas leave free: 14 instructions where
+      // floor and convert took 16 micro-ops on the fma ports.
       __m256 t = _mm256_mul_ps(_mm256_sub_ps(x, shift), _mm256_set1_ps(kLog2e));
       t = _mm256_min_ps(_mm256_set1_ps(128.f), _mm256_max_ps(_mm256_set1_ps(-127.f), t));
-      const __m256 n = _mm256_floor_ps(t);
-      const __m256 f = _mm256_sub_ps(t, n);
-      __m256 p = _mm256_set1_ps(kExp2Poly[0]);
-      for (int i = 1; i < kExp2Degree + 1; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
-      const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-      return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+      const __m256 magic = _mm256_set1_ps(12582912.f + 127.f);
+      const __m256 j = _mm256_add_ps(t, magic);
+      const __m256 f = _mm256_sub_ps(t, _mm256_sub_ps(j, magic));
+      __m256 p = _mm256_set1_ps(kExp2PolyHalf[0]);
+      for (int i = 1; i < kExp2Degree + 1; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2PolyHalf[i]));
+      return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(j), 23)));
     }
 #endif
     if constexpr (std::is_same_v<T, float>) {
