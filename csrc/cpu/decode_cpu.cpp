@@ -320,6 +320,7 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
   const acc_t scale = acc_t(sh.scale), cap = acc_t(sh.softcap);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const bool direct = R == 1;  // fp16/bf16 with one query row per task: no widened copies
+  const bool spread = kss != D || vss != D;  // cache rows not adjacent: prefetch them
 
   at::parallel_for(0, B * Hk * S, 1, [&](int64_t begin, int64_t finish) {
     std::vector<acc_t> qf(R * D), acc(R * D), m(R), l(R), kt(kDecodeKeyTile * D), vt(kDecodeKeyTile * D);
@@ -354,10 +355,11 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
       PageWalk ahead(tp + b * tsb, tsp, P, split_lo + kDecodeKeyTile, split_lo + kDecodeKeyTile < split_hi);
       for (int64_t t0 = split_lo; t0 < split_hi; t0 += kDecodeKeyTile) {
         const int64_t n = std::min(kDecodeKeyTile, split_hi - t0);
-        // cache rows of positions [t0, t0 + n); the next tile's rows are prefetched
-        // meanwhile (cache rows sit a whole kv-heads x headdim apart, a stride the
-        // hardware prefetchers follow poorly when a row is only a line or two)
-        const int64_t pf_end = std::min(split_hi, t0 + 2 * n);
+        // cache rows of positions [t0, t0 + n); where rows sit apart (a whole kv-heads x
+        // headdim in the flash layout, a stride the hardware prefetchers follow poorly
+        // when a row is only a line or two), the next tile's rows are prefetched meanwhile;
+        // adjacent rows (one head's cache contiguous) stream without it, faster
+        const int64_t pf_end = spread ? std::min(split_hi, t0 + 2 * n) : t0 + n;
         for (int64_t j = 0; j < n; ++j) {
           const scalar_t* ks = kp + here.blk * ksb + here.row * kss + hk * ksh;
           const scalar_t* vs = vp + here.blk * vsb + here.row * vss + hk * vsh;
