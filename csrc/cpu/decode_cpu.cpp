@@ -156,16 +156,26 @@ inline void load2_part(const src_t* p, int64_t count, fVec& lo, fVec& hi) {
   }
 }
 
-// x[j] = q . rows[j] for j in [0, cnt) (q float, D long; rows float or fp16/bf16).  Blocks
-// of W keys with a fixed trip count (a short block repeats its last row), so that the W
-// accumulators stay in registers.
-template <typename src_t>
-inline void scores_block(const float* q, const src_t* const* rows, int64_t cnt, int64_t D, float* x) {
+// x[j0 + j] = the score of rows[j0 + j], for the blocks of W keys of [0, cnt): dots(r, acc)
+// sets acc[j] to row r[j]'s partial sums, and sum_lanes adds each up.  A short last block
+// repeats its last row, so every block has the same trip count and the W accumulators
+// stay in registers.
+template <typename src_t, typename Dots>
+inline void score_blocks(const src_t* const* rows, int64_t cnt, float* x, Dots&& dots) {
   for (int64_t j0 = 0; j0 < cnt; j0 += W) {
     const int64_t m = std::min(W, cnt - j0);
     const src_t* r[W];
     for (int64_t j = 0; j < W; ++j) r[j] = rows[j0 + std::min(j, m - 1)];
     fVec acc[W];
+    dots(r, acc);
+    sum_lanes(acc).store(x + j0, m);
+  }
+}
+
+// x[j] = q . rows[j] for j in [0, cnt) (q float, D long; rows float or fp16/bf16).
+template <typename src_t>
+inline void scores_block(const float* q, const src_t* const* rows, int64_t cnt, int64_t D, float* x) {
+  score_blocks(rows, cnt, x, [&](const src_t* const* r, fVec* acc) {
     for (int64_t j = 0; j < W; ++j) acc[j] = fVec(0.f);
     int64_t d = 0;
     for (; d + 2 * W <= D; d += 2 * W) {
@@ -188,27 +198,18 @@ inline void scores_block(const float* q, const src_t* const* rows, int64_t cnt, 
         acc[j] = at::vec::fmadd(q1, k1, at::vec::fmadd(q0, k0, acc[j]));
       }
     }
-    const fVec s = sum_lanes(acc);
-    if (m == W) {
-      s.store(x + j0);
-    } else {
-      s.store(x + j0, m);
-    }
-  }
+  });
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(CPU_CAPABILITY_AVX512)
-#define FLASHATTN_LITE_DPBF16 1
+constexpr bool kDpbf16 = true;
 // bf16 q against bf16 rows with vdpbf16ps: a product of two bf16 numbers is exact in
 // float32 and the pairs are summed in float32 (round to nearest, as an fma), so the
 // scores match the widening path's to float32 rounding in a third of the instructions.
 // (It flushes denormals, below 1.2e-38, to 0, inputs and results: so these bits depend on
 // the host's instructions, as every vector path's do, never on the thread count.)
 inline void scores_block(const at::BFloat16* q, const at::BFloat16* const* rows, int64_t cnt, int64_t D, float* x) {
-  for (int64_t j0 = 0; j0 < cnt; j0 += W) {
-    const int64_t m = std::min(W, cnt - j0);
-    const at::BFloat16* r[W];
-    for (int64_t j = 0; j < W; ++j) r[j] = rows[j0 + std::min(j, m - 1)];
+  score_blocks(rows, cnt, x, [&](const at::BFloat16* const* r, fVec* acc) {
     __m512 a[W];
     for (int64_t j = 0; j < W; ++j) a[j] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 32) {
@@ -219,16 +220,11 @@ inline void scores_block(const at::BFloat16* q, const at::BFloat16* const* rows,
       for (int64_t j = 0; j < W; ++j)
         a[j] = _mm512_dpbf16_ps(a[j], (__m512bh)qv, (__m512bh)_mm512_maskz_loadu_epi16(mk, r[j] + d));
     }
-    fVec acc[W];
     for (int64_t j = 0; j < W; ++j) acc[j] = a[j];
-    const fVec s = sum_lanes(acc);
-    if (m == W) {
-      s.store(x + j0);
-    } else {
-      s.store(x + j0, m);
-    }
-  }
+  });
 }
+#else
+constexpr bool kDpbf16 = false;
 #endif
 
 // a[0, D) += sum_j w[j] rows[j][0, D), the accumulators held in registers over the keys:
@@ -240,7 +236,7 @@ inline void accumulate_rows(float* a, const src_t* const* rows, const float* w, 
     fVec acc[4], odd[4];
     for (int64_t u = 0; u < 4; ++u) {
       const int64_t c = std::clamp<int64_t>(len - u * W, 0, W);
-      acc[u] = c == W ? fVec::loadu(a + d + u * W) : fVec::loadu(a + d + u * W, c);
+      acc[u] = fVec::loadu(a + d + u * W, c);  // (c == W: a plain load; 0: zeros)
       odd[u] = fVec(0.f);
     }
     auto step = [&](fVec* sum, int64_t j) {
@@ -270,12 +266,7 @@ inline void accumulate_rows(float* a, const src_t* const* rows, const float* w, 
     if (j < cnt) step(acc, j);
     for (int64_t u = 0; u < 4; ++u) {
       const int64_t c = std::clamp<int64_t>(len - u * W, 0, W);
-      acc[u] = acc[u] + odd[u];
-      if (c == W) {
-        acc[u].store(a + d + u * W);
-      } else if (c > 0) {
-        acc[u].store(a + d + u * W, c);
-      }
+      (acc[u] + odd[u]).store(a + d + u * W, c);  // (c == 0 stores nothing)
     }
   }
 }
@@ -324,7 +315,6 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
 
   at::parallel_for(0, B * Hk * S, 1, [&](int64_t begin, int64_t finish) {
     std::vector<acc_t> qf(R * D), acc(R * D), m(R), l(R), kt(kDecodeKeyTile * D), vt(kDecodeKeyTile * D);
-    std::vector<scalar_t> qs(R * D);  // q as given (the bf16 dot products read it)
     std::vector<acc_t> sc(kDecodeKeyTile);
     const acc_t* krow[kDecodeKeyTile];
     const acc_t* vrow[kDecodeKeyTile];
@@ -344,7 +334,6 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
         const int64_t i = r / G, h = hk * G + r % G;
         const scalar_t* src = qp + b * qsb + i * qss + h * qsh;
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = acc_t(src[d]);
-        std::copy(src, src + D, qs.begin() + r * D);
       }
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m.begin(), m.end(), neg_inf);
@@ -398,15 +387,11 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
           acc_t mx = neg_inf;
           if constexpr (std::is_same_v<acc_t, float>) {
             if (!std::is_same_v<scalar_t, acc_t> && direct) {
-#ifdef FLASHATTN_LITE_DPBF16
-              if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-                scores_block(&qs[r * D], ksrc + (jlo - t0), cnt, D, x);
+              if constexpr (kDpbf16 && std::is_same_v<scalar_t, at::BFloat16>) {  // q's bf16 row as given
+                scores_block(qp + b * qsb + i * qss + h * qsh, ksrc + (jlo - t0), cnt, D, x);
               } else {
                 scores_block(&qf[r * D], ksrc + (jlo - t0), cnt, D, x);
               }
-#else
-              scores_block(&qf[r * D], ksrc + (jlo - t0), cnt, D, x);
-#endif
             } else {
               scores_block(&qf[r * D], krow + (jlo - t0), cnt, D, x);
             }
