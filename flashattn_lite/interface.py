@@ -8,8 +8,7 @@ import math
 
 import torch
 
-from . import backends, ops, rng
-from .ops import fwd as _fwd_op  # noqa: F401  (registers torch.ops.flashattn_lite.*)
+from . import backends, ops, rng  # ops registers torch.ops.flashattn_lite.*
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256

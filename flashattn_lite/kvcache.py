@@ -33,7 +33,7 @@ an output whose backward would fail later.
 import torch
 
 from . import backends
-from . import ops as _ops  # noqa: F401  (registers torch.ops.flashattn_lite.decode)
+from . import ops as _ops  # (also registers torch.ops.flashattn_lite.decode)
 from .interface import (MAX_HEAD_DIM, _check_alibi, _check_scale, _check_softcap, _check_tensor, _check_window,
                         _select_backend, _unbounded_if_beyond)
 

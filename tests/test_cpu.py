@@ -110,16 +110,13 @@ def test_bitwise_deterministic_across_runs():
         assert torch.equal(first[key], second[key]), key
 
 
-def test_forward_bitwise_equal_across_thread_counts():
-    q, k, v = make_qkv(2, 300, 520, 4, 2, 64, torch.float32, requires_grad=False)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(run_flash("cpu", q, k, v, causal=True))
-    finally:
-        torch.set_num_threads(threads)
+@pytest.mark.parametrize("shape", [(2, 300, 520, 4, 2, 64, torch.float32), (1, 1, 3000, 8, 2, 64, torch.bfloat16)],
+                         ids=["tiled", "decode-route"])
+def test_forward_bitwise_equal_across_thread_counts(shape):
+    # decode-route: the short-query route's key splits depend on the shape only, never
+    # on the thread count
+    q, k, v = make_qkv(*shape, requires_grad=False)
+    results = [_with_threads(n, lambda: run_flash("cpu", q, k, v, causal=True)) for n in (1, 2, 3)]
     for other in results[1:]:
         assert torch.equal(results[0]["out"], other["out"]) and torch.equal(results[0]["lse"], other["lse"])
 
@@ -183,21 +180,6 @@ def _declined_case(case):
         q, k, v = make_qkv(1, 1, 300, 2, 2, 32, torch.float32, requires_grad=False)
         with fl.use_backend("cpu"):
             fl.flash_attn_func(q, k, v, dropout_p=0.3)
-
-
-def test_short_queries_bitwise_equal_across_thread_counts():
-    # The decode route's key splits depend on the shape only, never on the thread count.
-    q, k, v = make_qkv(1, 1, 3000, 8, 2, 64, torch.bfloat16, requires_grad=False)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(run_flash("cpu", q, k, v, causal=True))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        assert torch.equal(results[0]["out"], other["out"]) and torch.equal(results[0]["lse"], other["lse"])
 
 
 def test_auto_picks_cpu_for_cpu_tensors():
