@@ -239,25 +239,27 @@ struct ExpShift {
 };
 
 // out[j] = exp(x[j] - shift) (out may alias x); returns the sum.  kNegInf: x may hold -inf.
+// A row's last partial vector runs through the same vector exp (its lanes past n are
+// loaded as 0 and zeroed after the exp), not a scalar loop: causal and window rows end
+// anywhere, so most rows of a tile the band cuts have such a tail.
 template <typename T, bool kNegInf>
 inline T exp_shift_sum(const T* x, T* out, int64_t n, T shift) {
+  constexpr int64_t W = Vec<T>::size();
+  const ExpShift<T, kNegInf> vexp(shift);
+  Vec<T> acc(T(0));
   int64_t j = 0;
-  T sum = 0;
-  if (n >= Vec<T>::size()) {
-    const ExpShift<T, kNegInf> vexp(shift);
-    Vec<T> acc(T(0));
-    for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
-      Vec<T> e = vexp(Vec<T>::loadu(x + j));
-      e.store(out + j);
-      acc = acc + e;
-    }
-    sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
+  for (; j + W <= n; j += W) {
+    Vec<T> e = vexp(Vec<T>::loadu(x + j));
+    e.store(out + j);
+    acc = acc + e;
   }
-  for (; j < n; ++j) {
-    out[j] = std::exp(x[j] - shift);
-    sum += out[j];
+  if (j < n) {
+    const int64_t rest = n - j;
+    const Vec<T> e = Vec<T>::set(Vec<T>(T(0)), vexp(Vec<T>::loadu(x + j, rest)), rest);
+    e.store(out + j, rest);
+    acc = acc + e;
   }
-  return sum;
+  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
 }
 
 // The online softmax may shift a row by any value not far below its scores: the
