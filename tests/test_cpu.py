@@ -463,6 +463,50 @@ def test_varlen_many_sequences_over_threads_and_tiles(small_tiles, dtype, causal
             assert (ours["dk"][cu_k[b]:cu_k[b + 1]] == 0).all() and (ours["dv"][cu_k[b]:cu_k[b + 1]] == 0).all()
 
 
+# A decoding step of a padded batch, packed as varlen (the transformers integration's
+# "padded" layout): every sequence has the same 1 (or, GQA >= 4, up to 4) query rows.
+# Those run on the decode kernel, each sequence seeing its own packed keys; the
+# lengths include an empty key sequence (out 0, lse -inf) and one shorter than the
+# query rows (causal: its first row sees nothing).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sq,hq,hk", [(1, 4, 4), (1, 6, 2), (3, 8, 2)])
+@pytest.mark.parametrize("causal,window,alibi,softcap", [(False, (-1, -1), False, 0.0), (True, (-1, -1), True, 0.0),
+                                                         (False, (90, 0), False, 3.0)],
+                         ids=["plain", "causal-alibi", "window-softcap"])
+def test_varlen_decoding_step_on_the_decode_kernel(dtype, sq, hq, hk, causal, window, alibi, softcap):
+    lens_k = [700, 0, 2, 1100, 37]
+    kw = dict(causal=causal, window=window, alibi=alibi, softcap=softcap)
+    ran = _kernels_run(lambda: _varlen_decode_check([sq] * len(lens_k), lens_k, hq, hk, dtype, kw))
+    assert ran == {"flashattn_lite_C::decode", "flashattn_lite_C::bwd"}
+
+
+def _varlen_decode_check(lens_q, lens_k, hq, hk, dtype, kw):
+    ours, inp = _varlen_case(lens_q, lens_k, hq, hk, 40, dtype, **kw)
+    kw = {name: value for name, value in kw.items() if name != "alibi"}
+    _assert_varlen_matches(ours, inp, 40, **kw)
+    cu_q, cu_k = inp["cu_q"].tolist(), inp["cu_k"].tolist()
+    for b, lk in enumerate(lens_k):
+        if lk == 0:
+            assert (ours["out"][cu_q[b]:cu_q[b + 1]] == 0).all()
+            assert torch.isinf(ours["lse"][:, cu_q[b]:cu_q[b + 1]]).all()
+
+
+@pytest.mark.parametrize("case", ["unequal-rows", "two-rows-mha", "dropout"])
+def test_varlen_the_decode_kernel_cannot_take(case):
+    # Sequences with different query counts (here 1 and 2, so total = batch * max does
+    # not hold either way), two rows of plain MHA, dropout: the tiled forward serves them.
+    lens_q, hk, kw = {"unequal-rows": ([1, 2, 1], 2, {}), "two-rows-mha": ([2, 2], 4, {}),
+                      "dropout": ([1, 1], 4, dict(dropout_p=0.25))}[case]
+    lens_k = [50, 80, 30][:len(lens_q)]
+
+    def run():
+        ours, inp = _varlen_case(lens_q, lens_k, 4, hk, 16, torch.float32, causal=True, **kw)
+        _assert_varlen_matches(ours, inp, 16, causal=True, **kw)
+
+    ran = _kernels_run(run)
+    assert "flashattn_lite_C::fwd" in ran and "flashattn_lite_C::decode" not in ran
+
+
 def test_varlen_bitwise_equal_across_thread_counts(small_tiles):
     runs = [_with_threads(n, lambda: _varlen_case(_MANY_Q, _MANY_K, 4, 1, 16, torch.float32, causal=True,
                                                   dropout_p=0.2, seed=7)[0]) for n in (1, 2, 3)]

@@ -398,7 +398,11 @@ def test_plan_matches_transformers_dense_masks():
     for fn in (causal, sw):
         for pad in (None, pad_left, pad_right):
             assert run_both(fn, 3, 9, 9, 0, 0, pad)._layout[1][0] in ("dense", "padded")
-        assert run_both(fn, 3, 1, 9, 8, 0, pad_left)._layout[1][0] == "padded"  # decode step
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            assert run_both(fn, 3, 1, 9, 8, 0, pad_left)._layout[1][0] == "padded"  # decode step
+        # a padded decoding step reads the keys in place through the KV-cache kernel
+        ran = {e.name for e in prof.events() if e.name.startswith("flashattn_lite_C::")}
+        assert ran == {"flashattn_lite_C::decode"}, ran
         assert run_both(fn, 3, 2, 9, 7, 0, pad_left)._layout[1][0] == "padded"  # two-token step
     run_both(sw, 3, 1, 4, 8, 5, pad_left)  # sliding-window cache: keys 5..8 only
     for pad in (None, pad_right, pad_left):

@@ -64,25 +64,53 @@ DECODE_MAX_QUERIES = 4
 DECODE_MIN_GROUP = 4  # GQA group size from which 2..DECODE_MAX_QUERIES query rows use it
 
 
+def decode_rows(sq, group):
+    """Whether ``sq`` query rows per sequence (GQA group ``group``) go to the decode kernel."""
+    return sq == 1 or (sq <= DECODE_MAX_QUERIES and group >= DECODE_MIN_GROUP)
+
+
 def _decode_route(q, k, p):
     """Whether this forward call runs on the decode kernel: dense, no bias or dropout, few
     query rows, and a diagonal that is the decode kernel's own (bottom-right) wherever
     the result depends on it (window, causal, ALiBi)."""
     if p.varlen or p.bias is not None or p.dropout_p > 0 or k.shape[1] == 0:
         return False
-    sq, group = q.shape[1], q.shape[2] // k.shape[2]
-    if not (sq == 1 or (sq <= DECODE_MAX_QUERIES and group >= DECODE_MIN_GROUP)):
+    sq = q.shape[1]
+    if not decode_rows(sq, q.shape[2] // k.shape[2]):
         return False
     positional = p.window_left >= 0 or p.window_right >= 0 or p.alibi_slopes is not None
     return not positional or p.diag_offset == k.shape[1] - sq
 
 
-def _decode_splits(batch, heads_k, seqlen_k):
+def _varlen_decode_rows(q, k, p):
+    """Varlen calls whose every sequence has the same few query rows (a decoding step of
+    a padded batch, as the transformers integration packs it) run on the decode kernel
+    too: the packed keys are one page that each sequence sees from ``cu_seqlens_k[b]`` (its
+    left pad) to ``cu_seqlens_k[b + 1]`` (its end), its queries at the end (bottom-right,
+    varlen's own diagonal when ``diag_offset`` is 0).  Returns the rows per sequence, or 0."""
+    if not p.varlen or p.dropout_p > 0 or k.shape[0] == 0:
+        return 0
+    sq, batch = p.max_seqlen_q, p.cu_seqlens_q.shape[0] - 1
+    if sq < 1 or q.shape[0] != batch * sq or not decode_rows(sq, q.shape[1] // k.shape[1]):
+        return 0
+    positional = p.window_left >= 0 or p.window_right >= 0 or p.alibi_slopes is not None
+    if positional and p.diag_offset != 0:
+        return 0
+    # every sequence exactly sq rows (a host read of batch + 1 ints; CPU tensors)
+    return sq if p.cu_seqlens_q.tolist() == list(range(0, batch * sq + 1, sq)) else 0
+
+
+def decode_splits(batch, heads_k, seqlen_k):
     """Key splits for a routed call: enough (batch, kv head, split) tasks for 16 threads,
     at least 512 keys a split, and never a function of the thread count (the forward's
     bits must not depend on it)."""
     tasks = batch * heads_k
     return max(1, min(-(-16 // tasks), seqlen_k // 512, 64))
+
+
+def _decode(lib, q, k, v, p, table, seqlens, leftpad, seqlen_k):
+    return lib.decode(q, k, v, table, seqlens, leftpad, p.softmax_scale, p.window_left, p.window_right, p.softcap,
+                      p.alibi_slopes, decode_splits(q.shape[0], k.shape[2], seqlen_k))
 
 
 def fwd(q, k, v, p):
@@ -91,8 +119,16 @@ def fwd(q, k, v, p):
         batch, seqlen_k = k.shape[0], k.shape[1]
         table = torch.arange(batch, dtype=torch.int32).view(batch, 1)  # one page per sequence
         seqlens = torch.full((batch,), seqlen_k, dtype=torch.int32)
-        return lib.decode(q, k, v, table, seqlens, None, p.softmax_scale, p.window_left, p.window_right, p.softcap,
-                          p.alibi_slopes, _decode_splits(batch, k.shape[2], seqlen_k))
+        return _decode(lib, q, k, v, p, table, seqlens, None, seqlen_k)
+    sq = _varlen_decode_rows(q, k, p)
+    if sq:
+        batch, heads = q.shape[0] // sq, q.shape[1]
+        cu_k = p.cu_seqlens_k
+        table = torch.zeros((batch, 1), dtype=torch.int32)  # every sequence in the one page
+        out, lse = _decode(lib, q.view(batch, sq, heads, q.shape[2]), k[None], v[None], p, table, cu_k[1:], cu_k[:-1],
+                           p.max_seqlen_k)
+        # (batch, sq, H, D) -> (total_q, H, D); lse (batch, H, sq) -> varlen's (H, total_q)
+        return out.view(q.shape), lse.permute(1, 0, 2).reshape(heads, batch * sq)
     return lib.fwd(q, k, v, *p.op_args())
 
 

@@ -20,7 +20,8 @@
   which turns the plan into flashattn_lite calls: one dense :func:`flash_attn_func` call
   when no row is padded, otherwise :func:`flash_attn_varlen_func` over each row's
   contiguous key range (left or right padding, KV-cache decoding with left padding) or
-  over the packed sequences.  GQA runs without repeating K/V; sliding windows, softcap,
+  over the packed sequences; on the CPU a padded decoding step calls
+  :func:`flash_attn_with_kvcache` with those key ranges instead (no packed copy).  GQA runs without repeating K/V; sliding windows, softcap,
   the model's scaling and dropout map onto the kernel's arguments.  Packed sequences are
   those transformers' mask marks (``position_ids`` given, no padding mask, no cache) and,
   following flash-attn's convention as transformers' flash-attn backends do, also a
@@ -40,8 +41,10 @@ import warnings
 
 import torch
 
-from ..interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, flash_attn_func, flash_attn_varlen_func
-from ..interface import scaled_dot_product_attention
+from ..backends import cpu as cpu_backend
+from ..interface import (MAX_HEAD_DIM, SUPPORTED_DTYPES, flash_attn_func, flash_attn_varlen_func,
+                         scaled_dot_product_attention)
+from ..kvcache import flash_attn_with_kvcache
 
 NAME = "fa_lite"  # a name containing "flash" would switch on transformers' flash-attn-specific code paths
 
@@ -384,14 +387,36 @@ def _run_plan(plan, q, k, v, scale, softcap, dropout, position_ids=None):
         cu_k = torch.tensor([0, *_cumsum(lens_k)], dtype=torch.int32, device=device)
         cu_q = torch.tensor([0, *_cumsum(lens_q)], dtype=torch.int32, device=device)
         rows = None if all(n == sq for n in lens_q) else q_keep.nonzero(as_tuple=True)
-        layout = ("padded", k_keep, q_keep, cu_k, cu_q, max(max(lens_q), 1), max(max(lens_k), 1), rows)
+        step = None
+        if all(n in (0, sq) for n in lens_q):  # (qs is 0) each row computes all its queries or none
+            step = tuple(torch.tensor([x if n else 0 for x, n in zip(bounds, lens_q)], dtype=torch.int32,
+                                      device=device) for bounds in (ks, ke))
+        layout = ("padded", k_keep, q_keep, cu_k, cu_q, max(max(lens_q), 1), max(max(lens_k), 1), rows, step)
         plan._layout = (key, layout)
-    _, k_keep, q_keep, cu_k, cu_q, max_q, max_k, rows = layout
+    _, k_keep, q_keep, cu_k, cu_q, max_q, max_k, rows, step = layout
+    if step is not None and _decoding_step(q, k, dropout):
+        # A decoding step of a padded batch: the KV-cache kernel reads each row's keys
+        # [ks, ke) where they lie (its cache_leftpad and cache_seqlens, the queries at the end
+        # as varlen's bottom-right places them; a row without queries sees no key and gives
+        # 0), instead of gathering every layer's keys into a packed copy first.
+        return flash_attn_with_kvcache(q, k, v, cache_seqlens=step[1], cache_leftpad=step[0], causal=causal,
+                                       window_size=window, softcap=softcap, softmax_scale=scale,
+                                       num_splits=cpu_backend.decode_splits(batch, k.shape[2], sk))
     out_packed = flash_attn_varlen_func(q[q_keep], k[k_keep], v[k_keep], cu_q, cu_k, max_q, max_k, causal=causal,
                                         window_size=window, **kw)
     if rows is None:
         return out_packed.view(batch, sq, hq, dim)
     return out_packed.new_zeros(batch, sq, hq, dim).index_put(rows, out_packed)
+
+
+def _decoding_step(q, k, dropout):
+    """Whether a padded call takes the KV-cache kernel: on the CPU (where the gather it saves
+    was measured: 2.4 ms against 0.45 for 4 rows x 8 heads x 1024 keys), for the few query
+    rows the cpu backend decodes that way, with no dropout and nothing needing a gradient
+    (the KV-cache API has no backward)."""
+    if q.device.type != "cpu" or dropout or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        return False
+    return cpu_backend.decode_rows(q.shape[1], q.shape[2] // k.shape[2])
 
 
 def _cumsum(values):
