@@ -369,16 +369,16 @@ def test_plan_matches_transformers_dense_masks():
     bidirectional windows, rows of pure padding, holes in the padding (dense fallback)."""
     from transformers import masking_utils as mu
 
-    def run_both(mask_function, b, sq, sk, q_off, kv_off, pad):
+    def run_both(mask_function, b, sq, sk, q_off, kv_off, pad, heads=4):
         plan_t = fat.fa_lite_mask(b, sq, sk, q_off, kv_off, mask_function=mask_function, attention_mask=pad)
         plan = getattr(plan_t, fat._PLAN_ATTR)
-        q = torch.randn(b, 4, sq, 8, dtype=torch.float64)
+        q = torch.randn(b, heads, sq, 8, dtype=torch.float64)
         k = torch.randn(b, 2, sk, 8, dtype=torch.float64)
         v = torch.randn(b, 2, sk, 8, dtype=torch.float64)
         ours, _ = fat.fa_lite_attention_forward(torch.nn.Module(), q, k, v, plan_t)
         dense = mu.sdpa_mask(batch_size=b, q_length=sq, kv_length=sk, q_offset=q_off, kv_offset=kv_off,
                              mask_function=mask_function, attention_mask=pad, allow_is_causal_skip=False)
-        kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        kk, vv = k.repeat_interleave(heads // 2, 1), v.repeat_interleave(heads // 2, 1)
         scores = (q @ kk.transpose(-1, -2)) * 8 ** -0.5
         scores = scores.masked_fill(~dense, float("-inf"))
         ref = torch.nan_to_num(torch.softmax(scores, -1), nan=0.0) @ vv
@@ -389,7 +389,14 @@ def test_plan_matches_transformers_dense_masks():
             padded = torch.nn.functional.pad(pad, (0, max(0, q_off + sq - pad.shape[1])))
             rows = padded[:, q_off:q_off + sq].bool()
         torch.testing.assert_close(ours[rows], ref[rows], rtol=1e-9, atol=1e-9)
+        if plan._layout[1][0] != "mask":  # (the dense-mask fallback gives what sdpa gives there)
+            assert (ours[~rows] == 0).all()  # padding queries give 0
         return plan
+
+    def decode_kernel_ran(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return {e.name for e in prof.events() if e.name.startswith("flashattn_lite_C::")} == {"flashattn_lite_C::decode"}
 
     pad_left = torch.tensor([[1] * 9, [0, 0, 0] + [1] * 6, [0] * 9], dtype=torch.bool)
     pad_right = torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 2 + [0] * 7], dtype=torch.bool)
@@ -398,19 +405,37 @@ def test_plan_matches_transformers_dense_masks():
     for fn in (causal, sw):
         for pad in (None, pad_left, pad_right):
             assert run_both(fn, 3, 9, 9, 0, 0, pad)._layout[1][0] in ("dense", "padded")
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            assert run_both(fn, 3, 1, 9, 8, 0, pad_left)._layout[1][0] == "padded"  # decode step
-        # a padded decoding step reads the keys in place through the KV-cache kernel
-        ran = {e.name for e in prof.events() if e.name.startswith("flashattn_lite_C::")}
-        assert ran == {"flashattn_lite_C::decode"}, ran
-        assert run_both(fn, 3, 2, 9, 7, 0, pad_left)._layout[1][0] == "padded"  # two-token step
-    run_both(sw, 3, 1, 4, 8, 5, pad_left)  # sliding-window cache: keys 5..8 only
+        # padded decoding steps (one row; two rows of a GQA group of 4; right padding, whose
+        # second row's query is padding) read the keys in place through the KV-cache kernel
+        for pad in (pad_left, pad_right):
+            assert decode_kernel_ran(lambda: run_both(fn, 3, 1, 9, 8, 0, pad))
+        assert decode_kernel_ran(lambda: run_both(fn, 3, 2, 9, 7, 0, pad_left, heads=8))
+        assert run_both(fn, 3, 1, 9, 8, 0, pad_left)._layout[1][0] == "padded"  # decode step
+        assert run_both(fn, 3, 2, 9, 7, 0, pad_left)._layout[1][0] == "padded"  # two-token step (tiled)
+    assert decode_kernel_ran(lambda: run_both(sw, 3, 1, 4, 8, 5, pad_left))  # sliding-window cache: keys 5..8
     for pad in (None, pad_right, pad_left):
         run_both(bidir, 3, 9, 9, 0, 0, pad)
         run_both(mu.sliding_window_bidirectional_mask_function(2), 3, 9, 9, 0, 0, pad)
     holes = pad_right.clone()
     holes[0, 4] = False
     assert run_both(causal, 3, 9, 9, 0, 0, holes)._layout[1][0] == "mask"
+
+
+def test_padded_decoding_step_with_only_value_requiring_grad():
+    # e.g. an adapter on v_proj alone, scored with grad on: the KV-cache kernel has no
+    # backward, so the step takes the varlen path and the gradient reaches v.
+    from transformers import masking_utils as mu
+    pad = torch.tensor([[1] * 9, [0, 0, 0] + [1] * 6], dtype=torch.bool)
+    plan_t = fat.fa_lite_mask(2, 1, 9, 8, 0, mask_function=mu.causal_mask_function, attention_mask=pad)
+    q, k = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 9, 8)
+    v = torch.randn(2, 2, 9, 8, requires_grad=True)
+    out, _ = fat.fa_lite_attention_forward(torch.nn.Module(), q, k, v, plan_t)
+    (grad,) = torch.autograd.grad(out.sum(), v)
+    ref = torch.softmax((q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 8 ** -0.5).masked_fill(~pad[:, None, None],
+                                                                                                 float("-inf")), -1)
+    # d(sum out)/dv[b, h, j] = sum over the group's heads of the probabilities of key j
+    expected = ref.view(2, 2, 2, 1, 9).sum(2).sum(2)[..., None].expand(2, 2, 9, 8)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_copied_compact_mask_is_refused_not_misread():

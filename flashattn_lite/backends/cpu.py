@@ -69,11 +69,15 @@ def decode_rows(sq, group):
     return sq == 1 or (sq <= DECODE_MAX_QUERIES and group >= DECODE_MIN_GROUP)
 
 
-def _decode_route(q, k, p):
+def _decode_route(q, k, v, p):
     """Whether this forward call runs on the decode kernel: dense, no bias or dropout, few
     query rows, and a diagonal that is the decode kernel's own (bottom-right) wherever
-    the result depends on it (window, causal, ALiBi)."""
-    if p.varlen or p.bias is not None or p.dropout_p > 0 or k.shape[1] == 0:
+    the result depends on it (window, causal, ALiBi).  Malformed arguments (the operator
+    can be called without the interface's checks) stay on the tiled forward, whose own
+    checks raise."""
+    if p.varlen or p.bias is not None or p.dropout_p > 0 or q.dim() != 4 or not _same_kv(q, k, v, 4):
+        return False
+    if k.shape[1] == 0 or q.shape[0] != k.shape[0] or not _slopes_ok(p.alibi_slopes, q.shape[0], q.shape[2]):
         return False
     sq = q.shape[1]
     if not decode_rows(sq, q.shape[2] // k.shape[2]):
@@ -82,22 +86,53 @@ def _decode_route(q, k, p):
     return not positional or p.diag_offset == k.shape[1] - sq
 
 
-def _varlen_decode_rows(q, k, p):
+def _same_kv(q, k, v, dims):
+    """k and v as the kernels take them with q (else the tiled forward's checks raise)."""
+    return (k.dim() == dims and v.shape == k.shape and q.dtype == k.dtype == v.dtype and k.shape[-1] == q.shape[-1]
+            and k.shape[-2] > 0 and q.shape[-2] % k.shape[-2] == 0)
+
+
+def _slopes_ok(slopes, batch, heads):
+    return slopes is None or (slopes.dtype == torch.float32 and tuple(slopes.shape) == (batch, heads))
+
+
+def _offsets(cu, batch, total):
+    """cu_seqlens as a host list when well formed (int32, 1-D, batch + 1 entries from 0 to
+    ``total``, non-decreasing), else None."""
+    if cu is None or cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] != batch + 1:
+        return None
+    values = cu.tolist()
+    if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+        return None
+    return values
+
+
+def _varlen_decode_rows(q, k, v, p):
     """Varlen calls whose every sequence has the same few query rows (a decoding step of
     a padded batch, as the transformers integration packs it) run on the decode kernel
     too: the packed keys are one page that each sequence sees from ``cu_seqlens_k[b]`` (its
     left pad) to ``cu_seqlens_k[b + 1]`` (its end), its queries at the end (bottom-right,
-    varlen's own diagonal when ``diag_offset`` is 0).  Returns the rows per sequence, or 0."""
-    if not p.varlen or p.dropout_p > 0 or k.shape[0] == 0:
+    varlen's own diagonal when ``diag_offset`` is 0).  Returns the rows per sequence, or 0
+    (also for malformed arguments: the tiled forward's checks then raise)."""
+    if not p.varlen or p.dropout_p > 0 or q.dim() != 3 or not _same_kv(q, k, v, 3) or k.shape[0] == 0:
         return 0
-    sq, batch = p.max_seqlen_q, p.cu_seqlens_q.shape[0] - 1
+    cu_q, sq = p.cu_seqlens_q, p.max_seqlen_q
+    if cu_q.dim() != 1 or cu_q.shape[0] < 2:
+        return 0
+    batch = cu_q.shape[0] - 1
     if sq < 1 or q.shape[0] != batch * sq or not decode_rows(sq, q.shape[1] // k.shape[1]):
         return 0
     positional = p.window_left >= 0 or p.window_right >= 0 or p.alibi_slopes is not None
-    if positional and p.diag_offset != 0:
+    if (positional and p.diag_offset != 0) or not _slopes_ok(p.alibi_slopes, batch, q.shape[1]):
         return 0
-    # every sequence exactly sq rows (a host read of batch + 1 ints; CPU tensors)
-    return sq if p.cu_seqlens_q.tolist() == list(range(0, batch * sq + 1, sq)) else 0
+    # every sequence exactly sq rows, and well-formed key offsets (a host read of
+    # 2 (batch + 1) ints; CPU tensors)
+    if _offsets(cu_q, batch, q.shape[0]) != list(range(0, batch * sq + 1, sq)):
+        return 0
+    starts = _offsets(p.cu_seqlens_k, batch, k.shape[0])
+    if starts is None or max(b - a for a, b in zip(starts, starts[1:])) > p.max_seqlen_k:
+        return 0
+    return sq
 
 
 def decode_splits(batch, heads_k, seqlen_k):
@@ -115,12 +150,12 @@ def _decode(lib, q, k, v, p, table, seqlens, leftpad, seqlen_k):
 
 def fwd(q, k, v, p):
     lib = _ensure_built()
-    if _decode_route(q, k, p):
+    if _decode_route(q, k, v, p):
         batch, seqlen_k = k.shape[0], k.shape[1]
         table = torch.arange(batch, dtype=torch.int32).view(batch, 1)  # one page per sequence
         seqlens = torch.full((batch,), seqlen_k, dtype=torch.int32)
         return _decode(lib, q, k, v, p, table, seqlens, None, seqlen_k)
-    sq = _varlen_decode_rows(q, k, p)
+    sq = _varlen_decode_rows(q, k, v, p)
     if sq:
         batch, heads = q.shape[0] // sq, q.shape[1]
         cu_k = p.cu_seqlens_k
