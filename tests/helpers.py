@@ -89,3 +89,10 @@ def assert_checks_ok(ours, ref, base, dtype):
     for key, t in ours.items():
         if key != "lse":
             assert torch.isfinite(t).all(), f"{key} has NaN/inf"
+
+
+def kernels_run(fn):
+    """Names of the C++ extension's operators that ran during ``fn()`` (from the profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("flashattn_lite_C::")}

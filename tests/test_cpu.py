@@ -18,7 +18,7 @@ from flashattn_lite import _build, backends, rng
 from flashattn_lite.testing import (check_against_reference, record_dropout, reference_results,
                                     reference_results_varlen)
 
-from helpers import assert_checks_ok, assert_matches_reference, check_case, make_qkv, run_flash
+from helpers import assert_checks_ok, assert_matches_reference, check_case, kernels_run, make_qkv, run_flash
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -124,13 +124,6 @@ def test_forward_bitwise_equal_across_thread_counts(shape):
 # ---- short queries: the forward's route to the decode kernel (backends/cpu.py)
 
 
-def _kernels_run(fn):
-    """Names of the extension's operators that ran during ``fn()`` (from the profiler)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.name for e in prof.events() if e.name.startswith("flashattn_lite_C::")}
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("sq,hq,hk", [(1, 4, 4), (1, 8, 2), (3, 8, 2), (4, 4, 1)])
 @pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap-alibi"])
@@ -140,7 +133,7 @@ def test_short_queries_on_the_decode_kernel(monkeypatch, dtype, sq, hq, hk, feat
     # backward kernel with the lse the decode kernel wrote.
     kw = {"causal": dict(causal=True), "window": dict(window=(300, 0)),
           "softcap-alibi": dict(causal=True, softcap=3.0, alibi="batch-heads")}.get(feature, {})
-    ran = _kernels_run(lambda: _check(2, sq, 1100, hq, hk, 72, dtype, **kw))
+    ran = kernels_run(lambda: _check(2, sq, 1100, hq, hk, 72, dtype, **kw))
     assert ran == {"flashattn_lite_C::decode", "flashattn_lite_C::bwd"}
 
 
@@ -148,7 +141,7 @@ def test_short_queries_on_the_decode_kernel(monkeypatch, dtype, sq, hq, hk, feat
 def test_short_queries_on_the_decode_kernel_bhsd_memory(d):
     # (B, H, S, D) memory seen through the flash layout (each head's rows contiguous, the
     # heads far apart), odd head dims, 3 query rows of a GQA group of 4.
-    ran = _kernels_run(lambda: _check(2, 3, 300, 8, 2, d, torch.float32, memory="bhsd", causal=True))
+    ran = kernels_run(lambda: _check(2, 3, 300, 8, 2, d, torch.float32, memory="bhsd", causal=True))
     assert "flashattn_lite_C::decode" in ran and "flashattn_lite_C::fwd" not in ran
 
 
@@ -157,7 +150,7 @@ def test_short_queries_the_decode_kernel_cannot_take(case):
     # Two rows of plain MHA (the tiled forward is as fast), SDPA's top-left causal
     # alignment (another diagonal than the decode kernel's), a bias or dropout: the tiled
     # forward serves them, and the results are still right.
-    ran = _kernels_run(lambda: _declined_case(case))
+    ran = kernels_run(lambda: _declined_case(case))
     assert "flashattn_lite_C::fwd" in ran and "flashattn_lite_C::decode" not in ran
 
 
@@ -476,7 +469,7 @@ def test_varlen_many_sequences_over_threads_and_tiles(small_tiles, dtype, causal
 def test_varlen_decoding_step_on_the_decode_kernel(dtype, sq, hq, hk, causal, window, alibi, softcap):
     lens_k = [700, 0, 2, 1100, 37]
     kw = dict(causal=causal, window=window, alibi=alibi, softcap=softcap)
-    ran = _kernels_run(lambda: _varlen_decode_check([sq] * len(lens_k), lens_k, hq, hk, dtype, kw))
+    ran = kernels_run(lambda: _varlen_decode_check([sq] * len(lens_k), lens_k, hq, hk, dtype, kw))
     assert ran == {"flashattn_lite_C::decode", "flashattn_lite_C::bwd"}
 
 
@@ -503,7 +496,7 @@ def test_varlen_the_decode_kernel_cannot_take(case):
         ours, inp = _varlen_case(lens_q, lens_k, 4, hk, 16, torch.float32, causal=True, **kw)
         _assert_varlen_matches(ours, inp, 16, causal=True, **kw)
 
-    ran = _kernels_run(run)
+    ran = kernels_run(run)
     assert "flashattn_lite_C::fwd" in ran and "flashattn_lite_C::decode" not in ran
 
 
@@ -735,7 +728,7 @@ def test_operator_checks_arguments_the_decode_route_would_take():
 
     q, k = torch.randn(2, 4, 16), torch.randn(10, 4, 16)
     ok = dict(cu_seqlens_q=i32(0, 1, 2), cu_seqlens_k=i32(0, 4, 10), max_seqlen_q=1, max_seqlen_k=6)
-    assert _kernels_run(lambda: op(q, k, **ok)) == {"flashattn_lite_C::decode"}  # well-formed: routed
+    assert kernels_run(lambda: op(q, k, **ok)) == {"flashattn_lite_C::decode"}  # well-formed: routed
     cases = [
         (dict(cu_seqlens_k=i32(0, 4, 10_000_000)), r"cu_seqlens_k\[-1\] = 10000000"),
         (dict(cu_seqlens_k=i32(-5_000_000, 4, 10)), r"cu_seqlens_k\[0\] must be 0"),
@@ -750,7 +743,7 @@ def test_operator_checks_arguments_the_decode_route_would_take():
         with pytest.raises(RuntimeError, match=match):
             op(q, k, **dict(ok, **params))
     q, k = torch.randn(2, 1, 4, 16), torch.randn(2, 30, 4, 16)  # dense, one query row
-    assert _kernels_run(lambda: op(q, k)) == {"flashattn_lite_C::decode"}
+    assert kernels_run(lambda: op(q, k)) == {"flashattn_lite_C::decode"}
     with pytest.raises(RuntimeError, match="alibi_slopes must be float32"):
         op(q, k, alibi_slopes=torch.ones(1, 4))
     with pytest.raises(RuntimeError, match="different batch sizes"):
