@@ -42,7 +42,8 @@ def main():
         cu_k = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         cu_q = torch.arange(batch + 1, dtype=torch.int32)
         with torch.no_grad(), fl.use_backend("cpu"):
-            ms = median_ms(lambda: fl.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, max(lens), causal=True))
+            ms = median_ms(lambda q=q, k=k, v=v, cu_q=cu_q, cu_k=cu_k, longest=max(lens):
+                           fl.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, longest, causal=True))
         print(f"| {batch}x{heads}x{heads_k}x64 | {str(dtype)[6:]} | {keys} | {ms:.3f} |", flush=True)
 
 
