@@ -311,7 +311,11 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
   const acc_t scale = acc_t(sh.scale), cap = acc_t(sh.softcap);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const bool direct = R == 1;  // fp16/bf16 with one query row per task: no widened copies
-  const bool spread = kss != D || vss != D;  // cache rows not adjacent: prefetch them
+  // fp16/bf16 cache rows that are not adjacent: prefetch them (see the gather loop).  Not
+  // fp32/fp64 rows: measured on 2 cores, the prefetch gained them at most 3% and cost
+  // 10-30% where rows sit 4 KiB or more apart (a page each), in L3 and from memory alike
+  // (e.g. 1 x 32 x 8 x 128 fp32, 65536 positions: 43-44 ms with it, 37-38 without)
+  const bool spread = sizeof(scalar_t) == 2 && (kss != D || vss != D);
 
   at::parallel_for(0, B * Hk * S, 1, [&](int64_t begin, int64_t finish) {
     std::vector<acc_t> qf(R * D), acc(R * D), m(R), l(R), kt(kDecodeKeyTile * D), vt(kDecodeKeyTile * D);
@@ -344,10 +348,10 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
       PageWalk ahead(tp + b * tsb, tsp, P, split_lo + kDecodeKeyTile, split_lo + kDecodeKeyTile < split_hi);
       for (int64_t t0 = split_lo; t0 < split_hi; t0 += kDecodeKeyTile) {
         const int64_t n = std::min(kDecodeKeyTile, split_hi - t0);
-        // cache rows of positions [t0, t0 + n); where rows sit apart (a whole kv-heads x
-        // headdim in the flash layout, a stride the hardware prefetchers follow poorly
-        // when a row is only a line or two), the next tile's rows are prefetched meanwhile;
-        // adjacent rows (one head's cache contiguous) stream without it, faster
+        // cache rows of positions [t0, t0 + n); where fp16/bf16 rows sit apart (a whole
+        // kv-heads x headdim in the flash layout, a stride the hardware prefetchers follow
+        // poorly when a row is only a few lines), the next tile's rows are prefetched
+        // meanwhile; adjacent rows (one head's cache contiguous) stream without it, faster
         const int64_t pf_end = spread ? std::min(split_hi, t0 + 2 * n) : t0 + n;
         for (int64_t j = 0; j < n; ++j) {
           const scalar_t* ks = kp + here.blk * ksb + here.row * kss + hk * ksh;
