@@ -10,8 +10,8 @@
 // softcap), then ALiBi -slope * |i + offset - p|.  A row that sees nothing: out 0, lse -inf.
 //
 // Parallel over (batch, kv head, split) tasks: a task holds every query row of its GQA
-// group (seqlen_q x group rows), so each key and value row it gathers, widened to the
-// accumulation type once, serves the whole group.  With more than one split each task
+// group (seqlen_q x group rows), so each key and value row it reads serves the whole
+// group (fp16/bf16 rows are widened in registers, by each query row that uses them).  With more than one split each task
 // writes a normalised partial output and its lse, and a second pass over (batch, row,
 // head) merges the splits: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s.
 // Every output is computed by one task in a fixed order: the result depends on the split
@@ -310,7 +310,6 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
   acc_t* lp = lse.data_ptr<acc_t>();
   const acc_t scale = acc_t(sh.scale), cap = acc_t(sh.softcap);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const bool direct = R == 1;  // fp16/bf16 with one query row per task: no widened copies
   // fp16/bf16 cache rows that are not adjacent: prefetch them (see the gather loop).  Not
   // fp32/fp64 rows: measured on 2 cores, the prefetch gained them at most 3% and cost
   // 10-30% where rows sit 4 KiB or more apart (a page each), in L3 and from memory alike
@@ -318,7 +317,7 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
   const bool spread = sizeof(scalar_t) == 2 && (kss != D || vss != D);
 
   at::parallel_for(0, B * Hk * S, 1, [&](int64_t begin, int64_t finish) {
-    std::vector<acc_t> qf(R * D), acc(R * D), m(R), l(R), kt(kDecodeKeyTile * D), vt(kDecodeKeyTile * D);
+    std::vector<acc_t> qf(R * D), acc(R * D), m(R), l(R);
     std::vector<acc_t> sc(kDecodeKeyTile);
     const acc_t* krow[kDecodeKeyTile];
     const acc_t* vrow[kDecodeKeyTile];
@@ -366,17 +365,16 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
             }
             ahead.next(t0 + n + j + 1 < split_hi);
           }
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {  // read the cache in place
+          // the cache is read in place; fp16/bf16 rows are widened in registers by each
+          // query row that uses them.  (Widening a tile once into float copies for a GQA
+          // group's rows, as this kernel did before, measured the same in A/B runs on 2
+          // cores, 128-dim rows, groups of 4 and 8, 1 and 4 query rows, native and AVX2.)
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
             krow[j] = ks;
             vrow[j] = vs;
-          } else if (direct) {  // one reader: widen in registers
+          } else {
             ksrc[j] = ks;
             vsrc[j] = vs;
-          } else {  // widen once; the whole group uses the row
-            at::vec::convert(ks, &kt[j * D], D);
-            at::vec::convert(vs, &vt[j * D], D);
-            krow[j] = &kt[j * D];
-            vrow[j] = &vt[j * D];
           }
         }
         for (int64_t r = 0; r < R; ++r) {
@@ -390,7 +388,7 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
           const int64_t cnt = jhi - jlo;
           acc_t mx = neg_inf;
           if constexpr (std::is_same_v<acc_t, float>) {
-            if (!std::is_same_v<scalar_t, acc_t> && direct) {
+            if constexpr (!std::is_same_v<scalar_t, acc_t>) {
               if constexpr (kDpbf16 && std::is_same_v<scalar_t, at::BFloat16>) {  // q's bf16 row as given
                 scores_block(qp + b * qsb + i * qss + h * qsh, ksrc + (jlo - t0), cnt, D, x);
               } else {
@@ -438,7 +436,7 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
           const acc_t sum = exp_shifted_sum(x, cnt, m_new);
           if constexpr (!std::is_same_v<acc_t, float>) {
             for (int64_t j = 0; j < cnt; ++j) axpy(a, vrow[jlo + j - t0], x[j], D);
-          } else if (!std::is_same_v<scalar_t, acc_t> && direct) {
+          } else if constexpr (!std::is_same_v<scalar_t, acc_t>) {
             accumulate_rows(a, vsrc + (jlo - t0), x, cnt, D);
           } else {
             accumulate_rows(a, vrow + (jlo - t0), x, cnt, D);
