@@ -82,8 +82,12 @@ def _decode_route(q, k, v, p):
     sq = q.shape[1]
     if not decode_rows(sq, q.shape[2] // k.shape[2]):
         return False
-    positional = p.window_left >= 0 or p.window_right >= 0 or p.alibi_slopes is not None
-    return not positional or p.diag_offset == k.shape[1] - sq
+    return not _positional(p) or p.diag_offset == k.shape[1] - sq
+
+
+def _positional(p):
+    """Whether the result depends on where the diagonal sits (window, causal, ALiBi)."""
+    return p.window_left >= 0 or p.window_right >= 0 or p.alibi_slopes is not None
 
 
 def _same_kv(q, k, v, dims):
@@ -122,8 +126,7 @@ def _varlen_decode_rows(q, k, v, p):
     batch = cu_q.shape[0] - 1
     if sq < 1 or q.shape[0] != batch * sq or not decode_rows(sq, q.shape[1] // k.shape[1]):
         return 0
-    positional = p.window_left >= 0 or p.window_right >= 0 or p.alibi_slopes is not None
-    if (positional and p.diag_offset != 0) or not _slopes_ok(p.alibi_slopes, batch, q.shape[1]):
+    if (_positional(p) and p.diag_offset != 0) or not _slopes_ok(p.alibi_slopes, batch, q.shape[1]):
         return 0
     # every sequence exactly sq rows, and well-formed key offsets (a host read of
     # 2 (batch + 1) ints; CPU tensors)

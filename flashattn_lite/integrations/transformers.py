@@ -21,9 +21,10 @@
   when no row is padded, otherwise :func:`flash_attn_varlen_func` over each row's
   contiguous key range (left or right padding, KV-cache decoding with left padding) or
   over the packed sequences; on the CPU a padded decoding step calls
-  :func:`flash_attn_with_kvcache` with those key ranges instead (no packed copy).  GQA runs without repeating K/V; sliding windows, softcap,
-  the model's scaling and dropout map onto the kernel's arguments.  Packed sequences are
-  those transformers' mask marks (``position_ids`` given, no padding mask, no cache) and,
+  :func:`flash_attn_with_kvcache` with those key ranges instead (no packed copy).  GQA
+  runs without repeating K/V; sliding windows, softcap, the model's scaling and dropout
+  map onto the kernel's arguments.  Packed sequences are those transformers' mask marks
+  (``position_ids`` given, no padding mask, no cache) and,
   following flash-attn's convention as transformers' flash-attn backends do, also a
   ``position_ids`` restarting at 0 with no padding mask and no past tokens while a cache
   is in use (where eager attention would let the sequences see each other).
