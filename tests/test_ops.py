@@ -6,7 +6,7 @@ import torch
 import flashattn_lite as fl
 from flashattn_lite import backends
 
-from helpers import make_qkv
+from helpers import make_qkv, ops_seen
 
 
 def _fwd_args(backend, dtype=torch.float32, causal=True, softcap=0.0, alibi=False):
@@ -105,13 +105,6 @@ def test_opcheck_bwd_float64_without_bias():
 # ------------------------------------------------------------------ direct calls in eager mode
 
 
-def _ops_seen(fn):
-    """Names of the operators the profiler saw while ``fn`` ran."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.name for e in prof.events()}
-
-
 def test_eager_call_without_grad_skips_the_operator_dispatch():
     # Plain tensors, nothing to record for autograd: the backend runs without going
     # through flashattn_lite::fwd / ::decode (same kernel, same bits), saving the
@@ -120,16 +113,16 @@ def test_eager_call_without_grad_skips_the_operator_dispatch():
     with fl.use_backend("cpu"):
         with torch.no_grad():
             direct = fl.flash_attn_func(q, k, v, causal=True)
-            seen = _ops_seen(lambda: fl.flash_attn_func(q, k, v, causal=True))
+            seen = ops_seen(lambda: fl.flash_attn_func(q, k, v, causal=True))
         assert "flashattn_lite::fwd" not in seen and "flashattn_lite_C::fwd" in seen
-        seen = _ops_seen(lambda: fl.flash_attn_func(q, k, v, causal=True))  # make_qkv's tensors require grad
+        seen = ops_seen(lambda: fl.flash_attn_func(q, k, v, causal=True))  # make_qkv's tensors require grad
         assert "flashattn_lite::fwd" in seen
         via_op = fl.flash_attn_func(q, k, v, causal=True)
     assert via_op.grad_fn is not None and torch.equal(direct, via_op.detach())
 
     cache = torch.randn(1, 12, 1, 16)
     with torch.inference_mode():
-        seen = _ops_seen(lambda: fl.flash_attn_with_kvcache(q[:, :1].detach(), cache, cache))
+        seen = ops_seen(lambda: fl.flash_attn_with_kvcache(q[:, :1].detach(), cache, cache))
     assert "flashattn_lite::decode" not in seen and "flashattn_lite_C::decode" in seen
 
 
