@@ -4,14 +4,16 @@ Everything a user can get wrong is checked here, on the host, before any kernel
 runs, and raises an exception that names the problem.
 """
 
-import math
+import numbers
 
 import torch
 
-from . import backends, ops, rng  # ops registers torch.ops.flashattn_lite.*
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_HEAD_DIM = 256
+from . import backends, checks, ops, rng  # ops registers torch.ops.flashattn_lite.*
+from .checks import MAX_HEAD_DIM, SUPPORTED_DTYPES  # noqa: F401  (re-exported)
+from .checks import check_dropout as _check_dropout
+from .checks import check_scale as _check_scale
+from .checks import check_softcap as _check_softcap
+from .checks import check_window as _check_window
 
 
 def _check_tensor(name, t, ndim, layout):
@@ -51,25 +53,10 @@ def _validate_qkv(q, k, v, names, layout):
     hk = k.shape[2]
     if hk == 0 or hq % hk != 0:
         raise ValueError(f"number of query heads ({hq}) must be a multiple of the number of key/value heads ({hk})")
+    checks.check_seqlen(f"seqlen of {nq}", q.shape[1])
+    checks.check_seqlen(f"seqlen of {nk}", k.shape[1])
 
 
-def _check_scale(scale, name):
-    if isinstance(scale, torch.Tensor):
-        raise TypeError(f"{name} must be a Python number, not a tensor")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"{name} must be a finite number, got {scale!r}")
-    return float(scale)
-
-
-def _check_window(window_size):
-    try:
-        left, right = window_size
-        left, right = int(left), int(right)
-    except (TypeError, ValueError):
-        raise ValueError(f"window_size must be a pair (left, right) of ints, got {window_size!r}") from None
-    if left < -1 or right < -1:
-        raise ValueError(f"window_size entries must be >= 0, or -1 for unbounded, got {window_size!r}")
-    return left, right
 
 
 def _select_backend(device, dtype, head_dim, features=frozenset()):
@@ -84,19 +71,25 @@ def _select_backend(device, dtype, head_dim, features=frozenset()):
 _select_backend._dynamo_marked_constant = True
 
 
+def _head_dim_for_choice(head_dim):
+    """The head dim as the backend choice sees it.  Under torch.compile with dynamic shapes
+    it may be symbolic, and the choice (a constant of the graph) needs a plain int; the
+    backends' capabilities only differ by which bound (256, MAX_HEAD_DIM) the head dim is
+    under, so that is what is guarded on and passed."""
+    if not torch.compiler.is_compiling():
+        return int(head_dim)
+    for bound in sorted({256, MAX_HEAD_DIM}):
+        if head_dim <= bound:
+            return bound
+    return MAX_HEAD_DIM + 1
+
+
 def _unbounded_if_beyond(left, right, seqlen_q, seqlen_k):
     """A window side wider than both sequences is the same as none (-1); normalising it
     keeps kernel index arithmetic (32-bit in Triton) far from overflow."""
     reach = seqlen_q + seqlen_k
     return (-1 if left > reach else left), (-1 if right > reach else right)
 
-
-def _check_softcap(softcap):
-    if isinstance(softcap, torch.Tensor) or not isinstance(softcap, (int, float)) or isinstance(softcap, bool):
-        raise TypeError(f"softcap must be a Python number, got {type(softcap).__name__}")
-    if not math.isfinite(softcap) or softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap!r}")
-    return float(softcap)
 
 
 def _check_alibi(slopes, batch, heads, device):
@@ -117,22 +110,16 @@ def _check_alibi(slopes, batch, heads, device):
     return slopes.expand(batch, heads) if slopes.dim() == 1 else slopes
 
 
-def _check_dropout(dropout_p):
-    if isinstance(dropout_p, torch.Tensor) or not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
-        raise TypeError(f"dropout_p must be a Python number, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    return float(dropout_p)
-
 
 def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap=0.0, alibi_slopes=None, bias=None,
          cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, dropout_p=0.0):
+    checks.check_scale_over_softcap(softmax_scale, softcap)
     seed = rng.draw_seed() if dropout_p > 0 else 0
     params = backends.Params(softmax_scale=softmax_scale, diag_offset=diag_offset, window_left=window_left,
                              window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes, bias=bias,
                              cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                              max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, dropout_seed=seed)
-    backend = _select_backend(q.device, q.dtype, int(q.shape[-1]), params.features())
+    backend = _select_backend(q.device, q.dtype, _head_dim_for_choice(q.shape[-1]), params.features())
     if dropout_p > 0:
         rng.note_call(params, q, k)
     return ops.run_fwd(q, k, v, params, backend)
@@ -264,12 +251,14 @@ def _check_cu_seqlens(name, cu, total, device):
 
 
 def _check_max_seqlen(name, max_seqlen, lengths):
-    if isinstance(max_seqlen, torch.Tensor) or not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
+    """Checks the caller's bound and returns the longest length itself: the kernels' grid and
+    the dropout counters then follow the sequences, not a loose (or absurd) bound."""
+    if isinstance(max_seqlen, (torch.Tensor, bool)) or not isinstance(max_seqlen, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"{name} must be a Python int, got {type(max_seqlen).__name__}")
     longest = max(lengths)
     if max_seqlen < longest:
         raise ValueError(f"{name} = {max_seqlen} is smaller than the longest sequence ({longest})")
-    return max_seqlen
+    return longest
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -314,8 +303,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         right = 0
     left, right = _unbounded_if_beyond(left, right, max_seqlen_q, max_seqlen_k)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    out, lse = _run(q, k, v, scale, 0, left, right, softcap, slopes, cu_seqlens_q=cu_seqlens_q,
-                    cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+    out, lse = _run(q, k, v, scale, 0, left, right, softcap, slopes, cu_seqlens_q=cu_seqlens_q.contiguous(),
+                    cu_seqlens_k=cu_seqlens_k.contiguous(), max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                     dropout_p=dropout_p)
     if return_attn_probs:
         return out, lse, None

@@ -6,11 +6,12 @@ outputs take the strides of the matching input (``empty_like``), so a
 (B, H, S, D) caller gets (B, H, S, D) memory back.
 """
 
+import contextlib
 import dataclasses
 
 import torch
 
-from . import backends
+from . import backends, checks
 from .backends import OP_FIELDS, Params, accum_dtype
 
 # Fwd: (out, lse).  ``backend`` is resolved by the caller (never "auto") so that
@@ -43,8 +44,27 @@ def _lse_shape(q, varlen):
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
 
+def _serving_backend(backend, q, params, extra=()):
+    """The backend module named ``backend`` after checking it can serve this call (the
+    operators may be called with any name)."""
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"flashattn_lite: backend must be one of {', '.join(backends.BACKENDS)} (resolved, not "
+                         f"'auto'), got {backend!r}")
+    module = backends.BACKENDS[backend]
+    why = module.supports(backends.Call(device=q.device, dtype=q.dtype, head_dim=int(q.shape[-1]),
+                                        features=params.features() | set(extra)))
+    if why is not None:
+        raise RuntimeError(f"flashattn_lite backend {backend!r} cannot run this call: {why}")
+    return module
+
+
 def _fwd_direct(q, k, v, params, backend):
-    out, lse = backends.get(backend).fwd(q, k, v, params)
+    if checks.is_trusted():
+        module = backends.get(backend)
+    else:
+        checks.check_fwd(q, k, v, params)
+        module = _serving_backend(backend, q, params)
+    out, lse = module.fwd(q, k, v, params)
     return _like(out, q), lse.contiguous()
 
 
@@ -69,7 +89,12 @@ def _dbias_or_empty(dbias, bias, bias_grad, q):
 def bwd(dout, dlse, q, k, v, out, lse, *args):
     *params, bias_grad, deterministic, backend = args
     params = Params.from_op_args(params)
-    dq, dk, dv, dbias = backends.get(backend).bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic)
+    if checks.is_trusted():
+        module = backends.get(backend)
+    else:
+        checks.check_bwd(dout, dlse, q, k, v, out, lse, params, bias_grad)
+        module = _serving_backend(backend, q, params, ("backward",))
+    dq, dk, dv, dbias = module.bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic)
     return _like(dq, q), _like(dk, k), _like(dv, v), _dbias_or_empty(dbias, params.bias, bias_grad, q)
 
 
@@ -105,12 +130,20 @@ def direct_call_ok(tensors):
     return True
 
 
+def _trusted():
+    """The public functions have checked their arguments: the operators they call skip
+    ``checks`` (at run time of a compiled graph they check, as for any caller)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else checks.trusted()
+
+
 def run_fwd(q, k, v, params, backend):
-    """(out, lse) of ``flashattn_lite::fwd``: the operator, or its implementation directly
-    where :func:`direct_call_ok` says that is the same thing."""
-    if direct_call_ok((q, k, v) + tuple(getattr(params, name) for name in _TENSOR_FIELDS)):
-        return _fwd_direct(q, k, v, params, backend)
-    return torch.ops.flashattn_lite.fwd(q, k, v, *params.op_args(), backend)
+    """(out, lse) of ``flashattn_lite::fwd`` for a caller that has checked its arguments:
+    the operator, or its implementation directly where :func:`direct_call_ok` says that is
+    the same thing."""
+    with _trusted():
+        if direct_call_ok((q, k, v) + tuple(getattr(params, name) for name in _TENSOR_FIELDS)):
+            return _fwd_direct(q, k, v, params, backend)
+        return torch.ops.flashattn_lite.fwd(q, k, v, *params.op_args(), backend)
 
 
 def _fwd_setup_context(ctx, inputs, output):
@@ -131,14 +164,28 @@ def _fwd_backward(ctx, dout, dlse):
     if dlse is not None:
         dlse = dlse.contiguous()
     bias_grad = bool(ctx.needs_input_grad[_BIAS_INPUT]) and ctx.bias_grad
-    dq, dk, dv, dbias = torch.ops.flashattn_lite.bwd(dout, dlse, q, k, v, out, lse, *params.op_args(), bias_grad,
-                                                     True, ctx.backend)
+    with _trusted():  # the forward's own arguments and results
+        dq, dk, dv, dbias = torch.ops.flashattn_lite.bwd(dout, dlse, q, k, v, out, lse, *params.op_args(),
+                                                         bias_grad, True, ctx.backend)
     grads = [dq, dk, dv] + [None] * (len(OP_FIELDS) + 1)  # + backend
     grads[_BIAS_INPUT] = dbias if bias_grad else None
     return tuple(grads)
 
 
 fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("flashattn_lite: double backward (a gradient of a gradient, e.g. "
+                              "torch.autograd.grad(..., create_graph=True) followed by a second backward) is not "
+                              "supported: the attention backward is not differentiable here")
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    pass
+
+
+bwd.register_autograd(_no_double_backward, setup_context=_bwd_setup_context)
 
 
 # ------------------------------------------------------------------ KV-cache decoding
@@ -160,8 +207,12 @@ def _decode_direct(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seq
                    window_right, softcap, alibi_slopes, num_splits, backend):
     params = backends.Params(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
                              softcap=softcap, alibi_slopes=alibi_slopes)
-    out, lse = backends.get(backend).decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, params,
-                                            max_seqlen_k, num_splits)
+    if checks.is_trusted():
+        module = backends.get(backend)
+    else:
+        checks.check_decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, params, num_splits)
+        module = _serving_backend(backend, q, params, ("kv-cache",))
+    out, lse = module.decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, params, max_seqlen_k, num_splits)
     return _like(out, q), lse.contiguous()
 
 
@@ -171,11 +222,13 @@ def decode(*args):
 
 
 def run_decode(*args):
-    """(out, lse) of ``flashattn_lite::decode`` (arguments in its schema's order): the operator,
-    or its implementation directly where :func:`direct_call_ok` says that is the same thing."""
-    if direct_call_ok([a for a in args if isinstance(a, torch.Tensor)]):
-        return _decode_direct(*args)
-    return torch.ops.flashattn_lite.decode(*args)
+    """(out, lse) of ``flashattn_lite::decode`` (arguments in its schema's order) for a caller
+    that has checked them: the operator, or its implementation directly where
+    :func:`direct_call_ok` says that is the same thing."""
+    with _trusted():
+        if direct_call_ok([a for a in args if isinstance(a, torch.Tensor)]):
+            return _decode_direct(*args)
+        return torch.ops.flashattn_lite.decode(*args)
 
 
 @decode.register_fake

@@ -10,7 +10,8 @@ counter words (lo, hi, 0, 0) and the 64-bit seed into the key words (lo, hi).  T
 Triton 3.4), which the Triton kernels call;
 the C++ kernels implement the same function, and this module is its plain PyTorch form
 (the reference backend and the tests use it).  In varlen mode b = 0, H = heads,
-Sq = total_q (i is the packed row) and Sk = max_seqlen_k (j is the key's index in its
+Sq = total_q (i is the packed row) and Sk = max_seqlen_k (the public function passes the
+longest key sequence; j is the key's index in its
 own sequence).
 
 ``threshold(p) = round(p * 2**32)``, so the kept fraction is 1 - p to within 2**-32.

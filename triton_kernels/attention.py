@@ -141,9 +141,14 @@ def _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI: tl.const
 
 
 @triton.jit
-def _tanh(x):
-    # 1 - 2 / (e^{2x} + 1): exact limits +-1 for large |x| (exp2 saturates to inf or 0)
-    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+def tanh(x):
+    # 1 - 2 / (e^{2x} + 1) has the exact limits +-1 (exp2 saturates to inf or 0) but loses
+    # relative precision near 0, where it subtracts from 1 (a large softcap makes every
+    # argument small); there the odd Taylor series to x^11 holds to 2e-10 (|x| < 1/4).
+    x2 = x * x
+    series = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197)))))
+    return tl.where(tl.abs(x) < 0.25, series, 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0))
 
 
 @triton.jit
@@ -153,7 +158,7 @@ def _scores(qk, rows, cols, qk_scale, softcap_pre, softcap_post, slope2, offset,
     the softcap gradient.  Order as flash-attn: scale, softcap, then the ALiBi bias
     -slope * |i + offset - j|.  ``rows``/``cols`` are broadcastable index tiles."""
     if HAS_SOFTCAP:
-        t = _tanh(qk * softcap_pre)  # softcap_pre = scale / cap
+        t = tanh(qk * softcap_pre)  # softcap_pre = scale / cap
         s = t * softcap_post  # softcap_post = cap * log2(e)
     else:
         s = qk * qk_scale

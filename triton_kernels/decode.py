@@ -26,13 +26,11 @@ contiguous cache arrives as one page per sequence (``PAGED`` false: no division)
 import triton
 import triton.language as tl
 
+from .attention import tanh
+
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
-def _softcap_tanh(x):
-    # 1 - 2 / (e^{2x} + 1): exact limits +-1 (exp2 saturates to inf or 0)
-    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
 
 
 @triton.jit
@@ -65,7 +63,7 @@ def _decode_tile(acc, m_i, l_i, q, K, V, table_row, hk_off_k, hk_off_v, start_n,
 
     qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
     if HAS_SOFTCAP:
-        s = _softcap_tanh(qk * softcap_pre) * softcap_post
+        s = tanh(qk * softcap_pre) * softcap_post
     else:
         s = qk * qk_scale
     rel = cols[None, :] - qpos[:, None]  # key position minus query position

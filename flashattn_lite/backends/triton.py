@@ -7,6 +7,7 @@ Triton's GPU driver.
 """
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -97,10 +98,20 @@ def _dot_precision(dtype):
 
 def _geometry(q, k, p):
     """(batch, seqlen_q, seqlen_k, heads, heads_k): dense shapes, or varlen's
-    (sequences, max_seqlen_q, max_seqlen_k, ...)."""
+    (sequences, max_seqlen_q, max_seqlen_k, ...), the bounds capped by the packed token
+    counts (no sequence is longer, and the grid follows them)."""
     if p.varlen:
-        return p.cu_seqlens_q.shape[0] - 1, p.max_seqlen_q, p.max_seqlen_k, q.shape[1], k.shape[1]
+        return (p.cu_seqlens_q.shape[0] - 1, min(p.max_seqlen_q, q.shape[0]), min(p.max_seqlen_k, k.shape[0]),
+                q.shape[1], k.shape[1])
     return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+
+
+def _offsets_contiguous(p):
+    """The kernels read cu_seqlens as packed int32 arrays."""
+    if p.varlen and (p.cu_seqlens_q.stride(0) != 1 or p.cu_seqlens_k.stride(0) != 1):
+        return dataclasses.replace(p, cu_seqlens_q=p.cu_seqlens_q.contiguous(),
+                                   cu_seqlens_k=p.cu_seqlens_k.contiguous())
+    return p
 
 
 def _s(t, varlen=False):
@@ -197,6 +208,7 @@ def _check_bias_layout(p, seqlen_k):
 
 def fwd(q, k, v, p):
     attention, configs = _kernels()
+    p = _offsets_contiguous(p)
     batch, seqlen_q, _, heads, _ = _geometry(q, k, p)
     out = torch.empty_like(q)
     lse_shape = (heads, q.shape[0]) if p.varlen else (batch, heads, seqlen_q)
@@ -221,6 +233,7 @@ def triton_cdiv(a, b):
 
 def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
     attention, configs = _kernels()
+    p = _offsets_contiguous(p)
     batch, seqlen_q, seqlen_k, heads, heads_k = _geometry(q, k, p)
     head_dim = q.shape[-1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -310,6 +323,7 @@ def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p, max_seqlen_k
     if block_table.shape[1] > 1 and block_table.stride(1) != 1:
         block_table = block_table.contiguous()
     leftpad = leftpad.contiguous() if leftpad is not None else None
+    seqlens_k = seqlens_k.contiguous()
     block_d = configs.padded_head_dim(head_dim)
     if num_splits == 1:
         o, l_ = out, lse

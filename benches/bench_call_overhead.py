@@ -1,0 +1,92 @@
+"""Per-call time of small CPU calls, where the host-side work (argument checks, backend
+choice, operator dispatch) is a visible share: decoding steps, short sequences, varlen.
+
+    python benches/bench_call_overhead.py [--repeat 400] [--json out.json]
+
+To compare two checkouts, run it alternately with each on PYTHONPATH (the package
+and its csrc/ and triton_kernels/ resolved from that checkout).  Prints the median and
+the quartiles of ``--repeat`` calls per case, in microseconds, with the machine's CPU.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import flashattn_lite as fl
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cases():
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    q1, kc, vc = rnd(1, 1, 8, 64), rnd(1, 1024, 8, 64), rnd(1, 1024, 8, 64)
+    new_k, new_v = rnd(1, 1, 8, 64), rnd(1, 1, 8, 64)
+    q, k, v = rnd(2, 64, 8, 64), rnd(2, 64, 8, 64), rnd(2, 64, 8, 64)
+    qg, kg, vg = (rnd(1, 32, 4, 32).requires_grad_() for _ in range(3))
+    lengths = [17, 5, 40, 2]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    qv, kv, vv = rnd(sum(lengths), 4, 64), rnd(sum(lengths), 4, 64), rnd(sum(lengths), 4, 64)
+    seqlens = torch.tensor([1000], dtype=torch.int32)
+
+    def kvcache_step():
+        with torch.no_grad():
+            fl.flash_attn_with_kvcache(q1, kc, vc, k=new_k, v=new_v, cache_seqlens=seqlens, causal=True)
+
+    def fwd_bwd():
+        out = fl.flash_attn_func(qg, kg, vg, causal=True)
+        torch.autograd.grad(out.sum(), (qg, kg, vg))
+
+    return {
+        "kvcache step B1 H8 d64 1000+1": kvcache_step,
+        "flash_attn_func 1 row vs 1024 keys": lambda: fl.flash_attn_func(q1, kc, vc),
+        "flash_attn_func B2 S64 H8 d64 causal": lambda: fl.flash_attn_func(q, k, v, causal=True),
+        "fwd+bwd B1 S32 H4 d32 causal": fwd_bwd,
+        "varlen 4 seqs H4 d64": lambda: fl.flash_attn_varlen_func(qv, kv, vv, cu, cu, 40, 40, causal=True),
+        "sdpa B2 H8 S64 d64 causal": lambda: fl.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=400)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    report = {"cpu": _cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "package": fl.__file__, "cases": {}}
+    for name, fn in cases().items():
+        for _ in range(20):
+            fn()
+        times = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+        q = statistics.quantiles(times, n=4)
+        report["cases"][name] = {"median_us": statistics.median(times), "q1_us": q[0], "q3_us": q[2]}
+        print(f"{name:40s} median {statistics.median(times):8.1f} us  (quartiles {q[0]:.1f}-{q[2]:.1f})")
+    print(f"# {report['cpu']}, torch {report['torch']}, {report['threads']} threads, {report['package']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
