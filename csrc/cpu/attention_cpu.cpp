@@ -10,6 +10,18 @@ namespace flashattn_lite {
 namespace attention_cpu {
 namespace {
 
+// Sequence lengths (and packed totals) must fit int32, as cu_seqlens and seqlens do
+// (flash-attn's limit too); the head dim reaches BLAS as an int.  Checked before any
+// copy: a 2^31-row key tensor is often a stride-0 expand.  (Strides of any size are
+// fine: blas_gemm packs a tile whose row stride does not fit an int.)
+void check_lengths(const at::Tensor& q, const at::Tensor& k) {
+  const int64_t sq = q.size(-3), sk = k.size(-3), d = q.size(-1);
+  TORCH_CHECK_VALUE(sq <= kBlasIntMax && sk <= kBlasIntMax,
+                    "flashattn_lite cpu: sequence lengths must be below 2^31 (seqlens and cu_seqlens are int32), "
+                    "got seqlen_q = ", sq, ", seqlen_k = ", sk);
+  TORCH_CHECK_VALUE(d <= kBlasIntMax, "flashattn_lite cpu: head dim must be below 2^31, got ", d);
+}
+
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool varlen) {
   if (varlen) {
     TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
@@ -27,6 +39,7 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bo
   TORCH_CHECK(varlen || k.size(0) == q.size(0), "flashattn_lite cpu: q and k have different batch sizes");
   TORCH_CHECK(k.size(-2) > 0 && q.size(-2) % k.size(-2) == 0,
               "flashattn_lite cpu: query heads must be a multiple of kv heads");
+  check_lengths(q, k);
 }
 
 at::ScalarType compute_type(at::ScalarType t) {

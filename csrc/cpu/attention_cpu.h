@@ -60,9 +60,12 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 }
 
+// Every dimension and leading dimension reaches the Fortran BLAS as a 32-bit int.
+constexpr int64_t kBlasIntMax = std::numeric_limits<int>::max();
+
 template <typename T>
-inline void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-                      const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+inline void blas_gemm_int32(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                            const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
   const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
   if constexpr (std::is_same_v<T, float>) {
@@ -81,6 +84,31 @@ inline void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha
   at::Tensor C = at::from_blob(c, {n, m}, {ldc, 1}, c10::CppTypeToScalarType<T>::value).t();
   if (beta == T(0)) C.zero_(); else C.mul_(beta);
   C.add_(at::mm(A, Bm), alpha);
+}
+
+// Columns [0, cols) of a column-major matrix (rows each, ``src_ld`` apart) to ``dst``
+// (``dst_ld`` apart).
+template <typename T>
+inline void copy_columns(const T* src, int64_t src_ld, T* dst, int64_t dst_ld, int64_t rows, int64_t cols) {
+  for (int64_t j = 0; j < cols; ++j) std::memcpy(dst + j * dst_ld, src + j * src_ld, sizeof(T) * size_t(rows));
+}
+
+// The rare call with a leading dimension of 2^31 elements or more (a row stride that
+// large, e.g. an as_strided view over a big buffer; or one row, whose stride BLAS never
+// uses but still checks): each such operand is packed into scratch with the shortest
+// leading dimension, and C is copied back.  The tiles are small (a kernel's block), the
+// products are the same.
+template <typename T>
+void blas_gemm_packed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                      const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
+
+template <typename T>
+inline void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                      const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (C10_UNLIKELY(lda > kBlasIntMax || ldb > kBlasIntMax || ldc > kBlasIntMax)) {
+    return blas_gemm_packed<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+  blas_gemm_int32<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 // Row-major C[M, N] = alpha * op(A) @ op(B) + beta * C, with BLAS being column-major:
@@ -414,6 +442,38 @@ struct Scratch {
   }
   T* data() { return p.get(); }
 };
+
+template <typename T>
+void blas_gemm_packed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                      const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  // (m, n, k are a kernel's tile sizes, and the host checks bound the head dim)
+  TORCH_CHECK(std::max({m, n, k}) <= kBlasIntMax, "flashattn_lite cpu: a tile product of ", m, " x ", n, " x ", k,
+              " exceeds BLAS's 32-bit dimensions");
+  const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
+  std::optional<Scratch<T>> pa, pb, pc;
+  if (lda > kBlasIntMax) {
+    pa.emplace(a_rows * a_cols);
+    copy_columns(a, lda, pa->data(), a_rows, a_rows, a_cols);
+    a = pa->data();
+    lda = std::max<int64_t>(a_rows, 1);
+  }
+  if (ldb > kBlasIntMax) {
+    pb.emplace(b_rows * b_cols);
+    copy_columns(b, ldb, pb->data(), b_rows, b_rows, b_cols);
+    b = pb->data();
+    ldb = std::max<int64_t>(b_rows, 1);
+  }
+  T* const c_out = c;
+  const int64_t ldc_out = ldc;
+  if (ldc > kBlasIntMax) {
+    pc.emplace(m * n);
+    if (beta != T(0)) copy_columns<T>(c, ldc, pc->data(), m, m, n);  // (beta 0: C is not read)
+    c = pc->data();
+    ldc = std::max<int64_t>(m, 1);
+  }
+  blas_gemm_int32<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  if (pc) copy_columns<T>(c, ldc, c_out, ldc_out, m, n);
+}
 
 // A unit of work of one head: a query block (forward) or a chunk of key blocks (backward)
 // of one sequence.  Tasks are (head, unit); units are sorted by decreasing cost and

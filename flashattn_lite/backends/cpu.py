@@ -79,6 +79,8 @@ def _decode_route(q, k, v, p):
         return False
     if k.shape[1] == 0 or q.shape[0] != k.shape[0] or not _slopes_ok(p.alibi_slopes, q.shape[0], q.shape[2]):
         return False
+    if k.shape[1] >= 2**31:  # seqlens are int32: the tiled forward raises a ValueError naming the limit
+        return False
     sq = q.shape[1]
     if not decode_rows(sq, q.shape[2] // k.shape[2]):
         return False
