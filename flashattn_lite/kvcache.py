@@ -9,7 +9,10 @@ What happens in one call:
 2. rotary embedding (when ``rotary_cos``/``rotary_sin`` are given) is applied to ``q``
    (into a new tensor) and to the new ``k``;
 3. the new ``k``/``v`` are written into the caches in place at positions
-   ``cache_seqlens[b] ..`` (through the block table for a paged cache);
+   ``cache_seqlens[b] ..`` (through the block table for a paged cache), once it is clear
+   that no two written positions share memory and that nothing read afterwards (another
+   position, the other cache, q) lives where they go: an expanded cache, say, is refused
+   for appends (read-only calls accept it);
 4. ``torch.ops.flashattn_lite.decode`` runs attention of ``q`` against the cache (called
    directly, without the operator dispatch, where ``ops.direct_call_ok`` allows).
 
@@ -29,6 +32,8 @@ Forward only: there is no backward (flash-attn has none either).  A call that wo
 need one (grad mode on and an input that requires grad) raises instead of returning
 an output whose backward would fail later.
 """
+
+import operator
 
 import torch
 
@@ -121,7 +126,33 @@ def _check_block_table(block_table, batch, num_blocks, page_size, ends, device):
         b, j = (int(x) for x in bad.nonzero()[0])
         raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} is out of range: the paged cache has "
                          f"{num_blocks} blocks (k_cache.shape[0])")
-    return table
+    return table, in_use
+
+
+def _check_shared_pages(table, in_use, written, lengths, starts, seqlen_new, page_size):
+    """A page listed more than once in the used part of the block table (prefix sharing, or twice
+    in one sequence) may only be appended to at rows no other position reads: the new key
+    would replace that position's key.  ``table``, ``in_use``: the host table and its used
+    entries; ``written``: the pages appended to; ``starts``: left pads (None: 0)."""
+    written = written.cpu()
+    pages = set(written.view(-1).tolist())
+    if int((torch.isin(table, written) & in_use).sum()) == len(pages):
+        return  # each page appended to is used once: by its writer, at that column
+    writer = {}
+    for b, n in enumerate(lengths):
+        for p in range(n, n + seqlen_new):
+            writer[(int(table[b, p // page_size]), p % page_size)] = (b, p)
+    for b, j in in_use.nonzero().tolist():
+        page = int(table[b, j])
+        if page not in pages:
+            continue
+        start, end = (0 if starts is None else starts[b]), lengths[b] + seqlen_new
+        for p in range(max(start, j * page_size), min(end, (j + 1) * page_size)):
+            a, pa = writer.get((page, p % page_size), (b, p))
+            if (a, pa) != (b, p):
+                raise ValueError(f"block_table: the token appended at position {pa} of sequence {a} goes to page "
+                                 f"{page}, row {p % page_size}, which sequence {b} reads as its position {p} (a page "
+                                 "shared between sequences, or listed twice): the append would overwrite that key")
 
 
 def _positions(cache_seqlens, count, device):
@@ -178,6 +209,169 @@ def _check_rotary(cos, sin, head_dim, device, has_new):
     return cos.shape[0]
 
 
+# ------------------------------------------------------------------ memory the appends write
+# The new keys/values are written into the caches in place, so the cache elements written must
+# be distinct memory, and nothing read after a write (q, the other cache, the new values still
+# to be copied) may live in them: an expanded cache (stride 0 in batch) would otherwise give
+# every batch item the last item's key, silently.  torch's own checks do not fit:
+# index_put_ only warns for expanded tensors, torch._debug_has_internal_overlap answers "too
+# hard" for any sliced cache, and torch._C._overlaps compares address ranges, so it would
+# refuse a k/v cache packed into one buffer.  The checks below read sizes, strides and data
+# pointers on the host (no device work) and clear the usual layouts at once: separate
+# allocations, slices of wider buffers, torch's (B, H, S, D) layout, k and v packed side by
+# side.  Only a layout these cannot clear has its written element offsets compared.
+
+
+_internal_overlap = getattr(torch, "_debug_has_internal_overlap", None)  # torch's own O(1) answer, where it has one
+
+
+def _distinct(t, dims=None):
+    """Whether tensor t's layout (or the (stride, size) ``dims``) certainly gives every index its
+    own element: in order of stride, each stride reaches beyond the last element the smaller
+    dims reach.  Sufficient, not necessary: a rare interleaving without overlap fails it, and
+    the callers then compare element offsets."""
+    if dims is None:
+        if t.is_contiguous():
+            return True
+        overlap = _internal_overlap(t) if _internal_overlap else 2  # 0: dense, 1: a stride 0, 2: can't tell
+        if overlap != 2:
+            return overlap == 0
+        dims = zip(t.stride(), t.shape)
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in dims if sz > 1):
+        if stride <= reach:
+            return False
+        reach += stride * (size - 1)
+    return True
+
+
+def _extent(t):
+    """(first, last) byte address of t's elements, or None when t is empty."""
+    if t.numel() == 0:
+        return None
+    first = t.data_ptr()
+    if t.is_contiguous():
+        return first, first + t.numel() * t.element_size() - 1
+    strides = t.stride()
+    return first, first + (sum(map(operator.mul, strides, t.shape)) - sum(strides) + 1) * t.element_size() - 1
+
+
+def _apart(a, b, ea, eb):
+    """Whether a and b (address ranges ``ea``, ``eb``) certainly share no element: from the
+    ranges, or, for two tensors of one shape and strides, from the layout with the offset
+    between them as one more dim (k and v packed side by side in one buffer)."""
+    if ea is None or eb is None or ea[1] < eb[0] or eb[1] < ea[0]:
+        return True
+    delta, rest = divmod(abs(b.data_ptr() - a.data_ptr()), a.element_size())
+    return (a.shape == b.shape and a.stride() == b.stride() and rest == 0
+            and _distinct(a, list(zip(a.stride(), a.shape)) + [(delta, 2)]))
+
+
+def _offset(t, base):
+    """t's first element, in elements from the byte address ``base`` (every tensor here has one dtype)."""
+    delta, rest = divmod(t.data_ptr() - base, t.element_size())
+    if rest:
+        raise ValueError("the caches, q and the new k/v share memory at addresses that are not a whole number of "
+                         "elements apart: the append cannot be checked; pass separate tensors")
+    return delta
+
+
+def _element_offsets(t, base, index=None):
+    """Offsets (from ``base``) of t's elements, shaped like t; with ``index`` = (blocks, rows),
+    of the elements ``t[blocks, rows]`` (B, S, H, D) an append writes."""
+    dev, strides = t.device, t.stride()
+    if index is None:
+        offs = torch.tensor(_offset(t, base), device=dev)
+        for dim, (stride, size) in enumerate(zip(strides, t.shape)):
+            offs = offs + (torch.arange(size, device=dev) * stride).view([-1] + [1] * (t.dim() - dim - 1))
+        return offs
+    blocks, rows = index
+    slots = _offset(t, base) + blocks * strides[0] + rows * strides[1]
+    inner = (torch.arange(t.shape[2], device=dev) * strides[2])[:, None] + torch.arange(t.shape[3], device=dev) * \
+        strides[3]
+    return slots[..., None, None] + inner
+
+
+def _members(offs, t, base):
+    """Which of the element offsets ``offs`` (from ``base``) belong to tensor t."""
+    dims = [(st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1 and st > 0]
+    if _distinct(t, dims):
+        # every element has one index (dims of stride 0 repeat elements, they add none):
+        # peel it off from the largest stride down, like the digits of a mixed-radix number
+        rest = offs - _offset(t, base)
+        inside = rest >= 0
+        for stride, size in sorted(dims, reverse=True):
+            rest = rest - (rest // stride).clamp(0, size - 1) * stride
+        return inside & (rest == 0)
+    return torch.isin(offs, _element_offsets(t, base))
+
+
+def _check_rows_distinct(name, cache, used_rows, base):
+    """Refuse a cache whose positions, or whose rows (dim 0: batch rows or pages) in use, share
+    memory: an append into one would change another (a cache made with expand(), as_strided)."""
+    if _distinct(cache):
+        return
+    what = (f"{name} (shape {tuple(cache.shape)}, strides {cache.stride()}) has {{}} that share memory (a cache made "
+            "with expand() or as_strided?): appending a key/value into one would change the other.  Appending needs "
+            "a cache whose positions are distinct memory (e.g. .contiguous()); read-only calls (no k/v) accept it")
+    row_dims = list(zip(cache.stride()[1:], cache.shape[1:]))
+    if not _distinct(None, row_dims):
+        offs = _element_offsets(cache[0], base)
+        if torch.unique(offs).numel() != offs.numel():
+            raise ValueError(what.format("positions (dim 1) or heads"))
+    used = sorted(set(used_rows()))
+    row_stride = cache.stride(0)
+    if len(used) < 2 or row_stride > sum(st * (sz - 1) for st, sz in row_dims):
+        return  # one row, or rows farther apart than a row reaches
+    if row_stride == 0:
+        raise ValueError(what.format(f"rows {used[0]} and {used[1]} (dim 0)"))
+    offs = _element_offsets(cache[0], base)[None] + torch.tensor(used, device=cache.device).view(-1, 1, 1, 1) * \
+        row_stride
+    if torch.unique(offs).numel() != offs.numel():
+        raise ValueError(what.format("rows (dim 0) in use"))
+
+
+def _check_append_memory(q, k_cache, v_cache, k, v, blocks, rows, used_rows):
+    """Refuse an append whose writes overlap memory that is read after them: other positions of
+    the same cache (an expanded or as_strided cache), the other cache, q, or new values not yet
+    copied.  ``blocks``, ``rows``: (B, S_new) indices of the written slots (already distinct);
+    ``used_rows()``: host list of the cache rows (pages) the call uses."""
+    base = k_cache.data_ptr()
+    written = {}
+
+    def offsets(cache):  # (B, S_new, H, D) offsets of the elements written into ``cache``
+        if id(cache) not in written:
+            written[id(cache)] = _element_offsets(cache, base, (blocks, rows))
+        return written[id(cache)]
+
+    _check_rows_distinct("k_cache", k_cache, used_rows, base)
+    _check_rows_distinct("v_cache", v_cache, used_rows, base)
+    ek, ev = _extent(k_cache), _extent(v_cache)
+    if not _apart(k_cache, v_cache, ek, ev):
+        for name, cache, other in (("k", k_cache, v_cache), ("v", v_cache, k_cache)):
+            if _members(offsets(cache), other, base).any():
+                raise ValueError(f"k_cache and v_cache overlap in memory where the new {name} is written: the "
+                                 "append would overwrite the other cache; pass separate (non-overlapping) caches")
+    # q and the new k/v: usually apart from both caches' address ranges at once
+    lo, hi = min(ek[0], ev[0]), max(ek[1], ev[1])
+    # (tensor read after a write, the caches written before that read, the cache it is copied into)
+    for what, t, targets, dest in (("q", q, ("k_cache", "v_cache"), None), ("the new k", k, ("k_cache",), "k_cache"),
+                                   ("the new v", v, ("k_cache", "v_cache"), "v_cache")):
+        et = _extent(t)
+        if et is None or et[1] < lo or hi < et[0]:
+            continue
+        for name in targets:
+            cache, ec = (k_cache, ek) if name == "k_cache" else (v_cache, ev)
+            if _apart(cache, t, ec, et):
+                continue
+            offs, t_offs = offsets(cache), _element_offsets(t, base)
+            if name == dest and torch.equal(offs, t_offs):
+                continue  # the new values are views of the very slots they go to: a copy onto itself
+            if torch.isin(t_offs, offs).any():
+                raise ValueError(f"{what} overlaps the {name} positions being appended to: the append would "
+                                 f"overwrite {what} before it is read; pass {what} as a separate tensor")
+
+
 def _check_requires_grad(tensors):
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         raise NotImplementedError("flash_attn_with_kvcache is forward-only (no backward, as in flash-attn) and an "
@@ -207,7 +401,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         q: (batch, seqlen_q, nheads, headdim).
         k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), or with ``block_table``
             a paged cache (num_blocks, page_size, nheads_k, headdim), any page size.
-            ``nheads % nheads_k == 0`` (GQA/MQA).  Updated in place when k/v are given.
+            ``nheads % nheads_k == 0`` (GQA/MQA).  Updated in place when k/v are given; the rows
+            in use (batch rows or pages) must then be distinct memory (not an ``expand()``-ed
+            cache), and not overlap q or each other.
         k, v: None, or (batch, seqlen_new, nheads_k, headdim) new keys/values, written into the
             cache at positions ``cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1`` (after
             rotary, when given) and attended to in the same call.
@@ -225,7 +421,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             ``cache_batch_idx[b]`` (not with ``block_table``).  Must be distinct when appending.
         cache_leftpad: None, or int32 (batch,): keys before this position are padding, not seen.
         block_table: None, or int32 (batch, max_blocks_per_sequence): page j of sequence b is
-            ``k_cache[block_table[b, j]]``.
+            ``k_cache[block_table[b, j]]``.  Pages may be shared (prefix caching), but not at a
+            row that one position appends to and another reads.
         softmax_scale: defaults to ``headdim ** -0.5``.
         causal: bottom-right: q's last row is aligned with the last key after appending.
         window_size, softcap, alibi_slopes: as in ``flash_attn_func``, on the same diagonal.
@@ -287,20 +484,23 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 raise ValueError(f"cache_leftpad[{b}] = {s} must be in 0..cache_seqlens[{b}] ({n})")
 
     if block_table is not None:
-        _check_block_table(block_table, batch, num_blocks, page_size, ends, device)
+        table_host, in_use = _check_block_table(block_table, batch, num_blocks, page_size, ends, device)
         table = block_table
+        used_rows = lambda: table_host[in_use].tolist()  # noqa: E731  (pages in use, for the append checks)
     else:
         if cache_batch_idx is not None:
-            rows = _check_int32_vector("cache_batch_idx", cache_batch_idx, batch, device)
-            for b, r in enumerate(rows):
+            batch_rows = _check_int32_vector("cache_batch_idx", cache_batch_idx, batch, device)
+            for b, r in enumerate(batch_rows):
                 if not 0 <= r < num_blocks:
                     raise ValueError(f"cache_batch_idx[{b}] = {r} is out of range: k_cache has {num_blocks} rows")
-            if seqlen_new and len(set(rows)) != len(rows):
+            if seqlen_new and len(set(batch_rows)) != len(batch_rows):
                 raise ValueError("cache_batch_idx has repeated entries: appending k/v would write one cache row "
                                  "twice")
             table = cache_batch_idx[:, None]
+            used_rows = lambda: batch_rows  # noqa: E731
         else:
             table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+            used_rows = lambda: range(batch)  # noqa: E731
 
     seqlen_ro = _check_rotary(rotary_cos, rotary_sin, head_dim, device, seqlen_new > 0)
     softcap = _check_softcap(softcap)
@@ -340,9 +540,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             if torch.unique(slots).numel() != slots.numel():
                 raise ValueError("block_table maps two appended tokens to one cache slot (a page shared between "
                                  "sequences at the positions being appended): the append would write it twice")
+            _check_shared_pages(table_host, in_use, blocks, lengths, starts, seqlen_new, page_size)
         else:
             blocks = table.long().expand(batch, seqlen_new)
             rows = pos
+        _check_append_memory(q, k_cache, v_cache, k, v, blocks, rows, used_rows)
         k_cache[blocks, rows] = k
         v_cache[blocks, rows] = v
 

@@ -37,6 +37,19 @@ def _as_additive(mask, dtype):
     return mask if mask.dtype == dtype else mask.to(dtype)
 
 
+def _softmax_zero_when_empty(scores):
+    """softmax over the last dim, with 0 weights (and 0 gradients) in a row whose scores are
+    all -inf: such a row sees no key, and gets 0 output like the kernels' masked rows.
+
+    A plain softmax gives NaN there, and zeroing the NaN afterwards (nan_to_num) fixes the
+    forward only: softmax's backward, ``w * (g - sum(g * w))``, still multiplies by the
+    NaN weights and spreads NaN into every input and weight gradient.  So the empty rows
+    are given finite scores before the softmax and their weights zeroed after it; both
+    masked_fills pass a zero gradient for the filled entries."""
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)  # (also true when there are no keys at all)
+    return torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+
+
 class FlashAttention(nn.MultiheadAttention):
     """Drop-in replacement for :class:`torch.nn.MultiheadAttention` on flashattn_lite kernels.
 
@@ -220,8 +233,7 @@ class FlashAttention(nn.MultiheadAttention):
             scores = torch.matmul(qh, kh.transpose(-2, -1)) * (head_dim ** -0.5)
             if bias is not None:
                 scores = scores + bias
-            weights = torch.softmax(scores, dim=-1)
-            weights = torch.nan_to_num(weights, nan=0.0)  # rows with no visible key: 0, like the kernel
+            weights = _softmax_zero_when_empty(scores)
             if dropout_p > 0:
                 weights = F.dropout(weights, p=dropout_p)
                 out = torch.matmul(weights, vh)

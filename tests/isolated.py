@@ -27,7 +27,9 @@ class ExpectedErrorMissing(AssertionError):
 
 def expect_error(fn, types=(ValueError, TypeError, RuntimeError, NotImplementedError), match=None):
     """Call ``fn``; it must raise one of ``types`` whose message names the problem
-    (contains ``match`` when given, case-insensitive)."""
+    (contains ``match`` when given, case-insensitive).  ``types``: one exception class or a tuple."""
+    if isinstance(types, type):
+        types = (types,)
     try:
         fn()
     except types as e:

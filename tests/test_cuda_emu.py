@@ -160,6 +160,31 @@ def test_empty_and_single_sequences(sq, sk):
     check_case("cuda_emu", 1, sq, sk, 2, 1, 64, BF16, causal=True)
 
 
+@pytest.mark.parametrize("batch, sq, sk, hq, hk", [(1, 0, 20, 2, 1), (1, 0, 0, 2, 1), (0, 5, 6, 2, 1),
+                                                    (1, 5, 0, 2, 1), (1, 5, 6, 0, 1)])
+@pytest.mark.parametrize("strides", ["contiguous", "zero"])
+def test_empty_inputs_through_autograd(batch, sq, sk, hq, hk, strides):
+    """Nothing to compute (batch, heads or a sequence length 0): output 0, lse -inf, zero
+    gradients, as on the cpu and reference backends, also for the all-zero-stride ``dout``
+    autograd hands over for ``out.sum()`` and for empty inputs with zero strides (issue 14)."""
+    def make(shape):
+        if strides == "zero" and 0 in shape:
+            return torch.empty_strided(shape, (0,) * 4, dtype=F16).requires_grad_()
+        return torch.randn(shape, dtype=F16).requires_grad_()
+
+    q, k, v = make((batch, sq, hq, 64)), make((batch, sk, hk, 64)), make((batch, sk, hk, 64))
+    results = {}
+    for backend in ("cuda_emu", "reference"):
+        with fl.use_backend(backend):
+            out, lse, _ = fl.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+            grads = torch.autograd.grad(out.float().sum() + lse.sum(), (q, k, v))
+        results[backend] = (out, lse) + grads
+    for ours, ref in zip(results["cuda_emu"], results["reference"]):
+        assert ours.shape == ref.shape and ours.dtype == ref.dtype
+        assert torch.equal(ours, ref)  # zeros and -inf: exact
+    assert (results["cuda_emu"][1] == float("-inf")).all()
+
+
 def test_binding_schemas_match_ops_cpp():
     """cuda_emu's operators (and the CUDA binding, which registers into flashattn_lite_C)
     take exactly csrc/ops.cpp's fwd/bwd schema."""

@@ -109,8 +109,10 @@ def make_case(batch=2, sq=1, hq=2, hk=2, d=16, dtype=torch.float16, seqlens=(5, 
     return case
 
 
-def run_case(backend, case, causal=False, window=(-1, -1), softcap=0.0, alibi=None, num_splits=0, scale=None):
-    """Run ``case`` on ``backend``; check the appended cache and out/lse against the oracle."""
+def run_case(backend, case, causal=False, window=(-1, -1), softcap=0.0, alibi=None, num_splits=0, scale=None,
+             in_place=False):
+    """Run ``case`` on ``backend``; check the appended cache and out/lse against the oracle.
+    ``in_place``: append into the case's own caches (keeping their memory layout), not copies."""
     q = case["q"]
     batch, sq, hq, d = q.shape
     slopes = None
@@ -120,7 +122,8 @@ def run_case(backend, case, causal=False, window=(-1, -1), softcap=0.0, alibi=No
         slopes = torch.rand(batch, hq)
     kc0, vc0 = case["k_cache"].clone(), case["v_cache"].clone()
     args = {k: v for k, v in case.items()}
-    args["k_cache"], args["v_cache"] = case["k_cache"].clone(), case["v_cache"].clone()
+    if not in_place:
+        args["k_cache"], args["v_cache"] = case["k_cache"].clone(), case["v_cache"].clone()
     with fl.use_backend(backend):
         out, lse = fl.flash_attn_with_kvcache(**args, softmax_scale=scale, causal=causal, window_size=window,
                                               softcap=softcap, alibi_slopes=slopes, num_splits=num_splits,
@@ -365,6 +368,137 @@ def test_bad_shared_page_at_appended_positions():
     k_before = case["k_cache"].clone()
     _bad("one cache slot", block_table=table, cache_seqlens=torch.tensor([3, 3], dtype=torch.int32))
     assert torch.equal(case["k_cache"], k_before)  # refused before anything was written
+
+
+# appends into memory that something else also uses (issue 14): refused before anything is written
+
+
+def _overlap_case(kind):
+    """A contiguous-cache case (batch 2, 2 kv heads, head dim 16, 8 positions, one new token at
+    cache_seqlens (3, 5)) whose caches or inputs share memory in the way ``kind`` names."""
+    case = make_case(seqlens=(3, 5), snew=1, capacity=8)
+    kc = case["k_cache"]
+    if kind == "expanded batch":  # the issue's example: batch 1's key lands in batch 0's row
+        case["k_cache"] = kc[:1].expand(2, 8, 2, 16)
+    elif kind == "expanded paged":  # every page one memory
+        case.update(make_case(seqlens=(3, 5), snew=1, page_size=4, capacity=8))
+        case["v_cache"] = case["v_cache"][:1].expand_as(case["v_cache"])
+    elif kind == "rows as_strided":  # row 1 starts at row 0's position 4
+        case["k_cache"] = torch.randn(12 * 32, dtype=kc.dtype).as_strided((2, 8, 2, 16), (4 * 32, 32, 16, 1))
+    elif kind == "positions as_strided":  # position p's head 1 is position p + 1's head 0
+        case["v_cache"] = torch.randn(2 * 9 * 16, dtype=kc.dtype).as_strided((2, 8, 2, 16), (9 * 16, 16, 16, 1))
+    elif kind == "heads as_strided":  # heads 8 apart with head dim 16
+        case["k_cache"] = torch.randn(2 * 8 * 24, dtype=kc.dtype).as_strided((2, 8, 2, 16), (8 * 24, 24, 8, 1))
+    elif kind == "v_cache is k_cache":
+        case["v_cache"] = kc
+    elif kind == "v_cache shifted k_cache":  # one buffer, v one row further on
+        buf = torch.randn(3, 8, 2, 16, dtype=kc.dtype)
+        case["k_cache"], case["v_cache"] = buf[:2], buf[1:]
+    elif kind == "q in written slots":
+        case["cache_seqlens"] = 3
+        case["q"] = kc[:, 3:4]
+    elif kind == "new v in k_cache":
+        case["cache_seqlens"] = 3
+        case["v"] = kc[:, 3:4]
+    elif kind == "new k in other written slots":  # slots 3, 4 written from slots 4, 5
+        case.update(cache_seqlens=3, k=kc[:, 4:6], v=torch.randn(2, 2, 2, 16, dtype=kc.dtype))
+    else:
+        raise ValueError(kind)
+    return case
+
+
+SHARED_MEMORY_ERRORS = {
+    "expanded batch": r"k_cache \(shape \(2, 8, 2, 16\), strides \(0, 32, 16, 1\)\) has rows 0 and 1",
+    "expanded paged": "v_cache .* has rows .* share memory",
+    "rows as_strided": r"k_cache .* has rows \(dim 0\) in use that share memory",
+    "positions as_strided": r"v_cache .* has positions \(dim 1\) or heads that share memory",
+    "heads as_strided": r"k_cache .* has positions \(dim 1\) or heads that share memory",
+    "v_cache is k_cache": "k_cache and v_cache overlap in memory where the new k is written",
+    "v_cache shifted k_cache": "k_cache and v_cache overlap in memory",
+    "q in written slots": "q overlaps the k_cache positions being appended to",
+    "new v in k_cache": "the new v overlaps the k_cache positions",
+    "new k in other written slots": "the new k overlaps the k_cache positions",
+}
+
+
+@pytest.mark.parametrize("kind", SHARED_MEMORY_ERRORS)
+def test_bad_append_into_shared_memory(kind):
+    match = SHARED_MEMORY_ERRORS[kind]
+    case = _overlap_case(kind)
+    before = [t.clone() for t in (case["k_cache"], case["v_cache"])]
+    with pytest.raises(ValueError, match=match):
+        fl.flash_attn_with_kvcache(**case)
+    assert all(torch.equal(t, b) for t, b in zip((case["k_cache"], case["v_cache"]), before))  # nothing written
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_append_into_layouts_that_share_no_slot(backend):
+    # k and v packed in one buffer; torch's (B, H, S, D) cache layout; a sequence-major
+    # (S, B, H, D) cache: one address range each, written in place, no element shared
+    B, cap, hk, d = 2, 24, 2, 16
+    packed = torch.randn(B, cap, 2, hk, d, dtype=torch.float16)
+    for kc, vc in ((packed[:, :, 0], packed[:, :, 1]),
+                   (torch.randn(B, hk, cap, d, dtype=torch.float16).transpose(1, 2),
+                    torch.randn(cap, B, hk, d, dtype=torch.float16).transpose(0, 1))):
+        case = make_case(sq=2, snew=2, seqlens=(4, 19), capacity=cap)
+        case["k_cache"], case["v_cache"] = kc, vc
+        run_case(backend, case, causal=True, in_place=True)
+    # new k/v that are views of the very slots they are appended to (a copy onto itself),
+    # and q read from a part of the cache no append touches
+    case = make_case(sq=1, snew=1, hq=2, seqlens=(5, 5), capacity=cap)
+    case["cache_seqlens"] = 5
+    case["k"], case["v"] = case["k_cache"][:, 5:6], case["v_cache"][:, 5:6]
+    case["q"] = case["k_cache"][:, 0:1]
+    run_case(backend, case, in_place=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore:Use of index_put_ on expanded tensors")
+def test_expanded_cache_read_only_or_one_row(backend):
+    # a cache with stride 0 in batch serves read-only calls, and appends that write one row
+    base_k, base_v = torch.randn(1, 24, 2, 16, dtype=torch.float16), torch.randn(1, 24, 2, 16, dtype=torch.float16)
+    case = make_case(seqlens=(5, 9), capacity=24)
+    case["k_cache"], case["v_cache"] = base_k.expand(2, 24, 2, 16), base_v.expand(2, 24, 2, 16)
+    run_case(backend, case, in_place=True)
+    case = make_case(batch=1, seqlens=(7,), snew=1, capacity=24)
+    case["k_cache"], case["v_cache"] = base_k.expand(3, 24, 2, 16), base_v.expand(3, 24, 2, 16)
+    case["cache_batch_idx"] = torch.tensor([2], dtype=torch.int32)
+    with fl.use_backend(backend):
+        out = fl.flash_attn_with_kvcache(**case)
+    assert torch.equal(base_k[0, 7], case["k"][0, 0]) and torch.equal(base_v[0, 7], case["v"][0, 0])
+    # the same step on a dense copy (which already holds the appended key: appending it again changes nothing)
+    zero = torch.tensor([0], dtype=torch.int32)
+    dense = dict(case, k_cache=base_k.clone(), v_cache=base_v.clone(), cache_batch_idx=zero)
+    with fl.use_backend(backend):
+        assert torch.equal(out, fl.flash_attn_with_kvcache(**dense))
+
+
+def test_bad_append_into_a_page_another_position_reads():
+    # sequence 1 shares sequence 0's first page and reads its row 3 as its own position 3;
+    # sequence 0 appends its position 3 there
+    case = make_case(seqlens=(3, 6), snew=1, page_size=4, capacity=8)
+    table = case["block_table"].clone()
+    table[1, 0] = table[0, 0]
+    before = case["k_cache"].clone()
+    with pytest.raises(ValueError, match="position 3 of sequence 0 goes to page .*, row 3, which sequence 1 reads as "
+                                         "its position 3"):
+        fl.flash_attn_with_kvcache(**dict(case, block_table=table))
+    assert torch.equal(case["k_cache"], before)
+    # one page listed twice in a sequence: position 5 lands on row 1, read as position 1
+    table = case["block_table"].clone()
+    table[0, 1] = table[0, 0]
+    with pytest.raises(ValueError, match="position 5 of sequence 0 .* which sequence 0 reads as its position 1"):
+        fl.flash_attn_with_kvcache(**dict(case, block_table=table, cache_seqlens=torch.tensor([5, 2],
+                                                                                              dtype=torch.int32)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_shared_prefix_page_appends_elsewhere(backend):
+    # prefix sharing done right: both sequences read the same full first page, and append
+    # into pages of their own
+    case = make_case(seqlens=(5, 6), snew=1, page_size=4, capacity=12)
+    case["block_table"][1, 0] = case["block_table"][0, 0]
+    run_case(backend, case, causal=True)
 
 
 def test_inputs_that_require_grad_are_refused():

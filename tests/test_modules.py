@@ -134,6 +134,147 @@ def test_self_attention_causal_and_unbatched(need_weights):
         assert o[1].shape == r[1].shape == (7, 7)
 
 
+# ------------------------------------------------------------------ query rows that see no key (issue 14)
+
+
+def _no_key_case(kind):
+    """(sizes, module kwargs, kept batch items, kept query rows) for masks that leave some query
+    rows without a visible key.  torch gives NaN there (and NaN in every parameter gradient);
+    the kept part is what it still computes finitely."""
+    batch, tgt, src = 3, (7 if kind == "padded_item_causal" else 6), (7 if kind == "padded_item_causal" else 9)
+    kpm = torch.rand(batch, src) < 0.4
+    kpm[:, 0] = False
+    kpm[1] = True  # batch item 1: every key padded
+    items, rows = [0, 2], list(range(tgt))
+    if kind == "padded_item":
+        kw = {"key_padding_mask": kpm}
+    elif kind == "padded_item_float_mask":  # float masks: -inf entries, a whole row of them for item 1
+        kw = {"key_padding_mask": torch.zeros(batch, src).masked_fill(kpm, float("-inf")),
+              "attn_mask": torch.randn(tgt, src)}
+    elif kind == "padded_item_causal":
+        kw = {"key_padding_mask": torch.zeros(batch, src).masked_fill(kpm, float("-inf")),
+              "attn_mask": nn.Transformer.generate_square_subsequent_mask(tgt), "is_causal": True}
+    elif kind == "masked_row":
+        am = torch.rand(tgt, src) < 0.3
+        am[:, 0] = False
+        am[2] = True  # query row 2 of every item: every key masked
+        kw = {"attn_mask": am}
+        items, rows = [0, 1, 2], [r for r in range(tgt) if r != 2]
+    else:
+        raise ValueError(kind)
+    return (batch, tgt, src), kw, items, rows
+
+
+def _run_loss(module, q, k, v, dout, dw, kw):
+    """``module`` on batch-first q, k, v (transposed for a sequence-first module); backward of
+    (out * dout).sum() + (weights * dw).sum(); everything returned batch-first."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    args = leaves if module.batch_first else [t.transpose(0, 1) for t in leaves]
+    module.zero_grad(set_to_none=True)
+    out, w = module(*args, **kw)
+    out = out if module.batch_first else out.transpose(0, 1)
+    loss = (out * dout).sum() + (0 if w is None else (w * dw).sum())
+    loss.backward()
+    return {"out": out.detach(), "w": None if w is None else w.detach(), "dq": leaves[0].grad,
+            "dk": leaves[1].grad, "dv": leaves[2].grad,
+            "params": {n: p.grad for n, p in module.named_parameters() if p.grad is not None}}
+
+
+NO_KEY_CONFIGS = [dict(), dict(batch_first=True), dict(kdim=12, vdim=20), dict(add_bias_kv=True, add_zero_attn=True)]
+
+
+@pytest.mark.parametrize("cfg", NO_KEY_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize("kind", ["padded_item", "padded_item_float_mask", "padded_item_causal", "masked_row"])
+def test_rows_without_keys_match_multihead_attention(cfg, kind):
+    """A fully padded batch item (or a fully masked query row): output 0 before out_proj, zero
+    weights, and finite gradients (issue 14: the weights path gave NaN gradients) that match
+    nn.MultiheadAttention wherever torch is finite.  torch's parameter gradients are NaN
+    there, so its oracle runs on the kept items / rows; the dropped rows' only contribution
+    to any parameter gradient is dout to out_proj.bias (their attention output is constant)."""
+    (batch, tgt, src), kw, items, rows = _no_key_case(kind)
+    extra = int(cfg.get("add_bias_kv", False)) + int(cfg.get("add_zero_attn", False))
+    if extra:  # bias_k / the zero key stay visible to every row: nothing is empty, torch is finite
+        items, rows = list(range(batch)), list(range(tgt))
+    ref_mod = nn.MultiheadAttention(E, H, **cfg).double()
+    base_mod = nn.MultiheadAttention(E, H, **cfg)
+    base_mod.load_state_dict(ref_mod.state_dict())
+    ours = fl.FlashAttention.from_torch(base_mod)
+    q = torch.randn(batch, tgt, E)
+    k, v = torch.randn(batch, src, cfg.get("kdim") or E), torch.randn(batch, src, cfg.get("vdim") or E)
+    dout = torch.randn(batch, tgt, E)
+    i, r = torch.tensor(items), torch.tensor(rows)
+    kept = torch.zeros(batch, tgt, dtype=torch.bool)
+    kept[i[:, None], r] = True
+    for need_weights, average in ((True, True), (True, False), (False, True)):
+        dw = torch.randn((batch, tgt, src + extra) if average else (batch, H, tgt, src + extra))
+        args = dict(kw, need_weights=need_weights, average_attn_weights=average)
+
+        o = _run_loss(ours, q, k, v, dout, dw, args)
+        for key in ("out", "dq", "dk", "dv"):
+            assert torch.isfinite(o[key]).all(), key
+        assert all(torch.isfinite(g).all() for g in o["params"].values())
+
+        # torch on the kept part
+        kept_kw = dict(args)
+        if "key_padding_mask" in kw:
+            kept_kw["key_padding_mask"] = kw["key_padding_mask"][i]
+        if "attn_mask" in kw:
+            kept_kw["attn_mask"] = kw["attn_mask"][r]
+        qk, kk, vk, dk_out = q[i][:, r], k[i], v[i], dout[i][:, r]
+        dwk = dw[i][..., r, :]
+        ref = _run_loss(ref_mod, qk.double(), kk.double(), vk.double(), dk_out.double(), dwk.double(),
+                        _double(kept_kw))
+        base = _run_loss(base_mod, qk, kk, vk, dk_out, dwk, kept_kw)
+        for res, dt in ((ref, torch.float64), (base, torch.float32)):
+            res["params"]["out_proj.bias"] = res["params"]["out_proj.bias"] + dout[~kept].sum(0).to(dt)
+
+        _check("out", o["out"][i][:, r], ref["out"], base["out"], FWD_FACTOR)
+        assert torch.equal(o["out"][~kept], ours.out_proj.bias.detach().expand(int((~kept).sum()), E))
+        _check("dq", o["dq"][i][:, r], ref["dq"], base["dq"], GRAD_FACTOR)
+        assert (o["dq"][~kept] == 0).all()
+        for key in ("dk", "dv"):  # a dropped row reads no key; a dropped item's keys are read by no row
+            _check(key, o[key][i], ref[key], base[key], GRAD_FACTOR)
+            assert (o[key][[b for b in range(batch) if b not in items]] == 0).all()
+        names = list(o["params"])
+        assert names == list(ref["params"])
+        flat = {key: torch.cat([res["params"][n].flatten() for n in names]) for key, res in
+                (("ours", o), ("ref", ref), ("base", base))}
+        _check("param grads", flat["ours"], flat["ref"], flat["base"], GRAD_FACTOR)
+        if need_weights:
+            w = o["w"] if average else o["w"].transpose(0, 1)  # heads in front: (H, N, L, S)
+            w_ref = ref["w"] if average else ref["w"].transpose(0, 1)
+            w_base = base["w"] if average else base["w"].transpose(0, 1)
+            _check("weights", w[..., i, :, :][..., r, :], w_ref, w_base, FWD_FACTOR)
+            assert (w[..., ~kept, :] == 0).all()
+        else:
+            assert o["w"] is None
+
+
+def test_rows_without_keys_unbatched_and_in_training():
+    """The whole (unbatched) input padded, and weights with dropout in training: finite
+    gradients, zero for everything but out_proj.bias."""
+    for dropout, training in ((0.0, False), (0.5, True)):
+        m = fl.FlashAttention(E, H, dropout=dropout).train(training)
+        x = torch.randn(5, E, requires_grad=True)
+        out, w = m(x, x, x, key_padding_mask=torch.ones(5, dtype=torch.bool), average_attn_weights=False)
+        assert torch.equal(out, m.out_proj.bias.detach().expand(5, E)) and w.shape == (H, 5, 5) and (w == 0).all()
+        dout = torch.randn(5, E)
+        ((out * dout).sum() + (w * torch.randn_like(w)).sum()).backward()
+        assert torch.equal(x.grad, torch.zeros_like(x))
+        for name, p in m.named_parameters():
+            want = dout.sum(0) if name == "out_proj.bias" else torch.zeros_like(p)
+            torch.testing.assert_close(p.grad, want, rtol=0, atol=1e-5 if name == "out_proj.bias" else 0, msg=name)
+    # a padded item in a batch with dropout: the other items' gradients stay finite too
+    m = fl.FlashAttention(E, H, dropout=0.5, batch_first=True)
+    x = torch.randn(2, 5, E, requires_grad=True)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[0] = True
+    out, w = m(x, x, x, key_padding_mask=kpm)
+    (out.sum() + (w * torch.randn_like(w)).sum()).backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[0] == 0).all() and (x.grad[1] != 0).any()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
 def test_state_dict_round_trips_both_ways():
     for cfg in CONFIGS:
         mha = nn.MultiheadAttention(E, H, **cfg)

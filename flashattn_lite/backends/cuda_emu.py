@@ -63,9 +63,22 @@ def supports(call):
     return None if ok else why
 
 
+def _empty(q, k):
+    """Whether the call has nothing to compute (a zero batch, heads or sequence length).
+    It is answered here, not by the kernels: an empty tensor may carry any strides (autograd
+    hands an expanded, all-zero-stride ``dout`` to the backward of ``out.sum()``, and
+    ``.contiguous()`` keeps them, since an empty tensor counts as contiguous), which the
+    operators' unit-stride checks would refuse."""
+    return q.numel() == 0 or k.numel() == 0
+
+
 def run_fwd(ops, backend, q, k, v, p):
     """fwd through the ``flashattn_lite_C`` ops of ``ops`` (the emulated or the real CUDA build)."""
     param_limits(p, backend)
+    if _empty(q, k):
+        # every query row sees no key: output 0, lse -inf (the shared masked-row rule)
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
+        return torch.zeros_like(q), lse
     return ops.fwd(q, k, v, *p.op_args())
 
 
@@ -73,6 +86,8 @@ def run_bwd(ops, backend, dout, dlse, q, k, v, out, lse, p, bias_grad, determini
     param_limits(p, backend)
     if bias_grad:
         raise RuntimeError(f"the {backend} backend does not implement bias gradients")
+    if _empty(q, k):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
     dq, dk, dv, _ = ops.bwd(dout, dlse, q, k, v, out, lse, *p.op_args(), False, bool(deterministic))
     return dq, dk, dv, None
 
