@@ -356,5 +356,5 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if q.shape[-1] > 1 and q.stride(-1) != 1:
         q = q.contiguous()
     out, lse = _ops.run_decode(q, k_cache, v_cache, table, seqlens_k, cache_leftpad,
-                                max(ends, default=0), scale, left, right, softcap, slopes, num_splits, sink, backend)
+                                max(ends, default=0), scale, left, right, softcap, slopes, num_splits, backend, sink)
     return (out, lse) if return_softmax_lse else out

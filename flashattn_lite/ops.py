@@ -25,15 +25,16 @@ from .backends import OP_FIELDS, Params, accum_dtype, sinks
 _PARAM_ARGS = ("Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor? bias, "
                "float softmax_scale, SymInt diag_offset, int window_left, int window_right, float softcap, "
                "Tensor? alibi_slopes, float dropout_p, int dropout_seed")
-FWD_SCHEMA = f"(Tensor q, Tensor k, Tensor v, {_PARAM_ARGS}, Tensor? learnable_sink, str backend) -> (Tensor, Tensor)"
+FWD_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, {_PARAM_ARGS}, str backend, Tensor? learnable_sink=None) "
+              "-> (Tensor, Tensor)")
 # Bwd: (dq, dk, dv, dbias, dsink); dbias is (B, H, Sq, Sk) in the bias dtype when bias_grad, dsink (H,) in the
 # sink's dtype when a sink is given, else empty tensors.
 BWD_SCHEMA = (f"(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_PARAM_ARGS}, "
-              "Tensor? learnable_sink, bool bias_grad, bool deterministic, str backend) "
+              "bool bias_grad, bool deterministic, str backend, Tensor? learnable_sink=None) "
               "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 # autograd input indices of the bias and the sink (after q, k, v)
 _BIAS_INPUT = 3 + OP_FIELDS.index("bias")
-_SINK_INPUT = 3 + len(OP_FIELDS)
+_SINK_INPUT = 3 + len(OP_FIELDS) + 1  # after the backend
 _TENSOR_FIELDS = ("cu_seqlens_q", "cu_seqlens_k", "bias", "alibi_slopes")
 
 
@@ -75,9 +76,18 @@ def _fwd_direct(q, k, v, params, sink, backend):
     return _like(out, q), lse.contiguous()
 
 
+def _with_sink(args, before_sink, sink):
+    """Split operator arguments whose last, defaulted one is ``learnable_sink``: torch passes it
+    positionally when given, as a keyword or not at all when not."""
+    if len(args) > before_sink:
+        return args[:before_sink], args[before_sink]
+    return args, sink
+
+
 @torch.library.custom_op("flashattn_lite::fwd", mutates_args=(), schema=FWD_SCHEMA)
-def fwd(q, k, v, *args):
-    *params, sink, backend = args
+def fwd(q, k, v, *args, learnable_sink=None):
+    args, sink = _with_sink(args, len(OP_FIELDS) + 1, learnable_sink)
+    *params, backend = args
     return _fwd_direct(q, k, v, Params.from_op_args(params), sink, backend)
 
 
@@ -93,8 +103,9 @@ def _dbias_or_empty(dbias, bias, bias_grad, q):
 
 
 @torch.library.custom_op("flashattn_lite::bwd", mutates_args=(), schema=BWD_SCHEMA)
-def bwd(dout, dlse, q, k, v, out, lse, *args):
-    *params, sink, bias_grad, deterministic, backend = args
+def bwd(dout, dlse, q, k, v, out, lse, *args, learnable_sink=None):
+    args, sink = _with_sink(args, len(OP_FIELDS) + 3, learnable_sink)
+    *params, bias_grad, deterministic, backend = args
     params = Params.from_op_args(params)
     if checks.is_trusted():
         module = backends.get(backend)
@@ -109,8 +120,9 @@ def bwd(dout, dlse, q, k, v, out, lse, *args):
 
 
 @bwd.register_fake
-def _bwd_fake(dout, dlse, q, k, v, out, lse, *args):
-    *params, sink, bias_grad, deterministic, backend = args
+def _bwd_fake(dout, dlse, q, k, v, out, lse, *args, learnable_sink=None):
+    args, sink = _with_sink(args, len(OP_FIELDS) + 3, learnable_sink)
+    *params, bias_grad, deterministic, backend = args
     bias = Params.from_op_args(params).bias
     dbias = bias.new_empty(bias.shape) if bias_grad else (bias.new_empty(0) if bias is not None else q.new_empty(0))
     dsink = sink.new_empty(sink.shape) if sink is not None else q.new_empty(0)
@@ -154,11 +166,13 @@ def run_fwd(q, k, v, params, backend, sink=None):
     with _trusted():
         if direct_call_ok((q, k, v, sink) + tuple(getattr(params, name) for name in _TENSOR_FIELDS)):
             return _fwd_direct(q, k, v, params, sink, backend)
-        return torch.ops.flashattn_lite.fwd(q, k, v, *params.op_args(), sink, backend)
+        return torch.ops.flashattn_lite.fwd(q, k, v, *params.op_args(), backend, sink)
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, *args, sink, backend = inputs
+    q, k, v, *args = inputs
+    args, sink = _with_sink(tuple(args), len(OP_FIELDS) + 1, None)
+    *args, backend = args
     params = Params.from_op_args(args)
     ctx.save_for_backward(q, k, v, *output, sink, *(getattr(params, name) for name in _TENSOR_FIELDS))
     ctx.params = dataclasses.replace(params, **dict.fromkeys(_TENSOR_FIELDS))  # tensors go through saved_tensors
@@ -177,8 +191,8 @@ def _fwd_backward(ctx, dout, dlse):
     bias_grad = bool(ctx.needs_input_grad[_BIAS_INPUT]) and ctx.bias_grad
     with _trusted():  # the forward's own arguments and results
         dq, dk, dv, dbias, dsink = torch.ops.flashattn_lite.bwd(dout, dlse, q, k, v, out, lse, *params.op_args(),
-                                                                sink, bias_grad, True, ctx.backend)
-    grads = [dq, dk, dv] + [None] * (len(OP_FIELDS) + 2)  # + sink, backend
+                                                                bias_grad, True, ctx.backend, sink)
+    grads = [dq, dk, dv] + [None] * (len(OP_FIELDS) + 2)  # + backend, sink
     grads[_BIAS_INPUT] = dbias if bias_grad else None
     grads[_SINK_INPUT] = dsink if sink is not None and ctx.needs_input_grad[_SINK_INPUT] else None
     return tuple(grads)
@@ -212,11 +226,11 @@ bwd.register_autograd(_no_double_backward, setup_context=_bwd_setup_context)
 # caches and mutates nothing.
 DECODE_SCHEMA = ("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seqlens_k, Tensor? leftpad, "
                  "SymInt max_seqlen_k, float softmax_scale, int window_left, int window_right, float softcap, "
-                 "Tensor? alibi_slopes, int num_splits, Tensor? learnable_sink, str backend) -> (Tensor, Tensor)")
+                 "Tensor? alibi_slopes, int num_splits, str backend, Tensor? learnable_sink=None) -> (Tensor, Tensor)")
 
 
 def _decode_direct(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, softmax_scale, window_left,
-                   window_right, softcap, alibi_slopes, num_splits, sink, backend):
+                   window_right, softcap, alibi_slopes, num_splits, backend, sink=None):
     params = backends.Params(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
                              softcap=softcap, alibi_slopes=alibi_slopes)
     if checks.is_trusted():
@@ -232,8 +246,8 @@ def _decode_direct(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seq
 
 
 @torch.library.custom_op("flashattn_lite::decode", mutates_args=(), schema=DECODE_SCHEMA)
-def decode(*args):
-    return _decode_direct(*args)
+def decode(*args, learnable_sink=None):
+    return _decode_direct(*args, sink=learnable_sink) if len(args) == 14 else _decode_direct(*args)
 
 
 def run_decode(*args):
@@ -247,5 +261,5 @@ def run_decode(*args):
 
 
 @decode.register_fake
-def _decode_fake(q, *args):
+def _decode_fake(q, *args, learnable_sink=None):
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=accum_dtype(q.dtype))
