@@ -239,7 +239,24 @@ def _bias(op, bias, full, device):
         _fail(op, f"bias is on {bias.device} but q is on {device}")
 
 
-def check_fwd(q, k, v, p, op="fwd"):
+def check_sink(sink, heads, device, op=None):
+    """learnable_sink: None, or a float tensor (num_heads_q,) on q's device."""
+    if sink is None:
+        return None
+    where = f"flashattn_lite.{op}: " if op else ""
+    if not isinstance(sink, torch.Tensor):
+        raise TypeError(f"{where}learnable_sink must be a torch.Tensor, got {type(sink).__name__}")
+    if not sink.is_floating_point():
+        raise TypeError(f"{where}learnable_sink must be a float tensor, got {sink.dtype}")
+    if tuple(sink.shape) != (heads,):
+        raise ValueError(f"{where}learnable_sink must have shape (num_heads_q,) = ({heads},), got "
+                         f"{tuple(sink.shape)}")
+    if sink.device != device:
+        raise ValueError(f"{where}learnable_sink is on {sink.device} but q is on {device}")
+    return sink
+
+
+def check_fwd(q, k, v, p, op="fwd", sink=None):
     """The forward's contract (``backends.Params`` documents it); raises naming the problem."""
     dims = 3 if p.varlen else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -278,11 +295,12 @@ def check_fwd(q, k, v, p, op="fwd"):
         check_seqlen("seqlen_k", k.shape[1])
         _bias(op, p.bias, (batch, q.shape[2], q.shape[1], k.shape[1]), q.device)
     _slopes(op, p.alibi_slopes, batch, q.shape[-2], q.device)
+    check_sink(sink, q.shape[-2], q.device, op)
 
 
-def check_bwd(dout, dlse, q, k, v, out, lse, p, bias_grad):
+def check_bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, sink=None):
     op = "bwd"
-    check_fwd(q, k, v, p, op)
+    check_fwd(q, k, v, p, op, sink=sink)
     for name, t in (("dout", dout), ("out", out)):
         _tensor(op, name, t, q.dim())
         if t.shape != q.shape:
@@ -302,7 +320,7 @@ def check_bwd(dout, dlse, q, k, v, out, lse, p, bias_grad):
         _fail(op, "bias_grad needs a bias")
 
 
-def check_decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, p, num_splits):
+def check_decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, p, num_splits, sink=None):
     """The decode operator's contract (``ops.DECODE_SCHEMA``): every page a valid position
     needs lies in the cache, every length within the table's capacity."""
     op = "decode"
@@ -352,5 +370,6 @@ def check_decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqle
     elif any(e > 0 for e in ends):
         _fail(op, "the caches hold no positions but seqlens_k is positive")
     _slopes(op, p.alibi_slopes, batch, q.shape[2], q.device)
+    check_sink(sink, q.shape[2], q.device, op)
     if isinstance(num_splits, bool) or not 0 <= num_splits <= 128:
         _fail(op, f"num_splits must be in 0..128 (0 = automatic), got {num_splits}")

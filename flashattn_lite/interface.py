@@ -112,7 +112,7 @@ def _check_alibi(slopes, batch, heads, device):
 
 
 def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap=0.0, alibi_slopes=None, bias=None,
-         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, dropout_p=0.0):
+         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, dropout_p=0.0, learnable_sink=None):
     checks.check_scale_over_softcap(softmax_scale, softcap)
     seed = rng.draw_seed() if dropout_p > 0 else 0
     params = backends.Params(softmax_scale=softmax_scale, diag_offset=diag_offset, window_left=window_left,
@@ -122,11 +122,11 @@ def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap
     backend = _select_backend(q.device, q.dtype, _head_dim_for_choice(q.shape[-1]), params.features())
     if dropout_p > 0:
         rng.note_call(params, q, k)
-    return ops.run_fwd(q, k, v, params, backend)
+    return ops.run_fwd(q, k, v, params, backend, learnable_sink)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, learnable_sink=None):
     """Exact attention in flash-attn's layout.
 
     Args:
@@ -142,6 +142,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             default generator; see ``flashattn_lite.testing.record_dropout`` for the mask).
         deterministic: accepted for compatibility; every backward here is deterministic.
         return_attn_probs: also return ``softmax_lse`` (float32, (batch, nheads, seqlen_q)).
+        learnable_sink: None, or a float tensor (nheads,): one extra logit per query head whose
+            value is 0 (gpt-oss's attention sinks): row i of head h normalises over its visible
+            scores plus ``learnable_sink[h]``.  ``softmax_lse`` leaves the sink out.  The sink
+            receives a gradient when it requires grad.
 
     Returns ``out`` (batch, seqlen_q, nheads, headdim), or ``(out, softmax_lse, None)``.
     """
@@ -157,7 +161,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         right = 0
     left, right = _unbounded_if_beyond(left, right, q.shape[1], k.shape[1])
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    out, lse = _run(q, k, v, scale, k.shape[1] - q.shape[1], left, right, softcap, slopes, dropout_p=dropout_p)
+    sink = checks.check_sink(learnable_sink, q.shape[2], q.device)
+    out, lse = _run(q, k, v, scale, k.shape[1] - q.shape[1], left, right, softcap, slopes, dropout_p=dropout_p,
+                    learnable_sink=sink)
     if return_attn_probs:
         return out, lse, None
     return out
@@ -263,7 +269,7 @@ def _check_max_seqlen(name, max_seqlen, lengths):
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+                           deterministic=False, return_attn_probs=False, block_table=None, learnable_sink=None):
     """Attention over packed variable-length sequences, flash-attn's varlen layout.
 
     Args:
@@ -276,6 +282,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         causal, window_size, softcap, alibi_slopes ((nheads,) or (batch, nheads)), dropout_p:
             as :func:`flash_attn_func`, per sequence (causal is bottom-right per sequence).
         block_table: paged K/V is served by :func:`flash_attn_with_kvcache`; here it must be None.
+        learnable_sink: None or (nheads,) float, as :func:`flash_attn_func`.
 
     Validation reads cu_seqlens on the host (one small device-to-host copy per call).
     Returns ``out`` (total_q, nheads, headdim), or ``(out, softmax_lse (nheads, total_q), None)``.
@@ -303,9 +310,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         right = 0
     left, right = _unbounded_if_beyond(left, right, max_seqlen_q, max_seqlen_k)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    sink = checks.check_sink(learnable_sink, q.shape[1], q.device)
     out, lse = _run(q, k, v, scale, 0, left, right, softcap, slopes, cu_seqlens_q=cu_seqlens_q.contiguous(),
                     cu_seqlens_k=cu_seqlens_k.contiguous(), max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                    dropout_p=dropout_p)
+                    dropout_p=dropout_p, learnable_sink=sink)
     if return_attn_probs:
         return out, lse, None
     return out

@@ -38,6 +38,7 @@ import operator
 import torch
 
 from . import backends
+from .checks import check_scale_over_softcap, check_sink
 from . import ops as _ops  # (also registers torch.ops.flashattn_lite.decode)
 from .interface import (MAX_HEAD_DIM, _check_alibi, _check_scale, _check_softcap, _check_tensor, _check_window,
                         _select_backend, _unbounded_if_beyond)
@@ -394,7 +395,8 @@ def auto_num_splits(programs, max_keys, block_n, num_sms, min_blocks_per_split=4
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
+                            learnable_sink=None):
     """Attention of ``q`` against a KV cache, appending new keys/values first (decoding).
 
     Args:
@@ -429,12 +431,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         num_splits: split-KV count (the cache divided among programs whose partial results are
             merged through their lse); 0 picks it from batch x heads and the cache length.
         return_softmax_lse: also return the lse, float32 (batch, nheads, seqlen_q).
+        learnable_sink: None, or (nheads,) float: one extra logit per query head with a zero
+            value (as ``flash_attn_func``); the lse leaves it out.
 
     Returns ``out`` (batch, seqlen_q, nheads, headdim), or ``(out, softmax_lse)``.
     Forward only (no gradients).
     """
     _check_caches(q, k_cache, v_cache)
-    _check_requires_grad((q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, alibi_slopes))
+    _check_requires_grad((q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, alibi_slopes, learnable_sink))
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_new = _check_new(k, v, q, k_cache)
     device = q.device
@@ -504,8 +508,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     seqlen_ro = _check_rotary(rotary_cos, rotary_sin, head_dim, device, seqlen_new > 0)
     softcap = _check_softcap(softcap)
+    sink = check_sink(learnable_sink, heads, device)
     slopes = _check_alibi(alibi_slopes, batch, heads, device)
     scale = head_dim ** -0.5 if softmax_scale is None else _check_scale(softmax_scale, "softmax_scale")
+    check_scale_over_softcap(scale, softcap)
     left, right = _check_window(window_size)
     local = left >= 0 or right >= 0
     if causal:
@@ -552,5 +558,5 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if q.shape[-1] > 1 and q.stride(-1) != 1:
         q = q.contiguous()
     out, lse = _ops.run_decode(q, k_cache, v_cache, table, seqlens_k, cache_leftpad,
-                                max(ends, default=0), scale, left, right, softcap, slopes, num_splits, backend)
+                                max(ends, default=0), scale, left, right, softcap, slopes, num_splits, backend, sink)
     return (out, lse) if return_softmax_lse else out

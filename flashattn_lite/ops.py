@@ -12,23 +12,29 @@ import dataclasses
 import torch
 
 from . import backends, checks
-from .backends import OP_FIELDS, Params, accum_dtype
+from .backends import OP_FIELDS, Params, accum_dtype, sinks
 
 # Fwd: (out, lse).  ``backend`` is resolved by the caller (never "auto") so that
 # forward and backward of one call always run on the same backend.  The arguments
 # between ``v`` and ``backend`` are the fields of ``backends.Params`` (documented there),
 # in ``backends.OP_FIELDS`` order:
 # varlen when cu_seqlens_q is given; bias a (B, H, Sq, Sk) view; softcap 0 = off;
-# alibi_slopes float32 (B, H); dropout_p 0 = off.
+# alibi_slopes float32 (B, H); dropout_p 0 = off.  ``learnable_sink`` (H,) float or None:
+# one extra logit per query head with a zero value (backends/sinks.py applies it around
+# any backend's kernels; backends never see it).
 _PARAM_ARGS = ("Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor? bias, "
                "float softmax_scale, SymInt diag_offset, int window_left, int window_right, float softcap, "
                "Tensor? alibi_slopes, float dropout_p, int dropout_seed")
-FWD_SCHEMA = f"(Tensor q, Tensor k, Tensor v, {_PARAM_ARGS}, str backend) -> (Tensor, Tensor)"
-# Bwd: (dq, dk, dv, dbias); dbias is (B, H, Sq, Sk) in the bias dtype when bias_grad, else an empty tensor.
+FWD_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, {_PARAM_ARGS}, str backend, Tensor? learnable_sink=None) "
+              "-> (Tensor, Tensor)")
+# Bwd: (dq, dk, dv, dbias, dsink); dbias is (B, H, Sq, Sk) in the bias dtype when bias_grad, dsink (H,) in the
+# sink's dtype when a sink is given, else empty tensors.
 BWD_SCHEMA = (f"(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_PARAM_ARGS}, "
-              "bool bias_grad, bool deterministic, str backend) -> (Tensor, Tensor, Tensor, Tensor)")
-# autograd input index of the bias (after q, k, v)
+              "bool bias_grad, bool deterministic, str backend, Tensor? learnable_sink=None) "
+              "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+# autograd input indices of the bias and the sink (after q, k, v)
 _BIAS_INPUT = 3 + OP_FIELDS.index("bias")
+_SINK_INPUT = 3 + len(OP_FIELDS) + 1  # after the backend
 _TENSOR_FIELDS = ("cu_seqlens_q", "cu_seqlens_k", "bias", "alibi_slopes")
 
 
@@ -58,20 +64,31 @@ def _serving_backend(backend, q, params, extra=()):
     return module
 
 
-def _fwd_direct(q, k, v, params, backend):
+def _fwd_direct(q, k, v, params, sink, backend):
     if checks.is_trusted():
         module = backends.get(backend)
     else:
-        checks.check_fwd(q, k, v, params)
+        checks.check_fwd(q, k, v, params, sink=sink)
         module = _serving_backend(backend, q, params)
     out, lse = module.fwd(q, k, v, params)
+    if sink is not None:
+        out = sinks.apply_to_out(out, lse, sink, params.varlen)
     return _like(out, q), lse.contiguous()
 
 
+def _with_sink(args, before_sink, sink):
+    """Split operator arguments whose last, defaulted one is ``learnable_sink``: torch passes it
+    positionally when given, as a keyword or not at all when not."""
+    if len(args) > before_sink:
+        return args[:before_sink], args[before_sink]
+    return args, sink
+
+
 @torch.library.custom_op("flashattn_lite::fwd", mutates_args=(), schema=FWD_SCHEMA)
-def fwd(q, k, v, *args):
+def fwd(q, k, v, *args, learnable_sink=None):
+    args, sink = _with_sink(args, len(OP_FIELDS) + 1, learnable_sink)
     *params, backend = args
-    return _fwd_direct(q, k, v, Params.from_op_args(params), backend)
+    return _fwd_direct(q, k, v, Params.from_op_args(params), sink, backend)
 
 
 @fwd.register_fake
@@ -86,24 +103,30 @@ def _dbias_or_empty(dbias, bias, bias_grad, q):
 
 
 @torch.library.custom_op("flashattn_lite::bwd", mutates_args=(), schema=BWD_SCHEMA)
-def bwd(dout, dlse, q, k, v, out, lse, *args):
+def bwd(dout, dlse, q, k, v, out, lse, *args, learnable_sink=None):
+    args, sink = _with_sink(args, len(OP_FIELDS) + 3, learnable_sink)
     *params, bias_grad, deterministic, backend = args
     params = Params.from_op_args(params)
     if checks.is_trusted():
         module = backends.get(backend)
     else:
-        checks.check_bwd(dout, dlse, q, k, v, out, lse, params, bias_grad)
+        checks.check_bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, sink=sink)
         module = _serving_backend(backend, q, params, ("backward",))
+    dsink = q.new_empty(0)
+    if sink is not None:
+        lse, dlse, dsink = sinks.backward_inputs(dout, dlse, out, lse, sink, params.varlen)
     dq, dk, dv, dbias = module.bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic)
-    return _like(dq, q), _like(dk, k), _like(dv, v), _dbias_or_empty(dbias, params.bias, bias_grad, q)
+    return _like(dq, q), _like(dk, k), _like(dv, v), _dbias_or_empty(dbias, params.bias, bias_grad, q), dsink
 
 
 @bwd.register_fake
-def _bwd_fake(dout, dlse, q, k, v, out, lse, *args):
+def _bwd_fake(dout, dlse, q, k, v, out, lse, *args, learnable_sink=None):
+    args, sink = _with_sink(args, len(OP_FIELDS) + 3, learnable_sink)
     *params, bias_grad, deterministic, backend = args
     bias = Params.from_op_args(params).bias
     dbias = bias.new_empty(bias.shape) if bias_grad else (bias.new_empty(0) if bias is not None else q.new_empty(0))
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+    dsink = sink.new_empty(sink.shape) if sink is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias, dsink
 
 
 def direct_call_ok(tensors):
@@ -136,27 +159,29 @@ def _trusted():
     return contextlib.nullcontext() if torch.compiler.is_compiling() else checks.trusted()
 
 
-def run_fwd(q, k, v, params, backend):
+def run_fwd(q, k, v, params, backend, sink=None):
     """(out, lse) of ``flashattn_lite::fwd`` for a caller that has checked its arguments:
     the operator, or its implementation directly where :func:`direct_call_ok` says that is
     the same thing."""
     with _trusted():
-        if direct_call_ok((q, k, v) + tuple(getattr(params, name) for name in _TENSOR_FIELDS)):
-            return _fwd_direct(q, k, v, params, backend)
-        return torch.ops.flashattn_lite.fwd(q, k, v, *params.op_args(), backend)
+        if direct_call_ok((q, k, v, sink) + tuple(getattr(params, name) for name in _TENSOR_FIELDS)):
+            return _fwd_direct(q, k, v, params, sink, backend)
+        return torch.ops.flashattn_lite.fwd(q, k, v, *params.op_args(), backend, sink)
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, *args, backend = inputs
+    q, k, v, *args = inputs
+    args, sink = _with_sink(tuple(args), len(OP_FIELDS) + 1, None)
+    *args, backend = args
     params = Params.from_op_args(args)
-    ctx.save_for_backward(q, k, v, *output, *(getattr(params, name) for name in _TENSOR_FIELDS))
+    ctx.save_for_backward(q, k, v, *output, sink, *(getattr(params, name) for name in _TENSOR_FIELDS))
     ctx.params = dataclasses.replace(params, **dict.fromkeys(_TENSOR_FIELDS))  # tensors go through saved_tensors
     ctx.bias_grad = params.bias is not None and params.bias.requires_grad
     ctx.backend = backend
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    q, k, v, out, lse, sink, *tensors = ctx.saved_tensors
     params = dataclasses.replace(ctx.params, **dict(zip(_TENSOR_FIELDS, tensors)))
     if dout.stride(-1) != 1:
         # e.g. the expanded gradient of out.sum(): kernels need a unit last stride
@@ -165,10 +190,11 @@ def _fwd_backward(ctx, dout, dlse):
         dlse = dlse.contiguous()
     bias_grad = bool(ctx.needs_input_grad[_BIAS_INPUT]) and ctx.bias_grad
     with _trusted():  # the forward's own arguments and results
-        dq, dk, dv, dbias = torch.ops.flashattn_lite.bwd(dout, dlse, q, k, v, out, lse, *params.op_args(),
-                                                         bias_grad, True, ctx.backend)
-    grads = [dq, dk, dv] + [None] * (len(OP_FIELDS) + 1)  # + backend
+        dq, dk, dv, dbias, dsink = torch.ops.flashattn_lite.bwd(dout, dlse, q, k, v, out, lse, *params.op_args(),
+                                                                bias_grad, True, ctx.backend, sink)
+    grads = [dq, dk, dv] + [None] * (len(OP_FIELDS) + 2)  # + backend, sink
     grads[_BIAS_INPUT] = dbias if bias_grad else None
+    grads[_SINK_INPUT] = dsink if sink is not None and ctx.needs_input_grad[_SINK_INPUT] else None
     return tuple(grads)
 
 
@@ -200,25 +226,28 @@ bwd.register_autograd(_no_double_backward, setup_context=_bwd_setup_context)
 # caches and mutates nothing.
 DECODE_SCHEMA = ("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seqlens_k, Tensor? leftpad, "
                  "SymInt max_seqlen_k, float softmax_scale, int window_left, int window_right, float softcap, "
-                 "Tensor? alibi_slopes, int num_splits, str backend) -> (Tensor, Tensor)")
+                 "Tensor? alibi_slopes, int num_splits, str backend, Tensor? learnable_sink=None) -> (Tensor, Tensor)")
 
 
 def _decode_direct(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, softmax_scale, window_left,
-                   window_right, softcap, alibi_slopes, num_splits, backend):
+                   window_right, softcap, alibi_slopes, num_splits, backend, sink=None):
     params = backends.Params(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
                              softcap=softcap, alibi_slopes=alibi_slopes)
     if checks.is_trusted():
         module = backends.get(backend)
     else:
-        checks.check_decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, params, num_splits)
+        checks.check_decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, params, num_splits,
+                            sink=sink)
         module = _serving_backend(backend, q, params, ("kv-cache",))
     out, lse = module.decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, params, max_seqlen_k, num_splits)
+    if sink is not None:
+        out = sinks.apply_to_out(out, lse, sink, False)
     return _like(out, q), lse.contiguous()
 
 
 @torch.library.custom_op("flashattn_lite::decode", mutates_args=(), schema=DECODE_SCHEMA)
-def decode(*args):
-    return _decode_direct(*args)
+def decode(*args, learnable_sink=None):
+    return _decode_direct(*args, sink=learnable_sink) if len(args) == 14 else _decode_direct(*args)
 
 
 def run_decode(*args):
@@ -232,5 +261,5 @@ def run_decode(*args):
 
 
 @decode.register_fake
-def _decode_fake(q, *args):
+def _decode_fake(q, *args, learnable_sink=None):
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=accum_dtype(q.dtype))

@@ -69,40 +69,48 @@ def compare(name, ours, ref, baseline, dtype, factor, scale):
 
 
 def reference_results(q, k, v, dout, softmax_scale, diag_offset=0, window_left=-1, window_right=-1, softcap=0.0,
-                      alibi_slopes=None, bias=None, dropout_keep=None, dropout_p=0.0):
+                      alibi_slopes=None, bias=None, dropout_keep=None, dropout_p=0.0, learnable_sink=None):
     """float64 oracle and same-dtype baseline: {'out','lse','dq','dk','dv'} each (+ 'dbias'
-    when ``bias`` requires grad).
+    when ``bias`` requires grad, + 'dsink' when ``learnable_sink`` requires grad).
 
     Inputs in (B, S, H, D) layout, any dtype; ``dout=None`` skips gradients.  ``bias``
     broadcastable to (B, H, Sq, Sk); ``dropout_keep`` the bool mask dropout applied.
     """
     results = {}
     bias_grad = bias is not None and bias.requires_grad
+    sink_grad = learnable_sink is not None and learnable_sink.requires_grad
     for key, upcast, cast in (("ref", True, torch.float64), ("baseline", False, None)):
         leaves = [(t.detach().to(cast) if cast else t.detach()).requires_grad_(dout is not None) for t in (q, k, v)]
         b = None
         if bias is not None:
             b = (bias.detach().to(cast) if cast else bias.detach()).requires_grad_(bias_grad and dout is not None)
+        sink = None
+        if learnable_sink is not None:
+            sink = learnable_sink.detach().to(torch.float64 if upcast else q.dtype)
+            sink.requires_grad_(sink_grad and dout is not None)
         with torch.enable_grad():
             slopes = None
             if alibi_slopes is not None:
                 slopes = alibi_slopes.expand(q.shape[0], q.shape[2]).to(torch.float64 if upcast else q.dtype)
             out, lse = attention_math(*leaves, softmax_scale, diag_offset, window_left, window_right, upcast=upcast,
                                       softcap=softcap, alibi_slopes=slopes, bias=b, dropout_keep=dropout_keep,
-                                      dropout_p=dropout_p)
+                                      dropout_p=dropout_p, sink=sink)
             res = {"out": out.detach(), "lse": lse.detach()}
             if dout is not None:
-                inputs = leaves + ([b] if bias_grad else [])
-                grads = torch.autograd.grad(out, inputs, dout.to(out.dtype))
+                inputs = leaves + ([b] if bias_grad else []) + ([sink] if sink_grad else [])
+                grads = list(torch.autograd.grad(out, inputs, dout.to(out.dtype)))
                 res.update(dq=grads[0], dk=grads[1], dv=grads[2])
                 if bias_grad:
                     res["dbias"] = grads[3]
+                if sink_grad:
+                    res["dsink"] = grads[-1]
         results[key] = res
     return results["ref"], results["baseline"]
 
 
 def reference_results_varlen(q, k, v, dout, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal=False,
-                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_keep=None, dropout_p=0.0):
+                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_keep=None, dropout_p=0.0,
+                             learnable_sink=None):
     """:func:`reference_results` per sequence of a packed varlen batch, concatenated back:
     lse (H, total_q); ``dropout_keep`` as recorded for varlen, (1, H, total_q, max_seqlen_k)."""
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -117,13 +125,17 @@ def reference_results_varlen(q, k, v, dout, cu_seqlens_q, cu_seqlens_k, softmax_
         keep = None if dropout_keep is None else dropout_keep[:, :, qs:qe, :ke - ks]
         parts.append(reference_results(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke],
                                        None if dout is None else dout[None, qs:qe], softmax_scale, (ke - ks) - (qe - qs),
-                                       left, right, softcap, slopes, dropout_keep=keep, dropout_p=dropout_p))
+                                       left, right, softcap, slopes, dropout_keep=keep, dropout_p=dropout_p,
+                                       learnable_sink=learnable_sink))
     results = []
     for which in (0, 1):
         res = {}
         for key in parts[0][which]:
             pieces = [p[which][key] for p in parts]
-            res[key] = torch.cat([x[0] for x in pieces], dim=1 if key == "lse" else 0)
+            if key == "dsink":  # one sink per head, shared by every sequence
+                res[key] = torch.stack(pieces).sum(0)
+            else:
+                res[key] = torch.cat([x[0] for x in pieces], dim=1 if key == "lse" else 0)
         results.append(res)
     return results[0], results[1]
 
@@ -141,7 +153,7 @@ def check_against_reference(ours, ref, baseline, dtype):
         forward = key in ("out", "lse")
         checks.append(compare(key, value, ref[key], baseline[key], accum_dtype(dtype) if key == "lse" else dtype,
                               FWD_FACTOR if forward else GRAD_FACTOR,
-                              scale((key,)) if key == "lse" else (fwd_scale if forward else bwd_scale)))
+                              scale((key,)) if key in ("lse", "dsink") else (fwd_scale if forward else bwd_scale)))
     return checks
 
 

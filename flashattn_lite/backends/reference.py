@@ -46,7 +46,7 @@ def score_transform(scores, softcap, alibi_slopes, diag_offset, bias=None):
 
 
 def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window_right=-1, upcast=True,
-                   softcap=0.0, alibi_slopes=None, bias=None, dropout_keep=None, dropout_p=0.0):
+                   softcap=0.0, alibi_slopes=None, bias=None, dropout_keep=None, dropout_p=0.0, sink=None):
     """Attention on (B, S, H, D) tensors, differentiable by autograd.
 
     ``upcast=True`` computes in float32 (float64 stays float64) and returns the
@@ -55,7 +55,10 @@ def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window
     as the yardstick of achievable accuracy).  Returns ``(out, lse)`` with lse
     of shape (B, H, Sq), float32 (float64 for float64 input); a row that sees no
     key gives 0 and -inf.  ``dropout_keep`` (bool (B, H, Sq, Sk)) applies dropout
-    with that mask: kept probabilities are scaled by ``1 / (1 - dropout_p)``.
+    with that mask: kept probabilities are scaled by ``1 / (1 - dropout_p)``.  ``sink``
+    ((H,) or None): a learnable attention sink, one more logit per head with a zero value,
+    written here as the extra score column it is (transformers' eager formulation); lse
+    leaves it out.
     """
     dtype = q.dtype
     if upcast:
@@ -72,11 +75,25 @@ def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window
     row_max = scores.amax(dim=-1, keepdim=True) if scores.shape[-1] else scores.new_full(
         scores.shape[:-1] + (1,), float("-inf"))
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max).detach()
-    p = torch.exp(scores - row_max)
-    denom = p.sum(dim=-1, keepdim=True)
-    empty = denom == 0
-    denom_safe = torch.where(empty, torch.ones_like(denom), denom)
-    probs = p / denom_safe
+    if sink is not None:
+        # the sink as one more score column, its probability dropped after the softmax
+        column = sink.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:-1], 1)
+        shift = torch.maximum(row_max, column).detach()
+        shift = torch.where(torch.isinf(shift), torch.zeros_like(shift), shift)
+        both = torch.exp(torch.cat([scores, column], dim=-1) - shift)
+        p_scores = both[..., :-1]
+        denom = p_scores.sum(dim=-1, keepdim=True)
+        empty = denom == 0
+        probs = p_scores / both.sum(dim=-1, keepdim=True)
+        probs = torch.where(empty, torch.zeros_like(probs), probs)
+        row_max = shift
+        denom_safe = torch.where(empty, torch.ones_like(denom), denom)
+    else:
+        p = torch.exp(scores - row_max)
+        denom = p.sum(dim=-1, keepdim=True)
+        empty = denom == 0
+        denom_safe = torch.where(empty, torch.ones_like(denom), denom)
+        probs = p / denom_safe
     if dropout_keep is not None:
         probs = probs * dropout_keep.to(probs.dtype) / (1.0 - dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v)

@@ -1,0 +1,60 @@
+"""Learnable attention sinks, the same for every backend.
+
+A sink is one extra logit ``sink[h]`` per query head whose value vector is 0:
+
+    out_i = sum_j e^{s_ij} v_j / (e^{sink_h} + sum_j e^{s_ij}),   lse_i = log sum_j e^{s_ij}
+
+(lse leaves the sink out, so partial results still merge through it).  Because the
+sink only adds to each row's normaliser, it needs no kernel of its own: with
+``lse' = logaddexp(lse, sink)``,
+
+* forward: ``out = out0 * exp(lse - lse') = out0 * sigmoid(lse - sink)``, where
+  ``(out0, lse)`` is attention without the sink (any backend, any feature);
+* backward: the probabilities are ``P_ij = exp(s_ij - lse')``, so the backend's own
+  backward, given ``lse'`` instead of ``lse``, computes dQ, dK, dV (and dBias) of the
+  sink attention exactly; a gradient ``dlse`` (of the sink-free lse, whose derivative is
+  ``exp(s_ij - lse)``) enters as ``dlse * exp(lse' - lse)``;
+* the sink's own gradient: ``dsink_h = -sum_{b,i} sigmoid(sink_h - lse_i) * D_i`` with
+  ``D_i = dout_i . out_i`` (the sink's probability times the row's dO.O).
+
+A row that sees no key gives out 0 (its out0 is 0) and lse -inf.  Everything here is
+computed in float32 (float64 for float64 input).
+"""
+
+import torch
+
+from .base import accum_dtype
+
+
+def _by_row(sink, lse, varlen):
+    """The sink of each lse entry: lse is (B, H, Sq), or varlen's (H, total_q)."""
+    s = sink.to(lse.dtype)
+    return s[:, None] if varlen else s[None, :, None]
+
+
+def _rows_to_out(w, varlen):
+    """A per-row factor in lse's layout -> broadcastable against out (B, Sq, H, Dv) / (T, H, Dv)."""
+    return w.t()[..., None] if varlen else w.transpose(1, 2)[..., None]
+
+
+def apply_to_out(out, lse, sink, varlen):
+    """out0 (no sink) -> out with the sink in each row's normaliser."""
+    w = torch.nan_to_num(torch.sigmoid(lse - _by_row(sink, lse, varlen)), nan=0.0)  # empty row, sink -inf: out0 = 0
+    return (out.to(lse.dtype) * _rows_to_out(w, varlen)).to(out.dtype)
+
+
+def backward_inputs(dout, dlse, out, lse, sink, varlen):
+    """(lse', dlse for the backend's backward, dsink) for a sink call; see the module doc."""
+    s = _by_row(sink, lse, varlen)
+    lse_full = torch.logaddexp(lse, s)
+    work = lse.dtype
+    d = (dout.to(work) * out.to(work)).sum(-1)  # (B, Sq, H) or (T, H): D_i = dO_i . O_i
+    d = d.t() if varlen else d.transpose(1, 2)
+    p_sink = torch.nan_to_num(torch.sigmoid(s - lse), nan=0.0)
+    dsink = -(p_sink * d).sum(dim=1 if varlen else (0, 2))
+    if dlse is not None:
+        # exp(lse' - lse) = 1 + e^{sink - lse}; capped where it overflows (the sink holds
+        # all but e^-88 of the row's mass there, and its probabilities are 0 in float32)
+        factor = torch.exp(lse_full - lse).clamp(max=torch.finfo(work).max)
+        dlse = torch.where(torch.isinf(lse), 0.0, dlse.to(work) * factor)
+    return lse_full.contiguous(), dlse, dsink.to(sink.dtype)
