@@ -14,7 +14,7 @@
   plus the 2-D padding mask, the cache offsets and lengths.  Instead of expanding that
   into a ``(batch, 1, q_len, kv_len)`` matrix, :func:`fa_lite_mask` recognises the
   pattern (causal, bidirectional, sliding window, packed sequences from ``position_ids``)
-  and returns a compact :class:`MaskPlan` riding on a ``(batch, 1, 1, kv_len)`` tensor.
+  and returns a compact :class:`MaskPlan` carried by a :class:`PlannedMask` (below).
   Patterns it does not recognise keep a dense mask built exactly as ``sdpa`` would build it.
 * an **attention function** (``AttentionInterface``), :func:`fa_lite_attention_forward`,
   which turns the plan into flashattn_lite calls: one dense :func:`flash_attn_func` call
@@ -29,13 +29,34 @@
   ``position_ids`` restarting at 0 with no padding mask and no past tokens while a cache
   is in use (where eager attention would let the sequences see each other).
 
+Models that compute with the mask.  Some models transform the mask between its creation
+and attention: add a learned bias to it (doge), concatenate it with another mask or with a
+bias over extra keys (t5gemma2's merged self/cross attention, deepseek_v4's compressed
+keys), index it (the DeepSeek-V3.2 family's indexer, gemma4's KV-shared layers keeping the
+last queries).  The :class:`PlannedMask` answers such code as eager attention's mask would:
+its shape, dtype (the model's float dtype) and device are the eager mask's, and every torch
+operation other than reading those runs on the exact eager mask (0 / dtype minimum, built
+from transformers' own ``sdpa_mask`` when first needed) and returns an ordinary tensor.  So
+whatever a model computes from the mask, it computes as under eager attention, and the
+attention function receives a plain 4-D mask, which it applies as eager would (through
+flashattn_lite's :func:`scaled_dot_product_attention`, or the model's eager function where
+softcap or sinks require it).  Writing into the mask (in place, or through a view of it)
+makes the written eager mask its meaning.  An unchanged mask, also after a no-op index,
+``.to()`` that changes nothing, ``.contiguous()``, ``.detach()`` or ``.clone()``, keeps the
+compact plan and the fast kernels; copies (``copy.deepcopy``, pickling, ``.to()`` another
+dtype or device) are the dense eager mask.  torch.compile traces through it.  Code that
+reaches the carrier's storage bypassing torch's subclass dispatch finds one NaN, broadcast:
+its results are NaN, and the attention function refuses that storage passed on as a mask.  Sparse attention handed to backends as arguments
+rather than in the mask: the DeepSeek-V3.2 family's top-k ``indices`` are folded into the
+mask as their eager path does; block-sparse ``block_indices`` (minimax_m3_vl) are refused.
+
 Outputs at *padding query positions* are 0 (as with flash-attn): those positions carry
 no meaning in transformers (losses and generation ignore them), and eager attention
 itself gives them arbitrary values.  Everything else is computed exactly as eager
 attention's mask says.  Anything this backend cannot serve (weights requested with
-``output_attentions``, attention sinks, a head dim over 256, a mask that is not
-ours...) goes to transformers' ``sdpa`` function (or the model's eager function where
-sdpa cannot serve it either) with a one-time warning; it is never answered wrongly.
+``output_attentions``, attention sinks, a head dim over 256, a mask that is not 4-D...)
+goes to transformers' ``sdpa`` function (or the model's eager function where sdpa cannot
+serve it either) with a one-time warning; it is never answered wrongly.
 """
 
 import warnings
@@ -49,7 +70,7 @@ from ..kvcache import flash_attn_with_kvcache
 
 NAME = "fa_lite"  # a name containing "flash" would switch on transformers' flash-attn-specific code paths
 
-__all__ = ["NAME", "register", "fa_lite_attention_forward", "fa_lite_mask", "MaskPlan"]
+__all__ = ["NAME", "register", "fa_lite_attention_forward", "fa_lite_mask", "MaskPlan", "PlannedMask"]
 
 _warned = set()
 
@@ -133,6 +154,156 @@ class MaskPlan:
         if pad.shape[-1] < need:  # as transformers' prepare_padding_mask: missing entries are padding
             pad = torch.nn.functional.pad(pad, (0, need - pad.shape[-1]))
         return pad[:, self.kv_offset:need]
+
+    def additive(self, dtype):
+        """(batch, 1, q_length, kv_length) ``dtype``: 0 where a key may be attended, the dtype's
+        minimum elsewhere: the mask eager attention would get (as transformers' ``eager_mask``)."""
+        dense = self.dense()
+        return torch.where(dense, torch.zeros((), dtype=dtype, device=dense.device), torch.finfo(dtype).min)
+
+
+# Reading these never depends on the mask's values: they answer from the carrier itself.
+_METADATA = frozenset({
+    torch.Tensor.dim, torch.Tensor.ndimension, torch.Tensor.size, torch.Tensor.numel, torch.Tensor.nelement,
+    torch.Tensor.__len__, torch.Tensor.__hash__, torch.Tensor.is_floating_point, torch.Tensor.is_complex,
+    torch.Tensor.element_size, torch.Tensor.get_device, torch.Tensor.shape.__get__, torch.Tensor.ndim.__get__,
+    torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.layout.__get__,
+    torch.Tensor.requires_grad.__get__, torch.Tensor.is_cuda.__get__, torch.Tensor.is_cpu.__get__,
+    torch.Tensor.is_meta.__get__, torch.Tensor.is_sparse.__get__, torch.Tensor.is_quantized.__get__,
+    torch.Tensor.is_nested.__get__, torch.Tensor.itemsize.__get__, torch.Tensor.nbytes.__get__,
+    # the carrier's own layout (one element, broadcast), as torch.compile's guards read it
+    torch.Tensor.stride, torch.Tensor.storage_offset, torch.Tensor.is_contiguous,
+})
+_IN_PLACE_DUNDERS = frozenset({"__setitem__", "__set__", "__setstate__", "__iadd__", "__isub__", "__imul__",
+                               "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__", "__iand__",
+                               "__ior__", "__ixor__", "__ilshift__", "__irshift__"})
+
+
+def _writes_first_argument(func):
+    name = getattr(func, "__name__", "")
+    return name in _IN_PLACE_DUNDERS or (name[-1:] == "_" and name[-2:] != "__")  # (slices: torch.compile traces them)
+
+
+def _leaves(obj):
+    """The tensors inside nested lists / tuples / dicts (torch function arguments and results)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from _leaves(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _leaves(x)
+
+
+def _replace(obj, swap):
+    if isinstance(obj, PlannedMask):
+        return swap(obj)
+    if isinstance(obj, (list, tuple)):
+        items = [_replace(x, swap) for x in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, dict):
+        return {k: _replace(x, swap) for k, x in obj.items()}
+    return obj
+
+
+def _aliases(t, value):
+    """Whether ``t`` shares memory with ``value`` (a tensor that is no view itself)."""
+    if torch.compiler.is_compiling():  # (traceable; _is_alias_of is not, and compiled code has no inference tensors)
+        return t is value or t._base is value
+    return torch._C._is_alias_of(t, value)  # (inference-mode views have no _base)
+
+
+def _is_noop_index(index, shape):
+    """Whether ``t[index]`` selects all of ``t`` unchanged (slices over whole dims, ``...``)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(not isinstance(i, slice) and i is not Ellipsis for i in index) or sum(i is Ellipsis for i in index) > 1:
+        return False
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        dims = list(range(at)) + list(range(len(shape) - (len(index) - at - 1), len(shape)))
+        index = index[:at] + index[at + 1:]
+    else:
+        dims = range(len(index))
+    if len(index) > len(shape):
+        return False
+    for i, d in zip(index, dims):
+        if i.start not in (None, 0) or i.step not in (None, 1):
+            return False
+        if i.stop is not None and not (isinstance(i.stop, int) and i.stop >= shape[d]):
+            return False
+    return True
+
+
+class PlannedMask(torch.Tensor):
+    """The attention mask :func:`fa_lite_mask` hands to the model: a :class:`MaskPlan` in the
+    clothes of the mask eager attention would get.
+
+    Its metadata are the eager mask's: shape ``(batch, 1, q_length, kv_length)``, the model's
+    float dtype, the device.  It holds no such matrix (its storage is one NaN, broadcast), and
+    :func:`fa_lite_attention_forward` reads only the plan.  Every other use of it by torch
+    (arithmetic, ``torch.cat``, indexing, comparisons, ``masked_fill``, copies, ``.to(dtype)``,
+    pickling...) runs on the exact eager mask (:meth:`MaskPlan.additive`, built when first
+    needed) instead and gives a plain tensor, so whatever a model computes from the mask it
+    computes as under eager attention, and the attention function then receives an ordinary 4-D
+    mask, which it honours as eager would.  Writes into the mask (in-place ops, ``out=``, or
+    writes through a view of it) land in that eager mask, which from then on is the mask's
+    meaning (the plan is no longer used).  Left unchanged: reading the mask with a no-op index
+    (``m[:, :, :, :kv_len]``), ``.to()`` / ``.contiguous()`` / ``.detach()`` that change nothing,
+    and ``.clone()``.
+    """
+
+    @staticmethod
+    def _make(plan, dtype, device):
+        nan = torch.full((), float("nan"), dtype=dtype, device=device)
+        carrier = nan.expand(plan.batch_size, 1, plan.q_length, plan.kv_length).as_subclass(PlannedMask)
+        setattr(carrier, _PLAN_ATTR, plan)
+        carrier._fa_value = None  # the eager mask, once some operation needed it
+        carrier._fa_written = False  # whether _fa_value may differ from the plan (written, or a view handed out)
+        return carrier
+
+    def _eager_value(self):
+        if self._fa_value is None:
+            self._fa_value = getattr(self, _PLAN_ATTR).additive(self.dtype)
+        return self._fa_value
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            return super().__torch_function__(func, types, args, kwargs)
+        first = args[0] if args else None
+        if isinstance(first, PlannedMask) and not first._fa_written:
+            same = first._unchanged_by(func, args, kwargs)
+            if same is not None:
+                return same
+        carriers = [t for t in _leaves((args, kwargs)) if isinstance(t, PlannedMask)]
+        values = [c._eager_value() for c in carriers]
+        args, kwargs = _replace((args, kwargs), lambda c: c._eager_value())
+        result = func(*args, **kwargs)
+        written = set(map(id, _leaves(kwargs.get("out"))))
+        if isinstance(first, PlannedMask) and _writes_first_argument(func):
+            written.add(id(first._fa_value))
+        for carrier, value in zip(carriers, values):
+            if id(value) in written or any(_aliases(t, value) for t in _leaves(result)):
+                carrier._fa_written = True  # written now, or a view of it given out that can be written later
+        if isinstance(first, PlannedMask) and result is first._fa_value:
+            return first  # an in-place method returns the object it was called on
+        return result
+
+    def _unchanged_by(self, func, args, kwargs):
+        """``self`` (or a copy of it) when ``func`` would give a mask with the same meaning, else None."""
+        if func is torch.Tensor.__getitem__ and len(args) == 2 and not kwargs:
+            return self if _is_noop_index(args[1], self.shape) else None
+        if func in (torch.Tensor.contiguous, torch.Tensor.detach) and len(args) == 1 and not kwargs:
+            return self
+        if func is torch.Tensor.clone and len(args) == 1 and not kwargs:
+            return PlannedMask._make(getattr(self, _PLAN_ATTR), self.dtype, self.device)
+        if func is torch.Tensor.to:
+            # what .to() would do is asked of an empty tensor of the same dtype and device
+            probe = torch.empty(0, dtype=self.dtype, device=self.device)
+            return self if func(probe, *args[1:], **kwargs) is probe else None
+        return None
 
 
 def _closure(fn):
@@ -224,8 +395,9 @@ def fa_lite_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offse
     """transformers mask function for ``"fa_lite"`` (same arguments as ``sdpa_mask``: transformers
     5.x passes ``q_length``/``q_offset``, 4.x the query positions as ``cache_position``).
 
-    Returns a bool ``(batch, 1, 1, kv_length)`` key-validity tensor carrying a
-    :class:`MaskPlan`; nothing of size q_length x kv_length is built for recognised patterns.
+    Returns a :class:`PlannedMask` carrying a :class:`MaskPlan`: it looks like the mask eager
+    attention would get, and nothing of size q_length x kv_length is built for recognised
+    patterns unless the model computes with the mask.
     """
     from transformers import masking_utils as mu
     mask_kwargs = dict(kwargs, batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset,
@@ -253,13 +425,10 @@ def fa_lite_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offse
     pattern = _recognise(mask_function) if contiguous_queries else None
     plan = MaskPlan(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, pattern,
                     mask_kwargs)
-    pad = plan.padding()
-    if pad is None:
-        carrier = torch.ones((), dtype=torch.bool, device=device).expand(batch_size, 1, 1, kv_length)
-    else:
-        carrier = pad.to(device)[:, None, None, :]
-    setattr(carrier, _PLAN_ATTR, plan)
-    return carrier
+    dtype = kwargs.get("dtype")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        dtype = torch.float32  # what transformers' eager_mask uses when it is given no dtype
+    return PlannedMask._make(plan, dtype, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +609,9 @@ def _fallback(reason, module, query, key, value, attention_mask, dropout, scalin
             raise NotImplementedError(f"flashattn_lite ({NAME}) cannot serve this call ({reason}), and neither "
                                       "sdpa nor an eager function of this model can")
         _warn_once(f"{reason}: falling back to the model's eager attention")
-        if mask is not None and mask.dtype == torch.bool:
+        if plan is not None:
+            mask = attention_mask._eager_value()  # the very mask eager attention would have got
+        elif mask is not None and mask.dtype == torch.bool:
             mask = torch.where(mask, torch.zeros((), dtype=query.dtype, device=query.device),
                                torch.finfo(query.dtype).min)
         extra = dict(kwargs)
@@ -453,6 +624,19 @@ def _fallback(reason, module, query, key, value, attention_mask, dropout, scalin
                                   is_causal=is_causal, **kwargs)
 
 
+def _fold_topk_indices(mask, indices, query, key):
+    """Sparse attention of the DeepSeek-V3.2 kind: models of that family hand backends other than
+    eager and sdpa the indexer's choice, ``indices`` (batch, q_len, k) key indices per query,
+    instead of folding it into the mask.  Fold it in as their eager path does."""
+    drop = indices.new_ones((query.shape[0], query.shape[2], key.shape[2]), dtype=torch.bool)
+    drop = drop.scatter(-1, indices.long(), False).unsqueeze(1)  # (batch, 1, q_len, kv_len), True: not chosen
+    if mask is None:
+        mask = torch.zeros((), dtype=query.dtype, device=query.device)
+    if mask.dtype == torch.bool:
+        return mask & ~drop
+    return mask.masked_fill(drop, torch.finfo(query.dtype).min)  # (a PlannedMask: on its eager mask)
+
+
 def fa_lite_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                               sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """transformers attention function for ``"fa_lite"``.
@@ -463,6 +647,15 @@ def fa_lite_attention_forward(module, query, key, value, attention_mask, dropout
     the mask already encodes and only serve when the mask is None.
     """
     softcap = float(softcap) if softcap else 0.0
+    if isinstance(attention_mask, PlannedMask) and attention_mask._fa_written:
+        attention_mask = attention_mask._fa_value  # written into: its eager mask is its meaning
+    if kwargs.get("block_indices") is not None:
+        raise NotImplementedError(f"{NAME}: block-sparse attention (block_indices) is not supported; the model leaves "
+                                  "the selection out of the mask for backends other than eager/sdpa. Use "
+                                  "attn_implementation='eager' or 'sdpa'.")
+    indices = kwargs.pop("indices", None)
+    if indices is not None:
+        attention_mask = _fold_topk_indices(attention_mask, indices, query, key)
     args = (module, query, key, value, attention_mask, dropout, scaling, softcap, is_causal, kwargs)
     if kwargs.get("output_attentions"):
         _warn_once("output_attentions=True is not supported (no weights are returned)")
@@ -494,17 +687,16 @@ def fa_lite_attention_forward(module, query, key, value, attention_mask, dropout
             return _fallback("softcap with a mask pattern only a dense mask describes", *args)
         return out, None
     if attention_mask is not None:
-        causal_model = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        if attention_mask.dim() == 4 and attention_mask.shape[-2] == 1 and sq > 1 and causal_model:
-            # The shape of fa_lite_mask's compact mask, without its plan: a copy of it (.clone(),
-            # .to(another device), e.g. accelerate's hooks across GPUs) drops the attribute.  Used
-            # as a plain mask it would silently drop the causal part, so it is refused.
+        if attention_mask.dim() == 4 and attention_mask.is_floating_point() and attention_mask.numel() > 1 \
+                and not any(attention_mask.stride()) and bool(attention_mask.reshape(-1)[0].isnan()):
+            # A PlannedMask's own storage (one NaN, broadcast), reached without the PlannedMask:
+            # something read it bypassing torch's dispatch to tensor subclasses.  Refused.
             raise RuntimeError(
-                f"{NAME}: a causal model got a (batch, 1, 1, kv_len) attention mask without its {NAME} "
-                "description; the mask built by the fa_lite mask function was copied or moved (for example "
-                "across devices) before attention, which would drop its causal part. Keep the model on one "
-                "device, or use attn_implementation='sdpa'.")
-        # a mask this backend did not build (e.g. a user's 4-D mask): honour it as sdpa would
+                f"{NAME}: the attention mask is the bare storage of a {NAME} mask, separated from its "
+                "description by code that bypassed torch's tensor-subclass dispatch; it has no meaning as a "
+                "mask. Use attn_implementation='sdpa' with this code.")
+        # a mask this backend did not build, or one a model computed from ours (which then is the mask
+        # eager attention would have got, transformed the same way): honour it as eager/sdpa would
         if attention_mask.dim() == 4 and (attention_mask.dtype == torch.bool or attention_mask.is_floating_point()) \
                 and not softcap:
             out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask.to(query.device),
