@@ -196,7 +196,7 @@ def _attn_mask_as_bias(attn_mask, q, k):
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False):
+                                 enable_gqa=False, learnable_sink=None):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
     Layout (batch, heads, seqlen, headdim) (or (heads, seqlen, headdim)); causal is
@@ -208,6 +208,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     broadcastable to (batch, heads, seqlen_q, seqlen_k).  A float mask that requires
     grad receives its gradient (summed over broadcast dims).  A row that may attend to
     nothing gives 0 (torch's math path gives NaN there).
+
+    ``learnable_sink`` (an extension; torch has none): None or (heads,) float, attention
+    sinks as in :func:`flash_attn_func`.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -230,7 +233,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     bias = None if attn_mask is None else _attn_mask_as_bias(attn_mask, q, k)
     softmax_scale = q.shape[-1] ** -0.5 if scale is None else _check_scale(scale, "scale")
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    out, _ = _run(q, k, v, softmax_scale, 0, -1, 0 if is_causal else -1, bias=bias, dropout_p=dropout_p)
+    sink = checks.check_sink(learnable_sink, q.shape[2], q.device)
+    out, _ = _run(q, k, v, softmax_scale, 0, -1, 0 if is_causal else -1, bias=bias, dropout_p=dropout_p,
+                  learnable_sink=sink)
     out = out.transpose(1, 2)
     return out.squeeze(0) if unbatched else out
 

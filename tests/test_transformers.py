@@ -47,6 +47,10 @@ def _config(family, **over):
         cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       intermediate_size=96, max_position_embeddings=64, hidden_dropout_prob=0.0,
                                       attention_probs_dropout_prob=0.0)
+    elif family == "gpt_oss":  # learnable attention sinks (s_aux), sliding + full layers, MoE, GQA 4/2
+        cfg = transformers.GptOssConfig(num_key_value_heads=2, head_dim=16, sliding_window=4, num_local_experts=4,
+                                        num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+                                        **common)
     else:
         raise ValueError(family)
     for k, v in over.items():
@@ -58,6 +62,15 @@ def _auto(family):
     return transformers.AutoModelForMaskedLM if family == "bert" else transformers.AutoModelForCausalLM
 
 
+def _from_config(family, impl):
+    # gpt_oss's default experts run torch's grouped_mm, which has no float64 (the oracle)
+    extra = dict(experts_implementation="eager") if family == "gpt_oss" else {}
+    return _auto(family).from_config(_config(family), attn_implementation=impl, **extra)
+
+
+_NO_SDPA = ("gemma2", "gpt_oss")  # transformers' sdpa has no softcap / no sinks
+
+
 _MODELS = {}
 
 
@@ -66,10 +79,14 @@ def _models(family):
     gemma2: transformers has no sdpa for it), fa_lite32."""
     if family not in _MODELS:
         torch.manual_seed(1234)
-        base = _auto(family).from_config(_config(family), attn_implementation="eager").eval()
+        base = _from_config(family, "eager").eval()
+        if family == "gpt_oss":
+            with torch.no_grad():
+                for layer in base.model.layers:
+                    layer.self_attn.sinks.normal_(0.0, 2.0)  # sinks that take a real share of each row
         models = {"eager64": copy.deepcopy(base).double(), "eager32": base}
-        for impl in ("fa_lite",) if family == "gemma2" else ("sdpa", "fa_lite"):
-            m = _auto(family).from_config(_config(family), attn_implementation=impl).eval()
+        for impl in ("fa_lite",) if family in _NO_SDPA else ("sdpa", "fa_lite"):
+            m = _from_config(family, impl).eval()
             m.load_state_dict(base.state_dict())
             models[impl + "32"] = m
         _MODELS[family] = models
@@ -95,11 +112,11 @@ def _check(name, ours, ref, baselines, factor):
     return c
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "bert", "gemma2"]
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "bert", "gemma2", "gpt_oss"]
 
 
 def _baselines(family):
-    return ("eager32",) if family == "gemma2" else ("eager32", "sdpa32")  # sdpa has no softcap
+    return ("eager32",) if family in _NO_SDPA else ("eager32", "sdpa32")
 
 
 def _positions(mask):
@@ -193,7 +210,7 @@ def test_no_seqlen_by_seqlen_mask_for_padding(monkeypatch):
 
 @pytest.mark.parametrize("family,cache", [("llama", "dynamic"), ("llama", "static"), ("mistral", "dynamic"),
                                           ("mistral", "static"), ("gpt2", "dynamic"), ("qwen2", "dynamic"),
-                                          ("gemma2", "dynamic")])
+                                          ("gemma2", "dynamic"), ("gpt_oss", "dynamic")])
 def test_generate_left_padding_same_greedy_tokens(family, cache):
     models = _models(family)
     ids, mask = _batch("left")
@@ -450,3 +467,16 @@ def test_a_copied_mask_is_not_misread():
     for copied in (mask.clone(), copy.deepcopy(mask), mask.to("cpu"), mask.to(torch.float64)):
         out, _ = fat.fa_lite_attention_forward(torch.nn.Module(), q, k, v, copied)
         torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_sink_model_runs_on_the_kernels_without_warnings(side):
+    """gpt-oss's attention sinks (s_aux) reach the kernels as learnable_sink: no fallback, no warning."""
+    model = _models("gpt_oss")["fa_lite32"]
+    ids, mask = _batch(side)
+    fat._warned.clear()
+    with warnings.catch_warnings(record=True) as w, torch.no_grad():
+        warnings.simplefilter("always")
+        ran = kernels_run(lambda: model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)))
+    assert not [str(x.message) for x in w if "flashattn_lite" in str(x.message)]
+    assert ran and ran <= {"flashattn_lite_C::fwd", "flashattn_lite_C::decode"}

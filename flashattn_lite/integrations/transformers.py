@@ -40,7 +40,7 @@ from transformers' own ``sdpa_mask`` when first needed) and returns an ordinary 
 whatever a model computes from the mask, it computes as under eager attention, and the
 attention function receives a plain 4-D mask, which it applies as eager would (through
 flashattn_lite's :func:`scaled_dot_product_attention`, or the model's eager function where
-softcap or sinks require it).  Writing into the mask (in place, or through a view of it)
+softcap requires it).  Writing into the mask (in place, or through a view of it)
 makes the written eager mask its meaning.  An unchanged mask, also after a no-op index,
 ``.to()`` that changes nothing, ``.contiguous()``, ``.detach()`` or ``.clone()``, keeps the
 compact plan and the fast kernels; copies (``copy.deepcopy``, pickling, ``.to()`` another
@@ -54,7 +54,7 @@ Outputs at *padding query positions* are 0 (as with flash-attn): those positions
 no meaning in transformers (losses and generation ignore them), and eager attention
 itself gives them arbitrary values.  Everything else is computed exactly as eager
 attention's mask says.  Anything this backend cannot serve (weights requested with
-``output_attentions``, attention sinks, a head dim over 256, a mask that is not 4-D...)
+``output_attentions``, a head dim over 256, a mask that is not 4-D...)
 goes to transformers' ``sdpa`` function (or the model's eager function where sdpa cannot
 serve it either) with a one-time warning; it is never answered wrongly.
 """
@@ -515,8 +515,9 @@ def _layout(plan, sq, sk, position_ids=None):
     return ("padded", ks, ke, qs, qe)
 
 
-def _run_plan(plan, q, k, v, scale, softcap, dropout, position_ids=None):
-    """q (B, Sq, Hq, D), k/v (B, Sk, Hk, D) (views) -> out (B, Sq, Hq, D)."""
+def _run_plan(plan, q, k, v, scale, softcap, dropout, position_ids=None, sink=None):
+    """q (B, Sq, Hq, D), k/v (B, Sk, Hk, D) (views) -> out (B, Sq, Hq, D); ``sink``: the
+    model's attention sinks (s_aux), (Hq,) or None."""
     batch, sq, hq, dim = q.shape
     sk = k.shape[1]
     key = (sq, sk)
@@ -524,12 +525,13 @@ def _run_plan(plan, q, k, v, scale, softcap, dropout, position_ids=None):
         plan._layout = (key, _layout(plan, sq, sk, position_ids))
     layout = plan._layout[1]
     p = plan.pattern
-    kw = dict(softmax_scale=scale, softcap=softcap, dropout_p=dropout)
+    kw = dict(softmax_scale=scale, softcap=softcap, dropout_p=dropout, learnable_sink=sink)
     if layout[0] == "mask":
         if softcap:
             return None  # SDPA has no softcap: the caller falls back
         out = scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=plan.dense(), dropout_p=dropout, scale=scale, enable_gqa=True)
+                                           attn_mask=plan.dense(), dropout_p=dropout, scale=scale, enable_gqa=True,
+                                           learnable_sink=sink)
         return out.transpose(1, 2)
     causal = p["causal"]
     left, right = p["window"]
@@ -564,13 +566,13 @@ def _run_plan(plan, q, k, v, scale, softcap, dropout, position_ids=None):
         layout = ("padded", k_keep, q_keep, cu_k, cu_q, max(max(lens_q), 1), max(max(lens_k), 1), rows, step)
         plan._layout = (key, layout)
     _, k_keep, q_keep, cu_k, cu_q, max_q, max_k, rows, step = layout
-    if step is not None and _decoding_step(q, k, v, dropout):
+    if step is not None and _decoding_step(q, k, v, dropout, sink):
         # A decoding step of a padded batch: the KV-cache kernel reads each row's keys
         # [ks, ke) where they lie (its cache_leftpad and cache_seqlens, the queries at the end
         # as varlen's bottom-right places them; a row without queries sees no key and gives
         # 0), instead of gathering every layer's keys into a packed copy first.
         return flash_attn_with_kvcache(q, k, v, cache_seqlens=step[1], cache_leftpad=step[0], causal=causal,
-                                       window_size=window, softcap=softcap, softmax_scale=scale,
+                                       window_size=window, softcap=softcap, softmax_scale=scale, learnable_sink=sink,
                                        num_splits=cpu_backend.decode_splits(batch, k.shape[2], sk))
     out_packed = flash_attn_varlen_func(q[q_keep], k[k_keep], v[k_keep], cu_q, cu_k, max_q, max_k, causal=causal,
                                         window_size=window, **kw)
@@ -579,13 +581,13 @@ def _run_plan(plan, q, k, v, scale, softcap, dropout, position_ids=None):
     return out_packed.new_zeros(batch, sq, hq, dim).index_put(rows, out_packed)
 
 
-def _decoding_step(q, k, v, dropout):
+def _decoding_step(q, k, v, dropout, sink=None):
     """Whether a padded call takes the KV-cache kernel: on the CPU (where the gather it saves
     was measured: 2.4 ms against 0.45 for 4 rows x 8 heads x 1024 keys), for the few query
     rows the cpu backend decodes that way, with no dropout and nothing needing a gradient
     (the KV-cache API has no backward)."""
-    if q.device.type != "cpu" or dropout or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                                          or v.requires_grad)):
+    needs_grad = any(t is not None and t.requires_grad for t in (q, k, v, sink))
+    if q.device.type != "cpu" or dropout or (torch.is_grad_enabled() and needs_grad):
         return False
     return cpu_backend.decode_rows(q.shape[1], q.shape[2] // k.shape[2])
 
@@ -659,8 +661,6 @@ def fa_lite_attention_forward(module, query, key, value, attention_mask, dropout
     args = (module, query, key, value, attention_mask, dropout, scaling, softcap, is_causal, kwargs)
     if kwargs.get("output_attentions"):
         _warn_once("output_attentions=True is not supported (no weights are returned)")
-    if kwargs.get("s_aux") is not None:
-        return _fallback("attention sinks (s_aux)", *args)
     if kwargs.get("position_bias") is not None:
         return _fallback("position_bias", *args)
     dim = query.shape[-1]
@@ -674,6 +674,10 @@ def fa_lite_attention_forward(module, query, key, value, attention_mask, dropout
     if hk == 0 or hq % hk:
         return _fallback(f"{hq} query heads over {hk} key/value heads", *args)
     scale = dim ** -0.5 if scaling is None else float(scaling)
+    sink = kwargs.get("s_aux")  # attention sinks (gpt-oss & co): one zero-value logit per query head
+    if sink is not None and not (isinstance(sink, torch.Tensor) and sink.is_floating_point()
+                                 and tuple(sink.shape) == (hq,) and sink.device == query.device):
+        return _fallback(f"attention sinks (s_aux) of shape {tuple(getattr(sink, 'shape', ()))}, not ({hq},)", *args)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, S, H, D) views
     sq, sk = q.shape[1], k.shape[1]
 
@@ -682,7 +686,7 @@ def fa_lite_attention_forward(module, query, key, value, attention_mask, dropout
         if (plan.batch_size, plan.q_length, plan.kv_length) != (q.shape[0], sq, sk):
             return _fallback(f"mask built for (batch, q, kv) = {(plan.batch_size, plan.q_length, plan.kv_length)} "
                              f"used with {(q.shape[0], sq, sk)}", *args)
-        out = _run_plan(plan, q, k, v, scale, softcap, dropout, kwargs.get("position_ids"))
+        out = _run_plan(plan, q, k, v, scale, softcap, dropout, kwargs.get("position_ids"), sink)
         if out is None:
             return _fallback("softcap with a mask pattern only a dense mask describes", *args)
         return out, None
@@ -700,7 +704,7 @@ def fa_lite_attention_forward(module, query, key, value, attention_mask, dropout
         if attention_mask.dim() == 4 and (attention_mask.dtype == torch.bool or attention_mask.is_floating_point()) \
                 and not softcap:
             out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask.to(query.device),
-                                               dropout_p=dropout, scale=scale, enable_gqa=True)
+                                               dropout_p=dropout, scale=scale, enable_gqa=True, learnable_sink=sink)
             return out.transpose(1, 2), None
         return _fallback(f"a {attention_mask.dim()}-D {attention_mask.dtype} mask not built by {NAME}", *args)
 
@@ -713,5 +717,5 @@ def fa_lite_attention_forward(module, query, key, value, attention_mask, dropout
     elif sliding_window:
         return _fallback("bidirectional sliding window without a mask", *args)
     out = flash_attn_func(q, k, v, causal=causal and sq > 1, window_size=window, softmax_scale=scale,
-                          softcap=softcap, dropout_p=dropout)
+                          softcap=softcap, dropout_p=dropout, learnable_sink=sink)
     return out, None
