@@ -289,7 +289,8 @@ def swap_attention(model, share_parameters=True):
         return FlashAttention.from_torch(model, share_parameters=share_parameters)
     converted = {}  # a module registered in several places stays one module
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        # parent._modules, not named_children(): that skips a module's second name in one parent
+        for name, child in list(parent._modules.items()):
             if isinstance(child, nn.MultiheadAttention) and not isinstance(child, FlashAttention):
                 if id(child) not in converted:
                     converted[id(child)] = FlashAttention.from_torch(child, share_parameters=share_parameters)

@@ -113,9 +113,16 @@ def bwd(dout, dlse, q, k, v, out, lse, *args, learnable_sink=None):
         checks.check_bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, sink=sink)
         module = _serving_backend(backend, q, params, ("backward",))
     dsink = q.new_empty(0)
-    if sink is not None:
-        lse, dlse, dsink = sinks.backward_inputs(dout, dlse, out, lse, sink, params.varlen)
-    dq, dk, dv, dbias = module.bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic)
+    if sink is None:
+        dq, dk, dv, dbias = module.bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic)
+    else:
+        lse_full, dsink = sinks.backward_inputs(dout, out, lse, sink, params.varlen)
+        dq, dk, dv, dbias = module.bwd(dout, None, q, k, v, out, lse_full, params, bias_grad, deterministic)
+        if dlse is not None:  # the sink-free lse's own gradient (backends/sinks.py)
+            g = module.bwd(torch.zeros_like(dout), dlse, q, k, v, torch.zeros_like(out), lse, params, bias_grad,
+                           deterministic)
+            dq, dk, dv = dq + g[0], dk + g[1], dv + g[2]
+            dbias = dbias + g[3] if bias_grad else dbias
     return _like(dq, q), _like(dk, k), _like(dv, v), _dbias_or_empty(dbias, params.bias, bias_grad, q), dsink
 
 

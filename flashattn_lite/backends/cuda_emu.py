@@ -72,9 +72,17 @@ def _empty(q, k):
     return q.numel() == 0 or k.numel() == 0
 
 
+def _unit_last(*tensors):
+    """A last dim of size 1 may carry any stride (no element is ever stepped over); the
+    kernels' wrapper insists on 1, so such tensors are re-viewed with it (no copy)."""
+    return [t if t is None or t.shape[-1] != 1 or t.stride(-1) == 1 else t.as_strided(t.shape, t.stride()[:-1] + (1,))
+            for t in tensors]
+
+
 def run_fwd(ops, backend, q, k, v, p):
     """fwd through the ``flashattn_lite_C`` ops of ``ops`` (the emulated or the real CUDA build)."""
     param_limits(p, backend)
+    q, k, v = _unit_last(q, k, v)
     if _empty(q, k):
         # every query row sees no key: output 0, lse -inf (the shared masked-row rule)
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
@@ -84,6 +92,7 @@ def run_fwd(ops, backend, q, k, v, p):
 
 def run_bwd(ops, backend, dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
     param_limits(p, backend)
+    dout, q, k, v, out = _unit_last(dout, q, k, v, out)
     if bias_grad:
         raise RuntimeError(f"the {backend} backend does not implement bias gradients")
     if _empty(q, k):

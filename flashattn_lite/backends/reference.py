@@ -81,12 +81,12 @@ def attention_math(q, k, v, softmax_scale, diag_offset=0, window_left=-1, window
         shift = torch.maximum(row_max, column).detach()
         shift = torch.where(torch.isinf(shift), torch.zeros_like(shift), shift)
         both = torch.exp(torch.cat([scores, column], dim=-1) - shift)
-        p_scores = both[..., :-1]
-        denom = p_scores.sum(dim=-1, keepdim=True)
+        total = both.sum(dim=-1, keepdim=True)
+        probs = both[..., :-1] / torch.where(total == 0, torch.ones_like(total), total)
+        # lse from the scores alone (the sink may take all of a row's mass)
+        denom = torch.exp(scores - row_max).sum(dim=-1, keepdim=True)
         empty = denom == 0
-        probs = p_scores / both.sum(dim=-1, keepdim=True)
         probs = torch.where(empty, torch.zeros_like(probs), probs)
-        row_max = shift
         denom_safe = torch.where(empty, torch.ones_like(denom), denom)
     else:
         p = torch.exp(scores - row_max)

@@ -15,7 +15,10 @@ sink only adds to each row's normaliser, it needs no kernel of its own: with
   sink attention exactly; a gradient ``dlse`` (of the sink-free lse, whose derivative is
   ``exp(s_ij - lse)``) enters as ``dlse * exp(lse' - lse)``;
 * the sink's own gradient: ``dsink_h = -sum_{b,i} sigmoid(sink_h - lse_i) * D_i`` with
-  ``D_i = dout_i . out_i`` (the sink's probability times the row's dO.O).
+  ``D_i = dout_i . out_i`` (the sink's probability times the row's dO.O);
+* a gradient ``dlse`` of the (sink-free) lse is the sink-free attention's: its part of the
+  gradients is a second backward call with ``dout = 0`` and the plain lse (gradients are
+  linear in (dout, dlse)), exact however large the sink.
 
 A row that sees no key gives out 0 (its out0 is 0) and lse -inf.  Everything here is
 computed in float32 (float64 for float64 input).
@@ -43,8 +46,8 @@ def apply_to_out(out, lse, sink, varlen):
     return (out.to(lse.dtype) * _rows_to_out(w, varlen)).to(out.dtype)
 
 
-def backward_inputs(dout, dlse, out, lse, sink, varlen):
-    """(lse', dlse for the backend's backward, dsink) for a sink call; see the module doc."""
+def backward_inputs(dout, out, lse, sink, varlen):
+    """(lse', dsink) for a sink call's backward of ``dout``; see the module doc."""
     s = _by_row(sink, lse, varlen)
     lse_full = torch.logaddexp(lse, s)
     work = lse.dtype
@@ -52,9 +55,4 @@ def backward_inputs(dout, dlse, out, lse, sink, varlen):
     d = d.t() if varlen else d.transpose(1, 2)
     p_sink = torch.nan_to_num(torch.sigmoid(s - lse), nan=0.0)
     dsink = -(p_sink * d).sum(dim=1 if varlen else (0, 2))
-    if dlse is not None:
-        # exp(lse' - lse) = 1 + e^{sink - lse}; capped where it overflows (the sink holds
-        # all but e^-88 of the row's mass there, and its probabilities are 0 in float32)
-        factor = torch.exp(lse_full - lse).clamp(max=torch.finfo(work).max)
-        dlse = torch.where(torch.isinf(lse), 0.0, dlse.to(work) * factor)
-    return lse_full.contiguous(), dlse, dsink.to(sink.dtype)
+    return lse_full.contiguous(), dsink.to(sink.dtype)
