@@ -1,11 +1,13 @@
 """Per-call time of small CPU calls, where the host-side work (argument checks, backend
 choice, operator dispatch) is a visible share: decoding steps, short sequences, varlen.
 
-    python benches/bench_call_overhead.py [--repeat 400] [--json out.json]
+    python benches/bench_call_overhead.py [--repeat 400] [--threads 1] [--clock cpu] [--json out.json]
 
 To compare two checkouts, run it alternately with each on PYTHONPATH (the package
 and its csrc/ and triton_kernels/ resolved from that checkout).  Prints the median and
 the quartiles of ``--repeat`` calls per case, in microseconds, with the machine's CPU.
+``--clock cpu`` times the calling thread's CPU time (with ``--threads 1`` that is the whole
+call's work), which other jobs on the machine disturb less than wall time.
 """
 
 import argparse
@@ -68,17 +70,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=400)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     report = {"cpu": _cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "package": fl.__file__, "cases": {}}
+              "package": fl.__file__, "clock": args.clock, "cases": {}}
     for name, fn in cases().items():
         for _ in range(20):
             fn()
         times = []
         for _ in range(args.repeat):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times.append((time.perf_counter() - t0) * 1e6)
+            times.append((clock() - t0) * 1e6)
         q = statistics.quantiles(times, n=4)
         report["cases"][name] = {"median_us": statistics.median(times), "q1_us": q[0], "q3_us": q[2]}
         print(f"{name:40s} median {statistics.median(times):8.1f} us  (quartiles {q[0]:.1f}-{q[2]:.1f})")
