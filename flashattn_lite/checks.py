@@ -143,11 +143,6 @@ def _tensor(op, name, t, ndim):
         _fail(op, f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
 
 
-def _unit_last(op, name, t):
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        _fail(op, f"{name} must have a unit stride in its last (head) dim, got strides {tuple(t.stride())}")
-
-
 def _same(op, names, tensors):
     t0 = tensors[0]
     for name, t in zip(names[1:], tensors[1:]):
@@ -270,8 +265,6 @@ def check_fwd(q, k, v, p, op="fwd", sink=None):
         _fail(op, f"q has head dim {q.shape[-1]} but k/v have {k.shape[-1]}")
     _head_dim(op, q.shape[-1])
     _heads(op, q.shape[-2], k.shape[-2])
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _unit_last(op, name, t)
     _scalars(op, p)
     if p.varlen:
         if p.cu_seqlens_k is None:
@@ -306,7 +299,6 @@ def check_bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, sink=None):
         if t.shape != q.shape:
             _fail(op, f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
         _same(op, ("q", name), (q, t))
-        _unit_last(op, name, t)
     from .backends.base import accum_dtype
     want = (q.shape[1], q.shape[0]) if p.varlen else (q.shape[0], q.shape[2], q.shape[1])
     for name, t in (("lse", lse), ("dlse", dlse)):
@@ -336,8 +328,6 @@ def check_decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqle
         _fail(op, f"q has head dim {q.shape[3]} but the caches have {k_cache.shape[3]}")
     _head_dim(op, q.shape[3])
     _heads(op, q.shape[2], k_cache.shape[2], "the caches")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _unit_last(op, name, t)
     _scalars(op, p)
     batch, num_blocks, page = q.shape[0], k_cache.shape[0], k_cache.shape[1]
     if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \

@@ -64,16 +64,24 @@ def _serving_backend(backend, q, params, extra=()):
     return module
 
 
+def _unit_last(*tensors):
+    """The kernels address the head dim with stride 1: a direct operator call with another
+    last stride gets a copy (the public functions have made it so already)."""
+    return [t.contiguous() if t.shape[-1] > 1 and t.stride(-1) != 1 else t for t in tensors]
+
+
 def _fwd_direct(q, k, v, params, sink, backend):
+    template = q
     if checks.is_trusted():
         module = backends.get(backend)
     else:
         checks.check_fwd(q, k, v, params, sink=sink)
         module = _serving_backend(backend, q, params)
+        q, k, v = _unit_last(q, k, v)
     out, lse = module.fwd(q, k, v, params)
     if sink is not None:
         out = sinks.apply_to_out(out, lse, sink, params.varlen)
-    return _like(out, q), lse.contiguous()
+    return _like(out, template), lse.contiguous()
 
 
 def _with_sink(args, before_sink, sink):
@@ -112,6 +120,10 @@ def bwd(dout, dlse, q, k, v, out, lse, *args, learnable_sink=None):
     else:
         checks.check_bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, sink=sink)
         module = _serving_backend(backend, q, params, ("backward",))
+        dout, out = _unit_last(dout, out)
+    templates = (q, k, v)
+    if not checks.is_trusted():
+        q, k, v = _unit_last(q, k, v)
     dsink = q.new_empty(0)
     if sink is None:
         dq, dk, dv, dbias = module.bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic)
@@ -123,7 +135,8 @@ def bwd(dout, dlse, q, k, v, out, lse, *args, learnable_sink=None):
                            deterministic)
             dq, dk, dv = dq + g[0], dk + g[1], dv + g[2]
             dbias = dbias + g[3] if bias_grad else dbias
-    return _like(dq, q), _like(dk, k), _like(dv, v), _dbias_or_empty(dbias, params.bias, bias_grad, q), dsink
+    return (_like(dq, templates[0]), _like(dk, templates[1]), _like(dv, templates[2]),
+            _dbias_or_empty(dbias, params.bias, bias_grad, q), dsink)
 
 
 @bwd.register_fake
@@ -246,6 +259,7 @@ def _decode_direct(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seq
         checks.check_decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, params, num_splits,
                             sink=sink)
         module = _serving_backend(backend, q, params, ("kv-cache",))
+        q, k_cache, v_cache = _unit_last(q, k_cache, v_cache)
     out, lse = module.decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, params, max_seqlen_k, num_splits)
     if sink is not None:
         out = sinks.apply_to_out(out, lse, sink, False)
