@@ -17,7 +17,8 @@ import subprocess
 import sys
 import time
 
-_CHILD_TIMEOUT = 240  # seconds for one child to finish its cases (a hang costs this once)
+_CHILD_TIMEOUT = 600  # seconds for one child to finish its cases (a hang costs this once; the first child may
+# also build the C++ extension, minutes on 2 cores)
 _cache = {}
 
 
