@@ -12,24 +12,13 @@ call's work), which other jobs on the machine disturb less than wall time.
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
 
 import flashattn_lite as fl
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+from bench_cpu import cpu_model  # benches/ is on sys.path when run as a script
 
 
 def cases():
@@ -76,7 +65,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
-    report = {"cpu": _cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    report = {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "package": fl.__file__, "clock": args.clock, "cases": {}}
     for name, fn in cases().items():
         for _ in range(20):

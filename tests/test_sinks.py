@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import flashattn_lite as fl
-from flashattn_lite.testing import check_against_reference, record_dropout, reference_results, \
+from flashattn_lite.testing import record_dropout, reference_results, \
     reference_results_varlen
-from helpers import make_qkv
+from helpers import assert_checks_ok, make_qkv
 
 TRITON = pytest.mark.triton
 BACKENDS = ["cpu", "reference", pytest.param("triton", marks=TRITON)]
@@ -17,14 +17,6 @@ BACKENDS = ["cpu", "reference", pytest.param("triton", marks=TRITON)]
 
 def _sink(heads, scale=2.0, requires_grad=True):
     return (torch.randn(heads) * scale).requires_grad_(requires_grad)
-
-
-def _assert_ok(ours, ref, base, dtype):
-    failed = [str(c) for c in check_against_reference(ours, ref, base, dtype) if not c.ok]
-    assert not failed, "; ".join(failed)
-    for key, t in ours.items():
-        if key != "lse":
-            assert torch.isfinite(t).all(), f"{key} has NaN/inf"
 
 
 def _run_dense(backend, q, k, v, sink, dout, **kw):
@@ -70,7 +62,7 @@ def test_sink_with_each_feature(backend, dtype, feature):
     right = 0 if kw.get("causal") else right
     ref, base = reference_results(q, k, v, dout, d ** -0.5, sk - sq, left, right, kw.get("softcap", 0.0), slopes,
                                   learnable_sink=sink)
-    _assert_ok(ours, ref, base, dtype)
+    assert_checks_ok(ours, ref, base, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -82,7 +74,7 @@ def test_sink_rows_that_see_nothing_give_zero(backend):
     ours = _run_dense(backend, q, k, v, sink, dout, causal=True)
     assert (ours["out"][:, :3] == 0).all() and torch.isinf(ours["lse"][:, :, :3]).all()
     ref, base = reference_results(q, k, v, dout, 8 ** -0.5, -3, -1, 0, learnable_sink=sink)
-    _assert_ok(ours, ref, base, torch.float32)
+    assert_checks_ok(ours, ref, base, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,7 +125,7 @@ def test_sink_varlen(backend):
         grads = torch.autograd.grad(out, (q, k, v, sink), dout)
     ours = dict(out=out.detach(), lse=lse, dq=grads[0], dk=grads[1], dv=grads[2], dsink=grads[3])
     ref, base = reference_results_varlen(q, k, v, dout, cu_q, cu_k, 16 ** -0.5, causal=True, learnable_sink=sink)
-    _assert_ok(ours, ref, base, torch.float32)
+    assert_checks_ok(ours, ref, base, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -144,7 +136,7 @@ def test_sink_with_dropout(backend):
         ours = _run_dense(backend, q, k, v, sink, dout, dropout_p=0.3, causal=True)
     ref, base = reference_results(q, k, v, dout, 8 ** -0.5, 2, -1, 0, dropout_keep=calls[0].keep(), dropout_p=0.3,
                                   learnable_sink=sink)
-    _assert_ok(ours, ref, base, torch.float32)
+    assert_checks_ok(ours, ref, base, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
