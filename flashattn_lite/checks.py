@@ -28,7 +28,10 @@ import threading
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_HEAD_DIM = 256
+# Head dims: q/k (D) and v (Dv, which may differ: MLA) each in 1..MAX_HEAD_DIM; decoding
+# (flash_attn_with_kvcache) takes D up to MAX_DECODE_HEAD_DIM (absorbed MLA: D = 576, Dv = 512).
+MAX_HEAD_DIM = 512
+MAX_DECODE_HEAD_DIM = 576
 INT32_MAX = 2 ** 31 - 1
 _INF = float("inf")
 # a normal float32 whose reciprocal is one too
@@ -157,9 +160,14 @@ def _heads(op, hq, hk, what="k/v"):
         _fail(op, f"q has {hq} heads, not a multiple of the {hk} heads of {what}")
 
 
-def _head_dim(op, d):
-    if not 1 <= d <= MAX_HEAD_DIM:
-        _fail(op, f"head dim must be in 1..{MAX_HEAD_DIM}, got {d}")
+def _head_dim(op, d, what="head dim", limit=MAX_HEAD_DIM):
+    if not 1 <= d <= limit:
+        _fail(op, f"{what} must be in 1..{limit}, got {d}")
+
+
+def out_shape(q, v):
+    """The output's shape: q's, with v's head dim (Dv may differ from D: MLA)."""
+    return tuple(q.shape[:-1]) + (v.shape[-1],)
 
 
 def _int32_vector(op, name, t, n, device):
@@ -259,11 +267,13 @@ def check_fwd(q, k, v, p, op="fwd", sink=None):
     _same(op, ("q", "k", "v"), (q, k, v))
     if q.dtype not in SUPPORTED_DTYPES:
         _fail(op, f"dtype {q.dtype} is not supported (float16, bfloat16, float32, float64)", TypeError)
-    if k.shape != v.shape:
-        _fail(op, f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        _fail(op, f"k and v must have the same shape except the head dim, got {tuple(k.shape)} and "
+                  f"{tuple(v.shape)}")
     if k.shape[-1] != q.shape[-1]:
-        _fail(op, f"q has head dim {q.shape[-1]} but k/v have {k.shape[-1]}")
+        _fail(op, f"q has head dim {q.shape[-1]} but k has {k.shape[-1]}")
     _head_dim(op, q.shape[-1])
+    _head_dim(op, v.shape[-1], "value head dim")
     _heads(op, q.shape[-2], k.shape[-2])
     _scalars(op, p)
     if p.varlen:
@@ -294,10 +304,11 @@ def check_fwd(q, k, v, p, op="fwd", sink=None):
 def check_bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, sink=None):
     op = "bwd"
     check_fwd(q, k, v, p, op, sink=sink)
+    want_out = out_shape(q, v)
     for name, t in (("dout", dout), ("out", out)):
         _tensor(op, name, t, q.dim())
-        if t.shape != q.shape:
-            _fail(op, f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if tuple(t.shape) != want_out:
+            _fail(op, f"{name} must have shape {want_out} (q's, with v's head dim), got {tuple(t.shape)}")
         _same(op, ("q", name), (q, t))
     from .backends.base import accum_dtype
     want = (q.shape[1], q.shape[0]) if p.varlen else (q.shape[0], q.shape[2], q.shape[1])
@@ -321,12 +332,13 @@ def check_decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqle
     _same(op, ("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
     if q.dtype not in SUPPORTED_DTYPES:
         _fail(op, f"dtype {q.dtype} is not supported (float16, bfloat16, float32, float64)", TypeError)
-    if k_cache.shape != v_cache.shape:
-        _fail(op, f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
-                  f"{tuple(v_cache.shape)}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        _fail(op, f"k_cache and v_cache must have the same shape except the head dim, got {tuple(k_cache.shape)} "
+                  f"and {tuple(v_cache.shape)}")
     if k_cache.shape[3] != q.shape[3]:
-        _fail(op, f"q has head dim {q.shape[3]} but the caches have {k_cache.shape[3]}")
-    _head_dim(op, q.shape[3])
+        _fail(op, f"q has head dim {q.shape[3]} but k_cache has {k_cache.shape[3]}")
+    _head_dim(op, q.shape[3], limit=MAX_DECODE_HEAD_DIM)
+    _head_dim(op, v_cache.shape[3], "value head dim")
     _heads(op, q.shape[2], k_cache.shape[2], "the caches")
     _scalars(op, p)
     batch, num_blocks, page = q.shape[0], k_cache.shape[0], k_cache.shape[1]

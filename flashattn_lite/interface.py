@@ -9,7 +9,7 @@ import numbers
 import torch
 
 from . import backends, checks, ops, rng  # ops registers torch.ops.flashattn_lite.*
-from .checks import MAX_HEAD_DIM, SUPPORTED_DTYPES  # noqa: F401  (re-exported)
+from .checks import MAX_DECODE_HEAD_DIM, MAX_HEAD_DIM, SUPPORTED_DTYPES  # noqa: F401  (re-exported)
 from .checks import check_dropout as _check_dropout
 from .checks import check_scale as _check_scale
 from .checks import check_softcap as _check_softcap
@@ -40,16 +40,18 @@ def _validate_qkv(q, k, v, names, layout):
     if not (q.device == k.device == v.device):
         raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, {v.device}")
     b, _, hq, d = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"{nk} and {nv} must have the same shape {layout}, got "
-                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"{nk} and {nv} must have the same shape {layout} except the head dim (which may "
+                         f"differ: MLA), got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != b:
         raise ValueError(f"batch size differs: {nq} has {b}, {nk} has {k.shape[0]}")
     if k.shape[3] != d:
-        raise ValueError(f"head dim differs: {nq} has {d}, {nk}/{nv} have {k.shape[3]} "
-                         "(a different value head dim is not supported)")
+        raise ValueError(f"head dim differs: {nq} has {d}, {nk} has {k.shape[3]} (only {nv}'s head dim may "
+                         "differ)")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head dim must be in 1..{MAX_HEAD_DIM}, got {d}")
+    if not 1 <= v.shape[3] <= MAX_HEAD_DIM:
+        raise ValueError(f"value head dim must be in 1..{MAX_HEAD_DIM}, got {v.shape[3]}")
     hk = k.shape[2]
     if hk == 0 or hq % hk != 0:
         raise ValueError(f"number of query heads ({hq}) must be a multiple of the number of key/value heads ({hk})")
@@ -59,8 +61,9 @@ def _validate_qkv(q, k, v, names, layout):
 
 
 
-def _select_backend(device, dtype, head_dim, features=frozenset()):
-    return backends.select(backends.Call(device=device, dtype=dtype, head_dim=head_dim, features=features))
+def _select_backend(device, dtype, head_dim, features=frozenset(), head_dim_v=None):
+    return backends.select(backends.Call(device=device, dtype=dtype, head_dim=head_dim, features=features,
+                                         head_dim_v=head_dim_v))
 
 
 # Under torch.compile the backend choice is made once, at trace time, and baked into
@@ -78,10 +81,20 @@ def _head_dim_for_choice(head_dim):
     under, so that is what is guarded on and passed."""
     if not torch.compiler.is_compiling():
         return int(head_dim)
-    for bound in sorted({256, MAX_HEAD_DIM}):
+    for bound in sorted({256, MAX_HEAD_DIM, checks.MAX_DECODE_HEAD_DIM}):
         if head_dim <= bound:
             return bound
-    return MAX_HEAD_DIM + 1
+    return checks.MAX_DECODE_HEAD_DIM + 1
+
+
+def _head_dim_v_for_choice(head_dim, head_dim_v):
+    """``head_dim_v`` for the backend choice: None when it equals ``head_dim``; under
+    torch.compile, whether they are equal is guarded on and the bound passed."""
+    if not torch.compiler.is_compiling():
+        return None if head_dim_v == head_dim else int(head_dim_v)
+    if head_dim_v == head_dim:
+        return None
+    return _head_dim_for_choice(head_dim_v)
 
 
 def _unbounded_if_beyond(left, right, seqlen_q, seqlen_k):
@@ -119,7 +132,8 @@ def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap
                              window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes, bias=bias,
                              cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                              max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, dropout_seed=seed)
-    backend = _select_backend(q.device, q.dtype, _head_dim_for_choice(q.shape[-1]), params.features())
+    backend = _select_backend(q.device, q.dtype, _head_dim_for_choice(q.shape[-1]), params.features(),
+                              _head_dim_v_for_choice(q.shape[-1], v.shape[-1]))
     if dropout_p > 0:
         rng.note_call(params, q, k)
     return ops.run_fwd(q, k, v, params, backend, learnable_sink)

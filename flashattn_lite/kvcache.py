@@ -40,8 +40,8 @@ import torch
 from . import backends
 from .checks import check_scale_over_softcap, check_sink
 from . import ops as _ops  # (also registers torch.ops.flashattn_lite.decode)
-from .interface import (MAX_HEAD_DIM, _check_alibi, _check_scale, _check_softcap, _check_tensor, _check_window,
-                        _select_backend, _unbounded_if_beyond)
+from .interface import (MAX_DECODE_HEAD_DIM, MAX_HEAD_DIM, _check_alibi, _check_scale, _check_softcap, _check_tensor,
+                        _check_window, _select_backend, _unbounded_if_beyond)
 
 _LAYOUT = "(batch, seqlen, heads, headdim)"
 _CACHE_LAYOUT = "(batch_cache, seqlen_cache, heads_k, headdim) or, paged, (num_blocks, page_size, heads_k, headdim)"
@@ -69,40 +69,41 @@ def _check_caches(q, k_cache, v_cache):
     if not (q.device == k_cache.device == v_cache.device):
         raise ValueError(f"q, k_cache, v_cache must be on one device, got {q.device}, {k_cache.device}, "
                          f"{v_cache.device}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"k_cache and v_cache must have the same shape except the head dim (which may differ: "
+                         f"MLA), got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     d, hq, hk = q.shape[3], q.shape[2], k_cache.shape[2]
     if k_cache.shape[3] != d:
-        raise ValueError(f"head dim differs: q has {d}, k_cache/v_cache have {k_cache.shape[3]}")
-    if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in 1..{MAX_HEAD_DIM}, got {d}")
+        raise ValueError(f"head dim differs: q has {d}, k_cache has {k_cache.shape[3]} (only v_cache's head dim "
+                         "may differ)")
+    if not 1 <= d <= MAX_DECODE_HEAD_DIM:
+        raise ValueError(f"head dim must be in 1..{MAX_DECODE_HEAD_DIM}, got {d}")
+    if not 1 <= v_cache.shape[3] <= MAX_HEAD_DIM:
+        raise ValueError(f"value head dim (v_cache.shape[3]) must be in 1..{MAX_HEAD_DIM}, got {v_cache.shape[3]}")
     if hk == 0 or hq % hk != 0:
         raise ValueError(f"number of query heads ({hq}) must be a multiple of the number of cache heads ({hk})")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if d > 1 and t.stride(-1) != 1:
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit stride in its last (head) dim: the new keys/values are "
                              "written into it in place, so it cannot be copied")
 
 
-def _check_new(k, v, q, k_cache):
+def _check_new(k, v, q, k_cache, v_cache):
     if (k is None) != (v is None):
         raise ValueError("pass both k and v (the new keys/values to append), or neither")
     if k is None:
         return 0
     _check_tensor("k", k, 4, _LAYOUT)
     _check_tensor("v", v, 4, _LAYOUT)
-    want = (q.shape[0], k.shape[1], k_cache.shape[2], q.shape[3])
-    for name, t in (("k", k), ("v", v)):
+    for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
+        want = (q.shape[0], k.shape[1], k_cache.shape[2], cache.shape[3])
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype}, but q and the caches have {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
         if tuple(t.shape) != want:
-            raise ValueError(f"{name} must have shape (batch, seqlen_new, heads_k, headdim) = (B, S, "
+            raise ValueError(f"{name} must have shape (batch, seqlen_new, heads_k, headdim of {name}_cache) = (B, S, "
                              f"{want[2]}, {want[3]}) with batch {want[0]}, got {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     return k.shape[1]
 
 
@@ -402,7 +403,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Args:
         q: (batch, seqlen_q, nheads, headdim).
         k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), or with ``block_table``
-            a paged cache (num_blocks, page_size, nheads_k, headdim), any page size.
+            a paged cache (num_blocks, page_size, nheads_k, headdim), any page size.  v_cache (and v)
+            may have another head dim Dv (MLA; the output then has Dv); headdim of q/k_cache up to
+            576 (absorbed-MLA decoding: 576 / 512), Dv up to 512.
             ``nheads % nheads_k == 0`` (GQA/MQA).  Updated in place when k/v are given; the rows
             in use (batch rows or pages) must then be distinct memory (not an ``expand()``-ed
             cache), and not overlap q or each other.
@@ -434,13 +437,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         learnable_sink: None, or (nheads,) float: one extra logit per query head with a zero
             value (as ``flash_attn_func``); the lse leaves it out.
 
-    Returns ``out`` (batch, seqlen_q, nheads, headdim), or ``(out, softmax_lse)``.
+    Returns ``out`` (batch, seqlen_q, nheads, headdim of v_cache), or ``(out, softmax_lse)``.
     Forward only (no gradients).
     """
     _check_caches(q, k_cache, v_cache)
     _check_requires_grad((q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, alibi_slopes, learnable_sink))
     batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_new = _check_new(k, v, q, k_cache)
+    seqlen_new = _check_new(k, v, q, k_cache, v_cache)
     device = q.device
     num_blocks, page_size = k_cache.shape[0], k_cache.shape[1]
 
@@ -524,7 +527,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     # raises without having appended anything
     params = backends.Params(softmax_scale=scale, window_left=left, window_right=right, softcap=softcap,
                              alibi_slopes=slopes)
-    backend = _select_backend(device, q.dtype, head_dim, params.features() | {"kv-cache"})
+    backend = _select_backend(device, q.dtype, head_dim, params.features() | {"kv-cache"},
+                              None if v_cache.shape[3] == head_dim else v_cache.shape[3])
 
     if seqlen_ro:
         q_rows = seqlen_q if (causal or local) else 1

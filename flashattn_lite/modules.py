@@ -70,7 +70,7 @@ class FlashAttention(nn.MultiheadAttention):
       A ``key_padding_mask`` alone is applied as a broadcast view, without an S x S mask.
 
     A query row that may attend to no key gives 0 output (and 0 weights), where torch
-    gives NaN.  Head dim ``embed_dim // num_heads`` must be in 1..256.
+    gives NaN.  Head dim ``embed_dim // num_heads`` must be in 1..512.
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,

@@ -38,9 +38,24 @@ _SINK_INPUT = 3 + len(OP_FIELDS) + 1  # after the backend
 _TENSOR_FIELDS = ("cu_seqlens_q", "cu_seqlens_k", "bias", "alibi_slopes")
 
 
+def empty_like_last(template, last, dtype=None):
+    """``empty_like(template)`` with last dim ``last``: the dims in the memory order
+    ``empty_like(template)`` gives them (so a (B, H, S, D) caller's output is (B, H, S, Dv)
+    memory), dense.  The output of an MLA call (Dv != D) is this of q."""
+    dtype = template.dtype if dtype is None else dtype
+    if last == template.shape[-1]:
+        return torch.empty_like(template, dtype=dtype)
+    strides = torch.empty_like(template, device="meta").stride()
+    order = sorted(range(template.dim()), key=lambda i: -strides[i])  # outermost first; ties stay in order
+    shape = tuple(template.shape[:-1]) + (last,)
+    dense = template.new_empty([shape[i] for i in order], dtype=dtype)
+    return dense.permute([order.index(i) for i in range(template.dim())])
+
+
 def _like(result, template):
-    """Return ``result`` with the strides of ``empty_like(template)`` (copying only if needed)."""
-    target = torch.empty_like(template, dtype=result.dtype)
+    """Return ``result`` with the strides of ``empty_like(template)`` with ``result``'s last
+    dim (copying only if needed)."""
+    target = empty_like_last(template, result.shape[-1], result.dtype)
     if result.stride() == target.stride():
         return result
     return target.copy_(result)
@@ -50,15 +65,16 @@ def _lse_shape(q, varlen):
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
 
-def _serving_backend(backend, q, params, extra=()):
+def _serving_backend(backend, q, v, params, extra=()):
     """The backend module named ``backend`` after checking it can serve this call (the
     operators may be called with any name)."""
     if backend not in backends.BACKENDS:
         raise ValueError(f"flashattn_lite: backend must be one of {', '.join(backends.BACKENDS)} (resolved, not "
                          f"'auto'), got {backend!r}")
     module = backends.BACKENDS[backend]
-    why = module.supports(backends.Call(device=q.device, dtype=q.dtype, head_dim=int(q.shape[-1]),
-                                        features=params.features() | set(extra)))
+    why = backends.supports(backend, backends.Call(device=q.device, dtype=q.dtype, head_dim=int(q.shape[-1]),
+                                                   head_dim_v=int(v.shape[-1]),
+                                                   features=params.features() | set(extra)))
     if why is not None:
         raise RuntimeError(f"flashattn_lite backend {backend!r} cannot run this call: {why}")
     return module
@@ -76,7 +92,7 @@ def _fwd_direct(q, k, v, params, sink, backend):
         module = backends.get(backend)
     else:
         checks.check_fwd(q, k, v, params, sink=sink)
-        module = _serving_backend(backend, q, params)
+        module = _serving_backend(backend, q, v, params)
         q, k, v = _unit_last(q, k, v)
     out, lse = module.fwd(q, k, v, params)
     if sink is not None:
@@ -101,7 +117,7 @@ def fwd(q, k, v, *args, learnable_sink=None):
 
 @fwd.register_fake
 def _fwd_fake(q, k, v, cu_seqlens_q, *args):
-    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=accum_dtype(q.dtype))
+    return empty_like_last(q, v.shape[-1]), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=accum_dtype(q.dtype))
 
 
 def _dbias_or_empty(dbias, bias, bias_grad, q):
@@ -119,7 +135,7 @@ def bwd(dout, dlse, q, k, v, out, lse, *args, learnable_sink=None):
         module = backends.get(backend)
     else:
         checks.check_bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, sink=sink)
-        module = _serving_backend(backend, q, params, ("backward",))
+        module = _serving_backend(backend, q, v, params, ("backward",))
         dout, out = _unit_last(dout, out)
     templates = (q, k, v)
     if not checks.is_trusted():
@@ -235,7 +251,7 @@ bwd.register_autograd(_no_double_backward, setup_context=_bwd_setup_context)
 
 
 # ------------------------------------------------------------------ KV-cache decoding
-# decode: (out, lse) of q (B, Sq, H, D) against a paged cache (num_blocks, page_size, Hk, D):
+# decode: (out, lse) of q (B, Sq, H, D) against paged caches k (num_blocks, page_size, Hk, D), v (.., Dv); out (.., Dv):
 # position p of sequence b lives at page ``block_table[b, p // page_size]``, row
 # ``p % page_size`` (a contiguous cache is one page per sequence).  Keys
 # ``[leftpad[b], seqlens_k[b])`` are valid; query row i sits at position
@@ -258,7 +274,7 @@ def _decode_direct(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seq
     else:
         checks.check_decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, params, num_splits,
                             sink=sink)
-        module = _serving_backend(backend, q, params, ("kv-cache",))
+        module = _serving_backend(backend, q, v_cache, params, ("kv-cache",))
         q, k_cache, v_cache = _unit_last(q, k_cache, v_cache)
     out, lse = module.decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, params, max_seqlen_k, num_splits)
     if sink is not None:
@@ -282,5 +298,5 @@ def run_decode(*args):
 
 
 @decode.register_fake
-def _decode_fake(q, *args, learnable_sink=None):
-    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=accum_dtype(q.dtype))
+def _decode_fake(q, k_cache, v_cache, *args, learnable_sink=None):
+    return empty_like_last(q, v_cache.shape[-1]), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=accum_dtype(q.dtype))

@@ -52,10 +52,10 @@ def _supported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return False
     if not (query.device == key.device == value.device) or query.device.type not in ("cpu", "cuda"):
         return False
-    if query.shape[:-3] != key.shape[:-3] or key.shape != value.shape:
-        return False  # batch broadcasting or a different value shape: leave it to torch
+    if query.shape[:-3] != key.shape[:-3] or key.shape[:-1] != value.shape[:-1]:
+        return False  # batch broadcasting or a different value shape (but the head dim): leave it to torch
     d = query.shape[-1]
-    if key.shape[-1] != d or not 1 <= d <= MAX_HEAD_DIM:
+    if key.shape[-1] != d or not 1 <= d <= MAX_HEAD_DIM or not 1 <= value.shape[-1] <= MAX_HEAD_DIM:
         return False
     hq, hk = query.shape[-3], key.shape[-3]
     if hq != hk and not (enable_gqa and hk > 0 and hq % hk == 0):

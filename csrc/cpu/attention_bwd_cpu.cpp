@@ -27,7 +27,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
               const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
               T* dbias, T scale, const Problem& pr, const Transform<T>& tf, const BiasView& bias,
               const Dropout& drop) {
-  const int64_t Bp = q.size(0), Hq = q.size(2), D = q.size(3);
+  const int64_t Bp = q.size(0), Hq = q.size(2), D = q.size(3), Dv = v.size(3);  // Dv != D: MLA
   const int64_t Skp = k.size(1), Hk = k.size(2), group = Hq / Hk;
   const Blocks bs = blocks_from_env("FLASHATTN_LITE_CPU_BWD_BLOCKS", 128, 256);
   const int64_t BM = bs.m, BN = bs.n;
@@ -51,7 +51,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
         int64_t qlo, qhi, unused;
         band.queries(c0, qlo, unused);
         band.queries(c0 + cols - 1, unused, qhi);
-        u.cost += double(cols) * double(std::max<int64_t>(qhi - qlo, 0) * group + D);
+        u.cost += double(cols) * double(std::max<int64_t>(qhi - qlo, 0) * group + D + Dv);
       }
       units.push_back(u);
     }
@@ -85,7 +85,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   };
   auto make_state = [&] {
     return State{Scratch<T>(BM * BN), Scratch<T>(BM * BN), Scratch<T>(kDrop ? BM * BN : 0), Scratch<T>(BN * D),
-                 Scratch<T>(BN * D), Scratch<T>(capped ? BM * BN : 0), Scratch<uint32_t>(kDrop ? BM * BN : 0)};
+                 Scratch<T>(BN * Dv), Scratch<T>(capped ? BM * BN : 0), Scratch<uint32_t>(kDrop ? BM * BN : 0)};
   };
   run_tasks(Hk * nunits, make_state, [&](int64_t task, State& st) {
     const int64_t hk = task / nunits;
@@ -101,7 +101,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     for (int64_t kb = u.begin; kb < u.end; ++kb) {
       const int64_t c0 = kb * BN, cols = std::min(BN, sq.len_k - c0);
       std::fill(st.dk_acc.data(), st.dk_acc.data() + cols * D, T(0));
-      std::fill(st.dv_acc.data(), st.dv_acc.data() + cols * D, T(0));
+      std::fill(st.dv_acc.data(), st.dv_acc.data() + cols * Dv, T(0));
       int64_t qlo, qhi, unused;
       band.queries(c0, qlo, unused);
       band.queries(c0 + cols - 1, unused, qhi);
@@ -162,9 +162,9 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           const T* pv = kDrop ? st.PZ.data() : P;
           slabs([&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
             const T* dos = doh + (r0 + s0) * sds;
-            gemm_rm<T>(true, false, ce - ca, D, s1 - s0, rescale, pv + s0 * BN + ca, BN, dos, sds, T(1),
-                       st.dv_acc.data() + ca * D, D);
-            gemm_rm<T>(false, true, s1 - s0, ce - ca, D, rescale, dos, sds, vt + (c0 + ca) * svs, svs, T(0),
+            gemm_rm<T>(true, false, ce - ca, Dv, s1 - s0, rescale, pv + s0 * BN + ca, BN, dos, sds, T(1),
+                       st.dv_acc.data() + ca * Dv, Dv);
+            gemm_rm<T>(false, true, s1 - s0, ce - ca, Dv, rescale, dos, sds, vt + (c0 + ca) * svs, svs, T(0),
                        dP + s0 * BN + ca, BN);
           });
           // dS = P * (dP - delta) (= dBias), then * scale (and the cap's derivative) for dQ, dK; into dP
@@ -213,7 +213,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
       for (int64_t c = 0; c < cols; ++c) {
         const int64_t key = sq.k0 + c0 + c;
         std::copy(st.dk_acc.data() + c * D, st.dk_acc.data() + (c + 1) * D, dkp + sq.pb * dkb + hk * dkh + key * dks);
-        std::copy(st.dv_acc.data() + c * D, st.dv_acc.data() + (c + 1) * D, dvp + sq.pb * dvb + hk * dvh + key * dvs);
+        std::copy(st.dv_acc.data() + c * Dv, st.dv_acc.data() + (c + 1) * Dv, dvp + sq.pb * dvb + hk * dvh + key * dvs);
       }
     }
   });

@@ -4,6 +4,8 @@
 
 #include <torch/library.h>
 
+#include <numeric>
+
 #include "attention_cpu.h"
 
 namespace flashattn_lite {
@@ -34,7 +36,9 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bo
               "flashattn_lite cpu: tensors must be on the CPU");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "flashattn_lite cpu: q, k, v must share one dtype");
-  TORCH_CHECK(k.sizes() == v.sizes(), "flashattn_lite cpu: k and v must have the same shape");
+  // v may have its own head dim Dv (MLA); every other dim is k's
+  TORCH_CHECK(k.sizes().slice(0, k.dim() - 1) == v.sizes().slice(0, v.dim() - 1),
+              "flashattn_lite cpu: k and v must have the same shape except the last (head) dim");
   TORCH_CHECK(k.size(-1) == q.size(-1), "flashattn_lite cpu: q and k have different head dims");
   TORCH_CHECK(varlen || k.size(0) == q.size(0), "flashattn_lite cpu: q and k have different batch sizes");
   TORCH_CHECK(k.size(-2) > 0 && q.size(-2) % k.size(-2) == 0,
@@ -62,6 +66,23 @@ at::Tensor blas_ready(const at::Tensor& t) {
 // Widen to the compute type, then make the strides BLAS-ready.
 at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
   return blas_ready(t.scalar_type() == ct ? t : t.to(ct));
+}
+
+// An uninitialised tensor shaped like ``t`` but with last dim ``last``, its dims in the
+// same memory order as ``t``'s (empty_like's strides, for another head dim).
+at::Tensor like_with_last(const at::Tensor& t, int64_t last) {
+  if (last == t.size(-1)) return at::empty_like(t);
+  std::vector<int64_t> shape = t.sizes().vec(), order(t.dim());
+  shape.back() = last;
+  std::iota(order.begin(), order.end(), 0);
+  // outermost first: larger stride first; ties keep the logical order (stable)
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return t.stride(a) > t.stride(b); });
+  std::vector<int64_t> permuted(t.dim());
+  for (int64_t i = 0; i < t.dim(); ++i) permuted[i] = shape[order[i]];
+  at::Tensor dense = at::empty(permuted, t.options());
+  std::vector<int64_t> inverse(t.dim());
+  for (int64_t i = 0; i < t.dim(); ++i) inverse[order[i]] = i;
+  return dense.permute(inverse);
 }
 
 // A packed varlen tensor (total, H, D) as the kernels' 4-D (1, total, H, D).
@@ -170,7 +191,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Ten
                                   window_left, window_right);
   const BiasView bv = make_bias(bias, q, k, varlen);
   const Dropout drop = make_dropout(dropout_p, dropout_seed);
-  at::Tensor out = at::empty_like(q);  // q's strides are ones the kernel can write through
+  // q's layout (strides the kernel can write through) with v's head dim
+  at::Tensor out = like_with_last(q, v.size(-1));
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(ct));
   if (q.numel() == 0) {
     lse.fill_(-std::numeric_limits<double>::infinity());
@@ -194,8 +216,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
               "flashattn_lite cpu: cu_seqlens_q and cu_seqlens_k must be given together");
   const bool varlen = cu_seqlens_q.has_value();
   check_qkv(q_in, k_in, v_in, varlen);
-  TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
-              "flashattn_lite cpu: dout and out must have q's shape ", q_in.sizes());
+  std::vector<int64_t> out_shape = q_in.sizes().vec();
+  out_shape.back() = v_in.size(-1);
+  TORCH_CHECK(dout_in.sizes() == at::IntArrayRef(out_shape) && out_in.sizes() == at::IntArrayRef(out_shape),
+              "flashattn_lite cpu: dout and out must have shape ", at::IntArrayRef(out_shape),
+              " (q's, with v's head dim)");
   const std::vector<int64_t> lse_shape =
       varlen ? std::vector<int64_t>{q_in.size(1), q_in.size(0)}
              : std::vector<int64_t>{q_in.size(0), q_in.size(2), q_in.size(1)};

@@ -27,7 +27,7 @@ inline const T* tile(const in_t* src, int64_t ld, int64_t rows, int64_t D, T* bu
 template <typename in_t, typename kv_t, typename T, bool kBias, bool kDrop>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
               T scale, const Problem& pr, const Transform<T>& tf, const BiasView& bias, const Dropout& drop) {
-  const int64_t Hq = q.size(2), D = q.size(3);
+  const int64_t Hq = q.size(2), D = q.size(3), Dv = v.size(3);  // Dv != D: MLA
   const int64_t Hk = k.size(2), group = Hq / Hk;
   // Shorter query sequences use smaller query tiles so every thread gets work.
   const Blocks bs = blocks_from_env("FLASHATTN_LITE_CPU_FWD_BLOCKS", pr.max_q >= 768 ? 256 : 128, 512);
@@ -42,7 +42,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       int64_t klo, khi, unused;
       band.keys(r0, klo, unused);
       band.keys(r1 - 1, unused, khi);
-      units.push_back(Unit{s, r0, r1, 0, double(r1 - r0) * double(std::max<int64_t>(khi - klo, 0) + D)});
+      units.push_back(Unit{s, r0, r1, 0, double(r1 - r0) * double(std::max<int64_t>(khi - klo, 0) + D + Dv)});
     }
   }
   sort_by_cost(units);
@@ -70,9 +70,9 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     Scratch<uint32_t> keep;
   };
   auto make_state = [&] {
-    return State{Scratch<T>(BM * BN), Scratch<T>(BM * BN), Scratch<T>(BM * D), Scratch<T>(BM), Scratch<T>(BM),
-                 Scratch<T>(D), Scratch<T>(widen ? BM * D : 0), Scratch<T>(widen_kv ? BN * D : 0),
-                 Scratch<T>(widen_kv ? BN * D : 0), Scratch<uint32_t>(kDrop ? BN : 0)};
+    return State{Scratch<T>(BM * BN), Scratch<T>(BM * BN), Scratch<T>(BM * Dv), Scratch<T>(BM), Scratch<T>(BM),
+                 Scratch<T>(Dv), Scratch<T>(widen ? BM * D : 0), Scratch<T>(widen_kv ? BN * D : 0),
+                 Scratch<T>(widen_kv ? BN * Dv : 0), Scratch<uint32_t>(kDrop ? BN : 0)};
   };
   run_tasks(Hq * nunits, make_state, [&](int64_t task, State& st) {
     const int64_t h = task / nunits;
@@ -91,7 +91,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     T* l = st.l.data();
     int64_t ldq;
     const T* qt = tile<in_t, T>(qp + sq.pb * sqb + h * sqh + (sq.q0 + r0) * sqs, sqs, rows, D, st.qbuf.data(), ldq);
-    std::fill(acc, acc + rows * D, T(0));
+    std::fill(acc, acc + rows * Dv, T(0));
     std::fill(m, m + rows, neg_inf);
     std::fill(l, l + rows, T(0));
     // band bounds are monotone in the row, so the block's keys are [lo(first), hi(last))
@@ -142,7 +142,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
           const T mx = std::max(mr, row_max(srow + a, e - a));  // (NaN scores keep the sum NaN)
           const T alpha = std::exp(mr - mx);
           lr = lr * alpha + exp_shift_sum<T, kBias>(srow + a, prow + a, e - a, mx);
-          scale_row(acc + r * D, D, alpha);
+          scale_row(acc + r * Dv, Dv, alpha);
           mr = mx;
         }
         if constexpr (kDrop) {  // l sums the undropped probabilities; only P @ V is dropped
@@ -151,10 +151,10 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
           apply_keep(prow + a, st.keep.data(), e - a);
         }
       }
-      const T* vtile = tile<kv_t, T>(vt + c0 * svs, svs, cols, D, st.vbuf.data(), ldv);
+      const T* vtile = tile<kv_t, T>(vt + c0 * svs, svs, cols, Dv, st.vbuf.data(), ldv);
       for_slabs(band, r0, rows, c0, cols, slab, [&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
-        gemm_rm<T>(false, false, s1 - s0, D, ce - ca, T(1), st.P.data() + s0 * BN + ca, BN, vtile + ca * ldv, ldv,
-                   T(1), acc + s0 * D, D);
+        gemm_rm<T>(false, false, s1 - s0, Dv, ce - ca, T(1), st.P.data() + s0 * BN + ca, BN, vtile + ca * ldv, ldv,
+                   T(1), acc + s0 * Dv, Dv);
       });
     }
     T* orow = st.orow.data();
@@ -163,17 +163,17 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       const T lr = l[r];
       T row_lse = neg_inf;
       if (lr == T(0)) {  // the row saw no key
-        std::fill(orow, orow + D, T(0));
+        std::fill(orow, orow + Dv, T(0));
       } else {
         const T inv = out_scale / lr;
-        const T* arow = acc + r * D;
-        for (int64_t d = 0; d < D; ++d) orow[d] = arow[d] * inv;
+        const T* arow = acc + r * Dv;
+        for (int64_t d = 0; d < Dv; ++d) orow[d] = arow[d] * inv;
         row_lse = m[r] + std::log(lr);
       }
       if constexpr (widen) {
-        at::vec::convert(orow, dst, D);
+        at::vec::convert(orow, dst, Dv);
       } else {
-        std::copy(orow, orow + D, dst);
+        std::copy(orow, orow + Dv, dst);
       }
       if (lp32) lp32[row0 + r] = float(row_lse);
       if (lp64) lp64[row0 + r] = double(row_lse);

@@ -41,7 +41,7 @@ constexpr int64_t kDecodeMaxSplits = 128;
 constexpr int64_t kDecodeMinKeysPerSplit = 256;
 
 struct DecodeShape {
-  int64_t batch, seqlen_q, heads, heads_k, group, head_dim, page_size, splits;
+  int64_t batch, seqlen_q, heads, heads_k, group, head_dim, head_dim_v, page_size, splits;  // Dv != D: MLA
   int64_t left, right;  // < 0: unbounded
   double scale, softcap;
 };
@@ -294,7 +294,8 @@ template <typename scalar_t, typename acc_t>
 void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                   const at::Tensor& table, const int32_t* ends, const int32_t* starts, const at::Tensor* slopes,
                   at::Tensor& out, at::Tensor& lse, acc_t* part_o, acc_t* part_lse) {
-  const int64_t B = sh.batch, Sq = sh.seqlen_q, H = sh.heads, Hk = sh.heads_k, G = sh.group, D = sh.head_dim;
+  const int64_t B = sh.batch, Sq = sh.seqlen_q, H = sh.heads, Hk = sh.heads_k, G = sh.group, D = sh.head_dim,
+                Dv = sh.head_dim_v;
   const int64_t R = Sq * G, S = sh.splits, P = sh.page_size;
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = kc.data_ptr<scalar_t>();
@@ -314,10 +315,10 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
   // fp32/fp64 rows: measured on 2 cores, the prefetch gained them at most 3% and cost
   // 10-30% where rows sit 4 KiB or more apart (a page each), in L3 and from memory alike
   // (e.g. 1 x 32 x 8 x 128 fp32, 65536 positions: 43-44 ms with it, 37-38 without)
-  const bool spread = sizeof(scalar_t) == 2 && (kss != D || vss != D);
+  const bool spread = sizeof(scalar_t) == 2 && (kss != D || vss != Dv);
 
   at::parallel_for(0, B * Hk * S, 1, [&](int64_t begin, int64_t finish) {
-    std::vector<acc_t> qf(R * D), acc(R * D), m(R), l(R);
+    std::vector<acc_t> qf(R * D), acc(R * Dv), m(R), l(R);
     std::vector<acc_t> sc(kDecodeKeyTile);
     const acc_t* krow[kDecodeKeyTile];
     const acc_t* vrow[kDecodeKeyTile];
@@ -359,10 +360,10 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
           if (t0 + n + j < pf_end) {
             const char* kn = reinterpret_cast<const char*>(kp + ahead.blk * ksb + ahead.row * kss + hk * ksh);
             const char* vn = reinterpret_cast<const char*>(vp + ahead.blk * vsb + ahead.row * vss + hk * vsh);
-            for (int64_t off = 0; off < D * int64_t(sizeof(scalar_t)); off += 64) {
+            for (int64_t off = 0; off < D * int64_t(sizeof(scalar_t)); off += 64)
               __builtin_prefetch(kn + off, 0, kDecodePrefetchLocality);
+            for (int64_t off = 0; off < Dv * int64_t(sizeof(scalar_t)); off += 64)
               __builtin_prefetch(vn + off, 0, kDecodePrefetchLocality);
-            }
             ahead.next(t0 + n + j + 1 < split_hi);
           }
           // the cache is read in place; fp16/bf16 rows are widened in registers by each
@@ -429,17 +430,17 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
           }
           const acc_t m_new = std::max(m[r], mx);
           const acc_t alpha = std::exp(m[r] - m_new);  // 0 while m[r] is -inf
-          acc_t* a = &acc[r * D];
+          acc_t* a = &acc[r * Dv];
           if (alpha != acc_t(1)) {
-            for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
+            for (int64_t d = 0; d < Dv; ++d) a[d] *= alpha;
           }
           const acc_t sum = exp_shifted_sum(x, cnt, m_new);
           if constexpr (!std::is_same_v<acc_t, float>) {
-            for (int64_t j = 0; j < cnt; ++j) axpy(a, vrow[jlo + j - t0], x[j], D);
+            for (int64_t j = 0; j < cnt; ++j) axpy(a, vrow[jlo + j - t0], x[j], Dv);
           } else if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-            accumulate_rows(a, vsrc + (jlo - t0), x, cnt, D);
+            accumulate_rows(a, vsrc + (jlo - t0), x, cnt, Dv);
           } else {
-            accumulate_rows(a, vrow + (jlo - t0), x, cnt, D);
+            accumulate_rows(a, vrow + (jlo - t0), x, cnt, Dv);
           }
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
@@ -452,12 +453,12 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
         const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
         const acc_t lse_r = empty ? neg_inf : m[r] + std::log(l[r]);
         if (S == 1) {
-          scalar_t* dst = op + ((b * Sq + i) * H + h) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = scalar_t(acc[r * D + d] * inv);
+          scalar_t* dst = op + ((b * Sq + i) * H + h) * Dv;
+          for (int64_t d = 0; d < Dv; ++d) dst[d] = scalar_t(acc[r * Dv + d] * inv);
           lp[(b * H + h) * Sq + i] = lse_r;
         } else {
-          acc_t* dst = part_o + (((s * B + b) * Sq + i) * H + h) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d] * inv;
+          acc_t* dst = part_o + (((s * B + b) * Sq + i) * H + h) * Dv;
+          for (int64_t d = 0; d < Dv; ++d) dst[d] = acc[r * Dv + d] * inv;
           part_lse[((s * B + b) * H + h) * Sq + i] = lse_r;
         }
       }
@@ -470,22 +471,22 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
       const int64_t h = row % H, i = (row / H) % Sq, b = row / (H * Sq);
       acc_t mx = neg_inf;
       for (int64_t s = 0; s < S; ++s) mx = std::max(mx, part_lse[((s * B + b) * H + h) * Sq + i]);
-      scalar_t* dst = op + ((b * Sq + i) * H + h) * D;
+      scalar_t* dst = op + ((b * Sq + i) * H + h) * Dv;
       if (mx == neg_inf) {  // no split saw a key
-        for (int64_t d = 0; d < D; ++d) dst[d] = scalar_t(0);
+        for (int64_t d = 0; d < Dv; ++d) dst[d] = scalar_t(0);
         lp[(b * H + h) * Sq + i] = neg_inf;
         continue;
       }
-      std::vector<acc_t> o(D, acc_t(0));
+      std::vector<acc_t> o(Dv, acc_t(0));
       acc_t total = 0;
       for (int64_t s = 0; s < S; ++s) {
         const acc_t w = std::exp(part_lse[((s * B + b) * H + h) * Sq + i] - mx);
         if (w == acc_t(0)) continue;
         total += w;
-        const acc_t* src = part_o + (((s * B + b) * Sq + i) * H + h) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += w * src[d];
+        const acc_t* src = part_o + (((s * B + b) * Sq + i) * H + h) * Dv;
+        for (int64_t d = 0; d < Dv; ++d) o[d] += w * src[d];
       }
-      for (int64_t d = 0; d < D; ++d) dst[d] = scalar_t(o[d] / total);
+      for (int64_t d = 0; d < Dv; ++d) dst[d] = scalar_t(o[d] / total);
       lp[(b * H + h) * Sq + i] = mx + std::log(total);
     }
   });
@@ -498,12 +499,14 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
                                               double softcap, const c10::optional<at::Tensor>& alibi_slopes,
                                               int64_t num_splits) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, "decode: q and caches must be 4-D");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "decode: k_cache and v_cache shapes differ");
+  TORCH_CHECK(k_cache.sizes().slice(0, 3) == v_cache.sizes().slice(0, 3),
+              "decode: k_cache and v_cache shapes differ (other than the head dim)");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
               "decode: q and caches must share one dtype");
   TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2, "decode: block_table int32 2-D");
   TORCH_CHECK(seqlens_k.scalar_type() == at::kInt, "decode: seqlens_k must be int32");
-  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3), Hk = k_cache.size(2);
+  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3), Dv = v_cache.size(3),
+                Hk = k_cache.size(2);
   TORCH_CHECK(Hk > 0 && H % Hk == 0 && k_cache.size(3) == D, "decode: head counts or head dims do not match");
   const auto cont = [](const at::Tensor& t) { return t.size(-1) > 1 && t.stride(-1) != 1 ? t.contiguous() : t; };
   at::Tensor qc = cont(q), kc = cont(k_cache), vc = cont(v_cache);
@@ -512,7 +515,7 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
   at::Tensor slopes = alibi_slopes.has_value() ? alibi_slopes->to(at::kFloat) : at::Tensor();
 
   const bool wide = q.scalar_type() == at::kDouble;
-  at::Tensor out = at::empty({B, Sq, H, D}, q.options());
+  at::Tensor out = at::empty({B, Sq, H, Dv}, q.options());
   at::Tensor lse = at::empty({B, H, Sq}, q.options().dtype(wide ? at::kDouble : at::kFloat));
   if (out.numel() == 0) {
     lse.fill_(-std::numeric_limits<double>::infinity());
@@ -532,13 +535,13 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
   }
   splits = std::max<int64_t>(1, std::min(splits, kDecodeMaxSplits));
 
-  DecodeShape sh{B, Sq, H, Hk, H / Hk, D, k_cache.size(1), splits, window_left, window_right, softmax_scale, softcap};
+  DecodeShape sh{B, Sq, H, Hk, H / Hk, D, Dv, k_cache.size(1), splits, window_left, window_right, softmax_scale, softcap};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flashattn_lite_cpu_decode", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor part_o, part_lse;
     if (splits > 1) {
       const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-      part_o = at::empty({splits, B, Sq, H, D}, acc_opts);
+      part_o = at::empty({splits, B, Sq, H, Dv}, acc_opts);
       part_lse = at::empty({splits, B, H, Sq}, acc_opts);
     }
     decode_tasks<scalar_t, acc_t>(sh, qc, kc, vc, block_table, ep, starts.defined() ? starts.data_ptr<int32_t>() : nullptr,

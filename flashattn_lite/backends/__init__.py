@@ -72,17 +72,36 @@ def available_backends():
     return {name: tuple(mod.available()) for name, mod in BACKENDS.items()}
 
 
+# The head dims a backend that predates Call.head_dim_v serves (its supports() reads only
+# head_dim): D == Dv <= 256.
+_LEGACY_MAX_HEAD_DIM = 256
+
+
+def supports(name, call):
+    """None if backend ``name`` can serve ``call``, else the reason.  A backend module that
+    does not declare ``HEAD_DIMS_CHECKED = True`` (its ``supports`` ignores ``head_dim_v``)
+    is held to the old rule D == Dv <= 256 here."""
+    module = BACKENDS[name]
+    if not getattr(module, "HEAD_DIMS_CHECKED", False):
+        if call.dv != call.head_dim:
+            return (f"the {name} backend needs the value head dim to equal the query/key head dim, got "
+                    f"{call.head_dim} and {call.dv}")
+        if call.head_dim > _LEGACY_MAX_HEAD_DIM:
+            return f"the {name} backend takes head dims up to {_LEGACY_MAX_HEAD_DIM}, got {call.head_dim}"
+    return module.supports(call)
+
+
 def select(call):
     """Name of the backend that will serve ``call``; raises if none can."""
     name = requested_backend()
     if name != "auto":
-        why = BACKENDS[name].supports(call)
+        why = supports(name, call)
         if why is not None:
             raise RuntimeError(f"flashattn_lite backend {name!r} cannot run this call: {why}")
         return name
     reasons = []
     for candidate in _AUTO_ORDER.get(call.device.type, ("reference",)):
-        why = BACKENDS[candidate].supports(call)
+        why = supports(candidate, call)
         if why is None:
             if candidate == "reference" and call.device.type == "cpu" and reasons:
                 cpu.warn_fallback_once(reasons[0], built=cpu.available()[0])

@@ -24,11 +24,19 @@ class Call:
 
     ``features``: the optional features the call uses, named as in ``ALL_FEATURES``
     (e.g. "varlen", "attn_mask", "dropout", "softcap", "alibi", "window", "kv-cache").
+    ``head_dim``: q's and k's head dim D; ``head_dim_v``: v's (and the output's), None when
+    it equals ``head_dim`` (:attr:`dv` gives it either way).  A backend whose ``supports``
+    reads ``head_dim_v`` sets ``HEAD_DIMS_CHECKED = True`` (see ``backends.supports``).
     """
     device: torch.device
     dtype: torch.dtype
     head_dim: int
     features: frozenset = field(default_factory=frozenset)
+    head_dim_v: Optional[int] = None
+
+    @property
+    def dv(self):
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
 
 
 def missing_features(call, features):

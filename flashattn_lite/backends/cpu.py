@@ -16,6 +16,8 @@ NAME = "cpu"
 FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "softcap", "alibi",
             "varlen", "attn_mask", "dropout", "kv-cache")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# any head dims checks.py allows (D, Dv <= 512, D <= 576 decoding; Dv may differ from D)
+HEAD_DIMS_CHECKED = True
 _warned = []
 
 
@@ -94,7 +96,7 @@ def _positional(p):
 
 def _same_kv(q, k, v, dims):
     """k and v as the kernels take them with q (else the tiled forward's checks raise)."""
-    return (k.dim() == dims and v.shape == k.shape and q.dtype == k.dtype == v.dtype and k.shape[-1] == q.shape[-1]
+    return (k.dim() == dims and v.dim() == dims and v.shape[:-1] == k.shape[:-1] and q.dtype == k.dtype == v.dtype and k.shape[-1] == q.shape[-1]
             and k.shape[-2] > 0 and q.shape[-2] % k.shape[-2] == 0)
 
 
@@ -167,8 +169,8 @@ def fwd(q, k, v, p):
         table = torch.zeros((batch, 1), dtype=torch.int32)  # every sequence in the one page
         out, lse = _decode(lib, q.view(batch, sq, heads, q.shape[2]), k[None], v[None], p, table, cu_k[1:], cu_k[:-1],
                            p.max_seqlen_k)
-        # (batch, sq, H, D) -> (total_q, H, D); lse (batch, H, sq) -> varlen's (H, total_q)
-        return out.view(q.shape), lse.permute(1, 0, 2).reshape(heads, batch * sq)
+        # (batch, sq, H, Dv) -> (total_q, H, Dv); lse (batch, H, sq) -> varlen's (H, total_q)
+        return out.view(*q.shape[:-1], v.shape[-1]), lse.permute(1, 0, 2).reshape(heads, batch * sq)
     return lib.fwd(q, k, v, *p.op_args())
 
 

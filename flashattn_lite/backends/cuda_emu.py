@@ -19,6 +19,7 @@ NAME = "cuda_emu"
 FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16")
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
+HEAD_DIMS_CHECKED = True  # kernel_limits: D == Dv <= 256
 
 
 def _ops():
@@ -40,6 +41,9 @@ def kernel_limits(call, backend):
         return f"dtype {call.dtype} is not supported by the {backend} backend (float16, bfloat16)"
     if not 1 <= call.head_dim <= MAX_HEAD_DIM:
         return f"head_dim {call.head_dim} is not supported by the {backend} backend (1..{MAX_HEAD_DIM})"
+    if call.dv != call.head_dim:
+        return (f"the {backend} backend needs the value head dim to equal the query/key head dim (no MLA), got "
+                f"{call.head_dim} and {call.dv}")
     missing = missing_features(call, FEATURES)
     if missing:
         return f"the {backend} backend {missing}"

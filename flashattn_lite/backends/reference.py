@@ -120,6 +120,9 @@ def _sequences(p, q):
         yield slice(qs, qe), slice(ks, ke), p.diag_offset + (ke - ks) - (qe - qs), slopes, keep_b
 
 
+HEAD_DIMS_CHECKED = True  # any head dims checks.py allows; Dv may differ from D
+
+
 def supports(call):
     return None
 
@@ -139,7 +142,7 @@ def fwd(q, k, v, params):
         if not p.varlen:
             keep = dropout_keep_for(p, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device)
             return _dense_fwd(q, k, v, p, p.diag_offset, p.alibi_slopes, keep)
-        out = torch.zeros_like(q)
+        out = q.new_zeros(q.shape[:-1] + v.shape[-1:])  # (total_q, H, Dv)
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=accum_dtype(q.dtype), device=q.device)
         for rq, rk, offset, slopes, keep in _sequences(p, q):
             o, l = _dense_fwd(q[None, rq], k[None, rk], v[None, rk], p, offset, slopes, keep)
@@ -223,7 +226,7 @@ def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, params, max_seq
     batch, seqlen_q, heads, _ = q.shape
     ends = seqlens_k.tolist()
     starts = leftpad.tolist() if leftpad is not None else [0] * batch
-    out = torch.zeros_like(q)
+    out = q.new_zeros(q.shape[:-1] + v_cache.shape[-1:])  # (B, Sq, H, Dv)
     lse = torch.full((batch, heads, seqlen_q), float("-inf"), dtype=accum_dtype(q.dtype), device=q.device)
     with torch.no_grad():
         for b in range(batch):

@@ -54,7 +54,7 @@ Outputs at *padding query positions* are 0 (as with flash-attn): those positions
 no meaning in transformers (losses and generation ignore them), and eager attention
 itself gives them arbitrary values.  Everything else is computed exactly as eager
 attention's mask says.  Anything this backend cannot serve (weights requested with
-``output_attentions``, a head dim over 256, a mask that is not 4-D...)
+``output_attentions``, a head dim over 512, a mask that is not 4-D...)
 goes to transformers' ``sdpa`` function (or the model's eager function where sdpa cannot
 serve it either) with a one-time warning; it is never answered wrongly.
 """
@@ -516,9 +516,10 @@ def _layout(plan, sq, sk, position_ids=None):
 
 
 def _run_plan(plan, q, k, v, scale, softcap, dropout, position_ids=None, sink=None):
-    """q (B, Sq, Hq, D), k/v (B, Sk, Hk, D) (views) -> out (B, Sq, Hq, D); ``sink``: the
-    model's attention sinks (s_aux), (Hq,) or None."""
+    """q (B, Sq, Hq, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) (views) -> out (B, Sq, Hq, Dv);
+    ``sink``: the model's attention sinks (s_aux), (Hq,) or None."""
     batch, sq, hq, dim = q.shape
+    dim_v = v.shape[-1]
     sk = k.shape[1]
     key = (sq, sk)
     if plan._layout is None or plan._layout[0] != key:
@@ -542,9 +543,9 @@ def _run_plan(plan, q, k, v, scale, softcap, dropout, position_ids=None, sink=No
     if layout[0] == "packed":
         _, cu, max_len = layout
         out = flash_attn_varlen_func(q.reshape(batch * sq, hq, dim), k.reshape(batch * sk, k.shape[2], dim),
-                                     v.reshape(batch * sk, v.shape[2], dim), cu, cu, max_len, max_len,
+                                     v.reshape(batch * sk, v.shape[2], dim_v), cu, cu, max_len, max_len,
                                      causal=causal, window_size=window, **kw)
-        return out.view(batch, sq, hq, dim)
+        return out.view(batch, sq, hq, dim_v)
     if len(layout) == 5:  # first use: build the index tensors once, every layer reuses them
         _, ks, ke, qs, qe = layout
         device = q.device
@@ -577,8 +578,8 @@ def _run_plan(plan, q, k, v, scale, softcap, dropout, position_ids=None, sink=No
     out_packed = flash_attn_varlen_func(q[q_keep], k[k_keep], v[k_keep], cu_q, cu_k, max_q, max_k, causal=causal,
                                         window_size=window, **kw)
     if rows is None:
-        return out_packed.view(batch, sq, hq, dim)
-    return out_packed.new_zeros(batch, sq, hq, dim).index_put(rows, out_packed)
+        return out_packed.view(batch, sq, hq, dim_v)
+    return out_packed.new_zeros(batch, sq, hq, dim_v).index_put(rows, out_packed)
 
 
 def _decoding_step(q, k, v, dropout, sink=None):
@@ -664,10 +665,10 @@ def fa_lite_attention_forward(module, query, key, value, attention_mask, dropout
     if kwargs.get("position_bias") is not None:
         return _fallback("position_bias", *args)
     dim = query.shape[-1]
-    if key.shape[-1] != dim or value.shape[-1] != dim:
-        return _fallback("different query/key/value head dims", *args)
-    if not 1 <= dim <= MAX_HEAD_DIM:
-        return _fallback(f"head dim {dim} (supported: 1..{MAX_HEAD_DIM})", *args)
+    if key.shape[-1] != dim:  # (value's head dim may differ: MLA)
+        return _fallback("different query/key head dims", *args)
+    if not 1 <= dim <= MAX_HEAD_DIM or not 1 <= value.shape[-1] <= MAX_HEAD_DIM:
+        return _fallback(f"head dims {dim}/{value.shape[-1]} (supported: 1..{MAX_HEAD_DIM})", *args)
     if query.dtype not in SUPPORTED_DTYPES or not (query.dtype == key.dtype == value.dtype):
         return _fallback(f"dtypes {query.dtype}/{key.dtype}/{value.dtype}", *args)
     hq, hk = query.shape[1], key.shape[1]
