@@ -102,8 +102,8 @@ def _check_new(k, v, q, k_cache, v_cache):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
         if tuple(t.shape) != want:
-            raise ValueError(f"{name} must have shape (batch, seqlen_new, heads_k, headdim of {name}_cache) = (B, S, "
-                             f"{want[2]}, {want[3]}) with batch {want[0]}, got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape (batch, seqlen_new, heads_k, headdim) = (B, S, {want[2]}, "
+                             f"{want[3]}) with batch {want[0]} and the head dim of {name}_cache, got {tuple(t.shape)}")
     return k.shape[1]
 
 

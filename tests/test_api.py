@@ -93,7 +93,9 @@ BAD = [
     ("heads", lambda q, k, v: (torch.randn(1, 8, 3, 16), k, v), ValueError, "multiple of the number of key/value"),
     ("dtype mix", lambda q, k, v: (q.half(), k, v), TypeError, "share one dtype"),
     ("int dtype", lambda q, k, v: (q.int(), k.int(), v.int()), TypeError, "has dtype torch.int32"),
-    ("big head dim", lambda q, k, v: (torch.randn(1, 8, 2, 257),) * 3, ValueError, r"head dim must be in 1..256"),
+    ("big head dim", lambda q, k, v: (torch.randn(1, 8, 2, 513),) * 3, ValueError, r"head dim must be in 1..512"),
+    ("big value head dim", lambda q, k, v: (q, k, torch.randn(1, 8, 2, 513)), ValueError,
+     r"value head dim must be in 1..512"),
     ("not tensor", lambda q, k, v: ([1.0], k, v), TypeError, "q must be a torch.Tensor"),
     ("device mix", lambda q, k, v: (q, k.to("meta"), v), ValueError, "one device"),
 ]

@@ -806,7 +806,7 @@ def test_kernel_op_rejects_bad_varlen_bias_dropout_input():
         _raw_bwd(q, None, q, q, q, out, lse, bias_grad=True)
     with pytest.raises(RuntimeError, match="lse must have shape"):
         _raw_bwd(q, None, q, q, q, out, lse[:, :, :4])
-    with pytest.raises(RuntimeError, match="dout and out must have q's shape"):
+    with pytest.raises(RuntimeError, match="dout and out must have shape"):
         _raw_bwd(q[:, :4], None, q, q, q, out, lse)
 
 

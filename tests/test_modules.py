@@ -409,7 +409,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="> 0"):
         fl.FlashAttention(0, 4)
     with pytest.raises(ValueError, match="head dim"):
-        fl.FlashAttention(520, 2)
+        fl.FlashAttention(1040, 2)  # head dim 520 > 512
     m = fl.FlashAttention(E, H, batch_first=True)
     x = torch.randn(2, 5, E)
     with pytest.raises(ValueError, match="key_padding_mask"):

@@ -133,8 +133,8 @@ def test_restores_on_exit_exception_and_nesting():
 def test_unsupported_and_invalid_calls_go_to_torch(routed):
     q = torch.randn(1, 2, 4, 8)
     with fl.patch_sdpa():
-        # value head dim differs from the query's: torch serves it
-        v = torch.randn(1, 2, 4, 16)
+        # a value head dim beyond 512: torch serves it
+        v = torch.randn(1, 2, 4, 520)
         torch.testing.assert_close(F.scaled_dot_product_attention(q, q, v), ORIGINAL(q, q, v))
         # broadcast batch (key batch 1, query batch 3)
         q3 = torch.randn(3, 2, 4, 8)
@@ -149,3 +149,8 @@ def test_unsupported_and_invalid_calls_go_to_torch(routed):
         # a supported call is routed
         F.scaled_dot_product_attention(q, q, q, is_causal=True)
         assert routed
+        # so is a value head dim that differs from the query's (MLA; torch allows Ev != E)
+        v = torch.randn(1, 2, 4, 16)
+        n = len(routed)
+        torch.testing.assert_close(F.scaled_dot_product_attention(q, q, v), ORIGINAL(q, q, v))
+        assert len(routed) == n + 1

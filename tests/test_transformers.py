@@ -344,9 +344,9 @@ def test_custom_4d_mask_and_unrecognised_pattern_are_honoured():
 
 
 def test_unsupported_call_falls_back_to_sdpa_with_one_warning():
-    """Head dim 272 (> 256): served by sdpa, warned about once, same answer as eager."""
+    """Head dim 520 (> 512): served by sdpa, warned about once, same answer as eager."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=272, intermediate_size=64, num_hidden_layers=1,
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=520, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=32)
     eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     ours = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="fa_lite").eval()
@@ -358,7 +358,7 @@ def test_unsupported_call_falls_back_to_sdpa_with_one_warning():
         a = ours(input_ids=ids, attention_mask=mask).logits
         ours(input_ids=ids, attention_mask=mask)
     msgs = [str(x.message) for x in w if "falling back to sdpa" in str(x.message)]
-    assert len(msgs) == 1 and "head dim 272" in msgs[0]
+    assert len(msgs) == 1 and "head dim 520" in msgs[0]
     with torch.no_grad():
         b = eager(input_ids=ids, attention_mask=mask).logits
     valid = mask.bool()

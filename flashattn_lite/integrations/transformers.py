@@ -668,7 +668,7 @@ def fa_lite_attention_forward(module, query, key, value, attention_mask, dropout
     if key.shape[-1] != dim:  # (value's head dim may differ: MLA)
         return _fallback("different query/key head dims", *args)
     if not 1 <= dim <= MAX_HEAD_DIM or not 1 <= value.shape[-1] <= MAX_HEAD_DIM:
-        return _fallback(f"head dims {dim}/{value.shape[-1]} (supported: 1..{MAX_HEAD_DIM})", *args)
+        return _fallback(f"head dim {dim}, value head dim {value.shape[-1]} (supported: 1..{MAX_HEAD_DIM})", *args)
     if query.dtype not in SUPPORTED_DTYPES or not (query.dtype == key.dtype == value.dtype):
         return _fallback(f"dtypes {query.dtype}/{key.dtype}/{value.dtype}", *args)
     hq, hk = query.shape[1], key.shape[1]
