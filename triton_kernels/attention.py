@@ -222,10 +222,10 @@ def _keep(seed, drop_thresh, ctr_row0, rows, cols, ctr_sk):
 
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
-               offs_m, offs_n, offs_d, lo, hi,
-               seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
+               offs_m, offs_n, offs_d, offs_dv, lo, hi,
+               seqlen_q, seqlen_k, head_dim, head_dim_v, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
                bias_base, stride_bm, stride_bn, seed, drop_thresh, ctr_row0, ctr_sk,
-               MASKED: tl.constexpr, EVEN_M: tl.constexpr, PAD_D: tl.constexpr,
+               MASKED: tl.constexpr, EVEN_M: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
                HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -262,8 +262,8 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
         if HAS_DROPOUT:
             # l_i sums the undropped probabilities; only the product with V is dropped
             p = tl.where(_keep(seed, drop_thresh, ctr_row0, offs_m[:, None], cols[None, :], ctr_sk), p, 0.0)
-        v = _load_tile(_rows_at(v_base, start_n, stride_vs) + offs_n[:, None] * stride_vs + offs_d[None, :], cols,
-                       seqlen_k, offs_d, head_dim, MASKED, PAD_D)
+        v = _load_tile(_rows_at(v_base, start_n, stride_vs) + offs_n[:, None] * stride_vs + offs_dv[None, :], cols,
+                       seqlen_k, offs_dv, head_dim_v, MASKED, PAD_DV)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -278,14 +278,15 @@ def fwd_kernel(Q, K, V, O, LSE, BIAS, CU_Q, CU_K, ALIBI,
                stride_ob, stride_os, stride_oh,
                stride_lb, stride_lh, stride_ab, stride_ah,
                stride_bb, stride_bh, stride_bm, stride_bn,
-               seqlen_q, seqlen_k, head_dim, group, offset, left, right, qk_scale, softcap_pre, softcap_post,
-               seed, drop_thresh, drop_scale, ctr_sb, ctr_sh, ctr_sk,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr,
+               seqlen_q, seqlen_k, head_dim, head_dim_v, group, offset, left, right, qk_scale, softcap_pre,
+               softcap_post, seed, drop_thresh, drop_scale, ctr_sb, ctr_sh, ctr_sk,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
-    """One program per (query block, query head, batch entry or sequence)."""
+    """One program per (query block, query head, batch entry or sequence).  Q and K have
+    ``head_dim`` (tiles BLOCK_D), V and O ``head_dim_v`` (tiles BLOCK_DV; MLA has Dv != D)."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
@@ -301,6 +302,7 @@ def fwd_kernel(Q, K, V, O, LSE, BIAS, CU_Q, CU_K, ALIBI,
     offs_m = start_m + rel_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
 
     q_base = _rows_at(Q + off_b * stride_qb + off_h * stride_qh, q_start, stride_qs)
     k_base = _rows_at(K + off_b * stride_kb + off_hk * stride_kh, k_start, stride_ks)
@@ -313,28 +315,28 @@ def fwd_kernel(Q, K, V, O, LSE, BIAS, CU_Q, CU_K, ALIBI,
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     slope2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
 
     lo, full_lo, full_hi, hi = _block_ranges(start_m, seqlen_k, offset, left, right,
                                              BLOCK_M, BLOCK_N, EVEN_N, HAS_LEFT, HAS_RIGHT)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
-                               offs_m, offs_n, offs_d, lo, full_lo,
-                               seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post,
-                               slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh, ctr_row0, ctr_sk,
-                               True, EVEN_M, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                               offs_m, offs_n, offs_d, offs_dv, lo, full_lo,
+                               seqlen_q, seqlen_k, head_dim, head_dim_v, offset, left, right, qk_scale, softcap_pre,
+                               softcap_post, slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh, ctr_row0,
+                               ctr_sk, True, EVEN_M, PAD_D, PAD_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
                                HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
-                               offs_m, offs_n, offs_d, full_lo, full_hi,
-                               seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post,
-                               slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh, ctr_row0, ctr_sk,
-                               False, EVEN_M, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                               offs_m, offs_n, offs_d, offs_dv, full_lo, full_hi,
+                               seqlen_q, seqlen_k, head_dim, head_dim_v, offset, left, right, qk_scale, softcap_pre,
+                               softcap_post, slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh, ctr_row0,
+                               ctr_sk, False, EVEN_M, PAD_D, PAD_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
                                HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
-                               offs_m, offs_n, offs_d, full_hi, hi,
-                               seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post,
-                               slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh, ctr_row0, ctr_sk,
-                               True, EVEN_M, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                               offs_m, offs_n, offs_d, offs_dv, full_hi, hi,
+                               seqlen_q, seqlen_k, head_dim, head_dim_v, offset, left, right, qk_scale, softcap_pre,
+                               softcap_post, slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh, ctr_row0,
+                               ctr_sk, True, EVEN_M, PAD_D, PAD_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
                                HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
 
     empty = l_i == 0.0
@@ -346,9 +348,9 @@ def fwd_kernel(Q, K, V, O, LSE, BIAS, CU_Q, CU_K, ALIBI,
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
 
     o_base = _rows_at(O + off_b * stride_ob + off_h * stride_oh, q_start, stride_os)
-    _store_tile(_rows_at(o_base, start_m, stride_os) + rel_m[:, None] * stride_os + offs_d[None, :],
+    _store_tile(_rows_at(o_base, start_m, stride_os) + rel_m[:, None] * stride_os + offs_dv[None, :],
                 acc.to(O.dtype.element_ty),
-                offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
+                offs_m, seqlen_q, offs_dv, head_dim_v, not EVEN_M, PAD_DV)
     lse_ptrs = LSE + off_b * stride_lb + off_h * stride_lh + q_start + offs_m
     if EVEN_M:
         tl.store(lse_ptrs, lse)
@@ -412,10 +414,10 @@ def bwd_preprocess_kernel(O, DO, LSE, DLSE, DELTA, LSE2, CU_Q,
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
-                    stride_qs, stride_dos, offs_n, offs_m, offs_d, lo, hi,
-                    seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
+                    stride_qs, stride_dos, offs_n, offs_m, offs_d, offs_dv, lo, hi,
+                    seqlen_q, seqlen_k, head_dim, head_dim_v, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
                     bias_base, stride_bm, stride_bn, seed, drop_thresh, drop_scale, ctr_row0, ctr_sk,
-                    MASKED: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr,
+                    MASKED: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -428,8 +430,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
         rows = start_m + offs_m
         q = _load_tile(_rows_at(q_base, start_m, stride_qs) + offs_m[:, None] * stride_qs + offs_d[None, :], rows,
                        seqlen_q, offs_d, head_dim, MASKED, PAD_D)
-        do = _load_tile(_rows_at(do_base, start_m, stride_dos) + offs_m[:, None] * stride_dos + offs_d[None, :], rows,
-                        seqlen_q, offs_d, head_dim, MASKED, PAD_D)
+        do = _load_tile(_rows_at(do_base, start_m, stride_dos) + offs_m[:, None] * stride_dos + offs_dv[None, :],
+                        rows, seqlen_q, offs_dv, head_dim_v, MASKED, PAD_DV)
         if MASKED:
             # rows past the end get lse2 = +inf, hence P = 0
             lse2 = tl.load(lse2_base + rows, mask=rows < seqlen_q, other=float("inf"))
@@ -470,10 +472,10 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, BIAS, CU_Q, CU_K, ALIBI,
                     stride_dvb, stride_dvs, stride_dvh,
                     stride_lb, stride_lh, stride_ab, stride_ah,
                     stride_bb, stride_bh, stride_bm, stride_bn,
-                    seqlen_q, seqlen_k, head_dim, group, offset, left, right, qk_scale, softcap_pre, softcap_post,
-                    sm_scale, seed, drop_thresh, drop_scale, ctr_sb, ctr_sh, ctr_sk,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr,
+                    seqlen_q, seqlen_k, head_dim, head_dim_v, group, offset, left, right, qk_scale, softcap_pre,
+                    softcap_post, sm_scale, seed, drop_thresh, drop_scale, ctr_sb, ctr_sh, ctr_sk,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -495,15 +497,16 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, BIAS, CU_Q, CU_K, ALIBI,
     offs_n = start_n + rel_n
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
 
     k = _load_tile(_rows_at(K + off_b * stride_kb + off_hk * stride_kh, k_start + start_n, stride_ks)
                    + rel_n[:, None] * stride_ks + offs_d[None, :],
                    offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
     v = _load_tile(_rows_at(V + off_b * stride_vb + off_hk * stride_vh, k_start + start_n, stride_vs)
-                   + rel_n[:, None] * stride_vs + offs_d[None, :],
-                   offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
+                   + rel_n[:, None] * stride_vs + offs_dv[None, :],
+                   offs_n, seqlen_k, offs_dv, head_dim_v, not EVEN_N, PAD_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     # queries that see this key block: the transposed band (offset -> -offset, left <-> right)
     lo, full_lo, full_hi, hi = _block_ranges(start_n, seqlen_q, -offset, right, left,
@@ -518,25 +521,25 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, BIAS, CU_Q, CU_K, ALIBI,
         ctr_row0 = off_b * ctr_sb + off_h * ctr_sh + q_start
         slope2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
-                                 stride_qs, stride_dos, offs_n, offs_m, offs_d, lo, full_lo,
-                                 seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre,
+                                 stride_qs, stride_dos, offs_n, offs_m, offs_d, offs_dv, lo, full_lo,
+                                 seqlen_q, seqlen_k, head_dim, head_dim_v, offset, left, right, qk_scale, softcap_pre,
                                  softcap_post, slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh,
                                  drop_scale, ctr_row0, ctr_sk,
-                                 True, EVEN_N, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                 True, EVEN_N, PAD_D, PAD_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
                                  HAS_DROPOUT, BLOCK_M, DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
-                                 stride_qs, stride_dos, offs_n, offs_m, offs_d, full_lo, full_hi,
-                                 seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre,
+                                 stride_qs, stride_dos, offs_n, offs_m, offs_d, offs_dv, full_lo, full_hi,
+                                 seqlen_q, seqlen_k, head_dim, head_dim_v, offset, left, right, qk_scale, softcap_pre,
                                  softcap_post, slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh,
                                  drop_scale, ctr_row0, ctr_sk,
-                                 False, EVEN_N, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                 False, EVEN_N, PAD_D, PAD_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
                                  HAS_DROPOUT, BLOCK_M, DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
-                                 stride_qs, stride_dos, offs_n, offs_m, offs_d, full_hi, hi,
-                                 seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre,
+                                 stride_qs, stride_dos, offs_n, offs_m, offs_d, offs_dv, full_hi, hi,
+                                 seqlen_q, seqlen_k, head_dim, head_dim_v, offset, left, right, qk_scale, softcap_pre,
                                  softcap_post, slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh,
                                  drop_scale, ctr_row0, ctr_sk,
-                                 True, EVEN_N, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                 True, EVEN_N, PAD_D, PAD_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
                                  HAS_DROPOUT, BLOCK_M, DOT_PRECISION)
 
     dk = dk * sm_scale
@@ -544,17 +547,17 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, BIAS, CU_Q, CU_K, ALIBI,
                 + rel_n[:, None] * stride_dks + offs_d[None, :],
                 dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
     _store_tile(_rows_at(DV + off_b * stride_dvb + off_hk * stride_dvh, k_start + start_n, stride_dvs)
-                + rel_n[:, None] * stride_dvs + offs_d[None, :],
-                dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
+                + rel_n[:, None] * stride_dvs + offs_dv[None, :],
+                dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_dv, head_dim_v, not EVEN_N, PAD_DV)
 
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
-                  offs_m, offs_n, offs_d, lo, hi,
-                  seqlen_q, seqlen_k, head_dim, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
+                  offs_m, offs_n, offs_d, offs_dv, lo, hi,
+                  seqlen_q, seqlen_k, head_dim, head_dim_v, offset, left, right, qk_scale, softcap_pre, softcap_post, slope2,
                   bias_base, stride_bm, stride_bn, dbias_base, stride_dbm,
                   seed, drop_thresh, drop_scale, ctr_row0, ctr_sk,
-                  MASKED: tl.constexpr, EVEN_M: tl.constexpr, PAD_D: tl.constexpr,
+                  MASKED: tl.constexpr, EVEN_M: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BIAS_GRAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -563,8 +566,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
         cols = start_n + offs_n
         k = _load_tile(_rows_at(k_base, start_n, stride_ks) + offs_n[:, None] * stride_ks + offs_d[None, :], cols,
                        seqlen_k, offs_d, head_dim, MASKED, PAD_D)
-        v = _load_tile(_rows_at(v_base, start_n, stride_vs) + offs_n[:, None] * stride_vs + offs_d[None, :], cols,
-                       seqlen_k, offs_d, head_dim, MASKED, PAD_D)
+        v = _load_tile(_rows_at(v_base, start_n, stride_vs) + offs_n[:, None] * stride_vs + offs_dv[None, :], cols,
+                       seqlen_k, offs_dv, head_dim_v, MASKED, PAD_DV)
         s, t = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None], cols[None, :],
                        qk_scale, softcap_pre, softcap_post, slope2, offset, HAS_SOFTCAP, HAS_ALIBI)
         if HAS_BIAS:
@@ -606,10 +609,10 @@ def bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, BIAS, DBIAS, CU_Q, CU_K, ALIBI,
                   stride_lb, stride_lh, stride_ab, stride_ah,
                   stride_bb, stride_bh, stride_bm, stride_bn,
                   stride_dbb, stride_dbh, stride_dbm,
-                  seqlen_q, seqlen_k, head_dim, group, offset, left, right, qk_scale, softcap_pre, softcap_post,
-                  sm_scale, seed, drop_thresh, drop_scale, ctr_sb, ctr_sh, ctr_sk,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr,
+                  seqlen_q, seqlen_k, head_dim, head_dim_v, group, offset, left, right, qk_scale, softcap_pre,
+                  softcap_post, sm_scale, seed, drop_thresh, drop_scale, ctr_sb, ctr_sh, ctr_sk,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
                   HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -630,13 +633,14 @@ def bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, BIAS, DBIAS, CU_Q, CU_K, ALIBI,
     offs_m = start_m + rel_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
 
     q = _load_tile(_rows_at(Q + off_b * stride_qb + off_h * stride_qh, q_start + start_m, stride_qs)
                    + rel_m[:, None] * stride_qs + offs_d[None, :],
                    offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
     do = _load_tile(_rows_at(DO + off_b * stride_dob + off_h * stride_doh, q_start + start_m, stride_dos)
-                    + rel_m[:, None] * stride_dos + offs_d[None, :],
-                    offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, PAD_D)
+                    + rel_m[:, None] * stride_dos + offs_dv[None, :],
+                    offs_m, seqlen_q, offs_dv, head_dim_v, not EVEN_M, PAD_DV)
     row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m
     if EVEN_M:
         lse2 = tl.load(LSE2 + row)
@@ -655,22 +659,22 @@ def bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, BIAS, DBIAS, CU_Q, CU_K, ALIBI,
     lo, full_lo, full_hi, hi = _block_ranges(start_m, seqlen_k, offset, left, right,
                                              BLOCK_M, BLOCK_N, EVEN_N, HAS_LEFT, HAS_RIGHT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
-                       offs_m, offs_n, offs_d, lo, full_lo, seqlen_q, seqlen_k, head_dim, offset, left, right,
-                       qk_scale, softcap_pre, softcap_post, slope2, bias_base, stride_bm, stride_bn, dbias_base,
-                       stride_dbm, seed, drop_thresh, drop_scale, ctr_row0, ctr_sk,
-                       True, EVEN_M, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_GRAD,
+                       offs_m, offs_n, offs_d, offs_dv, lo, full_lo, seqlen_q, seqlen_k, head_dim, head_dim_v, offset,
+                       left, right, qk_scale, softcap_pre, softcap_post, slope2, bias_base, stride_bm, stride_bn,
+                       dbias_base, stride_dbm, seed, drop_thresh, drop_scale, ctr_row0, ctr_sk,
+                       True, EVEN_M, PAD_D, PAD_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_GRAD,
                        HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
-                       offs_m, offs_n, offs_d, full_lo, full_hi, seqlen_q, seqlen_k, head_dim, offset, left, right,
-                       qk_scale, softcap_pre, softcap_post, slope2, bias_base, stride_bm, stride_bn, dbias_base,
-                       stride_dbm, seed, drop_thresh, drop_scale, ctr_row0, ctr_sk,
-                       False, EVEN_M, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_GRAD,
+                       offs_m, offs_n, offs_d, offs_dv, full_lo, full_hi, seqlen_q, seqlen_k, head_dim, head_dim_v, offset,
+                       left, right, qk_scale, softcap_pre, softcap_post, slope2, bias_base, stride_bm, stride_bn,
+                       dbias_base, stride_dbm, seed, drop_thresh, drop_scale, ctr_row0, ctr_sk,
+                       False, EVEN_M, PAD_D, PAD_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_GRAD,
                        HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
-                       offs_m, offs_n, offs_d, full_hi, hi, seqlen_q, seqlen_k, head_dim, offset, left, right,
-                       qk_scale, softcap_pre, softcap_post, slope2, bias_base, stride_bm, stride_bn, dbias_base,
-                       stride_dbm, seed, drop_thresh, drop_scale, ctr_row0, ctr_sk,
-                       True, EVEN_M, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_GRAD,
+                       offs_m, offs_n, offs_d, offs_dv, full_hi, hi, seqlen_q, seqlen_k, head_dim, head_dim_v, offset,
+                       left, right, qk_scale, softcap_pre, softcap_post, slope2, bias_base, stride_bm, stride_bn,
+                       dbias_base, stride_dbm, seed, drop_thresh, drop_scale, ctr_row0, ctr_sk,
+                       True, EVEN_M, PAD_D, PAD_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_GRAD,
                        HAS_DROPOUT, BLOCK_N, DOT_PRECISION)
     dq = dq * sm_scale
     _store_tile(_rows_at(DQ + off_b * stride_dqb + off_h * stride_dqh, q_start + start_m, stride_dqs)

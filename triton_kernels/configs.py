@@ -1,6 +1,10 @@
 """Block sizes, warps and pipeline stages for the attention kernels.
 
-One plain table per kernel, keyed by (head-dim bucket, dtype class, GPU arch).
+One plain table per kernel, keyed by (head-dim bucket, dtype class, GPU arch).  With a
+value head dim Dv different from the query/key head dim D (MLA), the bucket is the
+larger of the two padded dims: the tiles of the smaller one only shrink, so the
+config of the larger pair is the conservative one (the static report compiles the
+MLA pairs it serves, 192/128 among them, with that config).
 Read it, or override it with :func:`override` (tests and tuning do).  Every
 config shipped here is compiled for sm_80 and sm_90 by
 ``benches/static_gpu_report.py``; the test suite asserts that none of them
@@ -22,7 +26,7 @@ class KernelConfig:
 
 
 # Head dims are padded to a power of two (min 16, the smallest tl.dot tile).
-HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
+HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 # (arch, dtype class, padded head dim) -> config.  "lowp" = fp16/bf16; "fp32" uses
 # the FMA path (or tf32 when torch allows it), which holds fewer registers per element.
@@ -244,7 +248,7 @@ def padded_head_dim(head_dim: int) -> int:
     for bucket in HEAD_DIM_BUCKETS:
         if head_dim <= bucket:
             return bucket
-    raise ValueError(f"head dim {head_dim} > 256 is not supported")
+    raise ValueError(f"head dim {head_dim} > {HEAD_DIM_BUCKETS[-1]} is not supported")
 
 
 def dtype_class(dtype: torch.dtype) -> str:
@@ -259,13 +263,18 @@ def arch_name(capability) -> str:
     return "sm90" if major >= 9 else "sm80"
 
 
-def _lookup(table, kernel, head_dim, dtype, capability, score_mods=False):
+def bucket(head_dim: int, head_dim_v=None) -> int:
+    """Table key of a (D, Dv) pair: the larger padded dim (Dv None: Dv = D)."""
+    return max(padded_head_dim(head_dim), padded_head_dim(head_dim if head_dim_v is None else head_dim_v))
+
+
+def _lookup(table, kernel, head_dim, dtype, capability, score_mods=False, head_dim_v=None):
     if kernel in _overrides:
         return _overrides[kernel]
     arch = arch_name(capability)
     if arch == "interp":
         return _INTERPRETER
-    key = (arch, dtype_class(dtype), padded_head_dim(head_dim))
+    key = (arch, dtype_class(dtype), bucket(head_dim, head_dim_v))
     if score_mods == DROPOUT and (kernel, *key) in _WITH_DROPOUT:
         return _WITH_DROPOUT[(kernel, *key)]
     if score_mods and (kernel, *key) in _WITH_SCORE_MODS:
@@ -273,20 +282,23 @@ def _lookup(table, kernel, head_dim, dtype, capability, score_mods=False):
     return table[key]
 
 
-def fwd_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False) -> KernelConfig:
+def fwd_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False,
+              head_dim_v=None) -> KernelConfig:
     """Config of ``fwd_kernel``; ``capability`` None means the CPU interpreter;
     ``score_mods``: the call uses softcap or ALiBi."""
-    return _lookup(_FWD, "fwd", head_dim, dtype, capability, score_mods)
+    return _lookup(_FWD, "fwd", head_dim, dtype, capability, score_mods, head_dim_v)
 
 
-def bwd_dkdv_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False) -> KernelConfig:
+def bwd_dkdv_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False,
+                   head_dim_v=None) -> KernelConfig:
     """Config of ``bwd_dkdv_kernel``."""
-    return _lookup(_BWD_DKDV, "bwd_dkdv", head_dim, dtype, capability, score_mods)
+    return _lookup(_BWD_DKDV, "bwd_dkdv", head_dim, dtype, capability, score_mods, head_dim_v)
 
 
-def bwd_dq_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False) -> KernelConfig:
+def bwd_dq_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False,
+                 head_dim_v=None) -> KernelConfig:
     """Config of ``bwd_dq_kernel`` (and of the preprocess kernel, which shares its BLOCK_M)."""
-    return _lookup(_BWD_DQ, "bwd_dq", head_dim, dtype, capability, score_mods)
+    return _lookup(_BWD_DQ, "bwd_dq", head_dim, dtype, capability, score_mods, head_dim_v)
 
 
 KERNELS = {"fwd": "fwd_kernel", "bwd_dkdv": "bwd_dkdv_kernel", "bwd_dq": "bwd_dq_kernel"}
@@ -364,9 +376,32 @@ for _hd in HEAD_DIM_BUCKETS:
 _INTERPRETER_COMBINE = KernelConfig(1, 2, 4, 1)
 
 
-def decode_split_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False) -> KernelConfig:
+# Decoding reads a query/key head dim above 512 (absorbed MLA: 576 = 512 latent + 64 rope
+# dims) as a 512-wide tile plus a 64-wide tail, so its table key is 576.
+DECODE_TAIL = 64
+MAX_DECODE_HEAD_DIM = HEAD_DIM_BUCKETS[-1] + DECODE_TAIL
+
+
+def decode_qk_tiles(head_dim: int):
+    """(BLOCK_D, BLOCK_DT) of ``decode_split_kernel``: one padded tile, or 512 plus a 64 tail."""
+    if head_dim <= HEAD_DIM_BUCKETS[-1]:
+        return padded_head_dim(head_dim), 0
+    if head_dim > MAX_DECODE_HEAD_DIM:
+        raise ValueError(f"head dim {head_dim} > {MAX_DECODE_HEAD_DIM} is not supported when decoding")
+    return HEAD_DIM_BUCKETS[-1], DECODE_TAIL
+
+
+def decode_split_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False,
+                        head_dim_v=None) -> KernelConfig:
     """Config of ``decode_split_kernel``."""
-    return _lookup(_DECODE_SPLIT, "decode_split", head_dim, dtype, capability, score_mods)
+    if head_dim > HEAD_DIM_BUCKETS[-1]:
+        decode_qk_tiles(head_dim)  # range check
+        if "decode_split" in _overrides:
+            return _overrides["decode_split"]
+        if arch_name(capability) == "interp":
+            return _INTERPRETER
+        return _DECODE_SPLIT[(arch_name(capability), dtype_class(dtype), MAX_DECODE_HEAD_DIM)]
+    return _lookup(_DECODE_SPLIT, "decode_split", head_dim, dtype, capability, score_mods, head_dim_v)
 
 
 def combine_config(head_dim: int, dtype: torch.dtype, capability=None) -> KernelConfig:

@@ -21,6 +21,12 @@ and query row i sits at ``seqlens[b] - seqlen_q + i``; key p is visible to it if
 The paged layout is (num_blocks, page_size, heads_k, headdim); position p of
 sequence b is row ``p % page_size`` of block ``BLOCK_TABLE[b, p // page_size]``.  A
 contiguous cache arrives as one page per sequence (``PAGED`` false: no division).
+
+Head dims: Q and K have ``head_dim``, V and the outputs ``head_dim_v`` (absorbed MLA
+decodes with one kv head, D = 576 = 512 latent + 64 rope dims, and Dv = 512).  A D
+that is not a power of two above BLOCK_D is read as two tiles, BLOCK_D wide and a
+BLOCK_DT tail (576 = 512 + 64; padding it to 1024 would double the q.k registers),
+and q.k is the sum of the two products.
 """
 
 import triton
@@ -34,10 +40,11 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _decode_tile(acc, m_i, l_i, q, K, V, table_row, hk_off_k, hk_off_v, start_n, split_hi, qpos,
-                 offs_n, offs_d, head_dim, page_size, left, right, qk_scale, softcap_pre, softcap_post, slope2,
-                 stride_kb, stride_ks, stride_vb, stride_vs,
-                 PAGED: tl.constexpr, PAD_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+def _decode_tile(acc, m_i, l_i, q, q_tail, K, V, table_row, hk_off_k, hk_off_v, start_n, split_hi, qpos,
+                 offs_n, offs_d, offs_dt, offs_dv, head_dim, head_dim_v, page_size, left, right, qk_scale,
+                 softcap_pre, softcap_post, slope2, stride_kb, stride_ks, stride_vb, stride_vs,
+                 PAGED: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One BLOCK_N tile of cache positions [start_n, start_n + BLOCK_N) folded into the
     online softmax of the rows (positions ``qpos``)."""
@@ -52,16 +59,22 @@ def _decode_tile(acc, m_i, l_i, q, K, V, table_row, hk_off_k, hk_off_v, start_n,
         row = cols
     k_rows = blk * stride_kb + row.to(tl.int64) * stride_ks + hk_off_k
     v_rows = blk * stride_vb + row.to(tl.int64) * stride_vs + hk_off_v
-    if PAD_D:
+    if PAD_D and BLOCK_DT == 0:
         kt = tl.load(K + k_rows[None, :] + offs_d[:, None], mask=in_range[None, :] & (offs_d[:, None] < head_dim),
                      other=0.0)
-        v = tl.load(V + v_rows[:, None] + offs_d[None, :], mask=in_range[:, None] & (offs_d[None, :] < head_dim),
-                    other=0.0)
     else:
         kt = tl.load(K + k_rows[None, :] + offs_d[:, None], mask=in_range[None, :], other=0.0)
-        v = tl.load(V + v_rows[:, None] + offs_d[None, :], mask=in_range[:, None], other=0.0)
+    if PAD_DV:
+        v = tl.load(V + v_rows[:, None] + offs_dv[None, :],
+                    mask=in_range[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    else:
+        v = tl.load(V + v_rows[:, None] + offs_dv[None, :], mask=in_range[:, None], other=0.0)
 
     qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    if BLOCK_DT > 0:
+        kt_tail = tl.load(K + k_rows[None, :] + offs_dt[:, None],
+                          mask=in_range[None, :] & (offs_dt[:, None] < head_dim), other=0.0)
+        qk = tl.dot(q_tail, kt_tail, qk, input_precision=DOT_PRECISION)
     if HAS_SOFTCAP:
         s = tanh(qk * softcap_pre) * softcap_post
     else:
@@ -94,16 +107,18 @@ def decode_split_kernel(Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI,
                         stride_osplit, stride_ob, stride_os, stride_oh,
                         stride_lsplit, stride_lb, stride_lh,
                         stride_tb, stride_ab, stride_ah,
-                        seqlen_q, head_dim, heads_k, group, page_size, left, right,
+                        seqlen_q, head_dim, head_dim_v, heads_k, group, page_size, left, right,
                         qk_scale, softcap_pre, softcap_post,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PAGED: tl.constexpr, PAD_D: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+                        BLOCK_DT: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        PAGED: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                         HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program per (split, row block x kv head, batch); see the module docstring.
 
-    O/LSE are the partial buffers (split, batch, seqlen_q, heads, headdim) float32 and
-    (split, batch, heads, seqlen_q), or with one split the final out and lse.
+    O/LSE are the partial buffers (split, batch, seqlen_q, heads, head_dim_v) float32 and
+    (split, batch, heads, seqlen_q), or with one split the final out and lse.  BLOCK_DT > 0:
+    Q/K dims [BLOCK_D, head_dim) are the second tile (PAD_D then pads that tile only).
     """
     split = tl.program_id(0)
     num_splits = tl.num_programs(0)
@@ -119,6 +134,11 @@ def decode_split_kernel(Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI,
     head = off_hk * group + r % group
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    if BLOCK_DT > 0:
+        offs_dt = BLOCK_D + tl.arange(0, BLOCK_DT)
+    else:
+        offs_dt = offs_d  # unused
 
     end = tl.load(SEQLENS + off_b)
     if HAS_LEFTPAD:
@@ -142,11 +162,16 @@ def decode_split_kernel(Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI,
     split_hi = tl.minimum(split_lo + per_split, hi)
 
     q_rows = off_b * stride_qb + qi.to(tl.int64) * stride_qs + head.to(tl.int64) * stride_qh
-    if PAD_D:
+    if PAD_D and BLOCK_DT == 0:
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < head_dim),
                     other=0.0)
     else:
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if BLOCK_DT > 0:
+        q_tail = tl.load(Q + q_rows[:, None] + offs_dt[None, :],
+                         mask=row_ok[:, None] & (offs_dt[None, :] < head_dim), other=0.0)
+    else:
+        q_tail = q  # unused
     if HAS_ALIBI:
         slope2 = tl.load(ALIBI + off_b * stride_ab + head * stride_ah, mask=row_ok, other=0.0) * 1.4426950408889634
     else:
@@ -154,15 +179,17 @@ def decode_split_kernel(Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI,
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     table_row = BLOCK_TABLE + off_b * stride_tb
     hk_off_k = off_hk.to(tl.int64) * stride_kh
     hk_off_v = off_hk.to(tl.int64) * stride_vh
     for start_n in range(split_lo, split_hi, BLOCK_N):
-        acc, m_i, l_i = _decode_tile(acc, m_i, l_i, q, K, V, table_row, hk_off_k, hk_off_v, start_n, split_hi,
-                                     qpos, offs_n, offs_d, head_dim, page_size, left, right, qk_scale, softcap_pre,
-                                     softcap_post, slope2, stride_kb, stride_ks, stride_vb, stride_vs,
-                                     PAGED, PAD_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_PRECISION)
+        acc, m_i, l_i = _decode_tile(acc, m_i, l_i, q, q_tail, K, V, table_row, hk_off_k, hk_off_v, start_n,
+                                     split_hi, qpos, offs_n, offs_d, offs_dt, offs_dv, head_dim, head_dim_v,
+                                     page_size, left, right, qk_scale, softcap_pre, softcap_post, slope2,
+                                     stride_kb, stride_ks, stride_vb, stride_vs,
+                                     PAGED, PAD_D, PAD_DV, BLOCK_DT, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                                     DOT_PRECISION)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -171,11 +198,11 @@ def decode_split_kernel(Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI,
 
     split = split.to(tl.int64)
     o_rows = split * stride_osplit + off_b * stride_ob + qi.to(tl.int64) * stride_os + head.to(tl.int64) * stride_oh
-    if PAD_D:
-        tl.store(O + o_rows[:, None] + offs_d[None, :], acc.to(O.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
+    if PAD_DV:
+        tl.store(O + o_rows[:, None] + offs_dv[None, :], acc.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
     else:
-        tl.store(O + o_rows[:, None] + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(O + o_rows[:, None] + offs_dv[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + split * stride_lsplit + off_b * stride_lb + head.to(tl.int64) * stride_lh + qi, lse, mask=row_ok)
 
 
@@ -187,7 +214,8 @@ def combine_kernel(PART_O, PART_LSE, O, LSE,
                    stride_lb, stride_lh,
                    num_splits, head_dim,
                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr):
-    """One program per (query row, head, batch): merge ``num_splits`` partial results,
+    """One program per (query row, head, batch): merge ``num_splits`` partial results
+    (``head_dim`` here is the value head dim: the outputs' width),
     BLOCK_S splits at a time with a running max (any number of splits, bounded registers).
     Splits that saw no key have lse -inf and weigh 0; if all did, out 0 and lse -inf."""
     off_i = tl.program_id(0).to(tl.int64)

@@ -47,7 +47,19 @@ def supports(call):
     if call.dtype not in _DTYPES:
         return f"dtype {call.dtype} is not supported by triton (fp16, bf16, fp32)"
     missing = missing_features(call, FEATURES)
-    return f"triton {missing}" if missing else None
+    if missing:
+        return f"triton {missing}"
+    head_dim, head_dim_v = call.head_dim, getattr(call, "head_dim_v", call.head_dim)
+    # decoding reads a D above 512 as a 512-wide tile plus a tail (absorbed MLA: 576 = 512 + 64)
+    max_d = MAX_DECODE_HEAD_DIM if "kv-cache" in call.features else MAX_HEAD_DIM
+    if head_dim > max_d or head_dim_v > MAX_HEAD_DIM:
+        return (f"triton supports head dims up to {MAX_HEAD_DIM} (query/key up to {MAX_DECODE_HEAD_DIM} when "
+                f"decoding from a KV cache), got {head_dim} and value head dim {head_dim_v}")
+    return None
+
+
+MAX_HEAD_DIM = 512
+MAX_DECODE_HEAD_DIM = 576
 
 
 def patch_interpreter_bf16_dot():
@@ -138,10 +150,11 @@ def _strides(varlen, **tensors):
     return named
 
 
-def _common(q, k, p, cfg, configs):
-    """Kernel arguments shared by every attention kernel: pointers, strides, scalars and flags."""
-    head_dim = q.shape[-1]
-    block_d = configs.padded_head_dim(head_dim)
+def _common(q, k, v, p, cfg, configs):
+    """Kernel arguments shared by every attention kernel: pointers, strides, scalars and flags.
+    Q/K tiles are ``head_dim`` wide, V/O/dO tiles ``head_dim_v`` (which may differ: MLA)."""
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    block_d, block_dv = configs.padded_head_dim(head_dim), configs.padded_head_dim(head_dim_v)
     _, seqlen_q, seqlen_k, heads, heads_k = _geometry(q, k, p)
     # bounds past both sequences act as unbounded; clamping keeps the kernels' int32 sums in range
     reach = seqlen_q + seqlen_k + abs(p.diag_offset)
@@ -155,7 +168,8 @@ def _common(q, k, p, cfg, configs):
                 stride_ah=slopes.stride(1) if slopes is not None else 0,
                 **dict(zip(("stride_bb", "stride_bh", "stride_bm", "stride_bn"),
                            bias.stride() if bias is not None else (0, 0, 0, 0))),
-                seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim, group=heads // heads_k,
+                seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim, head_dim_v=head_dim_v,
+                group=heads // heads_k,
                 offset=p.diag_offset, left=min(max(p.window_left, 0), reach),
                 right=min(max(p.window_right, 0), reach),
                 qk_scale=p.softmax_scale * 1.4426950408889634,
@@ -164,9 +178,9 @@ def _common(q, k, p, cfg, configs):
                 seed=p.dropout_seed if dropout else 0, drop_thresh=rng.threshold(p.dropout_p) if dropout else 0,
                 drop_scale=1.0 / (1.0 - p.dropout_p), **dict(zip(("ctr_sb", "ctr_sh", "ctr_sk"), ctr)))
     even = not p.varlen
-    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                 EVEN_M=even and seqlen_q % cfg.block_m == 0, EVEN_N=even and seqlen_k % cfg.block_n == 0,
-                PAD_D=head_dim != block_d, HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0,
+                PAD_D=head_dim != block_d, PAD_DV=head_dim_v != block_dv, HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0,
                 HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=slopes is not None, HAS_BIAS=bias is not None,
                 HAS_DROPOUT=dropout, IS_VARLEN=p.varlen,
                 DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -210,21 +224,29 @@ def fwd(q, k, v, p):
     attention, configs = _kernels()
     p = _offsets_contiguous(p)
     batch, seqlen_q, _, heads, _ = _geometry(q, k, p)
-    out = torch.empty_like(q)
+    out = _like_with_last_dim(q, v.shape[-1])
     lse_shape = (heads, q.shape[0]) if p.varlen else (batch, heads, seqlen_q)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     if out.numel() == 0 or seqlen_q == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
     _check_grid(batch, heads)
-    cfg = configs.fwd_config(q.shape[-1], q.dtype, _capability(q.device), _score_mods(p))
+    cfg = configs.fwd_config(q.shape[-1], q.dtype, _capability(q.device), _score_mods(p), head_dim_v=v.shape[-1])
     _check_bias_layout(p, k.shape[1])
-    args, meta = _common(q, k, p, cfg, configs)
+    args, meta = _common(q, k, v, p, cfg, configs)
     grid = (triton_cdiv(seqlen_q, cfg.block_m), heads, batch)
     with _on_device(q):
         attention.fwd_kernel[grid](q, k, v, out, lse, **_strides(p.varlen, q=q, k=k, v=v, o=out, l=lse), **args,
                                    **meta)
     return out, lse
+
+
+def _like_with_last_dim(t, last):
+    """``empty_like(t)`` (its layout kept) when the last dim matches, else a contiguous
+    tensor of t's shape with the last dim ``last`` (the output of a call with Dv != D)."""
+    if t.shape[-1] == last:
+        return torch.empty_like(t)
+    return torch.empty((*t.shape[:-1], last), dtype=t.dtype, device=t.device)
 
 
 def triton_cdiv(a, b):
@@ -235,7 +257,7 @@ def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
     attention, configs = _kernels()
     p = _offsets_contiguous(p)
     batch, seqlen_q, seqlen_k, heads, heads_k = _geometry(q, k, p)
-    head_dim = q.shape[-1]
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbias = None
     if bias_grad:
@@ -247,10 +269,10 @@ def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
     _check_bias_layout(p, seqlen_k)
     capability = _capability(q.device)
     mods = _score_mods(p)
-    dq_cfg = configs.bwd_dq_config(head_dim, q.dtype, capability, mods)
-    dkdv_cfg = configs.bwd_dkdv_config(head_dim, q.dtype, capability, mods)
-    dq_args, dq_meta = _common(q, k, p, dq_cfg, configs)
-    dkdv_args, dkdv_meta = _common(q, k, p, dkdv_cfg, configs)
+    dq_cfg = configs.bwd_dq_config(head_dim, q.dtype, capability, mods, head_dim_v=head_dim_v)
+    dkdv_cfg = configs.bwd_dkdv_config(head_dim, q.dtype, capability, mods, head_dim_v=head_dim_v)
+    dq_args, dq_meta = _common(q, k, v, p, dq_cfg, configs)
+    dkdv_args, dkdv_meta = _common(q, k, v, p, dkdv_cfg, configs)
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
     num_m = triton_cdiv(seqlen_q, dq_cfg.block_m)
@@ -260,8 +282,8 @@ def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
     with _on_device(q):
         attention.bwd_preprocess_kernel[(num_m, heads, batch)](
             out, dout, lse, lse if dlse is None else dlse, delta, lse2, dq_args["CU_Q"],
-            **_strides(p.varlen, o=out, do=dout, l=lse), seqlen_q=seqlen_q, head_dim=head_dim,
-            BLOCK_M=dq_cfg.block_m, BLOCK_D=dq_meta["BLOCK_D"], EVEN_M=dq_meta["EVEN_M"], PAD_D=dq_meta["PAD_D"],
+            **_strides(p.varlen, o=out, do=dout, l=lse), seqlen_q=seqlen_q, head_dim=head_dim_v,  # O, dO: Dv
+            BLOCK_M=dq_cfg.block_m, BLOCK_D=dq_meta["BLOCK_DV"], EVEN_M=dq_meta["EVEN_M"], PAD_D=dq_meta["PAD_DV"],
             HAS_DLSE=dlse is not None, IS_VARLEN=p.varlen, num_warps=dq_cfg.num_warps)
         attention.bwd_dkdv_kernel[(triton_cdiv(seqlen_k, dkdv_cfg.block_n), heads_k, batch)](
             q, k, v, dout, lse2, delta, dk, dv, **common, **_strides(p.varlen, dk=dk, dv=dv), **dkdv_args,
@@ -305,16 +327,17 @@ def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p, max_seqlen_k
 
     _, configs = _kernels()
     batch, seqlen_q, heads, head_dim = q.shape
+    head_dim_v = v_cache.shape[-1]
     heads_k, page_size = k_cache.shape[2], k_cache.shape[1]
     group = heads // heads_k
-    out = torch.empty_like(q)
+    out = _like_with_last_dim(q, head_dim_v)
     lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
     capability = _capability(q.device)
     mods = p.softcap > 0 or p.alibi_slopes is not None
-    cfg = configs.decode_split_config(head_dim, q.dtype, capability, mods)
+    cfg = configs.decode_split_config(head_dim, q.dtype, capability, mods, head_dim_v=head_dim_v)
     row_blocks = triton_cdiv(seqlen_q * group, cfg.block_m)
     _check_grid(batch, row_blocks * heads_k)
     if num_splits == 0:
@@ -324,12 +347,13 @@ def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p, max_seqlen_k
         block_table = block_table.contiguous()
     leftpad = leftpad.contiguous() if leftpad is not None else None
     seqlens_k = seqlens_k.contiguous()
-    block_d = configs.padded_head_dim(head_dim)
+    block_d, block_dt = configs.decode_qk_tiles(head_dim)
+    block_dv = configs.padded_head_dim(head_dim_v)
     if num_splits == 1:
         o, l_ = out, lse
         o_strides, l_strides = (0, *out.stride()[:3]), (0, *lse.stride()[:2])
     else:
-        o = torch.empty((num_splits, batch, seqlen_q, heads, head_dim), dtype=torch.float32, device=q.device)
+        o = torch.empty((num_splits, batch, seqlen_q, heads, head_dim_v), dtype=torch.float32, device=q.device)
         l_ = torch.empty((num_splits, batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
         o_strides, l_strides = o.stride()[:4], l_.stride()[:3]
     slopes = p.alibi_slopes
@@ -339,17 +363,18 @@ def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p, max_seqlen_k
             slopes if slopes is not None else lse,
             *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *o_strides, *l_strides,
             block_table.stride(0), *(slopes.stride() if slopes is not None else (0, 0)),
-            seqlen_q, head_dim, heads_k, group, page_size, max(p.window_left, 0), max(p.window_right, 0),
+            seqlen_q, head_dim, head_dim_v, heads_k, group, page_size, max(p.window_left, 0), max(p.window_right, 0),
             p.softmax_scale * 1.4426950408889634,
             p.softmax_scale / p.softcap if p.softcap > 0 else 0.0, p.softcap * 1.4426950408889634,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, PAGED=block_table.shape[1] > 1,
-            PAD_D=head_dim != block_d, HAS_LEFTPAD=leftpad is not None, HAS_LEFT=p.window_left >= 0,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DT=block_dt, BLOCK_DV=block_dv,
+            PAGED=block_table.shape[1] > 1, PAD_D=head_dim != block_d + block_dt, PAD_DV=head_dim_v != block_dv,
+            HAS_LEFTPAD=leftpad is not None, HAS_LEFT=p.window_left >= 0,
             HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=slopes is not None,
             DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if num_splits > 1:
-            ccfg = configs.combine_config(head_dim, q.dtype, capability)
+            ccfg = configs.combine_config(head_dim_v, q.dtype, capability)
             kernels.combine_kernel[(seqlen_q, heads, batch)](
                 o, l_, out, lse, o.stride(0), o.stride(1), o.stride(2), o.stride(3), *l_.stride()[:3],
-                *out.stride()[:3], *lse.stride()[:2], num_splits, head_dim,
-                BLOCK_S=ccfg.block_n, BLOCK_D=block_d, PAD_D=head_dim != block_d, num_warps=ccfg.num_warps)
+                *out.stride()[:3], *lse.stride()[:2], num_splits, head_dim_v,
+                BLOCK_S=ccfg.block_n, BLOCK_D=block_dv, PAD_D=head_dim_v != block_dv, num_warps=ccfg.num_warps)
     return out, lse
