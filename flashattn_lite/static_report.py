@@ -9,12 +9,15 @@ by Python ones that cannot be compiled.
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+
+import torch
 
 # The causal specialisation of each kernel holds both the masked (diagonal) and
 # the unmasked inner loop, so it is the largest code of each config.  Every config
@@ -52,24 +55,55 @@ def _signature(fn, elem, constexprs):
     return sig, attrs
 
 
-def compile_one(kernel_name, arch, dclass, head_dim, block_m, block_n, num_warps, num_stages, score_mods=False):
+def compile_one(kernel_name, arch, dclass, head_dim, block_m, block_n, num_warps, num_stages, score_mods=False,
+                head_dim_v=None):
     """Compile one kernel config; returns a dict of its static facts.  ``score_mods``
     compiles the specialisation with softcap, ALiBi and a bias with its gradient instead of the plain
-    one; ``score_mods="dropout"`` adds dropout to those."""
+    one; ``score_mods="dropout"`` adds dropout to those.  ``head_dim_v``: the value head dim
+    (default: ``head_dim``; the decode table's 576 row is absorbed MLA, Dv 512); a dim that
+    is not a power of two is compiled padded, with the masks the launcher would compile in."""
+    from flashattn_lite.triton_kernels import attention, configs, decode
+
+    fn = getattr(decode if kernel_name in _DECODE_KERNELS else attention, kernel_name)
+    if head_dim_v is None:
+        head_dim_v = min(head_dim, configs.HEAD_DIM_BUCKETS[-1])
+    if kernel_name == "decode_split_kernel":
+        block_d, block_dt = configs.decode_qk_tiles(head_dim)
+    elif kernel_name == "combine_kernel":  # merges outputs: its head dim is Dv
+        block_d, block_dt = configs.padded_head_dim(head_dim_v), 0
+    else:
+        block_d, block_dt = configs.padded_head_dim(head_dim), 0
+    block_dv = configs.padded_head_dim(head_dim_v)
+    dims = dict(BLOCK_D=block_d, BLOCK_DT=block_dt, BLOCK_DV=block_dv, PAD_D=head_dim != block_d + block_dt,
+                PAD_DV=head_dim_v != block_dv)
+    elem = "fp32" if dclass == "fp32" else "fp16"
+    on = bool(score_mods)
+    mods = dict(HAS_SOFTCAP=on, HAS_ALIBI=on, HAS_BIAS=on, BIAS_GRAD=on, HAS_DROPOUT=score_mods == "dropout")
+    constexprs = dict(_CAUSAL, **mods, **_decode_constexprs(block_n), **dims, BLOCK_M=block_m, BLOCK_N=block_n,
+                      DOT_PRECISION="ieee" if dclass == "fp32" else "tf32")
+    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
+    if kernel_name == "bwd_dkdv_kernel" and len(configs.dkdv_passes(head_dim, head_dim_v)) > 1:
+        # compiled once per pass; the row reports the larger of each fact (spills summed)
+        rows = [_compile_facts(fn, elem, dict(constexprs, WRITE_DK=dk, WRITE_DV=dv), arch, num_warps, num_stages)
+                for dk, dv in configs.dkdv_passes(head_dim, head_dim_v)]
+        facts = {key: max(r[key] for r in rows) for key in ("registers", "stack_bytes", "shared_bytes")}
+        facts.update({key: sum(r[key] for r in rows) for key in ("spill_stores", "spill_loads")})
+        facts.update({key: min(r[key] for r in rows) for key in ("hgmma", "hmma")})
+        facts["ptxas_warnings"] = [w for r in rows for w in r["ptxas_warnings"]]
+        facts["passes"] = rows
+    else:
+        facts = _compile_facts(fn, elem, constexprs, arch, num_warps, num_stages)
+    return dict(kernel=kernel_name, arch=arch, dtype="fp16/bf16" if dclass == "lowp" else "fp32",
+                head_dim=head_dim, head_dim_v=head_dim_v, block_m=block_m, block_n=block_n, num_warps=num_warps,
+                num_stages=num_stages, score_mods=score_mods, **facts)
+
+
+def _compile_facts(fn, elem, constexprs, arch, num_warps, num_stages):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     from triton.compiler import ASTSource
 
-    from flashattn_lite.triton_kernels import attention, decode
-
-    fn = getattr(decode if kernel_name in _DECODE_KERNELS else attention, kernel_name)
-    elem = "fp32" if dclass == "fp32" else "fp16"
-    on = bool(score_mods)
-    mods = dict(HAS_SOFTCAP=on, HAS_ALIBI=on, HAS_BIAS=on, BIAS_GRAD=on, HAS_DROPOUT=score_mods == "dropout")
-    constexprs = dict(_CAUSAL, **mods, **_decode_constexprs(block_n), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim,
-                      DOT_PRECISION="ieee" if dclass == "fp32" else "tf32")
-    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     sig, attrs = _signature(fn, elem, constexprs)
     capability = int(arch[2:])
     compiled = triton.compile(ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs),
@@ -96,12 +130,8 @@ def compile_one(kernel_name, arch, dclass, head_dim, block_m, block_n, num_warps
     hgmma = len(re.findall(r"\bHGMMA\.", sass))
     hmma = len(re.findall(r"\bHMMA\.", sass))
     warnings = [line for line in log.splitlines() if "warning" in line.lower()]
-    return dict(kernel=kernel_name, arch=arch, dtype="fp16/bf16" if dclass == "lowp" else "fp32",
-                head_dim=head_dim, block_m=block_m, block_n=block_n, num_warps=num_warps,
-                num_stages=num_stages, score_mods=score_mods, registers=regs, spill_stores=spill_st,
-                spill_loads=spill_ld,
-                stack_bytes=stack, shared_bytes=compiled.metadata.shared, hgmma=hgmma, hmma=hmma,
-                ptxas_warnings=warnings)
+    return dict(registers=regs, spill_stores=spill_st, spill_loads=spill_ld, stack_bytes=stack,
+                shared_bytes=compiled.metadata.shared, hgmma=hgmma, hmma=hmma, ptxas_warnings=warnings)
 
 
 def _jobs():
@@ -113,28 +143,53 @@ def _jobs():
                    cfg.num_stages, mods)
 
 
-def report(workers=None):
-    """Compile every shipped config (in parallel processes); list of result dicts."""
+def _mla_jobs():
+    """The configs MLA calls use, compiled with their own (D, Dv): DeepSeek's 192/128 and
+    512/512 through the attention kernels, absorbed-MLA decoding's 576/512 (one kv head)."""
+    from flashattn_lite.triton_kernels import configs
+
+    lookups = {"fwd": configs.fwd_config, "bwd_dkdv": configs.bwd_dkdv_config, "bwd_dq": configs.bwd_dq_config,
+               "decode_split": configs.decode_split_config}
+    for (table, d, dv), arch, dclass in itertools.product(configs.MLA_HEAD_DIMS, ("sm80", "sm90"), ("lowp", "fp32")):
+        dtype = torch.float32 if dclass == "fp32" else torch.float16
+        mods_list = (False, True, configs.DROPOUT) if table in ("fwd", "bwd_dkdv", "bwd_dq") else (False,)
+        for mods in mods_list:
+            if table == "combine":
+                cfg = configs.combine_config(dv, dtype, (int(arch[2]), 0))
+            else:
+                cfg = lookups[table](d, dtype, (int(arch[2]), 0), mods, head_dim_v=dv)
+            yield (configs.KERNELS[table], arch, dclass, d, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
+                   mods, dv)
+
+
+def report(workers=None, mla=False):
+    """Compile every shipped config (in parallel processes); list of result dicts.
+    ``mla``: only the configs of the MLA head-dim pairs (``configs.MLA_HEAD_DIMS``)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("the static GPU report needs TRITON_INTERPRET unset (the interpreter cannot compile)")
-    jobs = list(_jobs())
+    jobs = list(_mla_jobs() if mla else _jobs())
     workers = workers or os.cpu_count() or 1
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(compile_one, *zip(*jobs)))
 
 
-def format_table(rows):
-    """Markdown table of the plain specialisation (the score-modifier one is summarised by the caller)."""
+def format_table(rows, all_rows=False):
+    """Markdown table of the plain specialisation (the score-modifier one is summarised by the caller);
+    ``all_rows``: every specialisation, with a ``mods`` column."""
     head = ("kernel", "arch", "dtype", "hdim", "BMxBN", "warps", "stages", "regs", "spill B", "smem B",
-            "tensor cores")
+            "tensor cores") + (("mods",) if all_rows else ())
     lines = [head]
     for r in rows:
-        if r.get("score_mods"):
+        if r.get("score_mods") and not all_rows:
             continue
         tc = f"HGMMA x{r['hgmma']}" if r["hgmma"] else (f"HMMA x{r['hmma']}" if r["hmma"] else "none (FMA)")
-        lines.append((r["kernel"], r["arch"], r["dtype"], str(r["head_dim"]), f"{r['block_m']}x{r['block_n']}",
+        hdim = str(r["head_dim"]) if r.get("head_dim_v", r["head_dim"]) == r["head_dim"] else \
+            f"{r['head_dim']}/{r['head_dim_v']}"
+        lines.append((r["kernel"], r["arch"], r["dtype"], hdim, f"{r['block_m']}x{r['block_n']}",
                       str(r["num_warps"]), str(r["num_stages"]), str(r["registers"]),
-                      str(r["spill_stores"] + r["spill_loads"]), str(r["shared_bytes"]), tc))
+                      str(r["spill_stores"] + r["spill_loads"]), str(r["shared_bytes"]), tc)
+                     + (({False: "plain", True: "softcap+alibi+bias"}.get(r["score_mods"], "all+dropout"),)
+                        if all_rows else ()))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -145,9 +200,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--mla", action="store_true",
+                        help="only the MLA head-dim pairs (192/128, 512/512, decode 576/512), every score modifier")
+    parser.add_argument("--all-rows", action="store_true", help="table rows for every specialisation, not only "
+                                                                 "the plain one")
     args = parser.parse_args(argv)
-    rows = report(args.workers)
-    print(format_table(rows))
+    rows = report(args.workers, mla=args.mla)
+    print(format_table(rows, all_rows=args.all_rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -95,6 +95,16 @@ def test_features_dv_differs(feature):
     _run_dense(1, 19, 26, h, hk, d, dv, torch.float16, **kw)
 
 
+def test_dkdv_in_two_passes(monkeypatch):
+    """Head dims of 512 compute dK and dV in separate launches; force that at small dims,
+    with every score modifier, dropout and GQA (the dV pass reads neither V nor dP)."""
+    from flashattn_lite.triton_kernels import configs
+
+    monkeypatch.setattr(configs, "dkdv_passes", lambda d, dv=None: ((True, False), (False, True)))
+    _run_dense(1, 19, 26, 4, 2, 32, 48, torch.float16, causal=True, softcap=5.0, alibi=True, bias=True,
+               dropout_p=0.2)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_dv_differs(causal):
     dtype, h, hk, d, dv = torch.float16, 2, 1, 32, 16

@@ -16,6 +16,10 @@ Conventions shared by every kernel here:
 * A query row that sees no key yields ``out = 0`` and ``lse = -inf``.  The
   backward replaces that ``-inf`` with ``+inf`` so every probability of the row
   is ``exp2(-inf) = 0`` and its gradients vanish without a NaN.
+* Head dims: Q, K and dQ, dK are ``head_dim`` wide (tiles BLOCK_D, masked past it when
+  ``PAD_D``); V, O, dO and dV ``head_dim_v`` (BLOCK_DV, ``PAD_DV``).  They differ for MLA
+  (DeepSeek: 192 and 128); S = Q K^T reduces over the first, O = P V and dP = dO V^T over
+  the second, so the two never meet in one tile.
 * Varlen (``IS_VARLEN``): the batch index picks a sequence through the int32
   ``CU_Q``/``CU_K`` prefix sums; batch strides are 0 and the sequence start is a
   row offset; the diagonal offset gains ``len_k - len_q`` per sequence.  lse is
@@ -420,11 +424,13 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
                     MASKED: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    WRITE_DK: tl.constexpr, WRITE_DV: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks [lo, hi).
 
     Works on transposed tiles (keys x queries) so both products reduce over
     the query axis: dV += (P Z)^T dO, dK += dS^T Q, with Z the dropout scale-or-zero.
+    ``WRITE_DK``/``WRITE_DV`` false: skip that gradient (see ``bwd_dkdv_kernel``).
     """
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
@@ -448,17 +454,21 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
         if MASKED:
             vis = _visible(rows[None, :], offs_n[:, None], seqlen_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
             pt = tl.where(vis, pt, 0.0)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _keep(seed, drop_thresh, ctr_row0, rows[None, :], offs_n[:, None], ctr_sk)
-            dv = tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-            dpt = tl.where(keep, dpt * drop_scale, 0.0)
-        else:
-            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        if HAS_SOFTCAP:
-            dst = dst * (1.0 - tt * tt)  # d(cap * tanh(x / cap)) / dx
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if WRITE_DV:
+            if HAS_DROPOUT:
+                dv = tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            else:
+                dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if WRITE_DK:
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                dpt = tl.where(keep, dpt * drop_scale, 0.0)
+            dst = pt * (dpt - delta[None, :])
+            if HAS_SOFTCAP:
+                dst = dst * (1.0 - tt * tt)  # d(cap * tanh(x / cap)) / dx
+            dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -478,11 +488,16 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, BIAS, CU_Q, CU_K, ALIBI,
                     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    WRITE_DK: tl.constexpr = True, WRITE_DV: tl.constexpr = True):
     """One program per (key block, kv head, batch entry or sequence).
 
     The program loops over every query head of its GQA group, so dK/dV are
     summed over the group in registers: no atomics, a fixed summation order.
+    With head dims of 512 the two (BLOCK_N, 512) fp32 accumulators do not fit the
+    registers beside the tiles even at 16 x 16: the launcher then runs the kernel
+    twice, once for dK (``WRITE_DV`` false) and once for dV (``WRITE_DK`` false),
+    recomputing P in each (the dV pass needs neither V nor dP).
     """
     start_n = tl.program_id(0) * BLOCK_N
     off_hk = tl.program_id(1).to(tl.int64)
@@ -502,9 +517,12 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, BIAS, CU_Q, CU_K, ALIBI,
     k = _load_tile(_rows_at(K + off_b * stride_kb + off_hk * stride_kh, k_start + start_n, stride_ks)
                    + rel_n[:, None] * stride_ks + offs_d[None, :],
                    offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
-    v = _load_tile(_rows_at(V + off_b * stride_vb + off_hk * stride_vh, k_start + start_n, stride_vs)
-                   + rel_n[:, None] * stride_vs + offs_dv[None, :],
-                   offs_n, seqlen_k, offs_dv, head_dim_v, not EVEN_N, PAD_DV)
+    if WRITE_DK:
+        v = _load_tile(_rows_at(V + off_b * stride_vb + off_hk * stride_vh, k_start + start_n, stride_vs)
+                       + rel_n[:, None] * stride_vs + offs_dv[None, :],
+                       offs_n, seqlen_k, offs_dv, head_dim_v, not EVEN_N, PAD_DV)
+    else:
+        v = k  # unused: the dV pass needs no dP
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -526,29 +544,31 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, BIAS, CU_Q, CU_K, ALIBI,
                                  softcap_post, slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh,
                                  drop_scale, ctr_row0, ctr_sk,
                                  True, EVEN_N, PAD_D, PAD_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                 HAS_DROPOUT, BLOCK_M, DOT_PRECISION)
+                                 HAS_DROPOUT, BLOCK_M, DOT_PRECISION, WRITE_DK, WRITE_DV)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
                                  stride_qs, stride_dos, offs_n, offs_m, offs_d, offs_dv, full_lo, full_hi,
                                  seqlen_q, seqlen_k, head_dim, head_dim_v, offset, left, right, qk_scale, softcap_pre,
                                  softcap_post, slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh,
                                  drop_scale, ctr_row0, ctr_sk,
                                  False, EVEN_N, PAD_D, PAD_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                 HAS_DROPOUT, BLOCK_M, DOT_PRECISION)
+                                 HAS_DROPOUT, BLOCK_M, DOT_PRECISION, WRITE_DK, WRITE_DV)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
                                  stride_qs, stride_dos, offs_n, offs_m, offs_d, offs_dv, full_hi, hi,
                                  seqlen_q, seqlen_k, head_dim, head_dim_v, offset, left, right, qk_scale, softcap_pre,
                                  softcap_post, slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh,
                                  drop_scale, ctr_row0, ctr_sk,
                                  True, EVEN_N, PAD_D, PAD_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                 HAS_DROPOUT, BLOCK_M, DOT_PRECISION)
+                                 HAS_DROPOUT, BLOCK_M, DOT_PRECISION, WRITE_DK, WRITE_DV)
 
-    dk = dk * sm_scale
-    _store_tile(_rows_at(DK + off_b * stride_dkb + off_hk * stride_dkh, k_start + start_n, stride_dks)
-                + rel_n[:, None] * stride_dks + offs_d[None, :],
-                dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
-    _store_tile(_rows_at(DV + off_b * stride_dvb + off_hk * stride_dvh, k_start + start_n, stride_dvs)
-                + rel_n[:, None] * stride_dvs + offs_dv[None, :],
-                dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_dv, head_dim_v, not EVEN_N, PAD_DV)
+    if WRITE_DK:
+        dk = dk * sm_scale
+        _store_tile(_rows_at(DK + off_b * stride_dkb + off_hk * stride_dkh, k_start + start_n, stride_dks)
+                    + rel_n[:, None] * stride_dks + offs_d[None, :],
+                    dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
+    if WRITE_DV:
+        _store_tile(_rows_at(DV + off_b * stride_dvb + off_hk * stride_dvh, k_start + start_n, stride_dvs)
+                    + rel_n[:, None] * stride_dvs + offs_dv[None, :],
+                    dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_dv, head_dim_v, not EVEN_N, PAD_DV)
 
 
 @triton.jit

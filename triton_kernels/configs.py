@@ -295,6 +295,15 @@ def bwd_dkdv_config(head_dim: int, dtype: torch.dtype, capability=None, score_mo
     return _lookup(_BWD_DKDV, "bwd_dkdv", head_dim, dtype, capability, score_mods, head_dim_v)
 
 
+def dkdv_passes(head_dim: int, head_dim_v=None):
+    """(WRITE_DK, WRITE_DV) of each launch of ``bwd_dkdv_kernel``: one pass for both, or,
+    from a padded dim of 512, a dK pass and a dV pass (two (BLOCK_N, 512) fp32
+    accumulators beside the K, V, Q and dO tiles spill even at 16 x 16 tiles)."""
+    if bucket(head_dim, head_dim_v) >= 512:
+        return ((True, False), (False, True))
+    return ((True, True),)
+
+
 def bwd_dq_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False,
                  head_dim_v=None) -> KernelConfig:
     """Config of ``bwd_dq_kernel`` (and of the preprocess kernel, which shares its BLOCK_M)."""
