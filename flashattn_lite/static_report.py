@@ -84,7 +84,9 @@ def compile_one(kernel_name, arch, dclass, head_dim, block_m, block_n, num_warps
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     if kernel_name == "bwd_dkdv_kernel" and len(configs.dkdv_passes(head_dim, head_dim_v)) > 1:
         # compiled once per pass; the row reports the larger of each fact (spills summed)
-        rows = [_compile_facts(fn, elem, dict(constexprs, WRITE_DK=dk, WRITE_DV=dv), arch, num_warps, num_stages)
+        chunk_d, chunk_dv = configs.dkdv_chunks(head_dim, head_dim_v)
+        rows = [_compile_facts(fn, elem, dict(constexprs, WRITE_DK=dk, WRITE_DV=dv, CHUNK_D=chunk_d, CHUNK_DV=chunk_dv),
+                               arch, num_warps, num_stages)
                 for dk, dv in configs.dkdv_passes(head_dim, head_dim_v)]
         facts = {key: max(r[key] for r in rows) for key in ("registers", "stack_bytes", "shared_bytes")}
         facts.update({key: sum(r[key] for r in rows) for key in ("spill_stores", "spill_loads")})
@@ -150,7 +152,7 @@ def _mla_jobs():
 
     lookups = {"fwd": configs.fwd_config, "bwd_dkdv": configs.bwd_dkdv_config, "bwd_dq": configs.bwd_dq_config,
                "decode_split": configs.decode_split_config}
-    for (table, d, dv), arch, dclass in itertools.product(configs.MLA_HEAD_DIMS, ("sm80", "sm90"), ("lowp", "fp32")):
+    for dclass, (table, d, dv), arch in itertools.product(("lowp", "fp32"), configs.MLA_HEAD_DIMS, ("sm80", "sm90")):
         dtype = torch.float32 if dclass == "fp32" else torch.float16
         mods_list = (False, True, configs.DROPOUT) if table in ("fwd", "bwd_dkdv", "bwd_dq") else (False,)
         for mods in mods_list:

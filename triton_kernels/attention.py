@@ -425,12 +425,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    WRITE_DK: tl.constexpr, WRITE_DV: tl.constexpr):
+                    WRITE_DK: tl.constexpr, WRITE_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CHUNK_D: tl.constexpr, CHUNK_DV: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks [lo, hi).
 
     Works on transposed tiles (keys x queries) so both products reduce over
     the query axis: dV += (P Z)^T dO, dK += dS^T Q, with Z the dropout scale-or-zero.
     ``WRITE_DK``/``WRITE_DV`` false: skip that gradient (see ``bwd_dkdv_kernel``).
+    ``CHUNK_D`` > 0: ``k``/``v`` are the (BLOCK_N, 1) row pointers of the key block, not
+    tiles, and K Q^T and V dO^T reduce over the head dim in CHUNK_D/CHUNK_DV-wide slices
+    reloaded each step (see ``bwd_dkdv_kernel``).
     """
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
@@ -445,7 +449,17 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
         else:
             lse2 = tl.load(lse2_base + rows)
             delta = tl.load(delta_base + rows)
-        st, tt = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), rows[None, :], offs_n[:, None],
+        if CHUNK_D > 0:
+            q_rows = _rows_at(q_base, start_m, stride_qs) + offs_m[:, None] * stride_qs
+            kqt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for c in tl.static_range(0, offs_d.shape[0], CHUNK_D):
+                offs_c = c + tl.arange(0, CHUNK_D)
+                k_c = _load_tile(k + offs_c[None, :], offs_n, seqlen_k, offs_c, head_dim, not EVEN_N, PAD_D)
+                q_c = _load_tile(q_rows + offs_c[None, :], rows, seqlen_q, offs_c, head_dim, MASKED, PAD_D)
+                kqt = tl.dot(k_c, tl.trans(q_c), kqt, input_precision=DOT_PRECISION)
+        else:
+            kqt = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        st, tt = _scores(kqt, rows[None, :], offs_n[:, None],
                          qk_scale, softcap_pre, softcap_post, slope2, offset, HAS_SOFTCAP, HAS_ALIBI)
         if HAS_BIAS:
             st += _bias2(bias_base, rows[None, :], offs_n[:, None], stride_bm, stride_bn, seqlen_q, seqlen_k,
@@ -462,7 +476,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
             else:
                 dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         if WRITE_DK:
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            if CHUNK_DV > 0:
+                do_rows = _rows_at(do_base, start_m, stride_dos) + offs_m[:, None] * stride_dos
+                dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for c in tl.static_range(0, offs_dv.shape[0], CHUNK_DV):
+                    offs_c = c + tl.arange(0, CHUNK_DV)
+                    v_c = _load_tile(v + offs_c[None, :], offs_n, seqlen_k, offs_c, head_dim_v, not EVEN_N, PAD_DV)
+                    do_c = _load_tile(do_rows + offs_c[None, :], rows, seqlen_q, offs_c, head_dim_v, MASKED, PAD_DV)
+                    dpt = tl.dot(v_c, tl.trans(do_c), dpt, input_precision=DOT_PRECISION)
+            else:
+                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
                 dpt = tl.where(keep, dpt * drop_scale, 0.0)
             dst = pt * (dpt - delta[None, :])
@@ -489,7 +512,8 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, BIAS, CU_Q, CU_K, ALIBI,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    WRITE_DK: tl.constexpr = True, WRITE_DV: tl.constexpr = True):
+                    WRITE_DK: tl.constexpr = True, WRITE_DV: tl.constexpr = True,
+                    CHUNK_D: tl.constexpr = 0, CHUNK_DV: tl.constexpr = 0):
     """One program per (key block, kv head, batch entry or sequence).
 
     The program loops over every query head of its GQA group, so dK/dV are
@@ -497,7 +521,10 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, BIAS, CU_Q, CU_K, ALIBI,
     With head dims of 512 the two (BLOCK_N, 512) fp32 accumulators do not fit the
     registers beside the tiles even at 16 x 16: the launcher then runs the kernel
     twice, once for dK (``WRITE_DV`` false) and once for dV (``WRITE_DK`` false),
-    recomputing P in each (the dV pass needs neither V nor dP).
+    recomputing P in each (the dV pass needs neither V nor dP).  There also the K and V
+    tiles are not kept in registers (as an MMA's reduction operand a 16 x 512 tile is held
+    whole by every warp: 128 registers a thread): with ``CHUNK_D`` > 0 K Q^T and V dO^T are
+    summed over head-dim slices of CHUNK_D (CHUNK_DV) reloaded from cache each step.
     """
     start_n = tl.program_id(0) * BLOCK_N
     off_hk = tl.program_id(1).to(tl.int64)
@@ -514,15 +541,19 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, BIAS, CU_Q, CU_K, ALIBI,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    k = _load_tile(_rows_at(K + off_b * stride_kb + off_hk * stride_kh, k_start + start_n, stride_ks)
-                   + rel_n[:, None] * stride_ks + offs_d[None, :],
-                   offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
-    if WRITE_DK:
-        v = _load_tile(_rows_at(V + off_b * stride_vb + off_hk * stride_vh, k_start + start_n, stride_vs)
-                       + rel_n[:, None] * stride_vs + offs_dv[None, :],
-                       offs_n, seqlen_k, offs_dv, head_dim_v, not EVEN_N, PAD_DV)
+    k_rows = _rows_at(K + off_b * stride_kb + off_hk * stride_kh, k_start + start_n, stride_ks) \
+        + rel_n[:, None] * stride_ks
+    v_rows = _rows_at(V + off_b * stride_vb + off_hk * stride_vh, k_start + start_n, stride_vs) \
+        + rel_n[:, None] * stride_vs
+    if CHUNK_D > 0:
+        k = k_rows  # tiles read in slices inside the loop
+        v = v_rows
     else:
-        v = k  # unused: the dV pass needs no dP
+        k = _load_tile(k_rows + offs_d[None, :], offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, PAD_D)
+        if WRITE_DK:
+            v = _load_tile(v_rows + offs_dv[None, :], offs_n, seqlen_k, offs_dv, head_dim_v, not EVEN_N, PAD_DV)
+        else:
+            v = k  # unused: the dV pass needs no dP
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -544,21 +575,24 @@ def bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, BIAS, CU_Q, CU_K, ALIBI,
                                  softcap_post, slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh,
                                  drop_scale, ctr_row0, ctr_sk,
                                  True, EVEN_N, PAD_D, PAD_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                 HAS_DROPOUT, BLOCK_M, DOT_PRECISION, WRITE_DK, WRITE_DV)
+                                 HAS_DROPOUT, BLOCK_M, DOT_PRECISION, WRITE_DK, WRITE_DV, BLOCK_N,
+                                 CHUNK_D, CHUNK_DV)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
                                  stride_qs, stride_dos, offs_n, offs_m, offs_d, offs_dv, full_lo, full_hi,
                                  seqlen_q, seqlen_k, head_dim, head_dim_v, offset, left, right, qk_scale, softcap_pre,
                                  softcap_post, slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh,
                                  drop_scale, ctr_row0, ctr_sk,
                                  False, EVEN_N, PAD_D, PAD_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                 HAS_DROPOUT, BLOCK_M, DOT_PRECISION, WRITE_DK, WRITE_DV)
+                                 HAS_DROPOUT, BLOCK_M, DOT_PRECISION, WRITE_DK, WRITE_DV, BLOCK_N,
+                                 CHUNK_D, CHUNK_DV)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
                                  stride_qs, stride_dos, offs_n, offs_m, offs_d, offs_dv, full_hi, hi,
                                  seqlen_q, seqlen_k, head_dim, head_dim_v, offset, left, right, qk_scale, softcap_pre,
                                  softcap_post, slope2, bias_base, stride_bm, stride_bn, seed, drop_thresh,
                                  drop_scale, ctr_row0, ctr_sk,
                                  True, EVEN_N, PAD_D, PAD_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
-                                 HAS_DROPOUT, BLOCK_M, DOT_PRECISION, WRITE_DK, WRITE_DV)
+                                 HAS_DROPOUT, BLOCK_M, DOT_PRECISION, WRITE_DK, WRITE_DV, BLOCK_N,
+                                 CHUNK_D, CHUNK_DV)
 
     if WRITE_DK:
         dk = dk * sm_scale

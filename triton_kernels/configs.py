@@ -105,6 +105,19 @@ _BWD_DQ = {
     ("sm90", "fp32", 256): KernelConfig(16, 16, 8, 1),
 }
 
+# Head dim 512 (MLA's 512/512; any pair whose larger padded dim is 512).  An MMA operand
+# whose reduction dim is the head dim is held whole by every warp (a 16 x 512 fp16 tile:
+# 128 registers a thread), so the tiles are small and sm_90 uses mma.sync (64-row
+# warp-group tiles spilled: see SM90_MMA_SYNC); dK/dV run as two passes over 64-wide
+# head-dim slices (dkdv_passes, dkdv_chunks).
+for _arch in ("sm80", "sm90"):
+    _FWD[(_arch, "lowp", 512)] = KernelConfig(64, 16, 8, 1) if _arch == "sm80" else KernelConfig(32, 16, 8, 1)
+    _FWD[(_arch, "fp32", 512)] = KernelConfig(16, 16, 8, 1)
+    _BWD_DKDV[(_arch, "lowp", 512)] = KernelConfig(16, 16, 8, 1)
+    _BWD_DKDV[(_arch, "fp32", 512)] = KernelConfig(16, 16, 8, 1)
+    _BWD_DQ[(_arch, "lowp", 512)] = KernelConfig(32, 16, 8, 1) if _arch == "sm80" else KernelConfig(16, 16, 8, 1)
+    _BWD_DQ[(_arch, "fp32", 512)] = KernelConfig(16, 16, 8, 1)
+
 # Configs for calls with softcap, ALiBi or an additive bias (attention mask), where
 # they differ from the tables above: the extra per-score work (tanh, its derivative
 # kept for the backward, the ALiBi distance, the bias tile and its gradient's store)
@@ -143,6 +156,7 @@ _WITH_SCORE_MODS.update({
     ("fwd", "sm90", "lowp", 64): KernelConfig(64, 32, 8, 2),
     ("fwd", "sm90", "lowp", 128): KernelConfig(64, 32, 8, 2),
     ("fwd", "sm90", "lowp", 256): KernelConfig(64, 16, 8, 1),
+    ("fwd", "sm80", "lowp", 512): KernelConfig(32, 16, 8, 1),
 })
 
 # Calls with dropout: the Philox stream is generated per score in registers (four
@@ -214,6 +228,15 @@ _WITH_DROPOUT = {
     ("fwd", "sm90", "lowp", 128): KernelConfig(64, 32, 8, 2),
     ("fwd", "sm90", "lowp", 256): KernelConfig(32, 16, 8, 1),
 }
+for _arch in ("sm80", "sm90"):  # head dim 512: the smallest tiles of each table above serve dropout too
+    _WITH_DROPOUT.update({
+        ("fwd", _arch, "lowp", 512): KernelConfig(32, 16, 8, 1),
+        ("fwd", _arch, "fp32", 512): KernelConfig(16, 16, 8, 1),
+        ("bwd_dkdv", _arch, "lowp", 512): KernelConfig(16, 16, 8, 1),
+        ("bwd_dkdv", _arch, "fp32", 512): KernelConfig(16, 16, 8, 1),
+        ("bwd_dq", _arch, "lowp", 512): KernelConfig(32, 16, 8, 1) if _arch == "sm80" else KernelConfig(16, 16, 8, 1),
+        ("bwd_dq", _arch, "fp32", 512): KernelConfig(16, 16, 8, 1),
+    })
 
 # Shipped sm_90 configs that use warp-level mma.sync (HMMA) instead of warp-group
 # wgmma (HGMMA), and why; ``True`` in the key marks the softcap/ALiBi table.  The
@@ -238,6 +261,11 @@ SM90_MMA_SYNC.update({
     ("bwd_dq", "lowp", 256, DROPOUT): _DROPOUT_MMA_SYNC,
     ("fwd", "lowp", 256, DROPOUT): _DROPOUT_MMA_SYNC,
 })
+_HD512_MMA_SYNC = ("head dim 512: a 64-row warp-group tile spills (fwd 64 x 16: 1760 bytes with dropout; dQ "
+                   "64 x 16: 4588; dK/dV 16 x 64: 15728); 16- and 32-row mma.sync tiles do not")
+for _kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
+    for _mods in (False, True, DROPOUT):
+        SM90_MMA_SYNC[(_kernel, "lowp", 512, _mods)] = _HD512_MMA_SYNC
 
 _INTERPRETER = KernelConfig(16, 16, 4, 1)
 
@@ -304,6 +332,15 @@ def dkdv_passes(head_dim: int, head_dim_v=None):
     return ((True, True),)
 
 
+def dkdv_chunks(head_dim: int, head_dim_v=None):
+    """(CHUNK_D, CHUNK_DV) of ``bwd_dkdv_kernel``: 0 (K and V tiles kept in registers), or
+    with two passes 64-wide head-dim slices (at most the padded dim)."""
+    if len(dkdv_passes(head_dim, head_dim_v)) == 1:
+        return 0, 0
+    return (min(64, padded_head_dim(head_dim)),
+            min(64, padded_head_dim(head_dim if head_dim_v is None else head_dim_v)))
+
+
 def bwd_dq_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False,
                  head_dim_v=None) -> KernelConfig:
     """Config of ``bwd_dq_kernel`` (and of the preprocess kernel, which shares its BLOCK_M)."""
@@ -364,6 +401,11 @@ for _arch in ("sm80", "sm90"):
         (_arch, "fp32", 64): KernelConfig(16, 64, 4, 2),
         (_arch, "fp32", 128): KernelConfig(16, 32, 4, 2),
         (_arch, "fp32", 256): KernelConfig(16, 32, 8, 2),
+        (_arch, "lowp", 512): KernelConfig(16, 32, 8, 1),
+        (_arch, "fp32", 512): KernelConfig(16, 16, 8, 1),
+        # absorbed MLA (query/key 576 = 512 + 64-wide tail, values 512)
+        (_arch, "lowp", 576): KernelConfig(16, 32, 8, 1),
+        (_arch, "fp32", 576): KernelConfig(16, 16, 8, 1),
     })
 # sm_90 fp32: the sm_80 configs spill there (1120 and 56 bytes); these do not
 _DECODE_SPLIT[("sm90", "fp32", 128)] = KernelConfig(16, 32, 8, 2)
@@ -374,7 +416,7 @@ _DECODE_TABLES = (("decode_split", _DECODE_SPLIT), ("combine", _COMBINE))
 KERNELS.update(decode_split="decode_split_kernel", combine="combine_kernel")
 # kernels without a matrix product (no tensor-core instructions to expect)
 ELEMENTWISE_KERNELS = ("combine",)
-for _hd in HEAD_DIM_BUCKETS:
+for _hd in (*HEAD_DIM_BUCKETS, 576):
     for _mods in (False, True):
         SM90_MMA_SYNC[("decode_split", "lowp", _hd, _mods)] = (
             "16-row tiles (the query rows of one GQA group while decoding) are below the 64 rows of a warp-group "
@@ -398,6 +440,13 @@ def decode_qk_tiles(head_dim: int):
     if head_dim > MAX_DECODE_HEAD_DIM:
         raise ValueError(f"head dim {head_dim} > {MAX_DECODE_HEAD_DIM} is not supported when decoding")
     return HEAD_DIM_BUCKETS[-1], DECODE_TAIL
+
+
+# The (kernel table, D, Dv) pairs ``static_report --mla`` compiles: DeepSeek's 192/128 and
+# 512/512 attention, absorbed-MLA decoding 576/512 (and its combine, 512 wide).
+MLA_HEAD_DIMS = (("fwd", 192, 128), ("bwd_dkdv", 192, 128), ("bwd_dq", 192, 128),
+                 ("fwd", 512, 512), ("bwd_dkdv", 512, 512), ("bwd_dq", 512, 512),
+                 ("decode_split", 576, 512), ("combine", 576, 512))
 
 
 def decode_split_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False,
