@@ -12,6 +12,7 @@ spills registers and that sm_90 uses warp-group tensor-core instructions.
 """
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -304,10 +305,22 @@ def _lookup(table, kernel, head_dim, dtype, capability, score_mods=False, head_d
         return _INTERPRETER
     key = (arch, dtype_class(dtype), bucket(head_dim, head_dim_v))
     if score_mods == DROPOUT and (kernel, *key) in _WITH_DROPOUT:
-        return _WITH_DROPOUT[(kernel, *key)]
-    if score_mods and (kernel, *key) in _WITH_SCORE_MODS:
-        return _WITH_SCORE_MODS[(kernel, *key)]
-    return table[key]
+        cfg = _WITH_DROPOUT[(kernel, *key)]
+    elif score_mods and (kernel, *key) in _WITH_SCORE_MODS:
+        cfg = _WITH_SCORE_MODS[(kernel, *key)]
+    else:
+        cfg = table[key]
+    if _padded_pair(head_dim, head_dim_v) and cfg.num_stages > 1:
+        # D != Dv with a padded dim (DeepSeek's 192/128): the 256 configs pipelined over two
+        # stages spill on sm_80 (fwd 64 x 32: 1420 bytes, ptxas settles at 128 registers);
+        # one stage does not (157 registers)
+        cfg = dataclasses.replace(cfg, num_stages=1)
+    return cfg
+
+
+def _padded_pair(head_dim, head_dim_v):
+    return (head_dim_v is not None and head_dim_v != head_dim
+            and (padded_head_dim(head_dim) != head_dim or padded_head_dim(head_dim_v) != head_dim_v))
 
 
 def fwd_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False,
