@@ -52,14 +52,29 @@ class Case:
     head_dim: int
     dtype: str
     causal: bool
+    head_dim_v: int = 0  # the value head dim where it differs from head_dim (MLA); 0: head_dim
+    sink_window: int = 0  # > 0: gpt-oss-style attention: learnable sinks, causal, a sliding window of this many keys
 
     @property
     def torch_dtype(self):
         return getattr(torch, self.dtype)
 
+    @property
+    def dv(self):
+        return self.head_dim_v or self.head_dim
+
+    def window(self):
+        """flash-attn's ``window_size`` of a sink case: each query sees itself and the
+        ``sink_window - 1`` keys before it (transformers' ``sliding_window``)."""
+        return (self.sink_window - 1, 0) if self.sink_window else (-1, -1)
+
     def flops(self):
-        f = 4.0 * self.batch * self.heads * self.seqlen_q * self.seqlen_k * self.head_dim
-        if self.causal and self.seqlen_q == self.seqlen_k:
+        f = 2.0 * self.batch * self.heads * self.seqlen_q * self.seqlen_k * (self.head_dim + self.dv)
+        if self.sink_window:  # the (query, key) pairs inside the window, not the full square
+            w, sq, sk = self.sink_window, self.seqlen_q, self.seqlen_k
+            pairs = sum(min(w, i + 1 + sk - sq) for i in range(sq))
+            f *= pairs / (sq * sk)
+        elif self.causal and self.seqlen_q == self.seqlen_k:
             f /= 2
         return f * FLOP_FACTOR[self.passes]
 
@@ -108,6 +123,57 @@ def _sdpa(q, k, v, causal):
         mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def case_sink(case, device):
+    """The learnable sinks of a sink case: one logit per head, ~N(0, 2) (a real share of each row)."""
+    gen = torch.Generator().manual_seed(2)
+    return (2.0 * torch.randn(case.heads, generator=gen)).to(device)
+
+
+def eager_sinks_attention(q, k, v, sink, window):
+    """transformers' eager formulation of attention with sinks (gpt-oss), BHSD: scores plus the
+    additive causal sliding-window mask, the sink logit concatenated as one more column, a
+    softmax over the row, the column dropped, times v."""
+    sq, sk = q.shape[-2], k.shape[-2]
+    rows = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+    cols = torch.arange(sk, device=q.device)[None, :]
+    visible = (cols <= rows) & (cols > rows - window)
+    mask = torch.zeros(sq, sk, dtype=q.dtype, device=q.device).masked_fill(~visible, torch.finfo(q.dtype).min)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + mask
+    sinks = sink.to(q.dtype).reshape(1, -1, 1, 1).expand(q.shape[0], -1, sq, 1)
+    combined = torch.cat([scores, sinks], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)
+    return probs[..., :-1] @ v
+
+
+def _sink_impls(case, impls, device):
+    """The implementations of a sink case: each flashattn_lite backend with the sinks and, as the
+    cost baseline, without them (same window), and transformers' eager formulation.  torch's
+    SDPA and naive attention have no sinks.  Each function carries ``.sink`` (None: none)."""
+    import flashattn_lite as fl
+
+    sink = case_sink(case, device)
+    window = case.window()
+    out = {}
+    for name in impls:
+        if not name.startswith("fa_lite:"):
+            continue
+        for label, s in ((name, sink), (name + " no sink", None)):
+            def run(q, k, v, causal, _backend=name.split(":", 1)[1], _s=s):
+                with fl.use_backend(_backend):
+                    o = fl.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                           window_size=window, learnable_sink=_s)
+                return o.transpose(1, 2)
+            run.sink = s
+            out[label] = run
+
+    def eager(q, k, v, causal):
+        return eager_sinks_attention(q, k, v, sink, case.sink_window)
+    eager.sink = sink
+    out["eager_sinks"] = eager
+    return out
 
 
 def implementations(device, names=None, skipped=None):
@@ -165,9 +231,9 @@ def _available_bytes(device):
 def _estimate_bytes(impl, case):
     """Rough peak of one call: O(N^2) score matrices for naive/reference, O(N) otherwise."""
     elem = torch.finfo(case.torch_dtype).bits // 8
-    io = 6 * case.batch * case.heads * max(case.seqlen_q, case.seqlen_k) * case.head_dim * 4
+    io = 6 * case.batch * case.heads * max(case.seqlen_q, case.seqlen_k) * max(case.head_dim, case.dv) * 4
     scores = case.batch * case.heads * case.seqlen_q * case.seqlen_k
-    if impl == "naive":
+    if impl in ("naive", "eager_sinks"):
         per = 4 + elem + 4  # fp32 scores, softmax in fp32, cast
         return io + scores * per * (3 if case.passes != "fwd" and case.passes != "decode" else 1)
     if impl == "fa_lite:reference":
@@ -238,10 +304,11 @@ def _make_inputs(case, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     shape_q = (case.batch, case.heads, case.seqlen_q, case.head_dim)
     shape_k = (case.batch, case.heads, case.seqlen_k, case.head_dim)
+    shape_v = shape_k[:-1] + (case.dv,)
     grad = case.passes in ("bwd", "fwd+bwd")
     q, k, v = (torch.randn(s, generator=gen, dtype=case.torch_dtype).to(device).requires_grad_(grad)
-               for s in (shape_q, shape_k, shape_k))
-    dout = torch.randn(shape_q, generator=gen, dtype=case.torch_dtype).to(device)
+               for s in (shape_q, shape_k, shape_v))
+    dout = torch.randn(shape_q[:-1] + (case.dv,), generator=gen, dtype=case.torch_dtype).to(device)
     return q, k, v, dout
 
 
@@ -295,9 +362,13 @@ def check_against_reference(fn, case, q, k, v, rows=64):
     for lo, hi in spans:
         sub = [t.detach()[:, :, lo:hi] if i == 0 else t.detach() for i, t in enumerate((q, k, v))]
         q_, k_, v_ = (t.transpose(1, 2).cpu() for t in sub)
-        right = 0 if case.causal else -1
-        ref = attention_math(*(t.double() for t in (q_, k_, v_)), case.head_dim ** -0.5, offset + lo, -1, right)[0]
-        base = attention_math(q_, k_, v_, case.head_dim ** -0.5, offset + lo, -1, right, upcast=False)[0]
+        left, right = case.window() if case.sink_window else (-1, 0 if case.causal else -1)
+        sink = getattr(fn, "sink", None)
+        sink = None if sink is None else sink.cpu()
+        ref = attention_math(*(t.double() for t in (q_, k_, v_)), case.head_dim ** -0.5, offset + lo, left, right,
+                             sink=None if sink is None else sink.double())[0]
+        base = attention_math(q_, k_, v_, case.head_dim ** -0.5, offset + lo, left, right, upcast=False,
+                              sink=None if sink is None else sink.to(q_.dtype))[0]
         ours = out[:, :, lo:hi].transpose(1, 2).cpu()
         scale = testing._max_abs(ref)
         cmp = testing.compare("out", ours, ref, base, case.torch_dtype, testing.FWD_FACTOR, scale)
@@ -306,18 +377,24 @@ def check_against_reference(fn, case, q, k, v, rows=64):
     return None
 
 
-def check_gradients(fn, case, device, max_seqlen=128):
+def check_gradients(fn, case, device, max_seqlen=128, name=None):
     """Gradients of ``fn`` on a downsized copy of ``case`` (batch 1, lengths capped at
-    ``max_seqlen``) against float64 autograd; None when they agree, else a description."""
+    ``max_seqlen``) against float64 autograd; None when they agree, else a description.
+    ``name``: the implementation's name (a sink case's function is rebuilt for the small case)."""
     small = Case(case.passes, 1, case.heads, min(case.seqlen_q, max_seqlen), min(case.seqlen_k, max_seqlen),
-                 case.head_dim, case.dtype, case.causal)
+                 case.head_dim, case.dtype, case.causal, case.head_dim_v, min(case.sink_window, max_seqlen // 2))
+    if small.sink_window:
+        fn = _sink_impls(small, {name.removesuffix(" no sink"): None}, device)[name]
     q, k, v, dout = _make_inputs(small, device, seed=1)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     grads = torch.autograd.grad(fn(q, k, v, small.causal), (q, k, v), dout)
     ours = {name: g.transpose(1, 2).cpu() for name, g in zip(("dq", "dk", "dv"), grads)}
     cpu = [t.detach().transpose(1, 2).cpu() for t in (q, k, v)]
+    left, right = small.window() if small.sink_window else (-1, 0 if small.causal else -1)
+    sink = getattr(fn, "sink", None)
     ref, base = testing.reference_results(*cpu, dout.transpose(1, 2).cpu(), small.head_dim ** -0.5,
-                                          small.seqlen_k - small.seqlen_q, -1, 0 if small.causal else -1)
+                                          small.seqlen_k - small.seqlen_q, left, right,
+                                          learnable_sink=None if sink is None else sink.cpu())
     bad = [str(c) for c in testing.check_against_reference(ours, ref, base, small.torch_dtype) if not c.ok]
     return f"gradients on {small.seqlen_q}x{small.seqlen_k}: " + "; ".join(bad) if bad else None
 
@@ -327,6 +404,8 @@ def run_case(case, impls, device, repeats, warmup=1):
     results = {}
     available = _available_bytes(device)
     q, k, v, dout = _make_inputs(case, device)
+    if case.sink_window:
+        impls = _sink_impls(case, impls, device)
     steps = {}
     for name, fn in impls.items():
         need = _estimate_bytes(name, case)
@@ -338,7 +417,7 @@ def run_case(case, impls, device, repeats, warmup=1):
             if name.startswith("fa_lite:"):
                 bad = check_against_reference(fn, case, q, k, v)
                 if bad is None and case.passes in ("bwd", "fwd+bwd"):
-                    bad = check_gradients(fn, case, device)
+                    bad = check_gradients(fn, case, device, name=name)
                 if bad is not None:
                     results[name] = Result(case, name, "mismatch", detail=bad)
                     continue
@@ -373,7 +452,9 @@ def run_case(case, impls, device, repeats, warmup=1):
 
 def workloads(quick=False, seqlens=None, head_dims=None, dtypes=None, passes=None, causal=None, batch=None,
               heads=8, decode_lengths=None):
-    """The list of cases; ``quick`` finishes in well under 2 minutes on 2 CPU cores."""
+    """The list of cases; ``quick`` finishes in well under 2 minutes on 2 CPU cores.  Without
+    ``head_dims``, the :func:`modern_workloads` follow."""
+    explicit_dims = head_dims
     if quick:
         seqlens = seqlens or [256, 512, 1024]
         head_dims = head_dims or [64]
@@ -402,6 +483,26 @@ def workloads(quick=False, seqlens=None, head_dims=None, dtypes=None, passes=Non
                     else:
                         for s in seqlens:
                             cases.append(Case(p, batch or 1, heads, s, s, d, dtype, c))
+    if explicit_dims is None:
+        cases += modern_workloads(quick, passes, dtypes, batch, heads)
+    return cases
+
+
+def modern_workloads(quick=False, passes=("fwd", "fwd+bwd"), dtypes=("float32", "bfloat16"), batch=None, heads=8,
+                     seqlens=None):
+    """The modern shapes, causal: MLA prefill (DeepSeek's query/key head dim 192, value head
+    dim 128) against torch SDPA on the same problem, and gpt-oss-style attention (head dim
+    64, learnable sinks, a 128-key sliding window) against transformers' eager formulation
+    and against the same call without sinks."""
+    seqlens = seqlens or ([1024] if quick else [1024, 4096])
+    cases = []
+    for p in passes:
+        if p not in ("fwd", "fwd+bwd"):
+            continue
+        for dtype in dtypes:
+            for s in seqlens:
+                cases.append(Case(p, batch or 1, heads, s, s, 192, dtype, True, head_dim_v=128))
+                cases.append(Case(p, batch or 1, heads, s, s, 64, dtype, True, sink_window=128))
     return cases
 
 
@@ -431,7 +532,8 @@ def format_table(results):
     rows = {}
     for r in results:
         rows.setdefault(tuple(asdict(r.case).values()), {})[r.impl] = r
-    head = ["pass", "B", "H", "Sq", "Sk", "D", "dtype", "causal"] + [f"{i} GFLOP/s" for i in impls]
+    head = ["pass", "B", "H", "Sq", "Sk", "D", "dtype", "causal", "Dv", "sinks+window"] + \
+        [f"{i} GFLOP/s" for i in impls]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, by_impl in rows.items():
         cells = [str(x) for x in key] + [_cell(by_impl[i]) if i in by_impl else "" for i in impls]
@@ -470,7 +572,7 @@ def plot(results, out_dir, meta):
     for r in results:
         if r.case.passes == "decode":
             continue
-        key = (r.case.passes, r.case.dtype, r.case.head_dim, r.case.causal)
+        key = (r.case.passes, r.case.dtype, r.case.head_dim, r.case.causal, r.case.dv, r.case.sink_window)
         groups.setdefault(key, []).append(r)
     written = []
     for stale in ("throughput.png", "memory.png"):  # never leave plots of an earlier run beside these results
@@ -489,7 +591,8 @@ def plot(results, out_dir, meta):
                              for r in rs if r.impl == impl and r.status == "ok")
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
-            ax.set_title(f"{key[0]} {key[1]} d={key[2]}{' causal' if key[3] else ''}", fontsize=9)
+            shape = f"d={key[2]}" + (f"/{key[4]}" if key[4] != key[2] else "") + (f" sinks w={key[5]}" if key[5] else "")
+            ax.set_title(f"{key[0]} {key[1]} {shape}{' causal' if key[3] else ''}", fontsize=9)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("sequence length")
             ax.set_ylabel(label)

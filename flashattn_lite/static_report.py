@@ -94,6 +94,8 @@ def compile_one(kernel_name, arch, dclass, head_dim, block_m, block_n, num_warps
         facts["ptxas_warnings"] = [w for r in rows for w in r["ptxas_warnings"]]
         facts["passes"] = rows
     else:
+        if kernel_name == "bwd_dkdv_kernel":  # one pass for both, K and V kept whole
+            constexprs = dict(constexprs, WRITE_DK=True, WRITE_DV=True, CHUNK_D=0, CHUNK_DV=0)
         facts = _compile_facts(fn, elem, constexprs, arch, num_warps, num_stages)
     return dict(kernel=kernel_name, arch=arch, dtype="fp16/bf16" if dclass == "lowp" else "fp32",
                 head_dim=head_dim, head_dim_v=head_dim_v, block_m=block_m, block_n=block_n, num_warps=num_warps,
@@ -153,6 +155,8 @@ def _mla_jobs():
     lookups = {"fwd": configs.fwd_config, "bwd_dkdv": configs.bwd_dkdv_config, "bwd_dq": configs.bwd_dq_config,
                "decode_split": configs.decode_split_config}
     for dclass, (table, d, dv), arch in itertools.product(("lowp", "fp32"), configs.MLA_HEAD_DIMS, ("sm80", "sm90")):
+        if dclass == "fp32" and table.startswith("bwd") and configs.bucket(d, dv) > configs.FP32_BWD_MAX_HEAD_DIM:
+            continue  # declined by the backend (configs.FP32_BWD_MAX_HEAD_DIM)
         dtype = torch.float32 if dclass == "fp32" else torch.float16
         mods_list = (False, True, configs.DROPOUT) if table in ("fwd", "bwd_dkdv", "bwd_dq") else (False,)
         for mods in mods_list:
@@ -164,15 +168,66 @@ def _mla_jobs():
                    mods, dv)
 
 
+def jobs(which="all"):
+    """The compile jobs (``compile_one`` arguments): ``"shipped"`` every shipped config,
+    ``"mla"`` the MLA head-dim pairs' configs, ``"all"`` both."""
+    out = []
+    if which in ("all", "shipped"):
+        from flashattn_lite.triton_kernels import configs
+
+        # the value head dim compile_one defaults to, spelled out (it is in every row)
+        out += [job + (min(job[3], configs.HEAD_DIM_BUCKETS[-1]),) for job in _jobs()]
+    if which in ("all", "mla"):
+        out += list(_mla_jobs())
+    return out
+
+
+def job_of(row):
+    """The ``compile_one`` arguments that produced a report row."""
+    return (row["kernel"], row["arch"], "fp32" if row["dtype"] == "fp32" else "lowp", row["head_dim"],
+            row["block_m"], row["block_n"], row["num_warps"], row["num_stages"], row["score_mods"],
+            row["head_dim_v"])
+
+
+def compile_many(job_list, workers=None):
+    """Compile ``job_list`` in parallel processes; list of result dicts."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("the static GPU report needs TRITON_INTERPRET unset (the interpreter cannot compile)")
+    if not job_list:
+        return []
+    workers = workers or os.cpu_count() or 1
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(compile_one, *zip(*job_list)))
+
+
 def report(workers=None, mla=False):
     """Compile every shipped config (in parallel processes); list of result dicts.
     ``mla``: only the configs of the MLA head-dim pairs (``configs.MLA_HEAD_DIMS``)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("the static GPU report needs TRITON_INTERPRET unset (the interpreter cannot compile)")
-    jobs = list(_mla_jobs() if mla else _jobs())
-    workers = workers or os.cpu_count() or 1
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(compile_one, *zip(*jobs)))
+    return compile_many(jobs("mla" if mla else "shipped"), workers)
+
+
+# The files whose contents decide every compiled fact (with Triton's version).
+_SOURCES = ("triton_kernels/attention.py", "triton_kernels/decode.py", "triton_kernels/configs.py")
+
+
+def fingerprint():
+    """What a saved report was compiled from: Triton's version and a SHA-256 of the kernel
+    sources, the configs and this module.  A saved report whose fingerprint differs is stale."""
+    import hashlib
+
+    import triton
+
+    from flashattn_lite import triton_kernels
+
+    digest = hashlib.sha256()
+    root = os.path.dirname(os.path.abspath(triton_kernels.__file__))
+    for path in [os.path.join(root, os.path.basename(f)) for f in _SOURCES] + [os.path.abspath(__file__)]:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return {"triton": triton.__version__, "sources_sha256": digest.hexdigest()}
+
+
+RESULTS_FILE = os.path.join("benches", "results", "static_gpu.json")
 
 
 def format_table(rows, all_rows=False):
@@ -206,12 +261,18 @@ def main(argv=None):
                         help="only the MLA head-dim pairs (192/128, 512/512, decode 576/512), every score modifier")
     parser.add_argument("--all-rows", action="store_true", help="table rows for every specialisation, not only "
                                                                  "the plain one")
+    parser.add_argument("--results", metavar="FILE", nargs="?", const=RESULTS_FILE,
+                        help=f"compile every config (shipped and MLA) and save them with their fingerprint "
+                             f"(default {RESULTS_FILE}; tests/test_static_gpu.py reads it)")
     args = parser.parse_args(argv)
-    rows = report(args.workers, mla=args.mla)
+    rows = compile_many(jobs("all"), args.workers) if args.results else report(args.workers, mla=args.mla)
     print(format_table(rows, all_rows=args.all_rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.results:
+        with open(args.results, "w") as f:
+            json.dump({"fingerprint": fingerprint(), "rows": rows}, f, indent=0)
     bad = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     mods = [r for r in rows if r.get("score_mods")]
     print(f"\n{len(rows)} kernel configs compiled ({len(mods)} of them with score modifiers: softcap, ALiBi, bias "

@@ -51,6 +51,13 @@ def _config(family, **over):
         cfg = transformers.GptOssConfig(num_key_value_heads=2, head_dim=16, sliding_window=4, num_local_experts=4,
                                         num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
                                         **common)
+    elif family == "deepseek_v3":  # MLA: q/k head dim 24 (16 + 8 rope), value head dim 16; yarn scaling
+        cfg = transformers.DeepseekV3Config(
+            num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+            topk_group=1, first_k_dense_replace=1, n_shared_experts=1, q_lora_rank=32, kv_lora_rank=32,
+            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+            rope_parameters={"rope_type": "yarn", "factor": 4.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                             "original_max_position_embeddings": 16, "rope_theta": 10000.0}, **common)
     else:
         raise ValueError(family)
     for k, v in over.items():
@@ -63,8 +70,8 @@ def _auto(family):
 
 
 def _from_config(family, impl):
-    # gpt_oss's default experts run torch's grouped_mm, which has no float64 (the oracle)
-    extra = dict(experts_implementation="eager") if family == "gpt_oss" else {}
+    # MoE experts default to torch's grouped_mm, which has no float64 (the oracle)
+    extra = dict(experts_implementation="eager") if family in ("gpt_oss", "deepseek_v3") else {}
     return _auto(family).from_config(_config(family), attn_implementation=impl, **extra)
 
 
@@ -112,7 +119,7 @@ def _check(name, ours, ref, baselines, factor):
     return c
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "bert", "gemma2", "gpt_oss"]
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "bert", "gemma2", "gpt_oss", "deepseek_v3"]
 
 
 def _baselines(family):
@@ -210,7 +217,8 @@ def test_no_seqlen_by_seqlen_mask_for_padding(monkeypatch):
 
 @pytest.mark.parametrize("family,cache", [("llama", "dynamic"), ("llama", "static"), ("mistral", "dynamic"),
                                           ("mistral", "static"), ("gpt2", "dynamic"), ("qwen2", "dynamic"),
-                                          ("gemma2", "dynamic"), ("gpt_oss", "dynamic")])
+                                          ("gemma2", "dynamic"), ("gpt_oss", "dynamic"),
+                                          ("deepseek_v3", "dynamic")])
 def test_generate_left_padding_same_greedy_tokens(family, cache):
     models = _models(family)
     ids, mask = _batch("left")
@@ -469,10 +477,12 @@ def test_a_copied_mask_is_not_misread():
         torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_sink_model_runs_on_the_kernels_without_warnings(side):
-    """gpt-oss's attention sinks (s_aux) reach the kernels as learnable_sink: no fallback, no warning."""
-    model = _models("gpt_oss")["fa_lite32"]
+def test_modern_shapes_run_on_the_kernels_without_warnings(family, side):
+    """gpt-oss's attention sinks (s_aux) reach the kernels as learnable_sink, DeepSeek-V3's MLA
+    (value head dim 16 != query/key head dim 24) as a value of its own: no fallback, no warning."""
+    model = _models(family)["fa_lite32"]
     ids, mask = _batch(side)
     fat._warned.clear()
     with warnings.catch_warnings(record=True) as w, torch.no_grad():

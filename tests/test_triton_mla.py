@@ -10,6 +10,7 @@ interpreter costs about 10 ms per tile step, and 512-wide tiles cost more.
 import pytest
 import torch
 
+import flashattn_lite as fl
 from flashattn_lite import rng
 from flashattn_lite.backends import Params, reference
 from flashattn_lite.backends import triton as tb
@@ -175,8 +176,8 @@ def test_decode_tail_padded():
 def test_supports_head_dims():
     from flashattn_lite.backends import Call
 
-    def call(d, dv, features=()):
-        c = Call(device=torch.device("cpu"), dtype=torch.float16, head_dim=d, features=frozenset(features))
+    def call(d, dv, features=(), dtype=torch.float16):
+        c = Call(device=torch.device("cpu"), dtype=dtype, head_dim=d, features=frozenset(features))
         if dv != d:
             object.__setattr__(c, "head_dim_v", dv)
         return tb.supports(c)
@@ -185,3 +186,15 @@ def test_supports_head_dims():
     assert call(576, 512, ["kv-cache"]) is None
     assert "576" in call(576, 512) and "head dims" in call(512, 520)
     assert call(600, 512, ["kv-cache"]) is not None
+    # float32 backward stops at 256 (dK/dV tiles past the GPU's shared memory); its forward does not
+    assert call(512, 512, ["backward"], torch.float32) and "float32 backward" in call(64, 320, ["backward"], torch.float32)
+    assert call(512, 512, [], torch.float32) is None and call(256, 192, ["backward"], torch.float32) is None
+    assert call(512, 512, ["backward"], torch.bfloat16) is None
+
+
+def test_fp32_backward_above_256_is_refused_before_the_forward():
+    q, k, v = (torch.randn(1, 3, 1, 320, requires_grad=True) for _ in range(3))
+    with fl.use_backend("triton"), pytest.raises(RuntimeError, match="float32 backward"):
+        fl.flash_attn_func(q, k, v)
+    with fl.use_backend("triton"), torch.no_grad():
+        fl.flash_attn_func(q, k, v)  # inference needs no backward

@@ -72,23 +72,9 @@ def available_backends():
     return {name: tuple(mod.available()) for name, mod in BACKENDS.items()}
 
 
-# The head dims a backend that predates Call.head_dim_v serves (its supports() reads only
-# head_dim): D == Dv <= 256.
-_LEGACY_MAX_HEAD_DIM = 256
-
-
 def supports(name, call):
-    """None if backend ``name`` can serve ``call``, else the reason.  A backend module that
-    does not declare ``HEAD_DIMS_CHECKED = True`` (its ``supports`` ignores ``head_dim_v``)
-    is held to the old rule D == Dv <= 256 here."""
-    module = BACKENDS[name]
-    if not getattr(module, "HEAD_DIMS_CHECKED", False):
-        if call.dv != call.head_dim:
-            return (f"the {name} backend needs the value head dim to equal the query/key head dim, got "
-                    f"{call.head_dim} and {call.dv}")
-        if call.head_dim > _LEGACY_MAX_HEAD_DIM:
-            return f"the {name} backend takes head dims up to {_LEGACY_MAX_HEAD_DIM}, got {call.head_dim}"
-    return module.supports(call)
+    """None if backend ``name`` can serve ``call``, else the reason."""
+    return BACKENDS[name].supports(call)
 
 
 def select(call):

@@ -25,8 +25,8 @@ class Call:
     ``features``: the optional features the call uses, named as in ``ALL_FEATURES``
     (e.g. "varlen", "attn_mask", "dropout", "softcap", "alibi", "window", "kv-cache").
     ``head_dim``: q's and k's head dim D; ``head_dim_v``: v's (and the output's), None when
-    it equals ``head_dim`` (:attr:`dv` gives it either way).  A backend whose ``supports``
-    reads ``head_dim_v`` sets ``HEAD_DIMS_CHECKED = True`` (see ``backends.supports``).
+    it equals ``head_dim`` (:attr:`dv` gives it either way).  Every backend's ``supports``
+    checks both.
     """
     device: torch.device
     dtype: torch.dtype

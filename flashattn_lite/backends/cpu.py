@@ -17,7 +17,6 @@ FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "f
             "varlen", "attn_mask", "dropout", "kv-cache")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # any head dims checks.py allows (D, Dv <= 512, D <= 576 decoding; Dv may differ from D)
-HEAD_DIMS_CHECKED = True
 _warned = []
 
 

@@ -15,7 +15,6 @@ from .. import _build_cuda
 from .cuda_emu import FEATURES, kernel_limits, run_bwd, run_fwd  # noqa: F401  (FEATURES: the same kernels)
 
 NAME = "cuda"
-HEAD_DIMS_CHECKED = True  # kernel_limits: D == Dv <= 256
 
 
 def _ops():

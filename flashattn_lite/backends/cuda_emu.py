@@ -19,7 +19,6 @@ NAME = "cuda_emu"
 FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16")
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-HEAD_DIMS_CHECKED = True  # kernel_limits: D == Dv <= 256
 
 
 def _ops():

@@ -120,7 +120,6 @@ def _sequences(p, q):
         yield slice(qs, qe), slice(ks, ke), p.diag_offset + (ke - ks) - (qe - qs), slopes, keep_b
 
 
-HEAD_DIMS_CHECKED = True  # any head dims checks.py allows; Dv may differ from D
 
 
 def supports(call):

@@ -49,12 +49,18 @@ def supports(call):
     missing = missing_features(call, FEATURES)
     if missing:
         return f"triton {missing}"
-    head_dim, head_dim_v = call.head_dim, getattr(call, "head_dim_v", call.head_dim)
+    head_dim, head_dim_v = call.head_dim, call.dv
     # decoding reads a D above 512 as a 512-wide tile plus a tail (absorbed MLA: 576 = 512 + 64)
     max_d = MAX_DECODE_HEAD_DIM if "kv-cache" in call.features else MAX_HEAD_DIM
     if head_dim > max_d or head_dim_v > MAX_HEAD_DIM:
         return (f"triton supports head dims up to {MAX_HEAD_DIM} (query/key up to {MAX_DECODE_HEAD_DIM} when "
                 f"decoding from a KV cache), got {head_dim} and value head dim {head_dim_v}")
+    from flashattn_lite.triton_kernels import configs
+
+    if ("backward" in call.features and call.dtype == torch.float32
+            and max(head_dim, head_dim_v) > configs.FP32_BWD_MAX_HEAD_DIM):
+        return (f"triton has no float32 backward for head dims above {configs.FP32_BWD_MAX_HEAD_DIM} (got "
+                f"{head_dim}/{head_dim_v}: its dK/dV tiles would exceed the GPU's shared memory); use fp16/bf16")
     return None
 
 
