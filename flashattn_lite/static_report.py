@@ -84,7 +84,7 @@ def compile_one(kernel_name, arch, dclass, head_dim, block_m, block_n, num_warps
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     if kernel_name == "bwd_dkdv_kernel" and len(configs.dkdv_passes(head_dim, head_dim_v)) > 1:
         # compiled once per pass; the row reports the larger of each fact (spills summed)
-        chunk_d, chunk_dv = configs.dkdv_chunks(head_dim, head_dim_v)
+        chunk_d, chunk_dv = configs.dkdv_chunks(head_dim, head_dim_v, score_mods, (int(arch[2:]) // 10, 0))
         rows = [_compile_facts(fn, elem, dict(constexprs, WRITE_DK=dk, WRITE_DV=dv, CHUNK_D=chunk_d, CHUNK_DV=chunk_dv),
                                arch, num_warps, num_stages)
                 for dk, dv in configs.dkdv_passes(head_dim, head_dim_v)]

@@ -325,12 +325,10 @@ _PADDED_PAIR = {
 # Shipped configs that still spill, with the largest spill (stores + loads, bytes) the
 # static report may show and why no candidate avoided it.  Keys: (kernel, arch, dtype
 # class, bucket, score_mods).  tests/test_static_gpu.py holds every other config to 0.
-_DKDV512_SPILL = ("head dim 512 dK/dV with softcap/ALiBi/bias (and dropout): 16 x 16 tiles spill at 4, 8 and "
-                  "16 warps (the smallest tiles; the two-pass head-dim slicing already applies)")
 KNOWN_SPILLS = {
-    ("bwd_dkdv", "sm80", "lowp", 512, True): (128, _DKDV512_SPILL),
-    ("bwd_dkdv", "sm90", "lowp", 512, True): (92, _DKDV512_SPILL),
-    ("bwd_dkdv", "sm90", "lowp", 512, DROPOUT): (144, _DKDV512_SPILL),
+    ("bwd_dkdv", "sm90", "lowp", 512, DROPOUT): (
+        44, "head dim 512 dK/dV with every score modifier and dropout on sm_90: 16 x 16 tiles over 32-wide "
+            "head-dim slices spill 44 bytes at 8 warps, 196 at 4 and 1216 at 16; 16-wide slices 52"),
 }
 
 
@@ -385,13 +383,22 @@ def dkdv_passes(head_dim: int, head_dim_v=None):
     return ((True, True),)
 
 
-def dkdv_chunks(head_dim: int, head_dim_v=None):
+# Head-dim slice width of the two-pass dK/dV kernel, where 64 spills: (arch, score_mods).
+# Measured at 512: 64-wide slices spill 92-128 bytes with softcap/ALiBi/bias and 144 with
+# dropout on sm_90; 32-wide slices spill 40-160 bytes without modifiers and 36 with
+# dropout on sm_80, 0 with softcap/ALiBi/bias, 44 with dropout on sm_90 (KNOWN_SPILLS).
+_DKDV_CHUNK = {("sm80", True): 32, ("sm90", True): 32, ("sm90", DROPOUT): 32}
+
+
+def dkdv_chunks(head_dim: int, head_dim_v=None, score_mods=False, capability=None):
     """(CHUNK_D, CHUNK_DV) of ``bwd_dkdv_kernel``: 0 (K and V tiles kept in registers), or
-    with two passes 64-wide head-dim slices (at most the padded dim)."""
+    with two passes head-dim slices 64 wide (32 where ``_DKDV_CHUNK`` says; at most the padded dim)."""
     if len(dkdv_passes(head_dim, head_dim_v)) == 1:
         return 0, 0
-    return (min(64, padded_head_dim(head_dim)),
-            min(64, padded_head_dim(head_dim if head_dim_v is None else head_dim_v)))
+    arch = arch_name(capability)
+    width = _DKDV_CHUNK.get((arch, DROPOUT if score_mods == DROPOUT else bool(score_mods)), 64)
+    return (min(width, padded_head_dim(head_dim)),
+            min(width, padded_head_dim(head_dim if head_dim_v is None else head_dim_v)))
 
 
 def bwd_dq_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False,

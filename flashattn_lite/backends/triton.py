@@ -291,7 +291,7 @@ def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
             **_strides(p.varlen, o=out, do=dout, l=lse), seqlen_q=seqlen_q, head_dim=head_dim_v,  # O, dO: Dv
             BLOCK_M=dq_cfg.block_m, BLOCK_D=dq_meta["BLOCK_DV"], EVEN_M=dq_meta["EVEN_M"], PAD_D=dq_meta["PAD_DV"],
             HAS_DLSE=dlse is not None, IS_VARLEN=p.varlen, num_warps=dq_cfg.num_warps)
-        chunk_d, chunk_dv = configs.dkdv_chunks(head_dim, head_dim_v)
+        chunk_d, chunk_dv = configs.dkdv_chunks(head_dim, head_dim_v, mods, capability)
         for write_dk, write_dv in configs.dkdv_passes(head_dim, head_dim_v):
             attention.bwd_dkdv_kernel[(triton_cdiv(seqlen_k, dkdv_cfg.block_n), heads_k, batch)](
                 q, k, v, dout, lse2, delta, dk, dv, **common, **_strides(p.varlen, dk=dk, dv=dv), **dkdv_args,
