@@ -214,11 +214,16 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.params = dataclasses.replace(params, **dict.fromkeys(_TENSOR_FIELDS))  # tensors go through saved_tensors
     ctx.bias_grad = params.bias is not None and params.bias.requires_grad
     ctx.backend = backend
+    # an output the loss does not use (usually lse) gets None, not a zero tensor: a sink
+    # call then skips the second backward a real dlse needs (backends/sinks.py)
+    ctx.set_materialize_grads(False)
 
 
 def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, sink, *tensors = ctx.saved_tensors
     params = dataclasses.replace(ctx.params, **dict(zip(_TENSOR_FIELDS, tensors)))
+    if dout is None:  # only lse was used
+        dout = torch.zeros_like(out)
     if dout.stride(-1) != 1:
         # e.g. the expanded gradient of out.sum(): kernels need a unit last stride
         dout = dout.contiguous()

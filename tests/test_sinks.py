@@ -110,6 +110,36 @@ def test_sink_with_a_gradient_into_lse(backend):
         assert (a.double() - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item()), name
 
 
+@pytest.mark.parametrize("use", ["out", "lse", "both"])
+def test_backward_pass_count_and_unused_outputs(monkeypatch, use):
+    """An output the loss does not use reaches the backward as None: a sink call whose loss
+    uses only out runs the backend's backward once (a zero dlse would cost a second one), and
+    a loss on lse alone (no dout) still gets exact gradients."""
+    from flashattn_lite.backends import cpu as cpu_backend
+    from flashattn_lite.backends.reference import attention_math
+
+    calls = []
+    original = cpu_backend.bwd
+    monkeypatch.setattr(cpu_backend, "bwd", lambda *a, **kw: calls.append(a[1] is None) or original(*a, **kw))
+    q, k, v = make_qkv(1, 6, 7, 2, 1, 8, torch.float64)
+    sink = _sink(2).double().detach().requires_grad_()
+    wo, wl = torch.randn(1, 6, 2, 8, dtype=torch.float64), torch.randn(1, 2, 6, dtype=torch.float64)
+
+    def loss(out, lse):
+        return {"out": (out * wo).sum(), "lse": (lse * wl).sum(), "both": (out * wo).sum() + (lse * wl).sum()}[use]
+
+    with fl.use_backend("cpu"):
+        out, lse, _ = fl.flash_attn_func(q, k, v, causal=True, learnable_sink=sink, return_attn_probs=True)
+        grads = torch.autograd.grad(loss(out, lse), (q, k, v, sink))
+    assert calls == {"out": [True], "lse": [True, False], "both": [True, False]}[use]  # (dlse is None?) per call
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, sink)]
+    want = torch.autograd.grad(loss(*attention_math(*leaves[:3], 8 ** -0.5, 1, -1, 0, sink=leaves[3])), leaves,
+                               allow_unused=True)  # lse alone reads neither v nor the sink
+    want = [torch.zeros_like(t) if g is None else g for g, t in zip(want, leaves)]
+    for name, a, b in zip(("dq", "dk", "dv", "dsink"), grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sink_varlen(backend):
     lengths_q, lengths_k = [3, 0, 5, 1], [4, 2, 5, 0]
