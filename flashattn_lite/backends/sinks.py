@@ -43,9 +43,9 @@ def _rows_to_out(w, varlen):
 def apply_to_out(out, lse, sink, varlen):
     """out0 (no sink) -> out with the sink in each row's normaliser."""
     w = torch.nan_to_num(torch.sigmoid(lse - _by_row(sink, lse, varlen)), nan=0.0)  # empty row, sink -inf: out0 = 0
-    if out.dtype == lse.dtype:  # fp32/fp64: in place (out is the backend's fresh result)
-        return out.mul_(_rows_to_out(w, varlen))
-    return (out.to(lse.dtype) * _rows_to_out(w, varlen)).to(out.dtype)
+    # in place (out is the backend's fresh result); fp16/bf16 multiply in w's float32 and
+    # round once, as a float32 product cast back would
+    return out.mul_(_rows_to_out(w, varlen))
 
 
 def backward_inputs(dout, out, lse, sink, varlen):
