@@ -5,6 +5,7 @@
     flashattn-lite demo    run attention on a small problem and print its error against the reference
     flashattn-lite bench   microbenchmarks (table, CSV, JSON and PNG plots in --out)
     flashattn-lite build   build the C++ CPU extension now (otherwise built on first use) and print its path
+    flashattn-lite gpu-check  one-shot GPU check: correctness and timing against torch's SDPA (benches/gpu_check.py)
 """
 
 import argparse
@@ -179,6 +180,12 @@ def cmd_build(args):
     return 0
 
 
+def cmd_gpu_check(args):
+    from flashattn_lite import gpu_check
+
+    return gpu_check.run(args)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="flashattn-lite", description="flashattn_lite command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +212,11 @@ def main(argv=None):
     build = sub.add_parser("build", help="build the C++ CPU extension ahead of time and print where it is")
     build.add_argument("--verbose", action="store_true", help="show the compiler's output")
     build.set_defaults(func=cmd_build)
+    from flashattn_lite import gpu_check
+
+    check_gpu = sub.add_parser("gpu-check", help="one-shot GPU check: correctness of every GPU path and timing "
+                                                 "against torch's SDPA, under 8 minutes (the plan without a GPU)")
+    gpu_check.add_arguments(check_gpu).set_defaults(func=cmd_gpu_check)
     args = parser.parse_args(argv)
     return args.func(args)
 
