@@ -43,6 +43,8 @@ _TINY, _HUGE = 2.0 ** -126, 2.0 ** 126
 def _is_number(x):
     """A real Python/numpy number or a torch symbolic one (torch.compile with dynamic shapes);
     not a bool, not a tensor."""
+    if type(x) is float or type(x) is int:  # the common case, without the ABC checks below
+        return True
     return isinstance(x, (numbers.Real, torch.SymFloat, torch.SymInt)) and not isinstance(x, (bool, torch.Tensor))
 
 
@@ -97,8 +99,8 @@ def check_dropout(dropout_p):
 def check_window(window_size):
     try:
         left, right = window_size
-        if not all(isinstance(x, (numbers.Integral, torch.SymInt)) and not isinstance(x, bool)
-                   for x in (left, right)):
+        if not (type(left) is int and type(right) is int) and not all(
+                isinstance(x, (numbers.Integral, torch.SymInt)) and not isinstance(x, bool) for x in (left, right)):
             raise TypeError
         left, right = int(left), int(right)
     except (TypeError, ValueError):
