@@ -94,6 +94,32 @@ def patch_interpreter_bf16_dot():
 
     builder.create_dot = create_dot
     builder._flashattn_lite_bf16_patch = True
+    _patch_interpreter_index(interpreter)
+
+
+def _patch_interpreter_index(interpreter):
+    """Triton's interpreter before 3.7 turns a scalar into a Python int with ``int(data)``,
+    which NumPy 2.x refuses for the one-element 1-D arrays its scalars are (``range(lo, hi,
+    BLOCK_N)`` then fails: "only 0-dimensional arrays can be converted to Python scalars");
+    Triton 3.7+ squeezes first.  Do that on every version."""
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_flashattn_lite_index_patch", False):
+        return
+
+    def index(self):
+        return int(self.handle.data.squeeze())
+
+    def patched(tensor, *args, **kwargs):
+        result = original(tensor, *args, **kwargs)
+        scope = args[0] if args else kwargs.get("scope")
+        if scope is not None:
+            scope.set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
+        return result
+
+    patched._flashattn_lite_index_patch = True
+    interpreter._patch_lang_tensor = patched
 
 
 @functools.lru_cache(maxsize=None)
