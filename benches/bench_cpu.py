@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import time
 import torch
 
 import flashattn_lite as fl
-from flashattn_lite.bench import naive_attention
+from flashattn_lite.bench import cpu_model, naive_attention
 
 
 def ours(q, k, v, causal):
@@ -119,17 +118,6 @@ def peak_memory(name, seqlen):
     if proc.returncode != 0:
         return None
     return int(proc.stdout.strip().splitlines()[-1])
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # The targets (ratios measured in one run).

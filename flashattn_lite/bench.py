@@ -28,6 +28,7 @@ import csv
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -608,6 +609,18 @@ def plot(results, out_dir, meta):
         plt.close(fig)
         written.append(path)
     return written
+
+
+def cpu_model():
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def device_description(device):

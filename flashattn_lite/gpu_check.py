@@ -401,22 +401,12 @@ def _git_commit():
     return _run_text(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], timeout=10)
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment():
     """What the run happened on (``env`` stage)."""
     import torch
 
     import flashattn_lite
+    from flashattn_lite.bench import cpu_model
 
     try:
         import triton
@@ -430,7 +420,7 @@ def environment():
         ninja = None
     env = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
            "triton": triton_version, "flashattn_lite": flashattn_lite.__version__, "git_commit": _git_commit(),
-           "cpu": f"{_cpu_model()} ({os.cpu_count()} logical CPUs)", "ninja": ninja, "nvcc": _nvcc_version()}
+           "cpu": f"{cpu_model()} ({os.cpu_count()} logical CPUs)", "ninja": ninja, "nvcc": _nvcc_version()}
     env.update(_nvidia_smi())
     env.setdefault("driver", _driver_from_proc())
     try:
