@@ -67,17 +67,17 @@ def report(tmp_path_factory):
             saved = json.load(f)
     if saved is None or saved["fingerprint"] != static_report.fingerprint():
         # stale or missing: the facts of these sources under this Triton, compiled now
-        return _compile([list(j) for j in static_report.jobs("all")], tmp_path_factory), "compiled"
+        return _compile([list(j) for j in static_report.jobs("all")], tmp_path_factory)
     rows = saved["rows"]
     sample = _sample(rows)
     live = _compile([list(static_report.job_of(r)) for r in sample], tmp_path_factory)
     for old, new in zip(sample, live):
         assert {k: old[k] for k in FACTS} == {k: new[k] for k in FACTS}, (static_report.job_of(old), old, new)
-    return rows, "saved"
+    return rows
 
 
 def test_every_shipped_config_compiled(report):
-    rows, _ = report
+    rows = report
     assert {static_report.job_of(r) for r in rows} == set(static_report.jobs("all"))
     assert len(rows) == len(static_report.jobs("all"))
 
@@ -89,17 +89,13 @@ def test_no_register_spills(report):
 
     table = {v: k for k, v in configs.KERNELS.items()}
     spilling = []
-    for r in rows_of(report):
+    for r in report:
         key = (table[r["kernel"]], r["arch"], "fp32" if r["dtype"] == "fp32" else "lowp",
                _bucket(r), r["score_mods"])
         allowed = configs.KNOWN_SPILLS.get(key, (0, None))[0]
         if r["spill_stores"] + r["spill_loads"] > allowed:
             spilling.append(static_report.job_of(r) + (r["spill_stores"] + r["spill_loads"],))
     assert not spilling, spilling
-
-
-def rows_of(report):
-    return report[0]
 
 
 def _bucket(row):
@@ -112,12 +108,12 @@ def _bucket(row):
 
 
 def test_no_ptxas_warnings(report):
-    rows, _ = report
+    rows = report
     assert not [r["ptxas_warnings"] for r in rows if r["ptxas_warnings"]]
 
 
 def test_shared_memory_within_architecture_limit(report):
-    rows, _ = report
+    rows = report
     over = [r for r in rows if r["shared_bytes"] > SHARED_LIMIT[r["arch"]]]
     assert not over, [(r["kernel"], r["arch"], r["head_dim"], r["shared_bytes"]) for r in over]
 
@@ -125,7 +121,7 @@ def test_shared_memory_within_architecture_limit(report):
 def test_tensor_cores_used_for_half_precision(report):
     from flashattn_lite.triton_kernels import configs
 
-    rows, _ = report
+    rows = report
     table = {v: k for k, v in configs.KERNELS.items()}
     for r in rows:
         if r["dtype"] == "fp32":
