@@ -32,31 +32,34 @@ def _unit_last_stride(t):
     return t
 
 
-def _validate_qkv(q, k, v, names, layout):
-    """Checks common to both layouts; tensors given as logical (B, S, H, D)."""
+def _validate_qkv(q, k, v, names, layout, packed=False):
+    """Checks common to both layouts; tensors given as logical (B, S, H, D), or as packed
+    (S, H, D) with ``packed`` (one batch of them)."""
     nq, nk, nv = names
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{nq}, {nk}, {nv} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, {v.device}")
-    b, _, hq, d = q.shape
-    if k.shape[:3] != v.shape[:3]:
+    qs, ks, vs = ((1, *t.shape) for t in (q, k, v)) if packed else (q.shape, k.shape, v.shape)
+    b, _, hq, d = qs
+    if ks[:3] != vs[:3]:
         raise ValueError(f"{nk} and {nv} must have the same shape {layout} except the head dim (which may "
                          f"differ: MLA), got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != b:
-        raise ValueError(f"batch size differs: {nq} has {b}, {nk} has {k.shape[0]}")
-    if k.shape[3] != d:
-        raise ValueError(f"head dim differs: {nq} has {d}, {nk} has {k.shape[3]} (only {nv}'s head dim may "
+    if ks[0] != b:
+        raise ValueError(f"batch size differs: {nq} has {b}, {nk} has {ks[0]}")
+    if ks[3] != d:
+        raise ValueError(f"head dim differs: {nq} has {d}, {nk} has {ks[3]} (only {nv}'s head dim may "
                          "differ)")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head dim must be in 1..{MAX_HEAD_DIM}, got {d}")
-    if not 1 <= v.shape[3] <= MAX_HEAD_DIM:
-        raise ValueError(f"value head dim must be in 1..{MAX_HEAD_DIM}, got {v.shape[3]}")
-    hk = k.shape[2]
+    if not 1 <= vs[3] <= MAX_HEAD_DIM:
+        raise ValueError(f"value head dim must be in 1..{MAX_HEAD_DIM}, got {vs[3]}")
+    hk = ks[2]
     if hk == 0 or hq % hk != 0:
         raise ValueError(f"number of query heads ({hq}) must be a multiple of the number of key/value heads ({hk})")
-    checks.check_seqlen(f"seqlen of {nq}", q.shape[1])
-    checks.check_seqlen(f"seqlen of {nk}", k.shape[1])
+    if qs[1] > checks.INT32_MAX or ks[1] > checks.INT32_MAX:
+        checks.check_seqlen(f"seqlen of {nq}", qs[1])
+        checks.check_seqlen(f"seqlen of {nk}", ks[1])
 
 
 
@@ -281,7 +284,8 @@ def _check_cu_seqlens(name, cu, total, device):
 def _check_max_seqlen(name, max_seqlen, lengths):
     """Checks the caller's bound and returns the longest length itself: the kernels' grid and
     the dropout counters then follow the sequences, not a loose (or absurd) bound."""
-    if isinstance(max_seqlen, (torch.Tensor, bool)) or not isinstance(max_seqlen, (numbers.Integral, torch.SymInt)):
+    if type(max_seqlen) is not int and (isinstance(max_seqlen, (torch.Tensor, bool))
+                                        or not isinstance(max_seqlen, (numbers.Integral, torch.SymInt))):
         raise TypeError(f"{name} must be a Python int, got {type(max_seqlen).__name__}")
     longest = max(lengths)
     if max_seqlen < longest:
@@ -314,7 +318,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if block_table is not None:
         raise NotImplementedError("block_table (paged K/V) is supported by flash_attn_with_kvcache, not by "
                                   "flash_attn_varlen_func")
-    _validate_qkv(q[None], k[None], v[None], ("q", "k", "v"), "(total_tokens, heads, headdim)")
+    _validate_qkv(q, k, v, ("q", "k", "v"), "(total_tokens, heads, headdim)", packed=True)
     lengths_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     lengths_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if len(lengths_q) != len(lengths_k):

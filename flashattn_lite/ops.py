@@ -55,6 +55,8 @@ def empty_like_last(template, last, dtype=None):
 def _like(result, template):
     """Return ``result`` with the strides of ``empty_like(template)`` with ``result``'s last
     dim (copying only if needed)."""
+    if result.is_contiguous() and template.is_contiguous():  # the common case, without an allocation
+        return result
     target = empty_like_last(template, result.shape[-1], result.dtype)
     if result.stride() == target.stride():
         return result
@@ -86,9 +88,9 @@ def _unit_last(*tensors):
     return [t.contiguous() if t.shape[-1] > 1 and t.stride(-1) != 1 else t for t in tensors]
 
 
-def _fwd_direct(q, k, v, params, sink, backend):
+def _fwd_direct(q, k, v, params, sink, backend, trusted=False):
     template = q
-    if checks.is_trusted():
+    if trusted or checks.is_trusted():
         module = backends.get(backend)
     else:
         checks.check_fwd(q, k, v, params, sink=sink)
@@ -126,20 +128,14 @@ def _dbias_or_empty(dbias, bias, bias_grad, q):
     return dbias.to(bias.dtype)
 
 
-@torch.library.custom_op("flashattn_lite::bwd", mutates_args=(), schema=BWD_SCHEMA)
-def bwd(dout, dlse, q, k, v, out, lse, *args, learnable_sink=None):
-    args, sink = _with_sink(args, len(OP_FIELDS) + 3, learnable_sink)
-    *params, bias_grad, deterministic, backend = args
-    params = Params.from_op_args(params)
-    if checks.is_trusted():
+def _bwd_direct(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic, backend, sink, trusted=False):
+    templates = (q, k, v)
+    if trusted or checks.is_trusted():
         module = backends.get(backend)
     else:
         checks.check_bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, sink=sink)
         module = _serving_backend(backend, q, v, params, ("backward",))
-        dout, out = _unit_last(dout, out)
-    templates = (q, k, v)
-    if not checks.is_trusted():
-        q, k, v = _unit_last(q, k, v)
+        dout, out, q, k, v = _unit_last(dout, out, q, k, v)
     dsink = q.new_empty(0)
     if sink is None:
         dq, dk, dv, dbias = module.bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic)
@@ -155,6 +151,14 @@ def bwd(dout, dlse, q, k, v, out, lse, *args, learnable_sink=None):
             _dbias_or_empty(dbias, params.bias, bias_grad, q), dsink)
 
 
+@torch.library.custom_op("flashattn_lite::bwd", mutates_args=(), schema=BWD_SCHEMA)
+def bwd(dout, dlse, q, k, v, out, lse, *args, learnable_sink=None):
+    args, sink = _with_sink(args, len(OP_FIELDS) + 3, learnable_sink)
+    *params, bias_grad, deterministic, backend = args
+    return _bwd_direct(dout, dlse, q, k, v, out, lse, Params.from_op_args(params), bias_grad, deterministic, backend,
+                       sink)
+
+
 @bwd.register_fake
 def _bwd_fake(dout, dlse, q, k, v, out, lse, *args, learnable_sink=None):
     args, sink = _with_sink(args, len(OP_FIELDS) + 3, learnable_sink)
@@ -165,7 +169,7 @@ def _bwd_fake(dout, dlse, q, k, v, out, lse, *args, learnable_sink=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias, dsink
 
 
-def direct_call_ok(tensors):
+def direct_call_ok(tensors, autograd=False):
     """Whether calling the backend directly does exactly what the operator would.
 
     The operator's dispatch (autograd wrapper, torch.compile guard, schema checks) costs
@@ -174,13 +178,14 @@ def direct_call_ok(tensors):
     with grad mode on), torch.compile or torch.jit tracing, a torch function or dispatch
     mode (FakeTensorMode, FlopCounterMode, ...), a tensor subclass (fake tensors
     included) or a functorch transform (vmap, grad).  Otherwise the operator would only
-    run its implementation, and the caller may run that itself.
+    run its implementation, and the caller may run that itself.  With ``autograd``, tensors
+    that require grad are allowed: the caller records the call with :class:`_DirectAttention`.
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
-    grad = torch.is_grad_enabled()
+    grad = torch.is_grad_enabled() and not autograd
     for t in tensors:
         if t is None:
             continue
@@ -199,9 +204,12 @@ def run_fwd(q, k, v, params, backend, sink=None):
     """(out, lse) of ``flashattn_lite::fwd`` for a caller that has checked its arguments:
     the operator, or its implementation directly where :func:`direct_call_ok` says that is
     the same thing."""
+    tensors = (q, k, v, sink, params.cu_seqlens_q, params.cu_seqlens_k, params.bias, params.alibi_slopes)
+    if direct_call_ok(tensors):
+        return _fwd_direct(q, k, v, params, sink, backend, trusted=True)
+    if direct_call_ok(tensors, autograd=True):
+        return _DirectAttention.apply(q, k, v, params.bias, sink, params, backend)
     with _trusted():
-        if direct_call_ok((q, k, v, sink) + tuple(getattr(params, name) for name in _TENSOR_FIELDS)):
-            return _fwd_direct(q, k, v, params, sink, backend)
         return torch.ops.flashattn_lite.fwd(q, k, v, *params.op_args(), backend, sink)
 
 
@@ -219,9 +227,9 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, sink, *tensors = ctx.saved_tensors
-    params = dataclasses.replace(ctx.params, **dict(zip(_TENSOR_FIELDS, tensors)))
+def _backward(dout, dlse, q, k, v, out, lse, params, sink, bias_grad, backend, direct):
+    """(dq, dk, dv, dbias, dsink) of a forward's own arguments and results: through the
+    ``bwd`` operator, or (``direct``) its implementation."""
     if dout is None:  # only lse was used
         dout = torch.zeros_like(out)
     if dout.stride(-1) != 1:
@@ -229,14 +237,49 @@ def _fwd_backward(ctx, dout, dlse):
         dout = dout.contiguous()
     if dlse is not None:
         dlse = dlse.contiguous()
+    if direct:
+        return _bwd_direct(dout, dlse, q, k, v, out, lse, params, bias_grad, True, backend, sink, trusted=True)
+    with _trusted():
+        return torch.ops.flashattn_lite.bwd(dout, dlse, q, k, v, out, lse, *params.op_args(), bias_grad, True, backend,
+                                            sink)
+
+
+def _fwd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, sink, *tensors = ctx.saved_tensors
+    params = dataclasses.replace(ctx.params, **dict(zip(_TENSOR_FIELDS, tensors)))
     bias_grad = bool(ctx.needs_input_grad[_BIAS_INPUT]) and ctx.bias_grad
-    with _trusted():  # the forward's own arguments and results
-        dq, dk, dv, dbias, dsink = torch.ops.flashattn_lite.bwd(dout, dlse, q, k, v, out, lse, *params.op_args(),
-                                                                bias_grad, True, ctx.backend, sink)
+    dq, dk, dv, dbias, dsink = _backward(dout, dlse, q, k, v, out, lse, params, sink, bias_grad, ctx.backend, False)
     grads = [dq, dk, dv] + [None] * (len(OP_FIELDS) + 2)  # + backend, sink
     grads[_BIAS_INPUT] = dbias if bias_grad else None
     grads[_SINK_INPUT] = dsink if sink is not None and ctx.needs_input_grad[_SINK_INPUT] else None
     return tuple(grads)
+
+
+class _DirectAttention(torch.autograd.Function):
+    """The ``fwd`` operator's autograd, recorded without the operator's dispatch (which
+    costs tens of microseconds a call through torch.library's autograd wrapper) where
+    :func:`direct_call_ok` allows it: the same kernels, checks and gradients.  A backward
+    with ``create_graph=True`` goes through the ``bwd`` operator, which names double
+    backward as unsupported."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, sink, params, backend):
+        out, lse = _fwd_direct(q, k, v, params, sink, backend, trusted=True)
+        ctx.save_for_backward(q, k, v, out, lse, sink, bias)
+        ctx.params = params
+        ctx.backend = backend
+        ctx.set_materialize_grads(False)  # as _fwd_setup_context
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, sink, bias = ctx.saved_tensors
+        bias_grad = bias is not None and bool(ctx.needs_input_grad[3])
+        params = ctx.params if bias is None else dataclasses.replace(ctx.params, bias=bias)
+        dq, dk, dv, dbias, dsink = _backward(dout, dlse, q, k, v, out, lse, params, sink, bias_grad, ctx.backend,
+                                             direct=not torch.is_grad_enabled())
+        return (dq, dk, dv, dbias if bias_grad else None,
+                dsink if sink is not None and ctx.needs_input_grad[4] else None, None, None)
 
 
 fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -271,10 +314,10 @@ DECODE_SCHEMA = ("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table,
 
 
 def _decode_direct(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, softmax_scale, window_left,
-                   window_right, softcap, alibi_slopes, num_splits, backend, sink=None):
+                   window_right, softcap, alibi_slopes, num_splits, backend, sink=None, *, trusted=False):
     params = backends.Params(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
                              softcap=softcap, alibi_slopes=alibi_slopes)
-    if checks.is_trusted():
+    if trusted or checks.is_trusted():
         module = backends.get(backend)
     else:
         checks.check_decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, params, num_splits,
@@ -296,9 +339,9 @@ def run_decode(*args):
     """(out, lse) of ``flashattn_lite::decode`` (arguments in its schema's order) for a caller
     that has checked them: the operator, or its implementation directly where
     :func:`direct_call_ok` says that is the same thing."""
+    if direct_call_ok([a for a in args if isinstance(a, torch.Tensor)]):
+        return _decode_direct(*args, trusted=True)
     with _trusted():
-        if direct_call_ok([a for a in args if isinstance(a, torch.Tensor)]):
-            return _decode_direct(*args)
         return torch.ops.flashattn_lite.decode(*args)
 
 

@@ -108,7 +108,8 @@ def test_opcheck_bwd_float64_without_bias():
 def test_eager_call_without_grad_skips_the_operator_dispatch():
     # Plain tensors, nothing to record for autograd: the backend runs without going
     # through flashattn_lite::fwd / ::decode (same kernel, same bits), saving the
-    # dispatch's cost; a call that needs autograd goes through the operator.
+    # dispatch's cost.  A call that needs autograd is recorded by ops._DirectAttention,
+    # also without the operator; its gradients are the operator's, bit for bit.
     q, k, v = make_qkv(1, 9, 12, 2, 1, 16, torch.float32)
     with fl.use_backend("cpu"):
         with torch.no_grad():
@@ -116,9 +117,16 @@ def test_eager_call_without_grad_skips_the_operator_dispatch():
             seen = ops_seen(lambda: fl.flash_attn_func(q, k, v, causal=True))
         assert "flashattn_lite::fwd" not in seen and "flashattn_lite_C::fwd" in seen
         seen = ops_seen(lambda: fl.flash_attn_func(q, k, v, causal=True))  # make_qkv's tensors require grad
-        assert "flashattn_lite::fwd" in seen
-        via_op = fl.flash_attn_func(q, k, v, causal=True)
-    assert via_op.grad_fn is not None and torch.equal(direct, via_op.detach())
+        assert "flashattn_lite::fwd" not in seen and "flashattn_lite_C::fwd" in seen
+        recorded = fl.flash_attn_func(q, k, v, causal=True)
+        assert type(recorded.grad_fn).__name__ == "_DirectAttentionBackward"
+        params = fl.backends.Params(softmax_scale=16 ** -0.5, diag_offset=3, window_right=0)
+        via_op, _ = torch.ops.flashattn_lite.fwd(q, k, v, *params.op_args(), "cpu")
+    assert torch.equal(direct, recorded.detach()) and torch.equal(direct, via_op.detach())
+    dout = torch.randn_like(direct)
+    grads = torch.autograd.grad(recorded, (q, k, v), dout)
+    grads_op = torch.autograd.grad(via_op, (q, k, v), dout)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_op))
 
     cache = torch.randn(1, 12, 1, 16)
     with torch.inference_mode():
