@@ -44,8 +44,18 @@ def cmd_info(args):
         device = f"CPU ({platform.processor() or platform.machine()})"
     print(f"device: {device}")
     print("backends:")
-    for name, (usable, why) in available_backends().items():
+    backends_here = available_backends()
+    for name, (usable, why) in backends_here.items():
         print(f"  {name:<10} {'yes' if usable else 'no ':<4} {why}")
+    if backends_here.get("cpu", (False,))[0]:
+        from flashattn_lite.backends import cpu
+
+        print("cpu backend products:")
+        try:
+            for dtype, (path, why) in cpu.products_choice().items():
+                print(f"  {dtype:<10} {'bf16 products' if path == 'bf16' else 'widened to float32':<19} {why}")
+        except (RuntimeError, ValueError) as exc:  # e.g. a bad FLASHATTN_LITE_CPU_MATMUL
+            print(f"  {exc}")
     table = feature_table()
     names = list(next(iter(table.values())))
     print("\nfeatures:")

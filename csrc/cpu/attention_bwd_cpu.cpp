@@ -20,13 +20,22 @@ int64_t bwd_target_tasks() {
 // At most this many chunks: the dQ partials then cost at most 4x dQ in memory (O(N) still).
 constexpr int64_t kMaxBwdChunks = 4;
 
+// The bf16 products' operands packed for the call (attention_cpu.h): K both ways, V's
+// head-dim pairs, Q's and dO's row pairs.
+struct BwdPacks {
+  PairPack k_dim, k_rows, v_dim, q_rows, do_rows;
+};
+
 // dbias (float/double, contiguous (B, H, Sq, Sk)), where not null, receives
 // dS = P * (dP - delta), the gradient w.r.t. the final scores (every element written).
-template <typename T, bool kBias, bool kDrop>
+// kMat: q, k, v, dout are bf16 and the five products run in bf16 (``pk``); P and dS are
+// rounded to bf16 as their operands, the products accumulate in float32.
+template <typename T, bool kBias, bool kDrop, bool kMat = false>
 void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
               T* dbias, T scale, const Problem& pr, const Transform<T>& tf, const BiasView& bias,
-              const Dropout& drop) {
+              const Dropout& drop, const BwdPacks* pk = nullptr) {
+  using in_t = std::conditional_t<kMat, at::BFloat16, T>;
   const int64_t Bp = q.size(0), Hq = q.size(2), D = q.size(3), Dv = v.size(3);  // Dv != D: MLA
   const int64_t Skp = k.size(1), Hk = k.size(2), group = Hq / Hk;
   const Blocks bs = blocks_from_env("FLASHATTN_LITE_CPU_BWD_BLOCKS", 128, 256);
@@ -58,12 +67,12 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   }
   sort_by_cost(units);
   const int64_t nunits = int64_t(units.size());
-  at::Tensor dq_parts = at::zeros({chunks, Bp, Hq, pr.rows, D}, q.options());
+  at::Tensor dq_parts = at::zeros({chunks, Bp, Hq, pr.rows, D}, q.options().dtype(c10::CppTypeToScalarType<T>::value));
 
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
-  const T* dop = dout.data_ptr<T>();
+  const in_t* qp = q.data_ptr<in_t>();
+  const in_t* kp = k.data_ptr<in_t>();
+  const in_t* vp = v.data_ptr<in_t>();
+  const in_t* dop = dout.data_ptr<in_t>();
   const T* lp = lse.data_ptr<T>();
   const T* dlp = delta.data_ptr<T>();
   T* dqp = dq_parts.data_ptr<T>();
@@ -79,13 +88,18 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   // dropout's 1 / (1 - p) rides on the alpha of dV += (P Z)^T dO and dP = dO V^T
   const T rescale = kDrop ? T(drop.rescale) : T(1);
 
+  const int64_t D2 = (D + 1) / 2, Dv2 = (Dv + 1) / 2;
+  const int64_t ldt = (BM + 3) / 2;  // a column of P^T or dS^T in row pairs, one half to spare each end
+  const int64_t lds = (BN + 3) / 2;  // a row of dS in key pairs, likewise
   struct State {
     Scratch<T> P, dP, PZ, dk_acc, dv_acc, dcap;
-    Scratch<uint32_t> keep;
+    Scratch<uint32_t> keep, qpairs, dopairs, tpairs, spairs;
   };
   auto make_state = [&] {
     return State{Scratch<T>(BM * BN), Scratch<T>(BM * BN), Scratch<T>(kDrop ? BM * BN : 0), Scratch<T>(BN * D),
-                 Scratch<T>(BN * Dv), Scratch<T>(capped ? BM * BN : 0), Scratch<uint32_t>(kDrop ? BM * BN : 0)};
+                 Scratch<T>(BN * Dv), Scratch<T>(capped ? BM * BN : 0), Scratch<uint32_t>(kDrop ? BM * BN : 0),
+                 Scratch<uint32_t>(kMat ? BM * D2 : 0), Scratch<uint32_t>(kMat ? BM * Dv2 : 0),
+                 Scratch<uint32_t>(kMat ? BN * ldt : 0), Scratch<uint32_t>(kMat ? BM * lds : 0)};
   };
   run_tasks(Hk * nunits, make_state, [&](int64_t task, State& st) {
     const int64_t hk = task / nunits;
@@ -96,8 +110,12 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     tfs.offset = sq.offset;
     T* P = st.P.data();
     T* dP = st.dP.data();
-    const T* kt = kp + sq.pb * skb + hk * skh + sq.k0 * sks;
-    const T* vt = vp + sq.pb * svb + hk * svh + sq.k0 * svs;
+    const in_t* kt = kp + sq.pb * skb + hk * skh + sq.k0 * sks;
+    const in_t* vt = vp + sq.pb * svb + hk * svh + sq.k0 * svs;
+    const int64_t ldk = sq.len_k + 16;  // k_dim's and v_dim's row length
+    const uint32_t* k_dim = kMat ? pk->k_dim.at(u.seq, hk) : nullptr;
+    const uint32_t* k_rows = kMat ? pk->k_rows.at(u.seq, hk) : nullptr;
+    const uint32_t* v_dim = kMat ? pk->v_dim.at(u.seq, hk) : nullptr;
     for (int64_t kb = u.begin; kb < u.end; ++kb) {
       const int64_t c0 = kb * BN, cols = std::min(BN, sq.len_k - c0);
       std::fill(st.dk_acc.data(), st.dk_acc.data() + cols * D, T(0));
@@ -108,8 +126,10 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g;
         const int64_t row0 = pr.row_id(sq, h, Hq, 0);  // lse/delta index (and dropout row) of query 0
-        const T* qh = qp + sq.pb * sqb + h * sqh + sq.q0 * sqs;
-        const T* doh = dop + sq.pb * sdb + h * sdh + sq.q0 * sds;
+        const in_t* qh = qp + sq.pb * sqb + h * sqh + sq.q0 * sqs;
+        const in_t* doh = dop + sq.pb * sdb + h * sdh + sq.q0 * sds;
+        const uint32_t* q_rows = kMat ? pk->q_rows.at(u.seq, h) : nullptr;
+        const uint32_t* do_rows = kMat ? pk->do_rows.at(u.seq, h) : nullptr;
         const T* lh = lp + row0;
         const T* delh = dlp + row0;
         T* dqh = dqp + (u.chunk * Bp * Hq * pr.rows + row0) * D;
@@ -128,9 +148,19 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           const bool cut = band_cuts(band, r0, rows, c0, cols);
           const int64_t slab = cut ? (rows + kStairSlabs - 1) / kStairSlabs : rows;
           auto slabs = [&](auto&& fn) { for_slabs(band, r0, rows, c0, cols, slab, fn); };
+          const int64_t rshift = r0 & 1;  // row pairs of q_rows / do_rows start at even rows
+          if constexpr (kMat) {
+            row_pairs(qh + r0 * sqs, sqs, rows, D, st.qpairs.data());
+            row_pairs(doh + r0 * sds, sds, rows, Dv, st.dopairs.data());
+          }
           slabs([&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
-            gemm_rm<T>(false, true, s1 - s0, ce - ca, D, scale, qh + (r0 + s0) * sqs, sqs, kt + (c0 + ca) * sks, sks,
-                       T(0), P + s0 * BN + ca, BN);
+            if constexpr (kMat) {
+              bf16_gemm(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, k_dim + c0 + ca, ldk, P + s0 * BN + ca, BN,
+                        float(scale), false);
+            } else {
+              gemm_rm<T>(false, true, s1 - s0, ce - ca, D, scale, qh + (r0 + s0) * sqs, sqs, kt + (c0 + ca) * sks,
+                         sks, T(0), P + s0 * BN + ca, BN);
+            }
           });
           for (int64_t r = 0; r < rows; ++r) {
             T* prow = P + r * BN;
@@ -161,11 +191,20 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           // dV += (P Z)^T dO ; dP = (dO V^T) Z
           const T* pv = kDrop ? st.PZ.data() : P;
           slabs([&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
-            const T* dos = doh + (r0 + s0) * sds;
-            gemm_rm<T>(true, false, ce - ca, Dv, s1 - s0, rescale, pv + s0 * BN + ca, BN, dos, sds, T(1),
-                       st.dv_acc.data() + ca * Dv, Dv);
-            gemm_rm<T>(false, true, s1 - s0, ce - ca, Dv, rescale, dos, sds, vt + (c0 + ca) * svs, svs, T(0),
-                       dP + s0 * BN + ca, BN);
+            if constexpr (kMat) {
+              const int64_t pa = (rshift + s0) / 2, pe = (rshift + s1 + 1) / 2;
+              float_cols_pairs(pv, BN, s0, s1, ca, ce, rshift, st.tpairs.data(), ldt);
+              bf16_gemm(ce - ca, Dv, pe - pa, st.tpairs.data(), ldt, do_rows + ((r0 - rshift) / 2 + pa) * pk->do_rows.ld,
+                        pk->do_rows.ld, st.dv_acc.data() + ca * Dv, Dv, float(rescale), true);
+              bf16_gemm(s1 - s0, ce - ca, Dv2, st.dopairs.data() + s0 * Dv2, Dv2, v_dim + c0 + ca, ldk,
+                        dP + s0 * BN + ca, BN, float(rescale), false);
+            } else {
+              const T* dos = doh + (r0 + s0) * sds;
+              gemm_rm<T>(true, false, ce - ca, Dv, s1 - s0, rescale, pv + s0 * BN + ca, BN, dos, sds, T(1),
+                         st.dv_acc.data() + ca * Dv, Dv);
+              gemm_rm<T>(false, true, s1 - s0, ce - ca, Dv, rescale, dos, sds, vt + (c0 + ca) * svs, svs, T(0),
+                         dP + s0 * BN + ca, BN);
+            }
           });
           // dS = P * (dP - delta) (= dBias), then * scale (and the cap's derivative) for dQ, dK; into dP
           for (int64_t r = 0; r < rows; ++r) {
@@ -201,12 +240,26 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
             }
           }
           // dK += dS^T Q ; dQ += dS K
+          if constexpr (kMat) {  // dS's rows in key pairs, for dQ
+            for (int64_t r = 0; r < rows; ++r) float_row_pairs(dP + r * BN, cols, c0 & 1, st.spairs.data() + r * lds);
+          }
           slabs([&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
-            const T* dss = dP + s0 * BN + ca;
-            gemm_rm<T>(true, false, ce - ca, D, s1 - s0, T(1), dss, BN, qh + (r0 + s0) * sqs, sqs, T(1),
-                       st.dk_acc.data() + ca * D, D);
-            gemm_rm<T>(false, false, s1 - s0, D, ce - ca, T(1), dss, BN, kt + (c0 + ca) * sks, sks, T(1),
-                       dqh + (r0 + s0) * D, D);
+            if constexpr (kMat) {
+              const int64_t pa = (rshift + s0) / 2, pe = (rshift + s1 + 1) / 2;
+              float_cols_pairs(dP, BN, s0, s1, ca, ce, rshift, st.tpairs.data(), ldt);
+              bf16_gemm(ce - ca, D, pe - pa, st.tpairs.data(), ldt, q_rows + ((r0 - rshift) / 2 + pa) * pk->q_rows.ld,
+                        pk->q_rows.ld, st.dk_acc.data() + ca * D, D, 1.0f, true);
+              const int64_t kshift = c0 & 1, ka = (kshift + ca) / 2, ke = (kshift + ce + 1) / 2;
+              bf16_gemm(s1 - s0, D, ke - ka, st.spairs.data() + s0 * lds + ka, lds,
+                        k_rows + ((c0 - kshift) / 2 + ka) * pk->k_rows.ld, pk->k_rows.ld, dqh + (r0 + s0) * D, D, 1.0f,
+                        true);
+            } else {
+              const T* dss = dP + s0 * BN + ca;
+              gemm_rm<T>(true, false, ce - ca, D, s1 - s0, T(1), dss, BN, qh + (r0 + s0) * sqs, sqs, T(1),
+                         st.dk_acc.data() + ca * D, D);
+              gemm_rm<T>(false, false, s1 - s0, D, ce - ca, T(1), dss, BN, kt + (c0 + ca) * sks, sks, T(1),
+                         dqh + (r0 + s0) * D, D);
+            }
           });
         }
       }
@@ -228,6 +281,21 @@ void bwd_run(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, c
              const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
              at::Tensor* dbias, double scale, const Problem& pr, double softcap,
              const std::optional<at::Tensor>& slopes, const BiasView& bias, const Dropout& drop, bool has_drop) {
+  if (q.scalar_type() == at::kBFloat16) {  // bf16 products (bwd_cpu checked the choice)
+    if constexpr (kHaveBf16Dot) {
+      const Transform<float> tf = make_transform<float>(softcap, slopes, int64_t(pr.seqs.size()), q.size(2));
+      float* dbp = dbias != nullptr ? dbias->data_ptr<float>() : nullptr;
+      const BwdPacks pk{pack_pairs(k, pr, false, Pairs::kHeadDim), pack_pairs(k, pr, false, Pairs::kRows),
+                        pack_pairs(v, pr, false, Pairs::kHeadDim), pack_pairs(q, pr, true, Pairs::kRows),
+                        pack_pairs(dout, pr, true, Pairs::kRows)};
+      with_features(bias.data != nullptr, has_drop, [&](auto kb, auto kd) {
+        bwd_impl<float, decltype(kb)::value, decltype(kd)::value, true>(dout, q, k, v, lse, delta, dq, dk, dv, dbp,
+                                                                        float(scale), pr, tf, bias, drop, &pk);
+      });
+      return;
+    }
+    TORCH_CHECK(false, "flashattn_lite cpu: bf16 products are not compiled into this extension");
+  }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flashattn_lite_cpu_bwd", [&] {
     const Transform<scalar_t> tf = make_transform<scalar_t>(softcap, slopes, int64_t(pr.seqs.size()), q.size(2));
     scalar_t* dbp = dbias != nullptr ? dbias->data_ptr<scalar_t>() : nullptr;

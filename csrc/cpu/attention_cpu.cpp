@@ -230,22 +230,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
               "flashattn_lite cpu: dlse must have lse's shape ", at::IntArrayRef(lse_shape));
   TORCH_CHECK(!bias_grad || bias.has_value(), "flashattn_lite cpu: bias_grad needs a bias");
   const at::ScalarType ct = compute_type(q_in.scalar_type());
-  at::Tensor q = prepare(as_4d(q_in, varlen), ct), k = prepare(as_4d(k_in, varlen), ct),
-             v = prepare(as_4d(v_in, varlen), ct);
-  at::Tensor dout = prepare(as_4d(dout_in, varlen), ct), out = prepare(as_4d(out_in, varlen), ct);
+  // bf16 products: q, k, v, dout stay bf16 (the kernel packs them); else all widen to ct
+  const bool mat = q_in.scalar_type() == at::kBFloat16 && kHaveBf16Dot && bf16_products();
+  const at::ScalarType it = mat ? at::kBFloat16 : ct;
+  at::Tensor q = prepare(as_4d(q_in, varlen), it), k = prepare(as_4d(k_in, varlen), it),
+             v = prepare(as_4d(v_in, varlen), it);
+  at::Tensor dout = prepare(as_4d(dout_in, varlen), it), out = prepare(as_4d(out_in, varlen), ct);
   const Problem pr = make_problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, diag_offset,
                                   window_left, window_right);
   const BiasView bv = make_bias(bias, q, k, varlen);
   const Dropout drop = make_dropout(dropout_p, dropout_seed);
   at::Tensor lse = lse_in.to(ct).reshape({q.size(0), q.size(2), q.size(1)}).contiguous();
   // delta = rowsum(dO * O) - dlse, shape (B, H, Sq)
-  at::Tensor delta = (dout * out).sum(-1).transpose(1, 2).contiguous();
+  at::Tensor delta = (dout.to(ct) * out).sum(-1).transpose(1, 2).contiguous();
   if (dlse.has_value()) delta.sub_(dlse->to(ct).reshape(delta.sizes()));
-  at::Tensor dq = at::empty_like(q);
-  at::Tensor dk = at::empty_like(k);
-  at::Tensor dv = at::empty_like(v);
-  at::Tensor dbias = bias_grad ? at::empty({q.size(0), q.size(2), q.size(1), k.size(1)}, q.options())
-                               : at::empty({0}, q.options());
+  at::Tensor dq = at::empty_like(q, q.options().dtype(ct));
+  at::Tensor dk = at::empty_like(k, k.options().dtype(ct));
+  at::Tensor dv = at::empty_like(v, v.options().dtype(ct));
+  at::Tensor dbias = bias_grad ? at::empty({q.size(0), q.size(2), q.size(1), k.size(1)}, q.options().dtype(ct))
+                               : at::empty({0}, q.options().dtype(ct));
   if (q.numel() == 0 || k.numel() == 0) {
     dbias.zero_();
     dq.zero_();

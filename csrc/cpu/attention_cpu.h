@@ -43,6 +43,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16_gemm.h"
 #include "philox.h"
 
 namespace flashattn_lite {
@@ -508,6 +509,117 @@ void run_tasks(int64_t n, MakeState&& make_state, Body&& body) {
     }
     if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_prev);
   });
+}
+
+// ------------------------------------------------------------------ bf16 products
+// With bf16 inputs on a CPU with a bf16 dot-product unit (bf16_gemm.h), the tile
+// products can run in bf16 with float32 accumulation instead of widening to float32:
+// whether they do is the process-wide choice below (backends/cpu.py makes it, by
+// measurement or FLASHATTN_LITE_CPU_MATMUL).  What is rounded where (as flash-attn on GPUs):
+// Q, K and V are used as given (bf16); S = Q K^T accumulates in float32; the softmax runs
+// in float32; P is rounded to bf16 for P V, which accumulates in float32; the row sums
+// are of the float32 P.
+bool bf16_products();
+
+// A bf16 tensor's rows of every (sequence, head) as bf16_gemm.h's B operand, packed once
+// per call (as many bytes as the tensor has).  ``kHeadDimPairs``: pairs of the head dim
+// W (ceil(W / 2) rows) x the sequence's rows, row length ``len + 16`` (so a vector read
+// from any row stays inside): K for S = Q K^T, V for dP = dO V^T.  ``kRowPairs``: pairs of
+// sequence rows (ceil(len / 2) rows, the even row first) x W, row length ``ld``
+// (W rounded up to 16): V for P V; K, Q and dO for the backward's dQ, dK, dV.  Padding is 0.
+enum class Pairs { kHeadDim, kRows };
+
+struct PairPack {
+  at::Tensor buf;                // int32 storage of the uint32 pairs
+  std::vector<int64_t> off;      // per (sequence * heads + head), in pairs
+  int64_t heads = 0, ld = 0;     // ld: kRows' row length
+  const uint32_t* at(int64_t s, int64_t h) const {
+    return reinterpret_cast<const uint32_t*>(buf.data_ptr<int32_t>()) + off[s * heads + h];
+  }
+};
+
+inline uint32_t pair_bits(const at::BFloat16* lo, const at::BFloat16* hi) {
+  return uint32_t(lo->x) | (hi ? uint32_t(hi->x) << 16 : 0u);
+}
+
+// t: logical 4-D (.., S, heads, W) bf16 (varlen: a batch of one); ``queries``: the rows
+// of each sequence are its query rows (q0, len_q), else its key rows (k0, len_k).
+inline PairPack pack_pairs(const at::Tensor& t, const Problem& pr, bool queries, Pairs how) {
+  const int64_t heads = t.size(2), W = t.size(3), W2 = (W + 1) / 2, nseq = int64_t(pr.seqs.size());
+  auto rows_of = [&](const Seq& s) { return queries ? s.len_q : s.len_k; };
+  PairPack pk;
+  pk.heads = heads;
+  pk.ld = (W + 15) / 16 * 16;
+  int64_t total = 0;
+  for (int64_t s = 0; s < nseq; ++s) {
+    const int64_t len = rows_of(pr.seqs[s]);
+    for (int64_t h = 0; h < heads; ++h) {
+      pk.off.push_back(total);
+      total += how == Pairs::kHeadDim ? W2 * (len + 16) : (len + 1) / 2 * pk.ld;
+    }
+  }
+  pk.buf = at::zeros({std::max<int64_t>(total, 1)}, t.options().dtype(at::kInt));
+  uint32_t* out = reinterpret_cast<uint32_t*>(pk.buf.data_ptr<int32_t>());
+  const auto* tp = t.data_ptr<at::BFloat16>();
+  const int64_t rs = t.stride(1);
+  at::parallel_for(0, nseq * heads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const Seq& sq = pr.seqs[task / heads];
+      const int64_t h = task % heads, len = rows_of(sq);
+      const at::BFloat16* src = tp + sq.pb * t.stride(0) + h * t.stride(2) + (queries ? sq.q0 : sq.k0) * rs;
+      uint32_t* dst = out + pk.off[task];
+      if (how == Pairs::kHeadDim) {
+        for (int64_t j = 0; j < len; ++j) {
+          const at::BFloat16* row = src + j * rs;
+          for (int64_t p = 0; p < W2; ++p)
+            dst[p * (len + 16) + j] = pair_bits(row + 2 * p, 2 * p + 1 < W ? row + 2 * p + 1 : nullptr);
+        }
+      } else {
+        for (int64_t p = 0; p < (len + 1) / 2; ++p) {
+          const at::BFloat16* r0 = src + 2 * p * rs;
+          const at::BFloat16* r1 = 2 * p + 1 < len ? r0 + rs : nullptr;
+          for (int64_t c = 0; c < W; ++c) dst[p * pk.ld + c] = pair_bits(r0 + c, r1 ? r1 + c : nullptr);
+        }
+      }
+    }
+  });
+  return pk;
+}
+
+// Rows [0, rows) of a bf16 matrix (row stride ld, W long) as bf16 pairs, ceil(W / 2) a row.
+inline void row_pairs(const at::BFloat16* src, int64_t ld, int64_t rows, int64_t W, uint32_t* dst) {
+  const int64_t W2 = (W + 1) / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(dst + r * W2, src + r * ld, sizeof(at::BFloat16) * size_t(W));
+    if (W % 2) reinterpret_cast<uint16_t*>(dst + r * W2)[W] = 0;
+  }
+}
+
+// Row r of a float matrix (``cols`` long) in bf16, its halves shifted by ``shift`` (0 or 1)
+// so that pairs line up with a kRows pack's (the even row first); the spare halves are 0.
+// ``dst`` holds (shift + cols + 1) / 2 pairs.
+inline void float_row_pairs(const float* src, int64_t cols, int64_t shift, uint32_t* dst) {
+  auto* h = reinterpret_cast<at::BFloat16*>(dst);
+  h[0] = at::BFloat16(0.0f);
+  at::vec::convert(src, h + shift, cols);
+  if ((shift + cols) % 2) h[shift + cols] = at::BFloat16(0.0f);
+}
+
+// The transpose of rows [s0, s1) x columns [ca, ce) of a float matrix (row stride ld) in
+// bf16 pairs of rows: pair p of column j holds rows (2p - shift, 2p + 1 - shift) (relative
+// to s0's pair), 0 outside [s0, s1).  Column j - ca at dst + (j - ca) * ldt.
+inline void float_cols_pairs(const float* src, int64_t ld, int64_t s0, int64_t s1, int64_t ca, int64_t ce,
+                             int64_t shift, uint32_t* dst, int64_t ldt) {
+  const int64_t pa = (shift + s0) / 2, pe = (shift + s1 + 1) / 2;
+  for (int64_t p = pa; p < pe; ++p) {
+    const int64_t lo = 2 * p - shift, hi = lo + 1;
+    const float* rlo = lo >= s0 && lo < s1 ? src + lo * ld : nullptr;
+    const float* rhi = hi >= s0 && hi < s1 ? src + hi * ld : nullptr;
+    for (int64_t j = ca; j < ce; ++j) {
+      const uint32_t a = rlo ? uint32_t(bf16_bits(rlo[j])) : 0u, b = rhi ? uint32_t(bf16_bits(rhi[j])) : 0u;
+      dst[(j - ca) * ldt + (p - pa)] = a | (b << 16);
+    }
+  }
 }
 
 template <typename T>

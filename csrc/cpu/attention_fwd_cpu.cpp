@@ -23,10 +23,12 @@ inline const T* tile(const in_t* src, int64_t ld, int64_t rows, int64_t D, T* bu
 
 // in_t: q's and out's dtype; kv_t: k's and v's (in_t, or T when fwd_typed widened them);
 // T: the compute type (float, or double for double).  Tiles not in T are widened as
-// they are used.  kBias: add the bias to the scores; kDrop: dropout.
-template <typename in_t, typename kv_t, typename T, bool kBias, bool kDrop>
+// they are used.  kBias: add the bias to the scores; kDrop: dropout.  kMat: bf16 q with
+// K and V in ``pk`` (bf16 products, attention_cpu.h); P is rounded to bf16 for P V.
+template <typename in_t, typename kv_t, typename T, bool kBias, bool kDrop, bool kMat = false>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-              T scale, const Problem& pr, const Transform<T>& tf, const BiasView& bias, const Dropout& drop) {
+              T scale, const Problem& pr, const Transform<T>& tf, const BiasView& bias, const Dropout& drop,
+              const PairPack* kpack = nullptr, const PairPack* vpack = nullptr) {
   const int64_t Hq = q.size(2), D = q.size(3), Dv = v.size(3);  // Dv != D: MLA
   const int64_t Hk = k.size(2), group = Hq / Hk;
   // Shorter query sequences use smaller query tiles so every thread gets work.
@@ -60,19 +62,22 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const int64_t sob = out.stride(0), sos = out.stride(1), soh = out.stride(2);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   constexpr bool widen = !std::is_same_v<in_t, T>;
-  constexpr bool widen_kv = !std::is_same_v<kv_t, T>;
+  constexpr bool widen_kv = !std::is_same_v<kv_t, T> && !kMat;
+  const int64_t D2 = (D + 1) / 2;
+  const int64_t pld = (BN + 3) / 2;  // a row of P's bf16 pairs: one leading and one trailing half to spare
   // dropout's 1 / (1 - p) is applied with the final 1 / l
   const T out_scale = kDrop ? T(drop.rescale) : T(1);
   const T kLazy = T(std::exp(kLazyShift));
 
   struct State {
     Scratch<T> S, P, acc, m, l, orow, qbuf, kbuf, vbuf;
-    Scratch<uint32_t> keep;
+    Scratch<uint32_t> keep, qpairs, ppairs;
   };
   auto make_state = [&] {
     return State{Scratch<T>(BM * BN), Scratch<T>(BM * BN), Scratch<T>(BM * Dv), Scratch<T>(BM), Scratch<T>(BM),
-                 Scratch<T>(Dv), Scratch<T>(widen ? BM * D : 0), Scratch<T>(widen_kv ? BN * D : 0),
-                 Scratch<T>(widen_kv ? BN * Dv : 0), Scratch<uint32_t>(kDrop ? BN : 0)};
+                 Scratch<T>(Dv), Scratch<T>(widen && !kMat ? BM * D : 0), Scratch<T>(widen_kv ? BN * D : 0),
+                 Scratch<T>(widen_kv ? BN * Dv : 0), Scratch<uint32_t>(kDrop ? BN : 0),
+                 Scratch<uint32_t>(kMat ? BM * D2 : 0), Scratch<uint32_t>(kMat ? BM * pld : 0)};
   };
   run_tasks(Hq * nunits, make_state, [&](int64_t task, State& st) {
     const int64_t h = task / nunits;
@@ -89,8 +94,16 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     T* acc = st.acc.data();
     T* m = st.m.data();
     T* l = st.l.data();
-    int64_t ldq;
-    const T* qt = tile<in_t, T>(qp + sq.pb * sqb + h * sqh + (sq.q0 + r0) * sqs, sqs, rows, D, st.qbuf.data(), ldq);
+    int64_t ldq = 0;
+    const T* qt = nullptr;
+    const uint32_t *kpk = nullptr, *vpk = nullptr;
+    if constexpr (kMat) {
+      row_pairs(qp + sq.pb * sqb + h * sqh + (sq.q0 + r0) * sqs, sqs, rows, D, st.qpairs.data());
+      kpk = kpack->at(u.seq, h / group);
+      vpk = vpack->at(u.seq, h / group);
+    } else {
+      qt = tile<in_t, T>(qp + sq.pb * sqb + h * sqh + (sq.q0 + r0) * sqs, sqs, rows, D, st.qbuf.data(), ldq);
+    }
     std::fill(acc, acc + rows * Dv, T(0));
     std::fill(m, m + rows, neg_inf);
     std::fill(l, l + rows, T(0));
@@ -100,15 +113,20 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     band.keys(r0 + rows - 1, unused, khi);
     for (int64_t c0 = klo; c0 < khi; c0 += BN) {
       const int64_t cols = std::min(BN, khi - c0);
-      int64_t ldk, ldv;
-      const T* ktile = tile<kv_t, T>(kt + c0 * sks, sks, cols, D, st.kbuf.data(), ldk);
+      int64_t ldk = 0, ldv = 0;
+      const T* ktile = kMat ? nullptr : tile<kv_t, T>(kt + c0 * sks, sks, cols, D, st.kbuf.data(), ldk);
       // A tile the band cuts (causal diagonal, window edges) runs its products on row
       // slabs, each over just the columns its rows can see (a staircase), instead of the
       // whole rectangle; a slab's rows read and write only inside its column range.
       const int64_t slab = band_cuts(band, r0, rows, c0, cols) ? (rows + kStairSlabs - 1) / kStairSlabs : rows;
       for_slabs(band, r0, rows, c0, cols, slab, [&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
-        gemm_rm<T>(false, true, s1 - s0, ce - ca, D, scale, qt + s0 * ldq, ldq, ktile + ca * ldk, ldk, T(0),
-                   st.S.data() + s0 * BN + ca, BN);
+        if constexpr (kMat) {
+          bf16_gemm(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, kpk + c0 + ca, sq.len_k + 16,
+                    st.S.data() + s0 * BN + ca, BN, float(scale), false);
+        } else {
+          gemm_rm<T>(false, true, s1 - s0, ce - ca, D, scale, qt + s0 * ldq, ldq, ktile + ca * ldk, ldk, T(0),
+                     st.S.data() + s0 * BN + ca, BN);
+        }
       });
       for (int64_t r = 0; r < rows; ++r) {
         T* srow = st.S.data() + r * BN;
@@ -151,11 +169,23 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
           apply_keep(prow + a, st.keep.data(), e - a);
         }
       }
-      const T* vtile = tile<kv_t, T>(vt + c0 * svs, svs, cols, Dv, st.vbuf.data(), ldv);
-      for_slabs(band, r0, rows, c0, cols, slab, [&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
-        gemm_rm<T>(false, false, s1 - s0, Dv, ce - ca, T(1), st.P.data() + s0 * BN + ca, BN, vtile + ca * ldv, ldv,
-                   T(1), acc + s0 * Dv, Dv);
-      });
+      if constexpr (kMat) {
+        // P's rows in bf16, shifted by c0's parity so that pairs are V's key pairs (even
+        // key first); the spare halves are 0
+        const int64_t shift = c0 & 1;
+        for (int64_t r = 0; r < rows; ++r) float_row_pairs(st.P.data() + r * BN, cols, shift, st.ppairs.data() + r * pld);
+        for_slabs(band, r0, rows, c0, cols, slab, [&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
+          const int64_t pa = (shift + ca) / 2, pe = (shift + ce + 1) / 2;
+          bf16_gemm(s1 - s0, Dv, pe - pa, st.ppairs.data() + s0 * pld + pa, pld, vpk + (c0 / 2 + pa) * vpack->ld,
+                    vpack->ld, acc + s0 * Dv, Dv, 1.0f, true);
+        });
+      } else {
+        const T* vtile = tile<kv_t, T>(vt + c0 * svs, svs, cols, Dv, st.vbuf.data(), ldv);
+        for_slabs(band, r0, rows, c0, cols, slab, [&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
+          gemm_rm<T>(false, false, s1 - s0, Dv, ce - ca, T(1), st.P.data() + s0 * BN + ca, BN, vtile + ca * ldv,
+                     ldv, T(1), acc + s0 * Dv, Dv);
+        });
+      }
     }
     T* orow = st.orow.data();
     for (int64_t r = 0; r < rows; ++r) {
@@ -190,8 +220,16 @@ void fwd_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at
   // query sequences), widen them once for the call (O(N d) memory, like the backward)
   // instead of once per tile and query block; else per tile, copying nothing K-sized.
   const bool widen_once = !std::is_same_v<in_t, T> && pr.max_q > 128;
+  // bf16 products: K and V packed once for the call (as many bytes as they have)
+  const bool mat = std::is_same_v<in_t, at::BFloat16> && kHaveBf16Dot && bf16_products() && pr.max_q > 64;
   with_features(bias.data != nullptr, has_drop, [&](auto kb, auto kd) {
     constexpr bool b = decltype(kb)::value, d = decltype(kd)::value;
+    if constexpr (std::is_same_v<in_t, at::BFloat16> && kHaveBf16Dot) {
+      if (mat) {
+        const PairPack kpack = pack_pairs(k, pr, false, Pairs::kHeadDim), vpack = pack_pairs(v, pr, false, Pairs::kRows);
+        return fwd_impl<in_t, in_t, T, b, d, true>(q, k, v, out, lse, T(scale), pr, tf, bias, drop, &kpack, &vpack);
+      }
+    }
     if (widen_once) {
       const auto wide = c10::CppTypeToScalarType<T>::value;
       fwd_impl<in_t, T, T, b, d>(q, k.to(wide), v.to(wide), out, lse, T(scale), pr, tf, bias, drop);

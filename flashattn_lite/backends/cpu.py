@@ -5,6 +5,8 @@ built (no C++ compiler, say), it reports itself unavailable with the tail of the
 compiler error; ``auto`` then falls back to ``reference`` with a one-time warning.
 """
 
+import json
+import os
 import warnings
 
 import torch
@@ -22,7 +24,83 @@ _warned = []
 
 def _ensure_built():
     _build.build_cpu()
-    return torch.ops.flashattn_lite_C
+    lib = torch.ops.flashattn_lite_C
+    if os.environ.get(MATMUL_ENV, "auto") != _products["env"]:
+        _set_products(lib)
+    return lib
+
+
+# ------------------------------------------------------------------ bf16 products
+# bf16 tile products run either in bf16 with float32 accumulation on the CPU's bf16
+# dot-product unit (AVX512-BF16) or widened to float32 through BLAS; attention_cpu.h says
+# what is rounded where.  "auto" picks the faster by a short measurement at first use
+# (cached next to the extension, under its key: CPU model and flags, sources, torch);
+# the environment variable forces either.  fp16 is always widened (no fp16 products here).
+MATMUL_ENV = "FLASHATTN_LITE_CPU_MATMUL"
+MATMUL_CHOICES = ("auto", "bf16", "fp32")
+# bf16 products must beat float32 by this factor to be chosen: a tie keeps float32's
+# rounding (P is not rounded to bf16 there)
+_MATMUL_MARGIN = 1.25
+_products = {"env": None, "path": None, "why": None}
+
+
+def _probe_file():
+    return os.path.join(_build.cache_root(), f"products-{_build.cache_key()}.json")
+
+
+def probe_products():
+    """{"unit": bool, "bf16": GFLOP/s, "fp32": GFLOP/s} of the forward's tile products each
+    way on one thread (``cpu_probe_products``), measured once per extension key and cached."""
+    path = _probe_file()
+    try:
+        with open(path) as f:
+            rates = json.load(f)
+        if set(rates) == {"unit", "bf16", "fp32"}:
+            return rates
+    except (OSError, ValueError):
+        pass
+    _build.build_cpu()
+    unit, bf16, fp32 = torch.ops.flashattn_lite_C.cpu_probe_products()
+    rates = {"unit": bool(unit), "bf16": round(bf16, 1), "fp32": round(fp32, 1)}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(rates, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: measured again next time
+    return rates
+
+
+def _set_products(lib):
+    env = os.environ.get(MATMUL_ENV, "auto")
+    if env not in MATMUL_CHOICES:
+        raise ValueError(f"{MATMUL_ENV}={env!r}: expected one of {', '.join(MATMUL_CHOICES)}")
+    if env == "auto":
+        rates = probe_products()
+        on = rates["unit"] and rates["bf16"] >= _MATMUL_MARGIN * rates["fp32"]
+        if not rates["unit"]:
+            why = "auto: no bf16 dot-product unit (AVX512-BF16) in this build/CPU"
+        else:
+            why = (f"auto: measured bf16 products {rates['bf16']:.0f} GFLOP/s, float32 {rates['fp32']:.0f} GFLOP/s "
+                   f"(one thread; bf16 is chosen at >= {_MATMUL_MARGIN}x)")
+    else:
+        on = env == "bf16"
+        why = f"forced by {MATMUL_ENV}={env}"
+    try:
+        lib.cpu_bf16_products(int(on))
+    except RuntimeError as exc:
+        raise RuntimeError(f"{MATMUL_ENV}={env}: {exc}") from None
+    _products.update(env=env, path="bf16" if on else "fp32", why=why)
+
+
+def products_choice():
+    """{"bf16": (path, why), "fp16": (path, why)}: how this process multiplies each
+    low-precision dtype's tiles (``flashattn-lite info``)."""
+    _ensure_built()
+    return {"bf16": (_products["path"], _products["why"]),
+            "fp16": ("fp32", "widened to float32: no fp16 products in this backend")}
 
 
 def available():

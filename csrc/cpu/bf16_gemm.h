@@ -1,0 +1,108 @@
+// bf16 matrix products with float32 accumulation on the CPU's bf16 dot-product unit
+// (AVX512-BF16: vdpbf16ps, on AMD Zen 4/5 and Intel Cooper Lake / Sapphire Rapids and
+// later), for the forward and backward kernels' bf16 path (attention_cpu.h: "Products").
+//
+// Operands are pairs of bf16 along the reduction dim, each pair one uint32 (low half the
+// even element):
+//   A (M x K2 pairs), row m at A + m * lda: a row-major bf16 matrix with an even row
+//     length (or zero-padded to one) read as uint32;
+//   B (K2 x N), "VNNI" packed: element (p, n) holds B[2p][n] and B[2p + 1][n];
+//     row p at B + p * ldb.  Rows must be readable 16 * kNV elements past any n < N
+//     (pad the allocation), the products only keep columns < N.
+// C[m][n] = alpha * sum_p A[m][p] . B[p][n] (+ C[m][n] with accumulate), m < M, n < N.
+// Each product of two bf16 numbers is exact in float32; vdpbf16ps adds the two of a pair
+// and the accumulator with float32 rounding (denormal inputs and outputs flush to zero).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define FLASHATTN_LITE_BF16_DOT 1
+#endif
+
+namespace flashattn_lite {
+namespace attention_cpu {
+
+#ifdef FLASHATTN_LITE_BF16_DOT
+constexpr bool kHaveBf16Dot = true;
+
+constexpr int kMR = 4;  // rows of C per register tile
+constexpr int kNV = 4;  // 16-column vectors of C per register tile: 16 accumulators
+
+template <int MR, int NV>
+inline void bf16_tile(int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C,
+                      int64_t ldc, float alpha, bool accumulate, __mmask16 last) {
+  __m512 c[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) c[m][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < K2; ++p) {
+    __m512i b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(B + p * ldb + 16 * v);
+    for (int m = 0; m < MR; ++m) {
+      const __m512i a = _mm512_set1_epi32(int(A[m * lda + p]));
+      for (int v = 0; v < NV; ++v) c[m][v] = _mm512_dpbf16_ps(c[m][v], (__m512bh)a, (__m512bh)b[v]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int m = 0; m < MR; ++m) {
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 k = v == NV - 1 ? last : __mmask16(0xFFFF);
+      float* dst = C + m * ldc + 16 * v;
+      __m512 r = _mm512_mul_ps(c[m][v], va);
+      if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(k, dst));
+      _mm512_mask_storeu_ps(dst, k, r);
+    }
+  }
+}
+
+template <int MR>
+inline void bf16_rows(int64_t nv, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C,
+                      int64_t ldc, float alpha, bool accumulate, __mmask16 last) {
+  switch (nv) {
+    case 1: return bf16_tile<MR, 1>(K2, A, lda, B, ldb, C, ldc, alpha, accumulate, last);
+    case 2: return bf16_tile<MR, 2>(K2, A, lda, B, ldb, C, ldc, alpha, accumulate, last);
+    case 3: return bf16_tile<MR, 3>(K2, A, lda, B, ldb, C, ldc, alpha, accumulate, last);
+    default: return bf16_tile<MR, kNV>(K2, A, lda, B, ldb, C, ldc, alpha, accumulate, last);
+  }
+}
+
+inline void bf16_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
+                      int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K2 <= 0) {  // an empty sum
+    for (int64_t m = 0; m < M; ++m)
+      if (!accumulate) std::memset(C + m * ldc, 0, sizeof(float) * size_t(N));
+    return;
+  }
+  for (int64_t n0 = 0; n0 < N; n0 += 16 * kNV) {
+    const int64_t cols = N - n0 < 16 * kNV ? N - n0 : 16 * kNV;
+    const int64_t nv = (cols + 15) / 16;
+    const int64_t tail = cols - 16 * (nv - 1);
+    const __mmask16 last = __mmask16((1u << tail) - 1u);
+    int64_t m = 0;
+    for (; m + kMR <= M; m += kMR)
+      bf16_rows<kMR>(nv, K2, A + m * lda, lda, B + n0, ldb, C + m * ldc + n0, ldc, alpha, accumulate, last);
+    for (; m < M; ++m)
+      bf16_rows<1>(nv, K2, A + m * lda, lda, B + n0, ldb, C + m * ldc + n0, ldc, alpha, accumulate, last);
+  }
+}
+
+#else
+constexpr bool kHaveBf16Dot = false;
+
+inline void bf16_gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t,
+                      float, bool) {}
+#endif
+
+// Round-to-nearest-even float -> bf16 bits (NaN stays NaN).
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+}  // namespace attention_cpu
+}  // namespace flashattn_lite

@@ -1,0 +1,161 @@
+"""The CPU backend's two ways of multiplying bf16 tiles (bf16 products on the CPU's bf16
+dot-product unit, or widened to float32), each forced with FLASHATTN_LITE_CPU_MATMUL and
+compared with the float64 reference; and the choice between them (measurement, cache,
+forcing, errors).  Shapes have more than 64 queries so the forward takes the chosen path
+(shorter ones widen their tiles either way)."""
+
+import json
+
+import pytest
+import torch
+
+import flashattn_lite as fl
+from flashattn_lite.backends import cpu
+from flashattn_lite.testing import reference_results
+from helpers import assert_checks_ok, check_case
+from test_features import check_dropout, check_mask, check_varlen
+from test_mla import _assert_ok, _dense, _qkv
+
+
+def _has_unit():
+    return cpu.probe_products()["unit"]
+
+
+PATHS = [pytest.param("bf16", marks=pytest.mark.skipif("not _has_unit()", reason="no AVX512-BF16 on this CPU")),
+         "fp32"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    monkeypatch.setenv(cpu.MATMUL_ENV, request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("case", [
+    dict(batch=2, sq=130, sk=301, hq=4, hk=2, d=64, causal=True),      # GQA, Sq != Sk, bottom-right diagonal
+    dict(batch=1, sq=257, sk=129, hq=2, hk=2, d=33, causal=True),      # odd head dim, rows with no key
+    dict(batch=1, sq=200, sk=200, hq=2, hk=1, d=80, window=(37, 5)),   # window edges at odd keys
+    dict(batch=1, sq=150, sk=150, hq=2, hk=2, d=16, softcap=5.0, alibi="heads"),
+    dict(batch=1, sq=140, sk=700, hq=2, hk=2, d=128, memory="bhsd"),  # torch's layout: strided rows
+    dict(batch=1, sq=100, sk=99, hq=1, hk=1, d=1),                     # head dim 1, odd key count
+], ids=["gqa-causal", "d33", "window", "softcap-alibi", "bhsd-d128", "d1"])
+def test_dense_against_reference(path, case):
+    check_case("cpu", dtype=torch.bfloat16, **case)
+
+
+def test_varlen_and_mla_and_bias(path):
+    check_varlen("cpu", [70, 1, 0, 131], [90, 5, 3, 131], 4, 2, 64, torch.bfloat16, causal=True)
+    check_varlen("cpu", [67, 100], [99, 100], 2, 2, 32, torch.bfloat16, window=(9, 4), softcap=3.0, alibi=True)
+    q, k, v = _qkv(1, 96, 160, 4, 2, 192, 128, torch.bfloat16)  # MLA: Dv != D
+    dout = torch.randn(1, 96, 4, 128, dtype=torch.bfloat16)
+    ours = _dense("cpu", q, k, v, dout, causal=True)
+    _assert_ok(ours, *reference_results(q, k, v, dout, 192 ** -0.5, 64, -1, 0), torch.bfloat16)
+    check_mask("cpu", 1, 80, 96, 2, 1, 40, torch.bfloat16, (1, 2, 80, 96), "float-grad")  # bias with its gradient
+    check_mask("cpu", 1, 80, 96, 2, 2, 40, torch.bfloat16, (80, 96), "bool", mask_rows=True)
+    check_dropout("cpu", 1, 90, 120, 2, 2, 32, torch.bfloat16, 0.2, causal=True)
+
+
+def test_sink_against_reference(path):
+    q, k, v = (torch.randn(1, 100, 2, 48, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    sink = torch.randn(2, requires_grad=True)
+    dout = torch.randn(1, 100, 2, 48, dtype=torch.bfloat16)
+    ours = _dense("cpu", q, k, v, dout, sink=sink, causal=True)
+    ref, base = reference_results(q, k, v, dout, 48 ** -0.5, 0, -1, 0, learnable_sink=sink)
+    assert_checks_ok(ours, ref, base, torch.bfloat16)
+
+
+def _fwd_bwd(q, k, v, dout):
+    with fl.use_backend("cpu"):
+        out = fl.flash_attn_func(q, k, v, causal=True)
+        return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
+
+
+def test_reproducible_and_thread_count_invariant(path):
+    q, k, v = (torch.randn(2, 300, 4, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(2, 300, 4, 64, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _fwd_bwd(q, k, v, dout)
+        torch.set_num_threads(max(2, threads))
+        many = _fwd_bwd(q, k, v, dout)
+        again = _fwd_bwd(q, k, v, dout)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(many, again))  # the backward bit for bit
+    assert torch.equal(one[0], many[0])  # the forward for any thread count
+
+
+def test_paths_differ_only_by_rounding(monkeypatch):
+    """Both paths on the same inputs: each within tolerance (above), and on a machine with
+    the unit they really are two paths (P rounded to bf16 changes low bits)."""
+    if not _has_unit():
+        pytest.skip("one path on this CPU")
+    q, k, v = (torch.randn(1, 128, 2, 64, dtype=torch.bfloat16) for _ in range(3))
+    outs = {}
+    for p in ("bf16", "fp32"):
+        monkeypatch.setenv(cpu.MATMUL_ENV, p)
+        with fl.use_backend("cpu"):
+            outs[p] = fl.flash_attn_func(q, k, v)
+        assert cpu.products_choice()["bf16"][0] == p
+    assert not torch.equal(outs["bf16"], outs["fp32"])
+    assert (outs["bf16"].float() - outs["fp32"].float()).abs().max() < 0.05
+
+
+def test_auto_choice_by_measurement_and_its_cache(monkeypatch, tmp_path):
+    cache = tmp_path / "products.json"
+    monkeypatch.setattr(cpu, "_probe_file", lambda: str(cache))
+    rates = cpu.probe_products()  # measured: one thread, both ways
+    assert set(rates) == {"unit", "bf16", "fp32"} and rates["fp32"] > 0
+    assert (rates["bf16"] > 0) == rates["unit"]
+    assert json.loads(cache.read_text()) == rates
+
+    def no_second_measurement():
+        raise AssertionError("measured again despite the cache")
+    monkeypatch.setattr(torch.ops.flashattn_lite_C, "cpu_probe_products", no_second_measurement, raising=False)
+    assert cpu.probe_products() == rates
+
+    monkeypatch.setenv(cpu.MATMUL_ENV, "auto")
+    for fake, expect in (({"unit": True, "bf16": 500.0, "fp32": 100.0}, "bf16"),
+                         ({"unit": True, "bf16": 110.0, "fp32": 100.0}, "fp32"),  # not worth P's rounding
+                         ({"unit": False, "bf16": 0.0, "fp32": 100.0}, "fp32")):
+        if expect == "bf16" and not rates["unit"]:
+            continue  # the extension cannot switch to bf16 here
+        cache.write_text(json.dumps(fake))
+        cpu._products["env"] = None  # re-decide at the next call
+        path, why = cpu.products_choice()["bf16"]
+        assert path == expect and "auto" in why and (not fake["unit"] or "GFLOP/s" in why)
+    cpu._products["env"] = None
+
+
+def test_forcing_errors(monkeypatch):
+    monkeypatch.setenv(cpu.MATMUL_ENV, "fast")
+    q = torch.randn(1, 100, 1, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="FLASHATTN_LITE_CPU_MATMUL='fast'.*auto, bf16, fp32"):
+        with fl.use_backend("cpu"):
+            fl.flash_attn_func(q, q, q)
+    monkeypatch.setenv(cpu.MATMUL_ENV, "bf16")
+    if _has_unit():
+        with fl.use_backend("cpu"):
+            fl.flash_attn_func(q, q, q)
+    else:  # a forced path this CPU cannot run
+        with pytest.raises(RuntimeError, match="FLASHATTN_LITE_CPU_MATMUL=bf16.*AVX512-BF16"):
+            with fl.use_backend("cpu"):
+                fl.flash_attn_func(q, q, q)
+    with pytest.raises(ValueError, match="takes 0 or 1"):
+        torch.ops.flashattn_lite_C.cpu_bf16_products(2)
+    monkeypatch.delenv(cpu.MATMUL_ENV)
+    cpu._products["env"] = None
+
+
+def test_fp16_and_fp32_are_unaffected(monkeypatch):
+    """fp16 widens (no fp16 products here); fp32 keeps float32 products: same bits either way."""
+    outs = []
+    for p in ("bf16", "fp32") if _has_unit() else ("fp32",):
+        monkeypatch.setenv(cpu.MATMUL_ENV, p)
+        torch.manual_seed(0)
+        with fl.use_backend("cpu"):
+            outs.append([fl.flash_attn_func(*(torch.randn(1, 100, 2, 32, dtype=dt) for _ in range(3)))
+                         for dt in (torch.float16, torch.float32)])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[-1]))
+    assert cpu.products_choice()["fp16"][0] == "fp32"
