@@ -25,7 +25,7 @@ _state = {}  # "path" or "error", once known
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
 
-def _csrc_dir():
+def csrc_dir():
     # Installed (wheel or editable): the package flashattn_lite.csrc; else the checkout's csrc/
     try:
         import flashattn_lite.csrc as pkg
@@ -36,13 +36,13 @@ def _csrc_dir():
 
 def cpu_sources():
     """The translation units of the CPU extension."""
-    root = _csrc_dir()
+    root = csrc_dir()
     return [os.path.join(root, "ops.cpp")] + sorted(glob.glob(os.path.join(root, "cpu", "*.cpp")))
 
 
 def _hashed_files():
     """Everything the build reads: sources and headers."""
-    root = _csrc_dir()
+    root = csrc_dir()
     headers = sorted(glob.glob(os.path.join(root, "*.h")) + glob.glob(os.path.join(root, "cpu", "*.h")))
     return cpu_sources() + headers
 

@@ -35,7 +35,7 @@ CUDA_CFLAGS = ["-O3", "-std=c++17"]
 
 
 def cuda_dir():
-    return os.path.join(_build._csrc_dir(), "cuda")
+    return os.path.join(_build.csrc_dir(), "cuda")
 
 
 def emu_sources():

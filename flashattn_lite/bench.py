@@ -371,7 +371,7 @@ def check_against_reference(fn, case, q, k, v, rows=64):
         base = attention_math(q_, k_, v_, case.head_dim ** -0.5, offset + lo, left, right, upcast=False,
                               sink=None if sink is None else sink.to(q_.dtype))[0]
         ours = out[:, :, lo:hi].transpose(1, 2).cpu()
-        scale = testing._max_abs(ref)
+        scale = testing.max_abs(ref)
         cmp = testing.compare("out", ours, ref, base, case.torch_dtype, testing.FWD_FACTOR, scale)
         if not cmp.ok:
             return f"rows {lo}..{hi - 1}: {cmp}"
@@ -636,8 +636,28 @@ def device_description(device):
     return f"CPU ({torch.get_num_threads()} threads)"
 
 
+def busy_warning():
+    """A warning when the machine is busier than it has cores (the one-minute load average
+    above ``os.cpu_count()``), else None.  Another job running beside a benchmark on a
+    2-core machine once moved every timing 3-5x and changed the ranking."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform (Windows)
+        return None
+    cores = os.cpu_count() or 1
+    if load <= cores:
+        return None
+    return (f"warning: the machine is busy (load average {load:.2f} over the last minute, {cores} cores): other "
+            "jobs compete for the cores, so these timings will be noisy (another job on a 2-core machine once "
+            "moved every timing 3-5x and changed the ranking); rerun on an idle machine to compare speeds")
+
+
 def run(cases, device=None, repeats=5, impl_names=None, out_dir="bench_out", progress=True):
-    """Run ``cases``; write table, CSV, JSON and PNGs into ``out_dir``; return (results, files)."""
+    """Run ``cases``; write table, CSV, JSON and PNGs into ``out_dir``; return (results, files).
+    Warns on stderr first when the machine is busy (:func:`busy_warning`)."""
+    busy = busy_warning()
+    if busy:
+        print(busy, file=sys.stderr)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         _glibc_return_large_blocks()

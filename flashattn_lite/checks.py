@@ -3,7 +3,8 @@
 Two layers use these rules:
 
 * the public functions (interface.py, kvcache.py) check what users pass, with the
-  user's argument names, and turn it into operator arguments;
+  user's argument names (the scalar checks and :func:`check_tensor`, :func:`check_alibi`,
+  :func:`check_sink` here, shared by both), and turn it into operator arguments;
 * the registered operators (``torch.ops.flashattn_lite.fwd``, ``.bwd``, ``.decode``) are
   public too, so :func:`check_fwd`, :func:`check_bwd` and :func:`check_decode` check
   every argument a kernel reads (shapes, dtypes, devices, strides, offsets, indices)
@@ -114,6 +115,37 @@ def check_seqlen(name, n):
     if n > INT32_MAX:
         raise ValueError(f"{name} = {n} is too long: sequence lengths must be below 2**31 (offsets and lengths are "
                          "int32, as in flash-attn)")
+
+
+# ------------------------------------------------------------------ tensors (the public functions' checks)
+
+def check_tensor(name, t, ndim, layout):
+    """A tensor argument of a public function: ``ndim`` dims (``layout`` names them in the
+    error) and a supported dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+
+
+def check_alibi(slopes, batch, heads, device):
+    """ALiBi slopes: (heads,) or (batch, heads), float; returned as float32 (batch, heads),
+    with a stride-0 batch dim for the (heads,) form (no copy)."""
+    if slopes is None:
+        return None
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor, got {type(slopes).__name__}")
+    if slopes.shape not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (heads, or batch x "
+                         f"heads), got {tuple(slopes.shape)}")
+    if not slopes.is_floating_point():
+        raise TypeError(f"alibi_slopes must be a float tensor, got {slopes.dtype}")
+    if slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {slopes.device} but q is on {device}")
+    slopes = slopes.to(torch.float32)
+    return slopes.expand(batch, heads) if slopes.dim() == 1 else slopes
 
 
 # ------------------------------------------------------------------ the operators' contract

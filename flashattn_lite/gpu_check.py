@@ -822,7 +822,7 @@ def _rows_problem(out, q, k, v, causal, dtype, rows=64, batch_items=None):
         ref = attention_math(qs.double(), kd.double(), vd.double(), d ** -0.5, sk - sq + lo, -1, right)[0]
         base = attention_math(qs, kd, vd, d ** -0.5, sk - sq + lo, -1, right, upcast=False)[0]
         cmp = testing.compare("out", out[:, lo:hi].detach(), ref, base, dtype, testing.FWD_FACTOR,
-                              testing._max_abs(ref))
+                              testing.max_abs(ref))
         if not cmp.ok:
             return f"rows {lo}..{hi - 1}: {cmp}"
     return None

@@ -9,20 +9,10 @@ import numbers
 import torch
 
 from . import backends, checks, ops, rng  # ops registers torch.ops.flashattn_lite.*
+from .backends import select_backend
 from .checks import MAX_DECODE_HEAD_DIM, MAX_HEAD_DIM, SUPPORTED_DTYPES  # noqa: F401  (re-exported)
-from .checks import check_dropout as _check_dropout
-from .checks import check_scale as _check_scale
-from .checks import check_softcap as _check_softcap
-from .checks import check_window as _check_window
-
-
-def _check_tensor(name, t, ndim, layout):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+from .checks import check_alibi, check_dropout, check_scale, check_softcap, check_tensor, check_window
+from .planning import unbounded_if_beyond
 
 
 def _unit_last_stride(t):
@@ -62,21 +52,6 @@ def _validate_qkv(q, k, v, names, layout, packed=False):
         checks.check_seqlen(f"seqlen of {nk}", ks[1])
 
 
-
-
-def _select_backend(device, dtype, head_dim, features=frozenset(), head_dim_v=None):
-    return backends.select(backends.Call(device=device, dtype=dtype, head_dim=head_dim, features=features,
-                                         head_dim_v=head_dim_v))
-
-
-# Under torch.compile the backend choice is made once, at trace time, and baked into
-# the graph.  This attribute is all ``torch.compiler.assume_constant_result`` sets; it is
-# set directly because calling that function imports torch._dynamo (about 2 s, and it
-# imports Triton before a CLI can switch on TRITON_INTERPRET).
-# tests/test_ops.py::test_torch_compile_fullgraph_matches_eager guards the mechanism.
-_select_backend._dynamo_marked_constant = True
-
-
 def _head_dim_for_choice(head_dim):
     """The head dim as the backend choice sees it.  Under torch.compile with dynamic shapes
     it may be symbolic, and the choice (a constant of the graph) needs a plain int; the
@@ -100,33 +75,6 @@ def _head_dim_v_for_choice(head_dim, head_dim_v):
     return _head_dim_for_choice(head_dim_v)
 
 
-def _unbounded_if_beyond(left, right, seqlen_q, seqlen_k):
-    """A window side wider than both sequences is the same as none (-1); normalising it
-    keeps kernel index arithmetic (32-bit in Triton) far from overflow."""
-    reach = seqlen_q + seqlen_k
-    return (-1 if left > reach else left), (-1 if right > reach else right)
-
-
-
-def _check_alibi(slopes, batch, heads, device):
-    """ALiBi slopes: (heads,) or (batch, heads), float; returned as float32 (batch, heads),
-    with a stride-0 batch dim for the (heads,) form (no copy)."""
-    if slopes is None:
-        return None
-    if not isinstance(slopes, torch.Tensor):
-        raise TypeError(f"alibi_slopes must be a torch.Tensor, got {type(slopes).__name__}")
-    if slopes.shape not in ((heads,), (batch, heads)):
-        raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (heads, or batch x "
-                         f"heads), got {tuple(slopes.shape)}")
-    if not slopes.is_floating_point():
-        raise TypeError(f"alibi_slopes must be a float tensor, got {slopes.dtype}")
-    if slopes.device != device:
-        raise ValueError(f"alibi_slopes is on {slopes.device} but q is on {device}")
-    slopes = slopes.to(torch.float32)
-    return slopes.expand(batch, heads) if slopes.dim() == 1 else slopes
-
-
-
 def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap=0.0, alibi_slopes=None, bias=None,
          cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, dropout_p=0.0, learnable_sink=None):
     checks.check_scale_over_softcap(softmax_scale, softcap)
@@ -138,8 +86,8 @@ def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap
     features = frozenset(params.features())
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, learnable_sink)):
         features |= {"backward"}  # chosen once for both passes: a backend without this backward is passed over
-    backend = _select_backend(q.device, q.dtype, _head_dim_for_choice(q.shape[-1]), features,
-                              _head_dim_v_for_choice(q.shape[-1], v.shape[-1]))
+    backend = select_backend(q.device, q.dtype, _head_dim_for_choice(q.shape[-1]), features,
+                             _head_dim_v_for_choice(q.shape[-1], v.shape[-1]))
     if dropout_p > 0:
         rng.note_call(params, q, k)
     return ops.run_fwd(q, k, v, params, backend, learnable_sink)
@@ -170,16 +118,16 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Returns ``out`` (batch, seqlen_q, nheads, headdim), or ``(out, softmax_lse, None)``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, 4, "(batch, seqlen, heads, headdim)")
+        check_tensor(name, t, 4, "(batch, seqlen, heads, headdim)")
     _validate_qkv(q, k, v, ("q", "k", "v"), "(batch, seqlen, heads, headdim)")
-    dropout_p = _check_dropout(dropout_p)
-    softcap = _check_softcap(softcap)
-    slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else _check_scale(softmax_scale, "softmax_scale")
-    left, right = _check_window(window_size)
+    dropout_p = check_dropout(dropout_p)
+    softcap = check_softcap(softcap)
+    slopes = check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else check_scale(softmax_scale, "softmax_scale")
+    left, right = check_window(window_size)
     if causal:
         right = 0
-    left, right = _unbounded_if_beyond(left, right, q.shape[1], k.shape[1])
+    left, right = unbounded_if_beyond(left, right, q.shape[1], k.shape[1])
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     sink = checks.check_sink(learnable_sink, q.shape[2], q.device)
     out, lse = _run(q, k, v, scale, k.shape[1] - q.shape[1], left, right, softcap, slopes, dropout_p=dropout_p,
@@ -241,8 +189,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(0)
     for name, t in (("query", query), ("key", key), ("value", value)):
-        _check_tensor(name, t, 4, "(batch, heads, seqlen, headdim)")
-    dropout_p = _check_dropout(dropout_p)
+        check_tensor(name, t, 4, "(batch, heads, seqlen, headdim)")
+    dropout_p = check_dropout(dropout_p)
     if attn_mask is not None and is_causal:
         raise ValueError("pass either attn_mask or is_causal=True, not both (as torch)")
     if query.shape[1] != key.shape[1] and not enable_gqa:
@@ -251,7 +199,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     _validate_qkv(q, k, v, ("query", "key", "value"), "(batch, heads, seqlen, headdim)")
     bias = None if attn_mask is None else _attn_mask_as_bias(attn_mask, q, k)
-    softmax_scale = q.shape[-1] ** -0.5 if scale is None else _check_scale(scale, "scale")
+    softmax_scale = q.shape[-1] ** -0.5 if scale is None else check_scale(scale, "scale")
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     sink = checks.check_sink(learnable_sink, q.shape[2], q.device)
     out, _ = _run(q, k, v, softmax_scale, 0, -1, 0 if is_causal else -1, bias=bias, dropout_p=dropout_p,
@@ -314,7 +262,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     Returns ``out`` (total_q, nheads, headdim), or ``(out, softmax_lse (nheads, total_q), None)``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, 3, "(total_tokens, heads, headdim)")
+        check_tensor(name, t, 3, "(total_tokens, heads, headdim)")
     if block_table is not None:
         raise NotImplementedError("block_table (paged K/V) is supported by flash_attn_with_kvcache, not by "
                                   "flash_attn_varlen_func")
@@ -326,15 +274,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                          f"{len(lengths_q) + 1} and {len(lengths_k) + 1}")
     max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, lengths_q)
     max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, lengths_k)
-    dropout_p = _check_dropout(dropout_p)
-    softcap = _check_softcap(softcap)
+    dropout_p = check_dropout(dropout_p)
+    softcap = check_softcap(softcap)
     batch = len(lengths_q)
-    slopes = _check_alibi(alibi_slopes, batch, q.shape[1], q.device)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else _check_scale(softmax_scale, "softmax_scale")
-    left, right = _check_window(window_size)
+    slopes = check_alibi(alibi_slopes, batch, q.shape[1], q.device)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else check_scale(softmax_scale, "softmax_scale")
+    left, right = check_window(window_size)
     if causal:
         right = 0
-    left, right = _unbounded_if_beyond(left, right, max_seqlen_q, max_seqlen_k)
+    left, right = unbounded_if_beyond(left, right, max_seqlen_q, max_seqlen_k)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     sink = checks.check_sink(learnable_sink, q.shape[1], q.device)
     out, lse = _run(q, k, v, scale, 0, left, right, softcap, slopes, cu_seqlens_q=cu_seqlens_q.contiguous(),

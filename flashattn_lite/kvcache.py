@@ -38,14 +38,14 @@ import operator
 import torch
 
 from . import backends
-from .checks import check_scale_over_softcap, check_sink
 from . import ops as _ops  # (also registers torch.ops.flashattn_lite.decode)
-from .interface import (MAX_DECODE_HEAD_DIM, MAX_HEAD_DIM, _check_alibi, _check_scale, _check_softcap, _check_tensor,
-                        _check_window, _select_backend, _unbounded_if_beyond)
+from .backends import select_backend
+from .checks import (MAX_DECODE_HEAD_DIM, MAX_HEAD_DIM, check_alibi, check_scale, check_scale_over_softcap, check_sink,
+                     check_softcap, check_tensor, check_window)
+from .planning import MAX_SPLITS, unbounded_if_beyond
 
 _LAYOUT = "(batch, seqlen, heads, headdim)"
 _CACHE_LAYOUT = "(batch_cache, seqlen_cache, heads_k, headdim) or, paged, (num_blocks, page_size, heads_k, headdim)"
-MAX_SPLITS = 128
 
 
 def _check_int32_vector(name, t, batch, device):
@@ -61,9 +61,9 @@ def _check_int32_vector(name, t, batch, device):
 
 
 def _check_caches(q, k_cache, v_cache):
-    _check_tensor("q", q, 4, _LAYOUT)
-    _check_tensor("k_cache", k_cache, 4, _CACHE_LAYOUT)
-    _check_tensor("v_cache", v_cache, 4, _CACHE_LAYOUT)
+    check_tensor("q", q, 4, _LAYOUT)
+    check_tensor("k_cache", k_cache, 4, _CACHE_LAYOUT)
+    check_tensor("v_cache", v_cache, 4, _CACHE_LAYOUT)
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise TypeError(f"q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if not (q.device == k_cache.device == v_cache.device):
@@ -93,8 +93,8 @@ def _check_new(k, v, q, k_cache, v_cache):
         raise ValueError("pass both k and v (the new keys/values to append), or neither")
     if k is None:
         return 0
-    _check_tensor("k", k, 4, _LAYOUT)
-    _check_tensor("v", v, 4, _LAYOUT)
+    check_tensor("k", k, 4, _LAYOUT)
+    check_tensor("v", v, 4, _LAYOUT)
     for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
         want = (q.shape[0], k.shape[1], k_cache.shape[2], cache.shape[3])
         if t.dtype != q.dtype:
@@ -381,18 +381,6 @@ def _check_requires_grad(tensors):
                                   "use flash_attn_func for attention that needs gradients")
 
 
-def auto_num_splits(programs, max_keys, block_n, num_sms, min_blocks_per_split=4):
-    """Split-KV count for ``num_splits=0``: 1 when ``programs`` (independent row blocks:
-    batch x kv heads x row blocks) already fill the ``num_sms`` compute units; otherwise
-    enough splits to fill them, but each split keeps at least ``min_blocks_per_split``
-    key blocks (less work than that is not worth a partial result and a combine)."""
-    if programs >= 0.8 * num_sms or max_keys <= 0:
-        return 1
-    by_units = -(-num_sms // programs)
-    by_length = max(1, max_keys // (min_blocks_per_split * block_n))
-    return max(1, min(by_units, by_length, MAX_SPLITS))
-
-
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -510,16 +498,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             used_rows = lambda: range(batch)  # noqa: E731
 
     seqlen_ro = _check_rotary(rotary_cos, rotary_sin, head_dim, device, seqlen_new > 0)
-    softcap = _check_softcap(softcap)
+    softcap = check_softcap(softcap)
     sink = check_sink(learnable_sink, heads, device)
-    slopes = _check_alibi(alibi_slopes, batch, heads, device)
-    scale = head_dim ** -0.5 if softmax_scale is None else _check_scale(softmax_scale, "softmax_scale")
+    slopes = check_alibi(alibi_slopes, batch, heads, device)
+    scale = head_dim ** -0.5 if softmax_scale is None else check_scale(softmax_scale, "softmax_scale")
     check_scale_over_softcap(scale, softcap)
-    left, right = _check_window(window_size)
+    left, right = check_window(window_size)
     local = left >= 0 or right >= 0
     if causal:
         right = 0
-    left, right = _unbounded_if_beyond(left, right, seqlen_q, capacity)
+    left, right = unbounded_if_beyond(left, right, seqlen_q, capacity)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be an int in 0..{MAX_SPLITS} (0 = automatic), got {num_splits!r}")
 
@@ -527,8 +515,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     # raises without having appended anything
     params = backends.Params(softmax_scale=scale, window_left=left, window_right=right, softcap=softcap,
                              alibi_slopes=slopes)
-    backend = _select_backend(device, q.dtype, head_dim, params.features() | {"kv-cache"},
-                              None if v_cache.shape[3] == head_dim else v_cache.shape[3])
+    backend = select_backend(device, q.dtype, head_dim, params.features() | {"kv-cache"},
+                             None if v_cache.shape[3] == head_dim else v_cache.shape[3])
 
     if seqlen_ro:
         q_rows = seqlen_q if (causal or local) else 1

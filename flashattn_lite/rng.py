@@ -19,6 +19,8 @@ The seed is drawn from torch's default CPU generator for every call, so
 ``torch.manual_seed`` reproduces a run; backward regenerates the same mask from the seed.
 """
 
+import contextlib
+
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -72,7 +74,19 @@ def dropout_keep(seed, p, batch, heads, seqlen_q, seqlen_k, device="cpu"):
     return keep.reshape(batch, heads, seqlen_q, seqlen_k)
 
 
-_recorders = []  # lists that record_dropout() is filling
+_recorders = []  # lists that recording() is filling
+
+
+@contextlib.contextmanager
+def recording():
+    """Yields a list that fills with one :class:`DropoutCall` per dropout call made inside
+    the block (:func:`flashattn_lite.testing.record_dropout` is the documented hook)."""
+    calls = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)
 
 
 class DropoutCall:

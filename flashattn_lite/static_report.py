@@ -110,6 +110,10 @@ def _compile_facts(fn, elem, constexprs, arch, num_warps, num_stages):
 
     sig, attrs = _signature(fn, elem, constexprs)
     capability = int(arch[2:])
+    try:
+        ptxas = get_ptxas(capability).path
+    except TypeError:  # Triton <= 3.4: one ptxas for every architecture
+        ptxas = get_ptxas().path
     compiled = triton.compile(ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", capability, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -119,13 +123,13 @@ def _compile_facts(fn, elem, constexprs, arch, num_warps, num_stages):
             f.write(compiled.asm["ptx"])
         # The same ptxas and flags Triton uses, rerun with -v so the facts do not
         # depend on Triton's on-disk cache.
-        log = subprocess.run([get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+        log = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2",
                               f"--gpu-name={sm_arch_from_capability(capability)}", ptx, "-o",
                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True).stderr
         cubin = os.path.join(tmp, "k2.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
-        nvdisasm = os.path.join(os.path.dirname(get_ptxas(capability).path), "nvdisasm")
+        nvdisasm = os.path.join(os.path.dirname(ptxas), "nvdisasm")
         sass = subprocess.run([nvdisasm, cubin], capture_output=True, text=True, check=True).stdout
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spill_st = int(re.search(r"(\d+) bytes spill stores", log).group(1))
@@ -189,15 +193,32 @@ def job_of(row):
             row["head_dim_v"])
 
 
-def compile_many(job_list, workers=None):
-    """Compile ``job_list`` in parallel processes; list of result dicts."""
+def compile_one_or_error(*job):
+    """:func:`compile_one`, or for a config that fails to compile (a compiler crash, e.g.
+    an older Triton's ptxas) the row of its job with ``error`` set and no facts."""
+    try:
+        return compile_one(*job)
+    except Exception as exc:  # noqa: BLE001 - reported per config, the report goes on
+        kernel, arch, dclass, head_dim, block_m, block_n, num_warps, num_stages, score_mods, head_dim_v = job
+        detail = exc.stderr.strip().splitlines()[-1:] if isinstance(exc, subprocess.CalledProcessError) and \
+            exc.stderr else []
+        return dict(kernel=kernel, arch=arch, dtype="fp16/bf16" if dclass == "lowp" else "fp32", head_dim=head_dim,
+                    head_dim_v=head_dim_v, block_m=block_m, block_n=block_n, num_warps=num_warps,
+                    num_stages=num_stages, score_mods=score_mods,
+                    error=" ".join([f"{type(exc).__name__}: {exc}"[:300]] + detail))
+
+
+def compile_many(job_list, workers=None, keep_going=False):
+    """Compile ``job_list`` in parallel processes; list of result dicts.  ``keep_going``: a
+    config that fails gives a row with ``error`` (see :func:`compile_one_or_error`) instead
+    of stopping the report."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("the static GPU report needs TRITON_INTERPRET unset (the interpreter cannot compile)")
     if not job_list:
         return []
     workers = workers or os.cpu_count() or 1
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(compile_one, *zip(*job_list)))
+        return list(pool.map(compile_one_or_error if keep_going else compile_one, *zip(*job_list)))
 
 
 def report(workers=None, mla=False):
@@ -237,7 +258,7 @@ def format_table(rows, all_rows=False):
             "tensor cores") + (("mods",) if all_rows else ())
     lines = [head]
     for r in rows:
-        if r.get("score_mods") and not all_rows:
+        if r.get("score_mods") and not all_rows or "error" in r:
             continue
         tc = f"HGMMA x{r['hgmma']}" if r["hgmma"] else (f"HMMA x{r['hmma']}" if r["hmma"] else "none (FMA)")
         hdim = str(r["head_dim"]) if r.get("head_dim_v", r["head_dim"]) == r["head_dim"] else \
@@ -264,21 +285,31 @@ def main(argv=None):
     parser.add_argument("--results", metavar="FILE", nargs="?", const=RESULTS_FILE,
                         help=f"compile every config (shipped and MLA) and save them with their fingerprint "
                              f"(default {RESULTS_FILE}; tests/test_static_gpu.py reads it)")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="a config that fails to compile is reported (its error in the JSON) instead of "
+                             "stopping the report; the exit status is 1 if any failed")
     args = parser.parse_args(argv)
-    rows = compile_many(jobs("all"), args.workers) if args.results else report(args.workers, mla=args.mla)
+    job_list = jobs("all") if args.results else jobs("mla" if args.mla else "shipped")
+    rows = compile_many(job_list, args.workers, keep_going=args.keep_going)
     print(format_table(rows, all_rows=args.all_rows))
+    failed = [r for r in rows if "error" in r]
+    for r in failed:
+        print(f"FAILED {r['kernel']} {r['arch']} {r['dtype']} hdim {r['head_dim']}/{r['head_dim_v']} "
+              f"{r['block_m']}x{r['block_n']} w{r['num_warps']} s{r['num_stages']} mods={r['score_mods']}: "
+              f"{r['error']}", file=sys.stderr)
+    rows = [r for r in rows if "error" not in r] if failed else rows
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.results:
         with open(args.results, "w") as f:
-            json.dump({"fingerprint": fingerprint(), "rows": rows}, f, indent=0)
+            json.dump({"fingerprint": fingerprint(), "rows": rows, "failed": failed}, f, indent=0)
     bad = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     mods = [r for r in rows if r.get("score_mods")]
     print(f"\n{len(rows)} kernel configs compiled ({len(mods)} of them with score modifiers: softcap, ALiBi, bias "
           f"(+ dropout for the dropout configs)); "
-          f"{len(bad)} spill.", file=sys.stderr)
-    return 0
+          f"{len(bad)} spill" + (f"; {len(failed)} failed to compile." if failed else "."), file=sys.stderr)
+    return 1 if failed else 0
 
 
 # ------------------------------------------------------------------ KV-cache decoding

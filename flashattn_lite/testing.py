@@ -44,7 +44,8 @@ class Comparison:
         return f"{self.name}: max error {self.error:.3g} (bound {self.bound:.3g})"
 
 
-def _max_abs(t):
+def max_abs(t):
+    """max |t| as a Python float; 0 for an empty tensor."""
     return t.abs().max().item() if t.numel() else 0.0
 
 
@@ -56,7 +57,7 @@ def _finite_diff(a, b):
     if bad.any():
         return float("inf")
     diff = torch.where(same_inf, torch.zeros_like(a), a - b)
-    return _max_abs(diff)
+    return max_abs(diff)
 
 
 def compare(name, ours, ref, baseline, dtype, factor, scale):
@@ -143,7 +144,7 @@ def reference_results_varlen(q, k, v, dout, cu_seqlens_q, cu_seqlens_k, softmax_
 def check_against_reference(ours, ref, baseline, dtype):
     """List of :class:`Comparison` for every key present in ``ours``."""
     def scale(keys):
-        return max((_max_abs(ref[k][torch.isfinite(ref[k])]) for k in keys if k in ref), default=0.0)
+        return max((max_abs(ref[k][torch.isfinite(ref[k])]) for k in keys if k in ref), default=0.0)
 
     fwd_scale, bwd_scale = scale(("out",)), scale(("dq", "dk", "dv"))
     checks = []
@@ -169,9 +170,5 @@ def record_dropout():
             out = flash_attn_func(q, k, v, dropout_p=0.1)
         keep = calls[0].keep()
     """
-    calls = []
-    rng._recorders.append(calls)
-    try:
+    with rng.recording() as calls:
         yield calls
-    finally:
-        rng._recorders.remove(calls)

@@ -160,3 +160,34 @@ def test_bench_checks_gradients_and_interior_rows(monkeypatch):
     case = bench.Case("fwd+bwd", 1, 2, 256, 256, 32, "float32", True)
     r = {x.impl: x for x in bench.run_case(case, bench.implementations("cpu", ["cpu"]), "cpu", 1)}
     assert r["fa_lite:cpu"].status == "mismatch" and "dk" in r["fa_lite:cpu"].detail
+
+
+@pytest.mark.parametrize("load, warned", [(4.3, True), (2.0, False), (0.1, False)])
+def test_bench_warns_when_the_machine_is_busy(monkeypatch, capsys, tmp_path, load, warned):
+    """A load average above the core count is announced on stderr before anything is measured."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert (bench.busy_warning() is not None) == warned
+    measured = []
+
+    def fake_run_case(case, impls, device, repeats, warmup=1):  # the measurement, monkeypatched out
+        measured.append(capsys.readouterr().err)  # what stderr held when measuring began
+        return []
+
+    monkeypatch.setattr(bench, "run_case", fake_run_case)
+    cases = [bench.Case("fwd", 1, 2, 64, 64, 16, "float32", False)]
+    bench.run(cases, device="cpu", repeats=1, impl_names=["naive"], out_dir=str(tmp_path), progress=False)
+    assert len(measured) == 1
+    if warned:
+        assert "busy" in measured[0] and "load average 4.30" in measured[0] and "2 cores" in measured[0]
+        assert "noisy" in measured[0]
+    else:
+        assert "busy" not in measured[0] + capsys.readouterr().err
+
+
+def test_bench_busy_warning_without_a_load_average(monkeypatch):
+    def missing():
+        raise OSError("no load average")
+
+    monkeypatch.setattr(os, "getloadavg", missing)
+    assert bench.busy_warning() is None

@@ -312,7 +312,7 @@ def test_auto_routes_cpu_tensors():
 
 
 def test_auto_num_splits():
-    from flashattn_lite.kvcache import auto_num_splits
+    from flashattn_lite.planning import auto_num_splits
 
     assert auto_num_splits(programs=200, max_keys=10 ** 6, block_n=64, num_sms=132) == 1
     assert auto_num_splits(programs=8, max_keys=10 ** 6, block_n=64, num_sms=132) == 17

@@ -68,6 +68,7 @@ def report(tmp_path_factory):
     if saved is None or saved["fingerprint"] != static_report.fingerprint():
         # stale or missing: the facts of these sources under this Triton, compiled now
         return _compile([list(j) for j in static_report.jobs("all")], tmp_path_factory)
+    assert not saved.get("failed"), f"configs that failed to compile: {saved['failed']}"
     rows = saved["rows"]
     sample = _sample(rows)
     live = _compile([list(static_report.job_of(r)) for r in sample], tmp_path_factory)

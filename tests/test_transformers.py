@@ -342,7 +342,7 @@ def test_custom_4d_mask_and_unrecognised_pattern_are_honoured():
     emb = torch.zeros(3, s, 8)
     ours = create_causal_mask(config=cfg, inputs_embeds=emb, attention_mask=mask.bool(), cache=None,
                               or_mask_function=see_first)
-    plan = getattr(ours, fat._PLAN_ATTR)
+    plan = fat.plan_of(ours)
     assert plan.pattern is None  # unrecognised: the dense mask is what it runs with
     cfg_e = copy.deepcopy(cfg)
     cfg_e._attn_implementation = "sdpa"
@@ -397,7 +397,7 @@ def test_plan_matches_transformers_dense_masks():
 
     def run_both(mask_function, b, sq, sk, q_off, kv_off, pad, heads=4):
         plan_t = fat.fa_lite_mask(b, sq, sk, q_off, kv_off, mask_function=mask_function, attention_mask=pad)
-        plan = getattr(plan_t, fat._PLAN_ATTR)
+        plan = fat.plan_of(plan_t)
         q = torch.randn(b, heads, sq, 8, dtype=torch.float64)
         k = torch.randn(b, 2, sk, 8, dtype=torch.float64)
         v = torch.randn(b, 2, sk, 8, dtype=torch.float64)
@@ -415,7 +415,7 @@ def test_plan_matches_transformers_dense_masks():
             padded = torch.nn.functional.pad(pad, (0, max(0, q_off + sq - pad.shape[1])))
             rows = padded[:, q_off:q_off + sq].bool()
         torch.testing.assert_close(ours[rows], ref[rows], rtol=1e-9, atol=1e-9)
-        if plan._layout[1][0] != "mask":  # (the dense-mask fallback gives what sdpa gives there)
+        if plan.run_layout[1][0] != "mask":  # (the dense-mask fallback gives what sdpa gives there)
             assert (ours[~rows] == 0).all()  # padding queries give 0
         return plan
 
@@ -428,21 +428,21 @@ def test_plan_matches_transformers_dense_masks():
     sw = mu.sliding_window_causal_mask_function(3)
     for fn in (causal, sw):
         for pad in (None, pad_left, pad_right):
-            assert run_both(fn, 3, 9, 9, 0, 0, pad)._layout[1][0] in ("dense", "padded")
+            assert run_both(fn, 3, 9, 9, 0, 0, pad).run_layout[1][0] in ("dense", "padded")
         # padded decoding steps (one row; two rows of a GQA group of 4; right padding, whose
         # second row's query is padding) read the keys in place through the KV-cache kernel
         for pad in (pad_left, pad_right):
             assert decode_kernel_ran(lambda: run_both(fn, 3, 1, 9, 8, 0, pad))
         assert decode_kernel_ran(lambda: run_both(fn, 3, 2, 9, 7, 0, pad_left, heads=8))
-        assert run_both(fn, 3, 1, 9, 8, 0, pad_left)._layout[1][0] == "padded"  # decode step
-        assert run_both(fn, 3, 2, 9, 7, 0, pad_left)._layout[1][0] == "padded"  # two-token step (tiled)
+        assert run_both(fn, 3, 1, 9, 8, 0, pad_left).run_layout[1][0] == "padded"  # decode step
+        assert run_both(fn, 3, 2, 9, 7, 0, pad_left).run_layout[1][0] == "padded"  # two-token step (tiled)
     assert decode_kernel_ran(lambda: run_both(sw, 3, 1, 4, 8, 5, pad_left))  # sliding-window cache: keys 5..8
     for pad in (None, pad_right, pad_left):
         run_both(bidir, 3, 9, 9, 0, 0, pad)
         run_both(mu.sliding_window_bidirectional_mask_function(2), 3, 9, 9, 0, 0, pad)
     holes = pad_right.clone()
     holes[0, 4] = False
-    assert run_both(causal, 3, 9, 9, 0, 0, holes)._layout[1][0] == "mask"
+    assert run_both(causal, 3, 9, 9, 0, 0, holes).run_layout[1][0] == "mask"
 
 
 def test_padded_decoding_step_with_only_value_requiring_grad():

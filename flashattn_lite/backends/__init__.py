@@ -96,5 +96,18 @@ def select(call):
     raise RuntimeError("no flashattn_lite backend can run this call (" + "; ".join(reasons) + ")")
 
 
+def select_backend(device, dtype, head_dim, features=frozenset(), head_dim_v=None):
+    """:func:`select` for a call described by its parts (what the public functions know)."""
+    return select(Call(device=device, dtype=dtype, head_dim=head_dim, features=features, head_dim_v=head_dim_v))
+
+
+# Under torch.compile the backend choice is made once, at trace time, and baked into
+# the graph.  This attribute is all ``torch.compiler.assume_constant_result`` sets; it is
+# set directly because calling that function imports torch._dynamo (about 2 s, and it
+# imports Triton before a CLI can switch on TRITON_INTERPRET).
+# tests/test_ops.py::test_torch_compile_fullgraph_matches_eager guards the mechanism.
+select_backend._dynamo_marked_constant = True
+
+
 def get(name):
     return BACKENDS[_check_name(name)]

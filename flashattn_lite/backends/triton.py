@@ -9,12 +9,14 @@ Triton's GPU driver.
 import contextlib
 import dataclasses
 import functools
+import importlib.metadata
 import importlib.util
+import re
 import os
 
 import torch
 
-from .. import rng
+from .. import planning, rng
 from .base import missing_features
 
 NAME = "triton"
@@ -27,9 +29,32 @@ def interpreter_enabled():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def available():
+# The oldest Triton whose interpreter runs the test suite and whose compiler builds every
+# shipped config for sm_80/sm_90 (docs/development.md: tested versions).
+MIN_TRITON = (3, 4)
+
+
+def triton_version():
+    """The installed Triton's (major, minor), read without importing it; None if absent."""
     if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        text = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on the path: import it
+        import triton
+
+        text = triton.__version__
+    parts = [int(p) for p in re.findall(r"\d+", text)[:2]]
+    return tuple(parts + [0] * (2 - len(parts)))
+
+
+def available():
+    version = triton_version()
+    if version is None:
         return False, "triton is not installed"
+    if version < MIN_TRITON:
+        return False, (f"triton {version[0]}.{version[1]} is older than the oldest supported "
+                       f"{MIN_TRITON[0]}.{MIN_TRITON[1]}")
     if torch.cuda.is_available():
         return True, "triton on CUDA"
     if interpreter_enabled():
@@ -353,11 +378,10 @@ def _visible_span(max_seqlen_k, seqlen_q, left, right):
 def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p, max_seqlen_k, num_splits):
     """Split-KV decoding (see ``flashattn_lite.ops.DECODE_SCHEMA`` and triton_kernels/decode.py).
 
-    ``num_splits=0``: :func:`flashattn_lite.kvcache.auto_num_splits` from the programs
+    ``num_splits=0``: :func:`flashattn_lite.planning.auto_num_splits` from the programs
     (batch x kv heads x row blocks), the SM count (``ASSUMED_SMS`` under the interpreter)
     and the longest visible key range.
     """
-    from flashattn_lite.kvcache import auto_num_splits
     from flashattn_lite.triton_kernels import decode as kernels
 
     _, configs = _kernels()
@@ -377,7 +401,7 @@ def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p, max_seqlen_k
     _check_grid(batch, row_blocks * heads_k)
     if num_splits == 0:
         span = _visible_span(max_seqlen_k, seqlen_q, p.window_left, p.window_right)
-        num_splits = auto_num_splits(batch * heads_k * row_blocks, span, cfg.block_n, _num_sms(q.device))
+        num_splits = planning.auto_num_splits(batch * heads_k * row_blocks, span, cfg.block_n, _num_sms(q.device))
     if block_table.shape[1] > 1 and block_table.stride(1) != 1:
         block_table = block_table.contiguous()
     leftpad = leftpad.contiguous() if leftpad is not None else None
