@@ -43,7 +43,7 @@ setup(
     package_dir={"flashattn_lite.triton_kernels": "triton_kernels", "flashattn_lite.csrc": "csrc"},
     package_data={"flashattn_lite.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*", "cuda/emu/*"],
                   "flashattn_lite": ["_C.key"]},
-    install_requires=["torch>=2.4", "triton>=3.0", "ninja", "einops", "filelock"],
+    install_requires=["torch>=2.11", "triton>=3.4", "ninja", "einops", "filelock"],
     extras_require={"bench": ["matplotlib"], "test": ["pytest", "hypothesis", "matplotlib", "transformers>=5"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -83,9 +83,10 @@ def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap
                              window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes, bias=bias,
                              cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                              max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, dropout_seed=seed)
-    features = frozenset(params.features())
+    features = set(params.features())  # (frozenset |= breaks torch 2.11's dynamo: "update on a frozenset")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, learnable_sink)):
-        features |= {"backward"}  # chosen once for both passes: a backend without this backward is passed over
+        features.add("backward")  # chosen once for both passes: a backend without this backward is passed over
+    features = frozenset(features)
     backend = select_backend(q.device, q.dtype, _head_dim_for_choice(q.shape[-1]), features,
                              _head_dim_v_for_choice(q.shape[-1], v.shape[-1]))
     if dropout_p > 0:

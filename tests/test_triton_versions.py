@@ -75,3 +75,28 @@ def test_the_installed_version_is_read_without_importing_triton():
     assert proc.returncode == 0, proc.stderr
     version, imported = proc.stdout.split(")")
     assert version.startswith("(3, ") and imported.strip() == "False"
+
+
+def test_configs_keyed_by_the_running_triton(monkeypatch):
+    """A config an older Triton's ptxas cannot build is replaced for that Triton only, in the
+    lookup and in the shipped list the static report compiles."""
+    import torch
+
+    from flashattn_lite.triton_kernels import configs
+
+    key = ("fwd", "sm90", "lowp", 16)
+    newest = configs.fwd_config(16, torch.float16, (9, 0), configs.DROPOUT)
+    for version, replaced in configs._BY_TRITON.items():
+        monkeypatch.setattr(configs, "triton_minor", lambda v=version: v)
+        for (kernel, arch, dclass, hd, mods), cfg in replaced.items():
+            lookup = {"fwd": configs.fwd_config, "bwd_dkdv": configs.bwd_dkdv_config,
+                      "bwd_dq": configs.bwd_dq_config}[kernel]
+            dtype = torch.float32 if dclass == "fp32" else torch.bfloat16
+            assert lookup(hd, dtype, (int(arch[2]), 0), mods) == cfg
+            assert (kernel, arch, dclass, hd, cfg) in set(configs.shipped_configs(mods))
+    monkeypatch.setattr(configs, "triton_minor", lambda: (3, 7))
+    assert configs.fwd_config(16, torch.float16, (9, 0), configs.DROPOUT) != newest  # the 3.7 entry
+    assert configs.fwd_config(16, torch.float16, (9, 0), True) == configs.fwd_config(16, torch.float16, (9, 0), True)
+    monkeypatch.setattr(configs, "triton_minor", lambda: (3, 9))
+    assert configs.fwd_config(16, torch.float16, (9, 0), configs.DROPOUT) == newest
+    assert key + (newest,) in set(configs.shipped_configs(configs.DROPOUT))

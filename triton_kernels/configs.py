@@ -13,6 +13,7 @@ spills registers and that sm_90 uses warp-group tensor-core instructions.
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -332,6 +333,231 @@ KNOWN_SPILLS = {
 }
 
 
+# Configs an older Triton's compiler cannot build (its ptxas crashes) or spills registers
+# with, replaced for that Triton only, keyed by its (major, minor) and then as KNOWN_SPILLS:
+# each the first spill-free config of a short search (fewer stages, more or fewer warps,
+# halved tiles; on sm_90 fp16/bf16 keeping warp-group MMA where the shipped config has it)
+# run with the static report under every Triton from 3.4 to 3.8
+# (docs/gpu-verification.md, benches/results/static_gpu_versions.json).  Among them: 64 x 32
+# at 8 warps crashes Triton 3.7's ptxas (SIGSEGV) at head dim 16 with dropout, and 3.8's at
+# head dim 64; 4 warps, resp. one stage, compile there.
+_BY_TRITON = {
+    (3, 4): {
+        ("bwd_dkdv", "sm80", "fp32", 16, True): KernelConfig(64, 32, 8, 1),
+        ("bwd_dkdv", "sm80", "fp32", 64, False): KernelConfig(32, 64, 16, 1),
+        ("bwd_dkdv", "sm80", "fp32", 64, True): KernelConfig(16, 32, 16, 1),
+        ("bwd_dkdv", "sm80", "lowp", 128, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 128, False): KernelConfig(64, 32, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 128, True): KernelConfig(16, 32, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 16, DROPOUT): KernelConfig(16, 16, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 16, False): KernelConfig(64, 64, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 256, False): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 256, True): KernelConfig(16, 16, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 32, False): KernelConfig(32, 64, 8, 2),
+        ("bwd_dkdv", "sm80", "lowp", 32, True): KernelConfig(16, 64, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 64, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 64, True): KernelConfig(64, 32, 8, 1),
+        ("bwd_dkdv", "sm90", "fp32", 32, True): KernelConfig(64, 16, 16, 1),
+        ("bwd_dkdv", "sm90", "fp32", 64, False): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 128, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 16, False): KernelConfig(64, 64, 4, 1),
+        ("bwd_dkdv", "sm90", "lowp", 32, False): KernelConfig(64, 64, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 64, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 64, False): KernelConfig(32, 64, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 64, True): KernelConfig(16, 64, 8, 1),
+        ("bwd_dq", "sm80", "lowp", 128, DROPOUT): KernelConfig(64, 16, 8, 1),
+        ("bwd_dq", "sm80", "lowp", 128, True): KernelConfig(64, 32, 8, 1),
+        ("bwd_dq", "sm80", "lowp", 16, True): KernelConfig(64, 32, 8, 2),
+        ("bwd_dq", "sm80", "lowp", 256, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dq", "sm80", "lowp", 512, DROPOUT): KernelConfig(16, 16, 8, 1),
+        ("bwd_dq", "sm80", "lowp", 512, False): KernelConfig(16, 16, 8, 1),
+        ("bwd_dq", "sm80", "lowp", 512, True): KernelConfig(16, 16, 8, 1),
+        ("bwd_dq", "sm80", "lowp", 64, True): KernelConfig(64, 32, 8, 1),
+        ("bwd_dq", "sm90", "fp32", 256, DROPOUT): KernelConfig(32, 16, 16, 1),
+        ("bwd_dq", "sm90", "fp32", 32, DROPOUT): KernelConfig(32, 32, 8, 1),
+        ("bwd_dq", "sm90", "lowp", 256, False): KernelConfig(64, 16, 8, 2),
+        ("bwd_dq", "sm90", "lowp", 32, True): KernelConfig(64, 64, 8, 2),
+        ("bwd_dq", "sm90", "lowp", 64, True): KernelConfig(64, 64, 8, 1),
+        ("fwd", "sm80", "fp32", 256, DROPOUT): KernelConfig(32, 16, 16, 1),
+        ("fwd", "sm80", "lowp", 128, True): KernelConfig(128, 16, 8, 2),
+        ("fwd", "sm80", "lowp", 256, DROPOUT): KernelConfig(64, 16, 8, 1),
+        ("fwd", "sm80", "lowp", 512, False): KernelConfig(32, 16, 8, 1),
+        ("fwd", "sm90", "fp32", 256, DROPOUT): KernelConfig(32, 16, 16, 1),
+        ("fwd", "sm90", "fp32", 256, False): KernelConfig(32, 16, 16, 1),
+        ("fwd", "sm90", "fp32", 256, True): KernelConfig(32, 16, 16, 1),
+    },
+    (3, 5): {
+        ("bwd_dkdv", "sm80", "fp32", 16, True): KernelConfig(32, 64, 8, 1),
+        ("bwd_dkdv", "sm80", "fp32", 256, False): KernelConfig(16, 16, 16, 1),
+        ("bwd_dkdv", "sm80", "fp32", 32, False): KernelConfig(32, 32, 16, 1),
+        ("bwd_dkdv", "sm80", "fp32", 64, False): KernelConfig(32, 64, 16, 1),
+        ("bwd_dkdv", "sm80", "fp32", 64, True): KernelConfig(16, 32, 16, 1),
+        ("bwd_dkdv", "sm80", "lowp", 128, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 128, True): KernelConfig(16, 32, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 16, False): KernelConfig(64, 64, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 256, True): KernelConfig(16, 16, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 32, False): KernelConfig(32, 64, 8, 2),
+        ("bwd_dkdv", "sm80", "lowp", 32, True): KernelConfig(16, 64, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 64, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm90", "fp32", 128, True): KernelConfig(16, 32, 8, 1),
+        ("bwd_dkdv", "sm90", "fp32", 64, False): KernelConfig(64, 16, 16, 1),
+        ("bwd_dkdv", "sm90", "lowp", 128, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 16, False): KernelConfig(64, 64, 4, 1),
+        ("bwd_dkdv", "sm90", "lowp", 32, False): KernelConfig(64, 64, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 32, True): KernelConfig(32, 64, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 64, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 64, False): KernelConfig(32, 64, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 64, True): KernelConfig(16, 64, 8, 1),
+        ("bwd_dq", "sm80", "fp32", 256, False): KernelConfig(16, 16, 16, 1),
+        ("bwd_dq", "sm80", "lowp", 16, True): KernelConfig(64, 32, 8, 2),
+        ("bwd_dq", "sm80", "lowp", 256, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dq", "sm90", "fp32", 32, True): KernelConfig(32, 32, 8, 1),
+        ("bwd_dq", "sm90", "fp32", 64, False): KernelConfig(32, 32, 8, 1),
+        ("bwd_dq", "sm90", "fp32", 64, True): KernelConfig(32, 32, 4, 2),
+        ("bwd_dq", "sm90", "lowp", 32, True): KernelConfig(64, 64, 8, 2),
+        ("bwd_dq", "sm90", "lowp", 64, True): KernelConfig(64, 64, 8, 1),
+        ("fwd", "sm80", "fp32", 512, False): KernelConfig(16, 16, 16, 1),
+        ("fwd", "sm90", "fp32", 128, DROPOUT): KernelConfig(32, 16, 16, 1),
+    },
+    (3, 6): {
+        ("bwd_dkdv", "sm80", "fp32", 16, True): KernelConfig(32, 64, 8, 1),
+        ("bwd_dkdv", "sm80", "fp32", 32, False): KernelConfig(32, 32, 4, 1),
+        ("bwd_dkdv", "sm80", "fp32", 64, False): KernelConfig(32, 64, 16, 1),
+        ("bwd_dkdv", "sm80", "fp32", 64, True): KernelConfig(16, 32, 16, 1),
+        ("bwd_dkdv", "sm80", "lowp", 128, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 16, False): KernelConfig(64, 64, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 32, False): KernelConfig(32, 64, 8, 2),
+        ("bwd_dkdv", "sm80", "lowp", 32, True): KernelConfig(16, 64, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 64, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm90", "fp32", 128, True): KernelConfig(16, 32, 8, 1),
+        ("bwd_dkdv", "sm90", "fp32", 64, False): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 128, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 16, False): KernelConfig(64, 64, 4, 1),
+        ("bwd_dkdv", "sm90", "lowp", 32, False): KernelConfig(64, 64, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 64, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 64, False): KernelConfig(32, 64, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 64, True): KernelConfig(16, 64, 8, 1),
+        ("bwd_dq", "sm80", "fp32", 64, DROPOUT): KernelConfig(32, 32, 16, 1),
+        ("bwd_dq", "sm80", "fp32", 64, False): KernelConfig(32, 16, 4, 1),
+        ("bwd_dq", "sm80", "lowp", 256, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dq", "sm90", "lowp", 256, False): KernelConfig(64, 16, 8, 2),
+        ("bwd_dq", "sm90", "lowp", 32, True): KernelConfig(64, 64, 8, 2),
+        ("fwd", "sm80", "fp32", 512, False): KernelConfig(16, 16, 16, 1),
+    },
+    (3, 7): {
+        ("bwd_dkdv", "sm80", "fp32", 16, True): KernelConfig(64, 32, 8, 1),
+        ("bwd_dkdv", "sm80", "fp32", 64, True): KernelConfig(16, 32, 16, 1),
+        ("bwd_dkdv", "sm80", "lowp", 128, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm80", "lowp", 32, True): KernelConfig(16, 64, 8, 1),
+        ("bwd_dkdv", "sm90", "fp32", 128, False): KernelConfig(16, 16, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 128, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 32, True): KernelConfig(32, 64, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 64, False): KernelConfig(32, 64, 8, 1),
+        ("bwd_dq", "sm80", "fp32", 256, True): KernelConfig(16, 16, 16, 1),
+        ("bwd_dq", "sm80", "lowp", 256, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dq", "sm90", "fp32", 32, False): KernelConfig(32, 32, 8, 1),
+        ("bwd_dq", "sm90", "lowp", 256, False): KernelConfig(64, 16, 8, 2),
+        ("bwd_dq", "sm90", "lowp", 32, True): KernelConfig(64, 64, 8, 2),
+        ("bwd_dq", "sm90", "lowp", 64, DROPOUT): KernelConfig(64, 32, 4, 1),
+        ("fwd", "sm80", "lowp", 128, True): KernelConfig(128, 32, 8, 1),
+        ("fwd", "sm80", "lowp", 256, DROPOUT): KernelConfig(64, 16, 8, 1),
+        ("fwd", "sm90", "fp32", 256, True): KernelConfig(32, 16, 16, 1),
+        ("fwd", "sm90", "lowp", 16, DROPOUT): KernelConfig(64, 32, 4, 2),
+    },
+    (3, 8): {
+        ("bwd_dkdv", "sm80", "lowp", 512, False): KernelConfig(16, 16, 16, 1),
+        ("bwd_dkdv", "sm90", "fp32", 128, False): KernelConfig(16, 16, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 128, DROPOUT): KernelConfig(32, 16, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 16, DROPOUT): KernelConfig(16, 64, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 32, DROPOUT): KernelConfig(16, 64, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 32, True): KernelConfig(32, 64, 8, 1),
+        ("bwd_dkdv", "sm90", "lowp", 64, False): KernelConfig(32, 64, 8, 1),
+        ("bwd_dq", "sm90", "lowp", 256, False): KernelConfig(64, 16, 8, 2),
+        ("bwd_dq", "sm90", "lowp", 32, True): KernelConfig(64, 64, 8, 2),
+        ("fwd", "sm90", "lowp", 64, DROPOUT): KernelConfig(64, 32, 8, 1),
+    },
+}
+
+
+# Configs that still spill under an older Triton (no candidate of the search avoided it),
+# keyed as _BY_TRITON, with the most bytes the static report may show there.
+_NO_CANDIDATE = "no candidate of the version's config search (tiles halved, stages, warps) avoided it"
+_KNOWN_SPILLS_BY_TRITON = {
+    (3, 4): {
+        ("bwd_dkdv", "sm80", "lowp", 256, DROPOUT): (60, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm80", "lowp", 32, DROPOUT): (540, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "fp32", 256, DROPOUT): (72, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "lowp", 16, DROPOUT): (1220, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "lowp", 256, DROPOUT): (36, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "lowp", 32, DROPOUT): (1432, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "lowp", 32, True): (1928, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "lowp", 512, DROPOUT): (52, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "lowp", 512, True): (12, _NO_CANDIDATE),
+        ("decode_split", "sm90", "fp32", 256, False): (652, _NO_CANDIDATE),
+        ("decode_split", "sm90", "fp32", 256, True): (668, _NO_CANDIDATE),
+        ("decode_split", "sm90", "fp32", 512, False): (40, _NO_CANDIDATE),
+        ("decode_split", "sm90", "fp32", 64, False): (264, _NO_CANDIDATE),
+        ("decode_split", "sm90", "fp32", 64, True): (264, _NO_CANDIDATE),
+    },
+    (3, 5): {
+        ("bwd_dkdv", "sm80", "lowp", 16, DROPOUT): (232, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm80", "lowp", 256, DROPOUT): (20, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm80", "lowp", 32, DROPOUT): (416, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "fp32", 256, DROPOUT): (12, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "lowp", 16, DROPOUT): (280, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "lowp", 32, DROPOUT): (468, _NO_CANDIDATE),
+        ("decode_split", "sm80", "fp32", 512, False): (96, _NO_CANDIDATE),
+    },
+    (3, 6): {
+        ("bwd_dkdv", "sm80", "lowp", 16, DROPOUT): (1316, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm80", "lowp", 256, DROPOUT): (28, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm80", "lowp", 32, DROPOUT): (432, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "fp32", 256, DROPOUT): (28, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "lowp", 16, DROPOUT): (1584, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "lowp", 32, DROPOUT): (1792, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "lowp", 32, True): (1724, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "lowp", 512, DROPOUT): (24, _NO_CANDIDATE),
+        ("fwd", "sm90", "fp32", 256, True): (12, _NO_CANDIDATE),
+    },
+    (3, 7): {
+        ("bwd_dkdv", "sm80", "lowp", 16, DROPOUT): (968, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm80", "lowp", 32, DROPOUT): (292, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "fp32", 256, DROPOUT): (52, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "lowp", 16, DROPOUT): (924, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "lowp", 32, DROPOUT): (1228, _NO_CANDIDATE),
+        ("bwd_dkdv", "sm90", "lowp", 512, True): (36, _NO_CANDIDATE),
+        ("decode_split", "sm80", "fp32", 64, False): (16, _NO_CANDIDATE),
+        ("decode_split", "sm80", "fp32", 64, True): (16, _NO_CANDIDATE),
+    },
+    (3, 8): {
+        ("bwd_dkdv", "sm90", "fp32", 256, DROPOUT): (12, _NO_CANDIDATE),
+        ("fwd", "sm90", "fp32", 256, DROPOUT): (12, _NO_CANDIDATE),
+    },
+}
+
+
+def known_spills():
+    """KNOWN_SPILLS with the running Triton's own (tests/test_static_gpu.py holds every other
+    config to 0 spill bytes)."""
+    return {**KNOWN_SPILLS, **_KNOWN_SPILLS_BY_TRITON.get(triton_minor(), {})}
+
+
+@functools.lru_cache(maxsize=None)
+def triton_minor():
+    """(major, minor) of the running Triton, or None without one."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return major, minor
+
+
+def _for_this_triton(kernel, arch, dclass, hd, score_mods, cfg):
+    mods = DROPOUT if score_mods == DROPOUT else bool(score_mods)
+    return _BY_TRITON.get(triton_minor(), {}).get((kernel, arch, dclass, hd, mods), cfg)
+
+
 def _lookup(table, kernel, head_dim, dtype, capability, score_mods=False, head_dim_v=None):
     if kernel in _overrides:
         return _overrides[kernel]
@@ -345,6 +571,7 @@ def _lookup(table, kernel, head_dim, dtype, capability, score_mods=False, head_d
         cfg = _WITH_SCORE_MODS[(kernel, *key)]
     else:
         cfg = table[key]
+    cfg = _for_this_triton(kernel, *key, score_mods, cfg)
     pair_key = (kernel, *key, DROPOUT if score_mods == DROPOUT else bool(score_mods))
     if _padded_pair(head_dim, head_dim_v) and pair_key in _PADDED_PAIR:
         return _PADDED_PAIR[pair_key]
@@ -416,13 +643,13 @@ def shipped_configs(score_mods=False):
     ``score_mods == DROPOUT``, those of calls with dropout (attention kernels only)."""
     if score_mods == DROPOUT:
         for (name, arch, dclass, hd), cfg in sorted(_WITH_DROPOUT.items()):
-            yield name, arch, dclass, hd, cfg
+            yield name, arch, dclass, hd, _for_this_triton(name, arch, dclass, hd, DROPOUT, cfg)
         return
     for name, table in (("fwd", _FWD), ("bwd_dkdv", _BWD_DKDV), ("bwd_dq", _BWD_DQ), *_DECODE_TABLES):
         for (arch, dclass, hd), cfg in sorted(table.items()):
             if score_mods:
                 cfg = _WITH_SCORE_MODS.get((name, arch, dclass, hd), cfg)
-            yield name, arch, dclass, hd, cfg
+            yield name, arch, dclass, hd, _for_this_triton(name, arch, dclass, hd, score_mods, cfg)
 
 
 @contextlib.contextmanager
