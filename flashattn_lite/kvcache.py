@@ -338,6 +338,15 @@ def _check_append_memory(q, k_cache, v_cache, k, v, blocks, rows, used_rows):
     the same cache (an expanded or as_strided cache), the other cache, q, or new values not yet
     copied.  ``blocks``, ``rows``: (B, S_new) indices of the written slots (already distinct);
     ``used_rows()``: host list of the cache rows (pages) the call uses."""
+    ek, ev = _extent(k_cache), _extent(v_cache)
+    if k_cache.is_contiguous() and v_cache.is_contiguous() and (ek is None or ev is None or ek[1] < ev[0]
+                                                                or ev[1] < ek[0]):
+        # the common case, decided from address ranges alone: dense caches (every position its
+        # own memory) apart from each other, and q and the new k/v apart from both
+        ranges = [e for e in (ek, ev) if e]
+        lo, hi = (min(e[0] for e in ranges), max(e[1] for e in ranges)) if ranges else (0, -1)
+        if all(e is None or e[1] < lo or hi < e[0] for e in map(_extent, (q, k, v))):
+            return
     base = k_cache.data_ptr()
     written = {}
 
@@ -348,7 +357,6 @@ def _check_append_memory(q, k_cache, v_cache, k, v, blocks, rows, used_rows):
 
     _check_rows_distinct("k_cache", k_cache, used_rows, base)
     _check_rows_distinct("v_cache", v_cache, used_rows, base)
-    ek, ev = _extent(k_cache), _extent(v_cache)
     if not _apart(k_cache, v_cache, ek, ev):
         for name, cache, other in (("k", k_cache, v_cache), ("v", v_cache, k_cache)):
             if _members(offsets(cache), other, base).any():
