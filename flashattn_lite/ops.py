@@ -21,7 +21,7 @@ from .backends import OP_FIELDS, Params, accum_dtype, sinks
 # varlen when cu_seqlens_q is given; bias a (B, H, Sq, Sk) view; softcap 0 = off;
 # alibi_slopes float32 (B, H); dropout_p 0 = off.  ``learnable_sink`` (H,) float or None:
 # one extra logit per query head with a zero value (backends/sinks.py applies it around
-# any backend's kernels; backends never see it).
+# a backend's kernels; a backend with ``FUSES_SINK``, the cpu one, takes it in its fwd).
 _PARAM_ARGS = ("Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor? bias, "
                "float softmax_scale, SymInt diag_offset, int window_left, int window_right, float softcap, "
                "Tensor? alibi_slopes, float dropout_p, int dropout_seed")
@@ -96,9 +96,12 @@ def _fwd_direct(q, k, v, params, sink, backend, trusted=False):
         checks.check_fwd(q, k, v, params, sink=sink)
         module = _serving_backend(backend, q, v, params)
         q, k, v = _unit_last(q, k, v)
-    out, lse = module.fwd(q, k, v, params)
-    if sink is not None:
-        out = sinks.apply_to_out(out, lse, sink, params.varlen)
+    if sink is not None and getattr(module, "FUSES_SINK", False):
+        out, lse = module.fwd(q, k, v, params, sink=sink)
+    else:
+        out, lse = module.fwd(q, k, v, params)
+        if sink is not None:
+            out = sinks.apply_to_out(out, lse, sink, params.varlen)
     return _like(out, template), lse.contiguous()
 
 

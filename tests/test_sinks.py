@@ -219,3 +219,27 @@ def test_sink_bad_arguments(bad, match):
         fl.flash_attn_func(q, k, v, learnable_sink=bad)
     with pytest.raises((ValueError, TypeError), match=match):
         fl.flash_attn_with_kvcache(q, k, v, learnable_sink=bad)
+
+
+def test_cpu_kernel_takes_the_sink_itself():
+    """The cpu backend's tiled forward adds the sink to its normaliser (the fused operator,
+    no pass over the output); its decoding route applies it around the kernel.  Both
+    against the float64 reference; the operator checks the sink it is given."""
+    from helpers import ops_seen
+
+    q, k, v = (torch.randn(1, 70, 2, 16, dtype=torch.bfloat16) for _ in range(3))
+    sink = torch.tensor([3.0, -1.0])
+    with fl.use_backend("cpu"):
+        seen = ops_seen(lambda: fl.flash_attn_func(q, k, v, causal=True, learnable_sink=sink))
+        out, lse, _ = fl.flash_attn_func(q, k, v, causal=True, learnable_sink=sink, return_attn_probs=True)
+        one_row = fl.flash_attn_func(q[:, :1], k, v, learnable_sink=sink)  # the decoding route
+    assert "flashattn_lite_C::cpu_fwd_sink" in seen and "flashattn_lite_C::fwd" not in seen
+    ref, base = reference_results(q, k, v, None, 16 ** -0.5, 0, -1, 0, learnable_sink=sink)
+    assert_checks_ok({"out": out, "lse": lse}, ref, base, torch.bfloat16)
+    ref1, base1 = reference_results(q[:, :1], k, v, None, 16 ** -0.5, learnable_sink=sink)
+    assert_checks_ok({"out": one_row}, ref1, base1, torch.bfloat16)
+    args = (None, None, 0, 0, None, 0.25, 0, -1, 0, 0.0, None, 0.0, 0)
+    with pytest.raises(ValueError, match=r"learnable_sink must have shape \(num_heads_q,\) = \(2,\)"):
+        torch.ops.flashattn_lite_C.cpu_fwd_sink(q, k, v, *args, torch.zeros(3))
+    with pytest.raises(TypeError, match="learnable_sink must be a float tensor"):
+        torch.ops.flashattn_lite_C.cpu_fwd_sink(q, k, v, *args, torch.zeros(2, dtype=torch.int64))

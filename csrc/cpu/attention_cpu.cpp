@@ -172,14 +172,13 @@ Dropout make_dropout(double p, int64_t seed) {
   return d;
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                           const std::optional<at::Tensor>& cu_seqlens_q,
-                                           const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
-                                           int64_t max_seqlen_k, const std::optional<at::Tensor>& bias,
-                                           double softmax_scale, int64_t diag_offset, int64_t window_left,
-                                           int64_t window_right, double softcap,
-                                           const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-                                           int64_t dropout_seed) {
+std::tuple<at::Tensor, at::Tensor> fwd_sink_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& bias, double softmax_scale,
+    int64_t diag_offset, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t dropout_seed,
+    const std::optional<at::Tensor>& learnable_sink) {
   TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
               "flashattn_lite cpu: cu_seqlens_q and cu_seqlens_k must be given together");
   const bool varlen = cu_seqlens_q.has_value();
@@ -187,8 +186,19 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Ten
   const at::ScalarType ct = compute_type(q_in.scalar_type());
   at::Tensor q = blas_ready(as_4d(q_in, varlen)), k = blas_ready(as_4d(k_in, varlen)),
              v = blas_ready(as_4d(v_in, varlen));
-  const Problem pr = make_problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, diag_offset,
-                                  window_left, window_right);
+  Problem pr = make_problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, diag_offset, window_left,
+                            window_right);
+  at::Tensor sink;
+  if (learnable_sink.has_value()) {
+    const at::Tensor& s = *learnable_sink;
+    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == q.size(2), "flashattn_lite cpu: learnable_sink must have shape "
+                      "(num_heads_q,) = (", q.size(2), ",), got ", s.sizes());
+    TORCH_CHECK_TYPE(s.is_floating_point(), "flashattn_lite cpu: learnable_sink must be a float tensor, got ",
+                     s.scalar_type());
+    TORCH_CHECK(s.device().is_cpu(), "flashattn_lite cpu: learnable_sink must be on the CPU");
+    sink = s.to(at::kDouble).contiguous();
+    pr.sink = sink.data_ptr<double>();
+  }
   const BiasView bv = make_bias(bias, q, k, varlen);
   const Dropout drop = make_dropout(dropout_p, dropout_seed);
   // q's layout (strides the kernel can write through) with v's head dim
@@ -201,6 +211,19 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Ten
   }
   if (varlen) return {out.squeeze(0), lse.squeeze(0)};
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const std::optional<at::Tensor>& cu_seqlens_q,
+                                           const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k, const std::optional<at::Tensor>& bias,
+                                           double softmax_scale, int64_t diag_offset, int64_t window_left,
+                                           int64_t window_right, double softcap,
+                                           const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                                           int64_t dropout_seed) {
+  return fwd_sink_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, softmax_scale,
+                      diag_offset, window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed,
+                      std::nullopt);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
@@ -270,9 +293,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
 
 }  // namespace attention_cpu
 
+// fwd with learnable sinks in the kernel's normaliser (CPU only; other backends apply them
+// around their kernels, flashattn_lite/backends/sinks.py): fwd's schema plus the sink.
+TORCH_LIBRARY_FRAGMENT(flashattn_lite_C, m) {
+  m.def("cpu_fwd_sink(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
+        "int max_seqlen_k, Tensor? bias, float softmax_scale, int diag_offset, int window_left, "
+        "int window_right, float softcap, Tensor? alibi_slopes, float dropout_p, int dropout_seed, "
+        "Tensor? learnable_sink) -> (Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(flashattn_lite_C, CPU, m) {
   m.impl("fwd", &attention_cpu::fwd_cpu);
   m.impl("bwd", &attention_cpu::bwd_cpu);
+  m.impl("cpu_fwd_sink", &attention_cpu::fwd_sink_cpu);
 }
 
 }  // namespace flashattn_lite

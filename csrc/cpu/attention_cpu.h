@@ -360,6 +360,9 @@ struct Problem {
   int64_t max_q = 0, max_k = 0;  // longest sequences (tile sizes)
   int64_t left = -1, right = -1;
   int64_t drop_cols = 0;  // Sk of the dropout counter: Sk, or max_seqlen_k
+  // Learnable sinks (forward only): one logit per query head joining each row's normaliser
+  // with a zero value (flashattn_lite/backends/sinks.py), or null.
+  const double* sink = nullptr;
 
   Band band(const Seq& s) const { return Band{s.offset, left, right, s.len_q, s.len_k}; }
   // Index of query row i of ``s``, head h, in lse (B, H, rows); also the dropout counter's row.

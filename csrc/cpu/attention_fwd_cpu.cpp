@@ -195,7 +195,9 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       if (lr == T(0)) {  // the row saw no key
         std::fill(orow, orow + Dv, T(0));
       } else {
-        const T inv = out_scale / lr;
+        // a sink adds e^(sink - m) to the normaliser (lse leaves it out)
+        const T denom = pr.sink ? lr + std::exp(T(pr.sink[h]) - m[r]) : lr;
+        const T inv = out_scale / denom;
         const T* arow = acc + r * Dv;
         for (int64_t d = 0; d < Dv; ++d) orow[d] = arow[d] * inv;
         row_lse = m[r] + std::log(lr);

@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from .. import _build
+from . import sinks
 from .base import missing_features
 
 NAME = "cpu"
@@ -232,13 +233,18 @@ def _decode(lib, q, k, v, p, table, seqlens, leftpad, seqlen_k):
                       p.alibi_slopes, decode_splits(q.shape[0], k.shape[2], seqlen_k))
 
 
-def fwd(q, k, v, p):
+# fwd takes learnable sinks itself: the tiled kernel adds them to its normaliser (no pass
+# over the output afterwards); the decoding routes apply them as every backend does.
+FUSES_SINK = True
+
+
+def fwd(q, k, v, p, sink=None):
     lib = _ensure_built()
     if _decode_route(q, k, v, p):
         batch, seqlen_k = k.shape[0], k.shape[1]
         table = torch.arange(batch, dtype=torch.int32).view(batch, 1)  # one page per sequence
         seqlens = torch.full((batch,), seqlen_k, dtype=torch.int32)
-        return _decode(lib, q, k, v, p, table, seqlens, None, seqlen_k)
+        return _with_sink(*_decode(lib, q, k, v, p, table, seqlens, None, seqlen_k), sink, False)
     sq = _varlen_decode_rows(q, k, v, p)
     if sq:
         batch, heads = q.shape[0] // sq, q.shape[1]
@@ -247,8 +253,15 @@ def fwd(q, k, v, p):
         out, lse = _decode(lib, q.view(batch, sq, heads, q.shape[2]), k[None], v[None], p, table, cu_k[1:], cu_k[:-1],
                            p.max_seqlen_k)
         # (batch, sq, H, Dv) -> (total_q, H, Dv); lse (batch, H, sq) -> varlen's (H, total_q)
-        return out.view(*q.shape[:-1], v.shape[-1]), lse.permute(1, 0, 2).reshape(heads, batch * sq)
+        return _with_sink(out.view(*q.shape[:-1], v.shape[-1]), lse.permute(1, 0, 2).reshape(heads, batch * sq), sink,
+                          True)
+    if sink is not None:
+        return lib.cpu_fwd_sink(q, k, v, *p.op_args(), sink)
     return lib.fwd(q, k, v, *p.op_args())
+
+
+def _with_sink(out, lse, sink, varlen):
+    return (out if sink is None else sinks.apply_to_out(out, lse, sink, varlen)), lse
 
 
 def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
