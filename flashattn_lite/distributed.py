@@ -257,23 +257,11 @@ def ring_stats():
     return dict(_stats)
 
 
-def _pack(*tensors, dtype=None):
-    """One contiguous buffer holding ``tensors`` (one message instead of several)."""
-    dtype = dtype or tensors[0].dtype
-    buf = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
-    at = 0
-    for t in tensors:
-        buf[at:at + t.numel()].view(t.shape).copy_(t)
-        at += t.numel()
-    return buf
-
-
 def _unpack(buf, shapes):
+    """Contiguous views of ``buf``, one per shape, one after the other."""
     out, at = [], 0
     for shape in shapes:
-        n = 1
-        for s in shape:
-            n *= s
+        n = _numel(shape)
         out.append(buf[at:at + n].view(shape))
         at += n
     return out
@@ -298,27 +286,97 @@ class _Transfers:
         stats[key] = stats.get(key, 0.0) + time.perf_counter() - start
 
 
-def _kv_transfers(ring, t, own, recv_shape_numel, dtype, device):
-    """Step ``t``'s K/V transfers: (posted transfers, receive buffer or None)."""
+def _kv_transfers(ring, t, own, shapes, dtype, device):
+    """Step ``t``'s K/V transfers: (posted transfers, received (k, v) or None).  K and V go
+    as two messages, so a contiguous shard is sent from where it is, without a copy."""
     if not 0 < t < ring.world:
         return None, None
-    sends = [(ring.dst(t), own())] if ring.needed_by[ring.dst(t)] else []
-    buf = None
+    sends = [(ring.dst(t), x) for x in own()] if ring.needed_by[ring.dst(t)] else []
+    kv = None
     if ring.plans[ring.src(t)]:
-        buf = torch.empty(recv_shape_numel, dtype=dtype, device=device)
-    return _Transfers(ring, sends, [(ring.src(t), buf)] if buf is not None else []), buf
+        kv = _unpack(torch.empty(sum(_numel(s) for s in shapes), dtype=dtype, device=device), shapes)
+    return _Transfers(ring, sends, [(ring.src(t), x) for x in kv] if kv is not None else []), kv
 
 
-def _merge(out_acc, lse_acc, out, lse, qs, m):
-    """Fold one call's (out, lse) for local query rows qs..qs+m into the running result."""
-    acc_o = out_acc[:, qs:qs + m]
-    acc_l = lse_acc[:, :, qs:qs + m]
-    new = torch.logaddexp(acc_l, lse.to(acc_l.dtype))
-    safe = new.masked_fill(new == float("-inf"), 0.0)
-    w_old = torch.exp(acc_l - safe).transpose(1, 2).unsqueeze(-1)
-    w_new = torch.exp(lse.to(acc_l.dtype) - safe).transpose(1, 2).unsqueeze(-1)
-    acc_o.mul_(w_old).add_(out.to(acc_o.dtype) * w_new)
-    acc_l.copy_(new)
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _own_shard(k, v):
+    """() -> (k, v) contiguous, made (once) only when some rank needs them."""
+    made = []
+
+    def own():
+        if not made:
+            made.append((k.contiguous(), v.contiguous()))
+        return made[0]
+    return own
+
+
+class _Sum:
+    """A running sum over slices of dim 1 in ``dtype``.  The first contribution that covers
+    the whole tensor is kept as it is (no zeros, no add): with one kernel call per step,
+    the common case, no buffer beyond the kernel's own output is made."""
+
+    def __init__(self, shape, dtype, device):
+        self.shape, self.dtype, self.device, self.t = shape, dtype, device, None
+
+    def add(self, lo, n, x):
+        if self.t is None and lo == 0 and n == self.shape[1]:
+            self.t = x.to(self.dtype)
+            return
+        if self.t is None:
+            self.t = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        self.t[:, lo:lo + n] += x
+
+    def value(self):
+        return self.t if self.t is not None else torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+
+
+class _Merged:
+    """The running (out, lse) of one rank's rows, folded one kernel call at a time through
+    the log-sum-exp (in the accumulation dtype).  Made at the first call: when that call
+    covers every row, its own output is the running result (no zeros are written)."""
+
+    def __init__(self, out_shape, lse_shape, dtype, device):
+        self.out_shape, self.lse_shape, self.dtype, self.device = out_shape, lse_shape, dtype, device
+        self.out = self.lse = None
+
+    def add(self, qs, m, out, lse):
+        if self.out is None:
+            if qs == 0 and m == self.out_shape[1]:
+                self.out, self.lse = out.to(self.dtype), lse.to(self.dtype)
+                return
+            self.out = torch.zeros(self.out_shape, dtype=self.dtype, device=self.device)
+            self.lse = torch.full(self.lse_shape, float("-inf"), dtype=self.dtype, device=self.device)
+        acc_o = self.out[:, qs:qs + m]
+        acc_l = self.lse[:, :, qs:qs + m]
+        lse = lse.to(self.dtype)
+        new = torch.logaddexp(acc_l, lse)
+        safe = new.masked_fill(new == float("-inf"), 0.0)  # rows no key reached yet stay 0
+        acc_o.mul_(torch.exp(acc_l - safe).transpose(1, 2).unsqueeze(-1))
+        acc_o.add_(out.to(self.dtype).mul_(torch.exp(lse - safe).transpose(1, 2).unsqueeze(-1)))
+        acc_l.copy_(new)
+
+    def result(self):
+        """(out, lse); rows no call reached: out 0, lse -inf."""
+        if self.out is None:
+            self.out = torch.zeros(self.out_shape, dtype=self.dtype, device=self.device)
+            self.lse = torch.full(self.lse_shape, float("-inf"), dtype=self.dtype, device=self.device)
+        return self.out, self.lse
+
+
+def _kv_at_step(ring, t, pending, stats, key):
+    """The K/V shard of step ``t`` (0: this rank's own), or None when nothing here sees it."""
+    if t == 0:
+        return None
+    transfers, kv = pending.pop(t)
+    if kv is not None:
+        transfers.wait(stats, key)
+    return kv
 
 
 class _RingAttention(torch.autograd.Function):
@@ -329,35 +387,18 @@ class _RingAttention(torch.autograd.Function):
                  "steps_skipped": sum(1 for s in range(ring.world) if not ring.plans[s])}
         acc = accum_dtype(q.dtype)
         b, lq, h = q.shape[:3]
-        out_acc = torch.zeros(b, lq, h, v.shape[-1], dtype=acc, device=q.device)
-        lse_acc = torch.full((b, h, lq), float("-inf"), dtype=acc, device=q.device)
+        merged = _Merged((b, lq, h, v.shape[-1]), (b, h, lq), acc, q.device)
         shapes = (k.shape, v.shape)
-        numel = k.numel() + v.numel()
-        own_buf = []
-
-        def own():
-            if not own_buf:
-                own_buf.append(_pack(k, v))
-            return own_buf[0]
-
-        pending = {1: _kv_transfers(ring, 1, own, numel, k.dtype, k.device)}
-        posted = [pending[1][0]]
+        own = _own_shard(k, v)
+        pending, posted = {}, []  # step t + 1's transfers are posted before step t's compute
         for t in range(ring.world):
-            nxt = _kv_transfers(ring, t + 1, own, numel, k.dtype, k.device)
-            pending[t + 1] = nxt
-            posted.append(nxt[0])
-            if t == 0:
-                kt, vt = k, v
-            else:
-                transfers, buf = pending.pop(t)
-                if buf is None:
-                    continue
-                transfers.wait(stats, "fwd_wait_s")
-                kt, vt = _unpack(buf, shapes)
+            pending[t + 1] = _kv_transfers(ring, t + 1, own, shapes, k.dtype, k.device)
+            posted.append(pending[t + 1][0])
+            kt, vt = _kv_at_step(ring, t, pending, stats, "fwd_wait_s") or (k, v)
             for qs, m, ks, n, off in ring.plans[ring.src(t)]:
                 p = dataclasses.replace(params, diag_offset=off)
                 out, lse = ops.run_fwd(q[:, qs:qs + m], kt[:, ks:ks + n], vt[:, ks:ks + n], p, backend)
-                _merge(out_acc, lse_acc, out, lse, qs, m)
+                merged.add(qs, m, out, lse)
                 stats["fwd_calls"] += 1
         for transfers in posted:
             if transfers is not None:
@@ -365,8 +406,8 @@ class _RingAttention(torch.autograd.Function):
                 transfers.wait(stats, "fwd_wait_s")
         _stats.clear()
         _stats.update(stats)
-        out = out_acc.to(q.dtype)
-        lse = lse_acc.to(accum_dtype(q.dtype))
+        out, lse = merged.result()
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.params, ctx.backend = ring, params, backend
         ctx.set_materialize_grads(False)
@@ -383,18 +424,10 @@ class _RingAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dout = dout.contiguous()
         dlse = None if dlse is None else dlse.contiguous()
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dk_own = torch.zeros(k.shape, dtype=acc, device=k.device)
-        dv_own = torch.zeros(v.shape, dtype=acc, device=v.device)
+        dq = _Sum(q.shape, acc, q.device)
+        dk_own, dv_own = _Sum(k.shape, acc, k.device), _Sum(v.shape, acc, v.device)
         shapes = (k.shape, v.shape)
-        numel = k.numel() + v.numel()
-        own_buf = []
-
-        def own():
-            if not own_buf:
-                own_buf.append(_pack(k, v))
-            return own_buf[0]
-
+        own = _own_shard(k, v)
         lse_rows = {}
 
         def rows(qs, m):
@@ -403,63 +436,52 @@ class _RingAttention(torch.autograd.Function):
                                    None if dlse is None else dlse[:, :, qs:qs + m].contiguous())
             return lse_rows[qs, m]
 
-        pending = {1: _kv_transfers(ring, 1, own, numel, k.dtype, k.device)}
-        posted = [pending[1][0]]
-        grads_back = []  # (transfers, receive buffer or None) of each step's gradient returns
+        pending, posted = {}, []  # step t + 1's transfers are posted before step t's compute
+        grads_back = []  # each step's gradient returns: (transfers, received (dk, dv) or None)
         for t in range(ring.world):
-            nxt = _kv_transfers(ring, t + 1, own, numel, k.dtype, k.device)
-            pending[t + 1] = nxt
-            posted.append(nxt[0])
+            pending[t + 1] = _kv_transfers(ring, t + 1, own, shapes, k.dtype, k.device)
+            posted.append(pending[t + 1][0])
             src = ring.src(t)
-            if t == 0:
-                kt, vt = k, v
-                dkt, dvt = dk_own, dv_own
-            else:
-                transfers, buf = pending.pop(t)
-                if buf is not None:
-                    transfers.wait(stats, "bwd_wait_s")
-                    kt, vt = _unpack(buf, shapes)
-                    dkv = torch.zeros(numel, dtype=acc, device=k.device)
-                    dkt, dvt = _unpack(dkv, shapes)
-            if t == 0 or ring.plans[src]:
-                for qs, m, ks, n, off in ring.plans[src]:
-                    p = dataclasses.replace(params, diag_offset=off)
-                    lse_m, dlse_m = rows(qs, m)
-                    with checks.trusted():
-                        g = torch.ops.flashattn_lite.bwd(
-                            dout[:, qs:qs + m], dlse_m, q[:, qs:qs + m], kt[:, ks:ks + n], vt[:, ks:ks + n],
-                            out[:, qs:qs + m], lse_m, *p.op_args(), False, True, backend)
-                    dq[:, qs:qs + m] += g[0]
-                    dkt[:, ks:ks + n] += g[1]
-                    dvt[:, ks:ks + n] += g[2]
-                    stats["bwd_calls"] += 1
+            kt, vt = _kv_at_step(ring, t, pending, stats, "bwd_wait_s") or (k, v)
+            dkt, dvt = (dk_own, dv_own) if t == 0 else (_Sum(k.shape, acc, k.device), _Sum(v.shape, acc, v.device))
+            for qs, m, ks, n, off in ring.plans[src]:
+                p = dataclasses.replace(params, diag_offset=off)
+                lse_m, dlse_m = rows(qs, m)
+                with checks.trusted():
+                    g = torch.ops.flashattn_lite.bwd(
+                        dout[:, qs:qs + m], dlse_m, q[:, qs:qs + m], kt[:, ks:ks + n], vt[:, ks:ks + n],
+                        out[:, qs:qs + m], lse_m, *p.op_args(), False, True, backend)
+                dq.add(qs, m, g[0])
+                dkt.add(ks, n, g[1])
+                dvt.add(ks, n, g[2])
+                stats["bwd_calls"] += 1
             if t > 0:
-                # this step's contribution to rank src's dK/dV goes home; our own shard's
-                # contribution from rank dst arrives
-                sends = [(src, dkv)] if ring.plans[src] else []
-                back = torch.empty(numel, dtype=acc, device=k.device) if ring.needed_by[ring.dst(t)] else None
-                recvs = [(ring.dst(t), back)] if back is not None else []
-                grads_back.append((_Transfers(ring, sends, recvs), back))
-                if len(grads_back) > 1:  # keep at most two gradient buffers in flight
-                    _fold_back(grads_back.pop(0), dk_own, dv_own, shapes, stats)
+                # this step's contribution to rank src's dK/dV goes home (in the accumulation
+                # dtype); our own shard's contribution from rank dst arrives
+                sends = [(src, x.value().contiguous()) for x in (dkt, dvt)] if ring.plans[src] else []
+                back = None
+                if ring.needed_by[ring.dst(t)]:
+                    back = _unpack(torch.empty(sum(_numel(x) for x in shapes), dtype=acc, device=k.device), shapes)
+                grads_back.append((_Transfers(ring, sends, [(ring.dst(t), x) for x in back or ()]), back))
+                if len(grads_back) > 1:  # at most two gradient returns in flight
+                    _fold_back(grads_back.pop(0), dk_own, dv_own, stats)
         while grads_back:
-            _fold_back(grads_back.pop(0), dk_own, dv_own, shapes, stats)
+            _fold_back(grads_back.pop(0), dk_own, dv_own, stats)
         for transfers in posted:
             if transfers is not None:
                 stats["bwd_bytes_sent"] += transfers.sent
                 transfers.wait(stats, "bwd_wait_s")
         _stats.update(stats)
-        return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype), None, None, None
+        return (dq.value().to(q.dtype), dk_own.value().to(k.dtype), dv_own.value().to(v.dtype), None, None, None)
 
 
-def _fold_back(item, dk_own, dv_own, shapes, stats):
+def _fold_back(item, dk_own, dv_own, stats):
     transfers, back = item
     stats["bwd_bytes_sent"] += transfers.sent
     transfers.wait(stats, "bwd_wait_s")
     if back is not None:
-        dk, dv = _unpack(back, shapes)
-        dk_own += dk
-        dv_own += dv
+        dk_own.add(0, back[0].shape[1], back[0])
+        dv_own.add(0, back[1].shape[1], back[1])
 
 
 def ring_flash_attn_func(q, k, v, group=None, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
