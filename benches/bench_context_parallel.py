@@ -149,11 +149,12 @@ def _run(world, args, load_balance):
     return results
 
 
-def _model(compute_gflops, p2p_gbps, seqlen, heads, head_dim, worlds=(2, 4, 8, 16, 32)):
-    """Modelled ring fwd+bwd efficiency (not a measurement): per step a rank computes 1/P^2
+def _model(compute_gflops, p2p_gbps, seqlen, heads, head_dim, worlds=(2, 4, 8, 16, 32, 64, 128, 256)):
+    """Modelled ring fwd+bwd speedup (not a measurement): per step a rank computes 1/P^2
     of the causal work (zigzag balances it) and moves one K/V shard forward and one
     K/V+gradient shard back in backward; transfers overlap compute, so a step costs the
-    larger of the two."""
+    larger of the two.  Compute per step falls as 1/P^2 and transfer as 1/P: they cross
+    at P* = 7 S BW / (24 F) (float32 bytes, F FLOP/s per rank, BW bytes/s per link)."""
     flops = 3.5 * 2 * seqlen * seqlen * heads * head_dim  # causal fwd (2 S^2 H D) + bwd (2.5x)
     rows = []
     for p in worlds:
@@ -224,14 +225,17 @@ def main(argv=None):
     print(f"measured: single-process compute {gflops:.1f} GFLOP/s (1 thread); gloo point-to-point "
           f"{p2p:.2f} GB/s (127.0.0.1)")
     model = _model(gflops, p2p, args.seqlen, args.heads, args.head_dim)
-    print("MODEL, not a measurement: zigzag ring with these measured rates, same problem size")
+    crossover = 7 * args.seqlen * p2p * 1e9 / (24 * gflops * 1e9)
+    print("MODEL, not a measurement: zigzag ring with these measured rates, same problem size; transfers stop "
+          f"hiding behind compute near P* = 7 S BW / (24 F) = {crossover:.0f} ranks")
     for row in model:
         print(f"  P={row['world']:3d}: step compute {row['step_compute_s'] * 1e3:8.2f} ms, step transfer "
               f"{row['step_transfer_s'] * 1e3:8.2f} ms, modelled speedup {row['modelled_speedup']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": _cpu_name(), "torch": torch.__version__, "args": vars(args), "results": best,
-                       "compute_gflops": gflops, "p2p_gbps": p2p, "model": model}, f, indent=1)
+                       "compute_gflops": gflops, "p2p_gbps": p2p, "model": model,
+                       "model_crossover_world": crossover}, f, indent=1)
 
 
 if __name__ == "__main__":
