@@ -109,17 +109,29 @@ def run_cases(rank, world, cases, backend="cpu"):
         kw = dict(causal=case["causal"], window_size=case["window"], softcap=case["softcap"], alibi_slopes=slopes)
         lb = case["load_balance"]
 
+        # a loss through lse too (case "lse_grad"): its gradient reaches every pair's backward
+        dlse = torch.randn(q.shape[0], q.shape[2], q.shape[1], generator=torch.Generator().manual_seed(1),
+                           dtype=torch.float64).to(torch.float64 if case["dtype"] == torch.float64 else torch.float32)
+
+        def backward(out, lse, dout_, dlse_):
+            if case.get("lse_grad"):
+                torch.autograd.backward([out, lse], [dout_, dlse_])
+            else:
+                out.backward(dout_)
+
         def single(dtype):
             leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
             with fl.use_backend("cpu" if dtype == torch.float64 and backend != "reference" else backend):
                 out, lse, _ = fl.flash_attn_func(*leaves, return_attn_probs=True, **kw)
-            out.backward(dout.to(dtype))
-            return {"out": out.detach(), "lse": lse, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
+            backward(out, lse, dout.to(dtype), dlse.to(lse.dtype))
+            return {"out": out.detach(), "lse": lse.detach(), "dq": leaves[0].grad, "dk": leaves[1].grad,
+                    "dv": leaves[2].grad}
 
         local = [fd.shard(t, load_balance=lb).detach().requires_grad_() for t in (q, k, v)]
         with fl.use_backend(backend):
             out, lse = fd.ring_flash_attn_func(*local, load_balance=lb, return_lse=True, **kw)
-        out.backward(fd.shard(dout, load_balance=lb))
+        backward(out, lse, fd.shard(dout, load_balance=lb), fd.shard(dlse, dim=2, load_balance=lb).to(lse.dtype))
+        lse = lse.detach()
         ours = {"out": out.detach(), "lse": lse, "dq": local[0].grad, "dk": local[1].grad, "dv": local[2].grad}
         stats[cid] = fd.ring_stats()
 
@@ -159,6 +171,11 @@ def case_matrix(world):
         cases[f"f64-{lb}-c{int(causal)}-sk!=sq-dv12"] = dict(
             dtype=torch.float64, load_balance=lb, causal=causal, window=(-1, -1), alibi=False, softcap=0.0,
             heads_k=2, len_k=10, head_dim_v=12)
+    for lb, causal in itertools.product(("zigzag", None), (False, True)):
+        # a loss that uses lse as well as out
+        cases[f"f64-{lb}-c{int(causal)}-lse_grad"] = dict(
+            dtype=torch.float64, load_balance=lb, causal=causal, window=(4, -1), alibi=False, softcap=0.0,
+            heads_k=2, len_k=0, head_dim_v=8, lse_grad=True)
     for dtype, lb, causal, window in itertools.product((torch.float32, torch.bfloat16), ("zigzag", None),
                                                          (False, True), ((-1, -1), (6, 0))):
         name = str(dtype).split(".")[-1]
@@ -166,6 +183,22 @@ def case_matrix(world):
             dtype=dtype, load_balance=lb, causal=causal, window=window, alibi=causal, softcap=0.0 if causal else 3.0,
             heads_k=2, len_k=0, head_dim_v=8)
     return cases
+
+
+def subgroups(rank, world):
+    """Two rings at once on disjoint groups of a world of 4 ({0, 1} and {2, 3}, different
+    data): each matches its own single-process result, so peers are addressed by their
+    global ranks."""
+    import flashattn_lite as fl
+    import torch.distributed as dist
+    from flashattn_lite import distributed as fd
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = groups[rank // 2]
+    g = torch.Generator().manual_seed(100 + rank // 2)
+    q, k, v = (torch.randn(1, 16, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    want = fd.shard(fl.flash_attn_func(q, k, v, causal=True), group=mine)
+    got = fd.ring_flash_attn_func(*(fd.shard(t, group=mine) for t in (q, k, v)), group=mine, causal=True)
+    return (got - want).abs().max().item()
 
 
 def sharding_roundtrip(rank, world):

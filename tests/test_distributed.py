@@ -80,6 +80,12 @@ def test_shard_unshard_roundtrip(world):
         assert all(res), f"rank {rank}: {res}"
 
 
+def test_rings_on_subgroups():
+    ranks = dc.spawn(4, dc.subgroups)
+    for rank, err in ranks.items():
+        assert isinstance(err, float) and err <= 1e-12, f"rank {rank}: {err}"
+
+
 def test_bad_calls_raise_clear_errors_on_every_rank():
     ranks = dc.spawn(2, dc.misuse)
     expected = {
