@@ -21,7 +21,8 @@ from .backends import OP_FIELDS, Params, accum_dtype, sinks
 # varlen when cu_seqlens_q is given; bias a (B, H, Sq, Sk) view; softcap 0 = off;
 # alibi_slopes float32 (B, H); dropout_p 0 = off.  ``learnable_sink`` (H,) float or None:
 # one extra logit per query head with a zero value (backends/sinks.py applies it around
-# a backend's kernels; a backend with ``FUSES_SINK``, the cpu one, takes it in its fwd).
+# a backend's kernels; a backend with ``FUSES_SINK``, the cpu one, takes it in its fwd, and
+# in its bwd when there is no dlse).
 _PARAM_ARGS = ("Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor? bias, "
                "float softmax_scale, SymInt diag_offset, int window_left, int window_right, float softcap, "
                "Tensor? alibi_slopes, float dropout_p, int dropout_seed")
@@ -142,6 +143,9 @@ def _bwd_direct(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic,
     dsink = q.new_empty(0)
     if sink is None:
         dq, dk, dv, dbias = module.bwd(dout, dlse, q, k, v, out, lse, params, bias_grad, deterministic)
+    elif dlse is None and getattr(module, "FUSES_SINK", False):
+        dq, dk, dv, dbias, dsink = module.bwd(dout, None, q, k, v, out, lse, params, bias_grad, deterministic,
+                                              sink=sink)
     else:
         lse_full, dsink = sinks.backward_inputs(dout, out, lse, sink, params.varlen)
         dq, dk, dv, dbias = module.bwd(dout, None, q, k, v, out, lse_full, params, bias_grad, deterministic)

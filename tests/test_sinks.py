@@ -243,3 +243,73 @@ def test_cpu_kernel_takes_the_sink_itself():
         torch.ops.flashattn_lite_C.cpu_fwd_sink(q, k, v, *args, torch.zeros(3))
     with pytest.raises(TypeError, match="learnable_sink must be a float tensor"):
         torch.ops.flashattn_lite_C.cpu_fwd_sink(q, k, v, *args, torch.zeros(2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_cpu_backward_takes_the_sink_itself(dtype, varlen):
+    """The cpu backend's backward derives dsink from its own dO.O row sums and joins the sink
+    to lse (``cpu_bwd_sink``, no separate pass in Python); with a loss through lse it takes
+    the generic path (a second backward for dlse).  dq, dk, dv, dsink against float64."""
+    from helpers import ops_seen
+
+    torch.manual_seed(3)
+    q, k, v = make_qkv(2, 37, 37, 4, 2, 16, dtype)
+    sink = torch.tensor([2.0, -1.0, 0.5, 30.0], requires_grad=True)  # 30: the sink takes almost everything
+    dout = torch.randn(2, 37, 4, 16, dtype=dtype)
+    kw = dict(causal=True, window_size=(9, 0), learnable_sink=sink)
+    with fl.use_backend("cpu"):
+        if varlen:
+            cu = torch.tensor([0, 37, 74], dtype=torch.int32)
+            flat = [t.detach().reshape(74, *t.shape[2:]).requires_grad_() for t in (q, k, v)]
+
+            def run():
+                out = fl.flash_attn_varlen_func(*flat, cu, cu, 37, 37, **kw)
+                out.backward(dout.reshape(74, 4, 16))
+                return out
+            seen = ops_seen(run)
+            grads = [t.grad.view(2, 37, *t.shape[1:]) for t in flat]
+        else:
+            def run():
+                out = fl.flash_attn_func(q, k, v, **kw)
+                out.backward(dout)
+                return out
+            seen = ops_seen(run)
+            grads = [q.grad, k.grad, v.grad]
+    assert "flashattn_lite_C::cpu_bwd_sink" in seen and "flashattn_lite_C::bwd" not in seen
+    ref, base = reference_results(q, k, v, dout, 16 ** -0.5, 0, 9, 0, learnable_sink=sink)
+    assert_checks_ok({"dq": grads[0], "dk": grads[1], "dv": grads[2], "dsink": sink.grad}, ref, base, dtype)
+
+
+def test_cpu_backward_with_a_loss_through_lse_and_a_sink():
+    """dlse with a sink: the generic path (two backward calls), still exact."""
+    from helpers import ops_seen
+
+    q, k, v = make_qkv(1, 21, 21, 2, 2, 8, torch.float64)
+    sink = torch.tensor([1.5, -0.5], dtype=torch.float64, requires_grad=True)
+    with fl.use_backend("cpu"):
+        def run():
+            out, lse, _ = fl.flash_attn_func(q, k, v, causal=True, learnable_sink=sink, return_attn_probs=True)
+            (out.sum() + (lse * torch.linspace(-1, 1, 21)).sum()).backward()
+        seen = ops_seen(run)
+    assert "flashattn_lite_C::bwd" in seen and "flashattn_lite_C::cpu_bwd_sink" not in seen
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    s = sink.detach().clone().requires_grad_()
+    with fl.use_backend("reference"):
+        out, lse, _ = fl.flash_attn_func(*leaves, causal=True, learnable_sink=s, return_attn_probs=True)
+        (out.sum() + (lse * torch.linspace(-1, 1, 21)).sum()).backward()
+    for ours, want in zip((q.grad, k.grad, v.grad, sink.grad), (*[t.grad for t in leaves], s.grad)):
+        torch.testing.assert_close(ours, want, rtol=1e-10, atol=1e-10)
+
+
+def test_cpu_bwd_sink_operator_checks_its_sink():
+    q, k, v = (torch.randn(1, 6, 2, 8) for _ in range(3))
+    out, lse = torch.ops.flashattn_lite_C.fwd(q, k, v, None, None, 0, 0, None, 0.25, 0, -1, -1, 0.0, None, 0.0, 0)
+    args = (None, None, 0, 0, None, 0.25, 0, -1, -1, 0.0, None, 0.0, 0, False, True)
+    dout = torch.randn_like(out)
+    with pytest.raises(ValueError, match=r"learnable_sink must have shape \(num_heads_q,\) = \(2,\)"):
+        torch.ops.flashattn_lite_C.cpu_bwd_sink(dout, None, q, k, v, out, lse, *args, torch.zeros(3))
+    with pytest.raises(TypeError, match="learnable_sink must be a float tensor"):
+        torch.ops.flashattn_lite_C.cpu_bwd_sink(dout, None, q, k, v, out, lse, *args, torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="takes no dlse"):
+        torch.ops.flashattn_lite_C.cpu_bwd_sink(dout, torch.zeros_like(lse), q, k, v, out, lse, *args, torch.zeros(2))

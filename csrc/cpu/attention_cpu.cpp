@@ -172,6 +172,18 @@ Dropout make_dropout(double p, int64_t seed) {
   return d;
 }
 
+// The learnable sink (num_heads_q,) as a checked tensor, or an undefined one.
+at::Tensor checked_sink(const std::optional<at::Tensor>& learnable_sink, int64_t heads) {
+  if (!learnable_sink.has_value()) return at::Tensor();
+  const at::Tensor& s = *learnable_sink;
+  TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == heads, "flashattn_lite cpu: learnable_sink must have shape "
+                    "(num_heads_q,) = (", heads, ",), got ", s.sizes());
+  TORCH_CHECK_TYPE(s.is_floating_point(), "flashattn_lite cpu: learnable_sink must be a float tensor, got ",
+                   s.scalar_type());
+  TORCH_CHECK(s.device().is_cpu(), "flashattn_lite cpu: learnable_sink must be on the CPU");
+  return s;
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_sink_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
@@ -190,13 +202,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_sink_cpu(
                             window_right);
   at::Tensor sink;
   if (learnable_sink.has_value()) {
-    const at::Tensor& s = *learnable_sink;
-    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == q.size(2), "flashattn_lite cpu: learnable_sink must have shape "
-                      "(num_heads_q,) = (", q.size(2), ",), got ", s.sizes());
-    TORCH_CHECK_TYPE(s.is_floating_point(), "flashattn_lite cpu: learnable_sink must be a float tensor, got ",
-                     s.scalar_type());
-    TORCH_CHECK(s.device().is_cpu(), "flashattn_lite cpu: learnable_sink must be on the CPU");
-    sink = s.to(at::kDouble).contiguous();
+    sink = checked_sink(learnable_sink, q.size(2)).to(at::kDouble).contiguous();
     pr.sink = sink.data_ptr<double>();
   }
   const BiasView bv = make_bias(bias, q, k, varlen);
@@ -226,14 +232,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                       std::nullopt);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_sink_cpu(
     const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& bias, double softmax_scale,
     int64_t diag_offset, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t dropout_seed, bool bias_grad,
-    bool deterministic) {
+    bool deterministic, const std::optional<at::Tensor>& learnable_sink) {
   (void)deterministic;  // every CPU backward is deterministic
   TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
               "flashattn_lite cpu: cu_seqlens_q and cu_seqlens_k must be given together");
@@ -266,6 +272,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   at::Tensor lse = lse_in.to(ct).reshape({q.size(0), q.size(2), q.size(1)}).contiguous();
   // delta = rowsum(dO * O) - dlse, shape (B, H, Sq)
   at::Tensor delta = (dout.to(ct) * out).sum(-1).transpose(1, 2).contiguous();
+  const at::Tensor sink_in = checked_sink(learnable_sink, q.size(2));
+  at::Tensor dsink = at::empty({0}, q.options().dtype(ct));
+  if (sink_in.defined()) {
+    // flashattn_lite/backends/sinks.py: the probabilities are exp(s - lse') with
+    // lse' = logaddexp(lse, sink), and dsink_h = -sum_{b,i} sigmoid(sink_h - lse_i) * delta_i
+    // (delta from dO.O alone: a dlse takes the generic path there, not this one)
+    TORCH_CHECK(!dlse.has_value(), "flashattn_lite cpu: cpu_bwd_sink takes no dlse");
+    const at::Tensor s = sink_in.to(ct).view({1, -1, 1});
+    dsink = -(at::nan_to_num(at::sigmoid(s - lse), 0.0) * delta).sum(at::IntArrayRef{0, 2});
+    dsink = dsink.to(sink_in.scalar_type());
+    lse = at::logaddexp(lse, s).contiguous();
+  }
   if (dlse.has_value()) delta.sub_(dlse->to(ct).reshape(delta.sizes()));
   at::Tensor dq = at::empty_like(q, q.options().dtype(ct));
   at::Tensor dk = at::empty_like(k, k.options().dtype(ct));
@@ -286,7 +304,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     return t.scalar_type() == type ? t : t.to(type);
   };
   if (bias_grad) dbias = dbias.to(bias->scalar_type());
-  return {narrow(dq, q_in.scalar_type()), narrow(dk, k_in.scalar_type()), narrow(dv, v_in.scalar_type()), dbias};
+  return {narrow(dq, q_in.scalar_type()), narrow(dk, k_in.scalar_type()), narrow(dv, v_in.scalar_type()), dbias,
+          dsink};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& bias, double softmax_scale, int64_t diag_offset, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    int64_t dropout_seed, bool bias_grad, bool deterministic) {
+  auto r = bwd_sink_cpu(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias,
+                        softmax_scale, diag_offset, window_left, window_right, softcap, alibi_slopes, dropout_p,
+                        dropout_seed, bias_grad, deterministic, std::nullopt);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
 }
 
 }  // namespace
@@ -300,12 +332,19 @@ TORCH_LIBRARY_FRAGMENT(flashattn_lite_C, m) {
         "int max_seqlen_k, Tensor? bias, float softmax_scale, int diag_offset, int window_left, "
         "int window_right, float softcap, Tensor? alibi_slopes, float dropout_p, int dropout_seed, "
         "Tensor? learnable_sink) -> (Tensor, Tensor)");
+  // bwd with the sink: (dq, dk, dv, dbias, dsink); dlse must be None (sinks.py takes that path)
+  m.def("cpu_bwd_sink(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? bias, "
+        "float softmax_scale, int diag_offset, int window_left, int window_right, float softcap, "
+        "Tensor? alibi_slopes, float dropout_p, int dropout_seed, bool bias_grad, bool deterministic, "
+        "Tensor? learnable_sink) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(flashattn_lite_C, CPU, m) {
   m.impl("fwd", &attention_cpu::fwd_cpu);
   m.impl("bwd", &attention_cpu::bwd_cpu);
   m.impl("cpu_fwd_sink", &attention_cpu::fwd_sink_cpu);
+  m.impl("cpu_bwd_sink", &attention_cpu::bwd_sink_cpu);
 }
 
 }  // namespace flashattn_lite

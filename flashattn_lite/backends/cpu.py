@@ -234,7 +234,8 @@ def _decode(lib, q, k, v, p, table, seqlens, leftpad, seqlen_k):
 
 
 # fwd takes learnable sinks itself: the tiled kernel adds them to its normaliser (no pass
-# over the output afterwards); the decoding routes apply them as every backend does.
+# over the output afterwards), and so does bwd (the sink gradient from its own dO.O row sums);
+# the decoding routes apply them as every backend does.
 FUSES_SINK = True
 
 
@@ -264,9 +265,16 @@ def _with_sink(out, lse, sink, varlen):
     return (out if sink is None else sinks.apply_to_out(out, lse, sink, varlen)), lse
 
 
-def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic):
-    dq, dk, dv, dbias = _ensure_built().bwd(dout, dlse, q, k, v, out, lse, *p.op_args(), bool(bias_grad),
-                                            bool(deterministic))
+def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic, sink=None):
+    """(dq, dk, dv, dbias or None), and dsink as a fifth when ``sink`` is given: then the
+    kernel's own delta (dO.O) gives the sink's gradient and its normaliser joins lse
+    (``cpu_bwd_sink``; ``dlse`` must be None, sinks.py handles that case)."""
+    lib = _ensure_built()
+    if sink is not None:
+        dq, dk, dv, dbias, dsink = lib.cpu_bwd_sink(dout, dlse, q, k, v, out, lse, *p.op_args(), bool(bias_grad),
+                                                    bool(deterministic), sink)
+        return dq, dk, dv, (dbias if bias_grad else None), dsink
+    dq, dk, dv, dbias = lib.bwd(dout, dlse, q, k, v, out, lse, *p.op_args(), bool(bias_grad), bool(deterministic))
     return dq, dk, dv, (dbias if bias_grad else None)
 
 
