@@ -33,6 +33,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # (flash_attn_with_kvcache) takes D up to MAX_DECODE_HEAD_DIM (absorbed MLA: D = 576, Dv = 512).
 MAX_HEAD_DIM = 512
 MAX_DECODE_HEAD_DIM = 576
+# 8-bit KV-cache codes (flashattn_lite/quant.py)
+QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 INT32_MAX = 2 ** 31 - 1
 _INF = float("inf")
 # a normal float32 whose reciprocal is one too
@@ -119,15 +121,16 @@ def check_seqlen(name, n):
 
 # ------------------------------------------------------------------ tensors (the public functions' checks)
 
-def check_tensor(name, t, ndim, layout):
+def check_tensor(name, t, ndim, layout, quantized_ok=False):
     """A tensor argument of a public function: ``ndim`` dims (``layout`` names them in the
-    error) and a supported dtype."""
+    error) and a supported dtype (``quantized_ok``: or an 8-bit KV-cache code dtype)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+    if t.dtype not in SUPPORTED_DTYPES and not (quantized_ok and t.dtype in QUANT_DTYPES):
+        extra = ", or int8 / float8_e4m3fn (a quantized cache, with descales)" if quantized_ok else ""
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64{extra}")
 
 
 def check_alibi(slopes, batch, heads, device):
@@ -357,13 +360,29 @@ def check_bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, sink=None):
         _fail(op, "bias_grad needs a bias")
 
 
-def check_decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, p, num_splits, sink=None):
+def check_decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, p, num_splits, sink=None,
+                 k_descale=None, v_descale=None):
     """The decode operator's contract (``ops.DECODE_SCHEMA``): every page a valid position
-    needs lies in the cache, every length within the table's capacity."""
+    needs lies in the cache, every length within the table's capacity; an 8-bit cache comes
+    with float32 (num_blocks, page_size, heads_k) descales, a float cache without."""
     op = "decode"
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _tensor(op, name, t, 4)
-    _same(op, ("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
+    if k_cache.dtype in QUANT_DTYPES:
+        _same(op, ("k_cache", "v_cache"), (k_cache, v_cache))
+        if q.device != k_cache.device:
+            _fail(op, f"q and k_cache must be on one device, got {q.device} and {k_cache.device}")
+        for name, t, cache in (("k_descale", k_descale, k_cache), ("v_descale", v_descale, v_cache)):
+            want = tuple(cache.shape[:3])
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != want \
+                    or t.device != cache.device:
+                what = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else repr(t)
+                _fail(op, f"a {k_cache.dtype} cache needs {name} float32 of shape {want} (num_blocks, page_size, "
+                          f"heads_k; broadcast dims with stride 0) on {cache.device}, got {what}")
+    else:
+        _same(op, ("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
+        if k_descale is not None or v_descale is not None:
+            _fail(op, f"k_descale/v_descale given with a {k_cache.dtype} cache: they belong to int8/float8_e4m3fn caches")
     if q.dtype not in SUPPORTED_DTYPES:
         _fail(op, f"dtype {q.dtype} is not supported (float16, bfloat16, float32, float64)", TypeError)
     if k_cache.shape[:3] != v_cache.shape[:3]:

@@ -43,6 +43,7 @@ from .backends import select_backend
 from .checks import (MAX_DECODE_HEAD_DIM, MAX_HEAD_DIM, check_alibi, check_scale, check_scale_over_softcap, check_sink,
                      check_softcap, check_tensor, check_window)
 from .planning import MAX_SPLITS, unbounded_if_beyond
+from .quant import QUANT_DTYPES, descale_view, is_per_position, quantize_rows
 
 _LAYOUT = "(batch, seqlen, heads, headdim)"
 _CACHE_LAYOUT = "(batch_cache, seqlen_cache, heads_k, headdim) or, paged, (num_blocks, page_size, heads_k, headdim)"
@@ -61,11 +62,22 @@ def _check_int32_vector(name, t, batch, device):
 
 
 def _check_caches(q, k_cache, v_cache):
+    """The caches against q; returns the caches' 8-bit dtype when they are quantized, else None."""
     check_tensor("q", q, 4, _LAYOUT)
-    check_tensor("k_cache", k_cache, 4, _CACHE_LAYOUT)
-    check_tensor("v_cache", v_cache, 4, _CACHE_LAYOUT)
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise TypeError(f"q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    check_tensor("k_cache", k_cache, 4, _CACHE_LAYOUT, quantized_ok=True)
+    check_tensor("v_cache", v_cache, 4, _CACHE_LAYOUT, quantized_ok=True)
+    quantized = None
+    if k_cache.dtype in QUANT_DTYPES or v_cache.dtype in QUANT_DTYPES:
+        if k_cache.dtype != v_cache.dtype:
+            raise TypeError(f"k_cache and v_cache must share one dtype, got {k_cache.dtype} and {v_cache.dtype} (a "
+                            "quantized cache is int8 or float8_e4m3fn for both)")
+        if not q.is_floating_point() or q.dtype in QUANT_DTYPES:
+            raise TypeError(f"q must be float16, bfloat16 or float32 with a quantized ({k_cache.dtype}) cache, got "
+                            f"{q.dtype}: queries are not quantized")
+        quantized = k_cache.dtype
+    elif not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise TypeError(f"q, k_cache, v_cache must share one dtype (or the caches be int8/float8_e4m3fn, quantized, "
+                        f"with k_descale/v_descale), got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if not (q.device == k_cache.device == v_cache.device):
         raise ValueError(f"q, k_cache, v_cache must be on one device, got {q.device}, {k_cache.device}, "
                          f"{v_cache.device}")
@@ -86,6 +98,36 @@ def _check_caches(q, k_cache, v_cache):
         if t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit stride in its last (head) dim: the new keys/values are "
                              "written into it in place, so it cannot be copied")
+    return quantized
+
+
+def _check_descales(k_cache, v_cache, k_descale, v_descale, quantized, appending):
+    """(k, v) descales as float32 (num_blocks, page_size, heads_k) views, or (None, None) for
+    float caches; a clear error for a quantized cache without them, descales with a float
+    cache, a wrong shape, dtype or device, and, when appending, descales that are not one
+    entry per (position, kv head) of their own memory (the new scales are written there)."""
+    given = [name for name, t in (("k_descale", k_descale), ("v_descale", v_descale)) if t is not None]
+    if quantized is None:
+        if given:
+            raise ValueError(f"{' and '.join(given)} given with a {k_cache.dtype} cache: descales belong to quantized "
+                             "(int8 or float8_e4m3fn) caches")
+        return None, None
+    if len(given) != 2:
+        missing = [n for n in ("k_descale", "v_descale") if n not in given]
+        raise ValueError(f"a quantized ({quantized}) cache needs k_descale and v_descale (float32, broadcastable to "
+                         f"(blocks or batch, positions, kv heads)); {' and '.join(missing)} missing")
+    views = (descale_view("k_descale", k_descale, k_cache, "k_cache"),
+             descale_view("v_descale", v_descale, v_cache, "v_cache"))
+    if appending:
+        for name, t, cache in (("k_descale", k_descale, k_cache), ("v_descale", v_descale, v_cache)):
+            if not is_per_position(t, cache) or not _distinct(t):
+                raise ValueError(f"{name} has shape {tuple(t.shape)} (strides {t.stride()}): appending writes one scale "
+                                 f"per new (position, kv head), so it needs the full {tuple(cache.shape[:3])} with "
+                                 "distinct memory, not a broadcast (per kv head or per tensor) descale")
+        ek, ev = _extent(k_descale), _extent(v_descale)
+        if not _apart(k_descale, v_descale, ek, ev):
+            raise ValueError("k_descale and v_descale share memory: appending would write both scales into one place")
+    return views
 
 
 def _check_new(k, v, q, k_cache, v_cache):
@@ -98,7 +140,8 @@ def _check_new(k, v, q, k_cache, v_cache):
     for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
         want = (q.shape[0], k.shape[1], k_cache.shape[2], cache.shape[3])
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, but q and the caches have {q.dtype}")
+            raise TypeError(f"{name} has dtype {t.dtype}, but q has {q.dtype} (new keys/values come in q's dtype; "
+                            "a quantized cache quantizes them on append)")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
         if tuple(t.shape) != want:
@@ -382,6 +425,24 @@ def _check_append_memory(q, k_cache, v_cache, k, v, blocks, rows, used_rows):
                                  f"overwrite {what} before it is read; pass {what} as a separate tensor")
 
 
+def _check_quantized_append_memory(q, k_cache, v_cache, k, v, k_descale, v_descale, used_rows):
+    """The append checks for 8-bit caches: each cache's positions and rows in use distinct, the
+    caches apart, and q, the new k/v (float) and the descales nowhere inside the caches'
+    memory (tensors of other dtypes inside a cache: refused outright)."""
+    _check_rows_distinct("k_cache", k_cache, used_rows, k_cache.data_ptr())
+    _check_rows_distinct("v_cache", v_cache, used_rows, k_cache.data_ptr())
+    ek, ev = _extent(k_cache), _extent(v_cache)
+    if not _apart(k_cache, v_cache, ek, ev):
+        raise ValueError("k_cache and v_cache overlap in memory: the append would overwrite the other cache; pass "
+                         "separate (non-overlapping) caches")
+    for name, t in (("q", q), ("the new k", k), ("the new v", v), ("k_descale", k_descale), ("v_descale", v_descale)):
+        et = _extent(t)
+        for cache_name, ec in (("k_cache", ek), ("v_cache", ev)):
+            if et is not None and ec is not None and not (et[1] < ec[0] or ec[1] < et[0]):
+                raise ValueError(f"{name} shares memory with {cache_name}: the append would overwrite it; pass it as a "
+                                 "separate tensor")
+
+
 def _check_requires_grad(tensors):
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         raise NotImplementedError("flash_attn_with_kvcache is forward-only (no backward, as in flash-attn) and an "
@@ -393,7 +454,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
-                            learnable_sink=None):
+                            learnable_sink=None, k_descale=None, v_descale=None):
     """Attention of ``q`` against a KV cache, appending new keys/values first (decoding).
 
     Args:
@@ -432,14 +493,23 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         return_softmax_lse: also return the lse, float32 (batch, nheads, seqlen_q).
         learnable_sink: None, or (nheads,) float: one extra logit per query head with a zero
             value (as ``flash_attn_func``); the lse leaves it out.
+        k_descale, v_descale: with a quantized cache (``k_cache``/``v_cache`` of dtype
+            ``torch.int8`` or ``torch.float8_e4m3fn``, both the same), float32 scales
+            broadcastable to the cache's (blocks or batch, positions, kv heads): per (position,
+            kv head), per kv head (1, 1, heads_k) or per tensor (1, 1, 1).  Attention sees
+            ``cache.float() * descale[..., None]``.  New k/v (in q's dtype) are quantized into
+            the cache with one scale per (position, kv head) (``flashattn_lite.quantize_kv``'s
+            rule), written into the descales, which must then be per (position, kv head).
 
     Returns ``out`` (batch, seqlen_q, nheads, headdim of v_cache), or ``(out, softmax_lse)``.
     Forward only (no gradients).
     """
-    _check_caches(q, k_cache, v_cache)
-    _check_requires_grad((q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, alibi_slopes, learnable_sink))
+    quantized = _check_caches(q, k_cache, v_cache)
+    _check_requires_grad((q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, alibi_slopes, learnable_sink, k_descale,
+                          v_descale))
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_new = _check_new(k, v, q, k_cache, v_cache)
+    k_scales, v_scales = _check_descales(k_cache, v_cache, k_descale, v_descale, quantized, seqlen_new > 0)
     device = q.device
     num_blocks, page_size = k_cache.shape[0], k_cache.shape[1]
 
@@ -523,7 +593,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     # raises without having appended anything
     params = backends.Params(softmax_scale=scale, window_left=left, window_right=right, softcap=softcap,
                              alibi_slopes=slopes)
-    backend = select_backend(device, q.dtype, head_dim, params.features() | {"kv-cache"},
+    features = params.features() | {"kv-cache"} | ({"kv-quant"} if quantized else set())
+    backend = select_backend(device, q.dtype, head_dim, features,
                              None if v_cache.shape[3] == head_dim else v_cache.shape[3])
 
     if seqlen_ro:
@@ -550,13 +621,25 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         else:
             blocks = table.long().expand(batch, seqlen_new)
             rows = pos
-        _check_append_memory(q, k_cache, v_cache, k, v, blocks, rows, used_rows)
-        k_cache[blocks, rows] = k
-        v_cache[blocks, rows] = v
+        if quantized:
+            _check_quantized_append_memory(q, k_cache, v_cache, k, v, k_descale, v_descale, used_rows)
+            quantized_new = [quantize_rows(t, quantized) for t in (k, v)]
+            for name, (_, descale) in zip("kv", quantized_new):
+                if not bool(torch.isfinite(descale).all()):
+                    raise ValueError(f"the new {name} holds a non-finite value (inf or NaN): an 8-bit code cannot "
+                                     "represent it; nothing was appended")
+            for (codes, descale), cache, scales in zip(quantized_new, (k_cache, v_cache), (k_descale, v_descale)):
+                cache[blocks, rows] = codes
+                scales[blocks, rows] = descale
+        else:
+            _check_append_memory(q, k_cache, v_cache, k, v, blocks, rows, used_rows)
+            k_cache[blocks, rows] = k
+            v_cache[blocks, rows] = v
 
     seqlens_k = (seqlens_t + seqlen_new).to(torch.int32)
     if q.shape[-1] > 1 and q.stride(-1) != 1:
         q = q.contiguous()
     out, lse = _ops.run_decode(q, k_cache, v_cache, table, seqlens_k, cache_leftpad,
-                                max(ends, default=0), scale, left, right, softcap, slopes, num_splits, backend, sink)
+                                max(ends, default=0), scale, left, right, softcap, slopes, num_splits, backend, sink,
+                                k_descale=k_scales, v_descale=v_scales)
     return (out, lse) if return_softmax_lse else out

@@ -317,41 +317,63 @@ bwd.register_autograd(_no_double_backward, setup_context=_bwd_setup_context)
 # caches and mutates nothing.
 DECODE_SCHEMA = ("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seqlens_k, Tensor? leftpad, "
                  "SymInt max_seqlen_k, float softmax_scale, int window_left, int window_right, float softcap, "
-                 "Tensor? alibi_slopes, int num_splits, str backend, Tensor? learnable_sink=None) -> (Tensor, Tensor)")
+                 "Tensor? alibi_slopes, int num_splits, str backend, Tensor? learnable_sink=None, "
+                 "Tensor? k_descale=None, Tensor? v_descale=None) -> (Tensor, Tensor)")
+# Quantized caches (flashattn_lite/quant.py): k_cache/v_cache int8 or float8_e4m3fn with
+# k_descale/v_descale float32 (num_blocks, page_size, heads_k) views (broadcast dims with
+# stride 0); the value of a position is its code times its descale.
+_DECODE_ARGS = 14  # before the defaulted ones
+_DECODE_EXTRA = ("learnable_sink", "k_descale", "v_descale")
 
 
 def _decode_direct(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, softmax_scale, window_left,
-                   window_right, softcap, alibi_slopes, num_splits, backend, sink=None, *, trusted=False):
+                   window_right, softcap, alibi_slopes, num_splits, backend, sink=None, *, k_descale=None,
+                   v_descale=None, trusted=False):
     params = backends.Params(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
                              softcap=softcap, alibi_slopes=alibi_slopes)
+    quant = {} if k_descale is None and v_descale is None else {"k_descale": k_descale, "v_descale": v_descale}
     if trusted or checks.is_trusted():
         module = backends.get(backend)
     else:
         checks.check_decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, max_seqlen_k, params, num_splits,
-                            sink=sink)
-        module = _serving_backend(backend, q, v_cache, params, ("kv-cache",))
+                            sink=sink, k_descale=k_descale, v_descale=v_descale)
+        module = _serving_backend(backend, q, v_cache, params, ("kv-cache",) + (("kv-quant",) if quant else ()))
         q, k_cache, v_cache = _unit_last(q, k_cache, v_cache)
-    out, lse = module.decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, params, max_seqlen_k, num_splits)
+    out, lse = module.decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, params, max_seqlen_k, num_splits,
+                             **quant)
     if sink is not None:
         out = sinks.apply_to_out(out, lse, sink, False)
     return _like(out, q), lse.contiguous()
 
 
+def _decode_extras(args, kwargs):
+    """The defaulted decode arguments (sink, k_descale, v_descale), however torch passed them."""
+    extra = dict(zip(_DECODE_EXTRA, args[_DECODE_ARGS:]))
+    extra.update({k: v for k, v in kwargs.items() if v is not None})
+    return args[:_DECODE_ARGS], extra
+
+
 @torch.library.custom_op("flashattn_lite::decode", mutates_args=(), schema=DECODE_SCHEMA)
-def decode(*args, learnable_sink=None):
-    return _decode_direct(*args, sink=learnable_sink) if len(args) == 14 else _decode_direct(*args)
+def decode(*args, **kwargs):
+    args, extra = _decode_extras(args, kwargs)
+    return _decode_direct(*args, sink=extra.get("learnable_sink"), k_descale=extra.get("k_descale"),
+                          v_descale=extra.get("v_descale"))
 
 
-def run_decode(*args):
-    """(out, lse) of ``flashattn_lite::decode`` (arguments in its schema's order) for a caller
-    that has checked them: the operator, or its implementation directly where
-    :func:`direct_call_ok` says that is the same thing."""
-    if direct_call_ok([a for a in args if isinstance(a, torch.Tensor)]):
-        return _decode_direct(*args, trusted=True)
+def run_decode(*args, k_descale=None, v_descale=None):
+    """(out, lse) of ``flashattn_lite::decode`` (arguments in its schema's order, the descales
+    as keywords) for a caller that has checked them: the operator, or its implementation
+    directly where :func:`direct_call_ok` says that is the same thing."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)] + [t for t in (k_descale, v_descale) if t is not None]
+    if direct_call_ok(tensors):
+        return _decode_direct(*args, k_descale=k_descale, v_descale=v_descale, trusted=True)
     with _trusted():
-        return torch.ops.flashattn_lite.decode(*args)
+        if k_descale is None and v_descale is None:
+            return torch.ops.flashattn_lite.decode(*args)
+        args = args + (None,) * (_DECODE_ARGS + 1 - len(args))  # the sink, positionally
+        return torch.ops.flashattn_lite.decode(*args, k_descale=k_descale, v_descale=v_descale)
 
 
 @decode.register_fake
-def _decode_fake(q, k_cache, v_cache, *args, learnable_sink=None):
+def _decode_fake(q, k_cache, v_cache, *args, **kwargs):
     return empty_like_last(q, v_cache.shape[-1]), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=accum_dtype(q.dtype))

@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -133,12 +134,75 @@ inline fVec sum_lanes(const fVec* a) {
 #endif
 }
 
+// 8-bit cache codes (flashattn_lite/quant.py): int8, or float8_e4m3fn.  Their values are
+// exact in float32; the position's descale multiplies the score / the probability, never
+// a widened copy of the cache.
+template <typename T>
+constexpr bool kIsCode = std::is_same_v<T, int8_t> || std::is_same_v<T, c10::Float8_e4m3fn>;
+
+inline float code_to_float(int8_t c) { return float(c); }
+inline float code_to_float(c10::Float8_e4m3fn c) { return float(c); }
+
+// W codes as one float vector
+inline fVec widen_codes(const int8_t* p) {
+#if defined(__AVX512F__) && defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__) && defined(CPU_CAPABILITY_AVX2)
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  float t[W];
+  for (int64_t j = 0; j < W; ++j) t[j] = float(p[j]);
+  return fVec::loadu(t);
+#endif
+}
+
+// e4m3fn bits s eeee mmm: a normal code (e > 0) is float32 bits with the exponent rebiased
+// (+120) and the mantissa moved up 20 bits; a subnormal (e = 0) is m * 2^-9; 0x7F/0xFF are
+// NaN.  Built from integers, so it holds with denormals flushed (no float32 subnormal is made).
+inline fVec widen_codes(const c10::Float8_e4m3fn* p) {
+#if defined(__AVX512F__) && defined(CPU_CAPABILITY_AVX512)
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+  const __m512 normal = _mm512_castsi512_ps(
+      _mm512_or_si512(_mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23)), sign));
+  const __m512 sub = _mm512_castsi512_ps(_mm512_or_si512(
+      _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(7))),
+                                        _mm512_set1_ps(1.0f / 512.0f))), sign));
+  const __mmask16 is_sub = _mm512_testn_epi32_mask(b, _mm512_set1_epi32(0x78));
+  const __mmask16 is_nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F));
+  return _mm512_mask_blend_ps(is_nan, _mm512_mask_blend_ps(is_sub, normal, sub),
+                              _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+#elif defined(__AVX2__) && defined(CPU_CAPABILITY_AVX2)
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi32(0x7F));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
+  const __m256 normal = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23)), sign));
+  const __m256 sub = _mm256_castsi256_ps(_mm256_or_si256(
+      _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(7))),
+                                        _mm256_set1_ps(1.0f / 512.0f))), sign));
+  const __m256 is_sub = _mm256_castsi256_ps(
+      _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x78)), _mm256_setzero_si256()));
+  const __m256 is_nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7F)));
+  return _mm256_blendv_ps(_mm256_blendv_ps(normal, sub, is_sub),
+                          _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), is_nan);
+#else
+  float t[W];
+  for (int64_t j = 0; j < W; ++j) t[j] = float(p[j]);
+  return fVec::loadu(t);
+#endif
+}
+
 // 2W elements of a row as two float vectors; load2_part: ``count`` of them (the rest 0).
 template <typename src_t>
 inline void load2(const src_t* p, fVec& lo, fVec& hi) {
   if constexpr (std::is_same_v<src_t, float>) {
     lo = fVec::loadu(p);
     hi = fVec::loadu(p + W);
+  } else if constexpr (kIsCode<src_t>) {
+    lo = widen_codes(p);
+    hi = widen_codes(p + W);
   } else {
     static_assert(Vec<src_t>::size() == 2 * W, "a half-precision vector widens to two float vectors");
     std::tie(lo, hi) = at::vec::convert_to_float<src_t>(Vec<src_t>::loadu(p));
@@ -151,6 +215,11 @@ inline void load2_part(const src_t* p, int64_t count, fVec& lo, fVec& hi) {
   if constexpr (std::is_same_v<src_t, float>) {
     lo = fVec::loadu(p, std::min(count, W));
     hi = count > W ? fVec::loadu(p + W, count - W) : fVec(0.f);
+  } else if constexpr (kIsCode<src_t>) {
+    float t[2 * W] = {};
+    for (int64_t j = 0; j < count; ++j) t[j] = code_to_float(p[j]);
+    lo = fVec::loadu(t);
+    hi = fVec::loadu(t + W);
   } else {
     std::tie(lo, hi) = at::vec::convert_to_float<src_t>(Vec<src_t>::loadu(p, count));
   }
@@ -290,16 +359,27 @@ inline T exp_shifted_sum(T* x, int64_t n, T shift) {
   return s;
 }
 
-template <typename scalar_t, typename acc_t>
+// Descales of an 8-bit cache: float32 per (block, row, kv head), with strides (0 where broadcast).
+struct Descales {
+  const float* k = nullptr;
+  int64_t k0 = 0, k1 = 0, k2 = 0;
+  const float* v = nullptr;
+  int64_t v0 = 0, v1 = 0, v2 = 0;
+};
+
+// scalar_t: q and out; cache_t: the caches' elements (scalar_t, or an 8-bit code with descales)
+template <typename scalar_t, typename cache_t, typename acc_t>
 void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                   const at::Tensor& table, const int32_t* ends, const int32_t* starts, const at::Tensor* slopes,
-                  at::Tensor& out, at::Tensor& lse, acc_t* part_o, acc_t* part_lse) {
+                  const Descales& dsc, at::Tensor& out, at::Tensor& lse, acc_t* part_o, acc_t* part_lse) {
+  constexpr bool kQuant = kIsCode<cache_t>;
+  static_assert(!kQuant || std::is_same_v<acc_t, float>, "8-bit caches are read by the float kernels");
   const int64_t B = sh.batch, Sq = sh.seqlen_q, H = sh.heads, Hk = sh.heads_k, G = sh.group, D = sh.head_dim,
                 Dv = sh.head_dim_v;
   const int64_t R = Sq * G, S = sh.splits, P = sh.page_size;
   const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = kc.data_ptr<scalar_t>();
-  const scalar_t* vp = vc.data_ptr<scalar_t>();
+  const cache_t* kp = kc.data_ptr<cache_t>();
+  const cache_t* vp = vc.data_ptr<cache_t>();
   const int32_t* tp = table.data_ptr<int32_t>();
   const int64_t qsb = q.stride(0), qss = q.stride(1), qsh = q.stride(2);
   const int64_t ksb = kc.stride(0), kss = kc.stride(1), ksh = kc.stride(2);
@@ -315,15 +395,17 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
   // fp32/fp64 rows: measured on 2 cores, the prefetch gained them at most 3% and cost
   // 10-30% where rows sit 4 KiB or more apart (a page each), in L3 and from memory alike
   // (e.g. 1 x 32 x 8 x 128 fp32, 65536 positions: 43-44 ms with it, 37-38 without)
-  const bool spread = sizeof(scalar_t) == 2 && (kss != D || vss != Dv);
+  // (8-bit rows: prefetched as fp16/bf16 rows are)
+  const bool spread = sizeof(cache_t) <= 2 && (kss != D || vss != Dv);
 
   at::parallel_for(0, B * Hk * S, 1, [&](int64_t begin, int64_t finish) {
     std::vector<acc_t> qf(R * D), acc(R * Dv), m(R), l(R);
     std::vector<acc_t> sc(kDecodeKeyTile);
     const acc_t* krow[kDecodeKeyTile];
     const acc_t* vrow[kDecodeKeyTile];
-    const scalar_t* ksrc[kDecodeKeyTile];
-    const scalar_t* vsrc[kDecodeKeyTile];
+    const cache_t* ksrc[kDecodeKeyTile];
+    const cache_t* vsrc[kDecodeKeyTile];
+    float kscale[kDecodeKeyTile], vscale[kDecodeKeyTile];  // 8-bit caches: each position's descales
     for (int64_t task = begin; task < finish; ++task) {
       const int64_t s = task % S, hk = (task / S) % Hk, b = task / (S * Hk);
       const int64_t end = ends[b], start = starts ? starts[b] : 0, offset = end - Sq;
@@ -354,15 +436,19 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
         // meanwhile; adjacent rows (one head's cache contiguous) stream without it, faster
         const int64_t pf_end = spread ? std::min(split_hi, t0 + 2 * n) : t0 + n;
         for (int64_t j = 0; j < n; ++j) {
-          const scalar_t* ks = kp + here.blk * ksb + here.row * kss + hk * ksh;
-          const scalar_t* vs = vp + here.blk * vsb + here.row * vss + hk * vsh;
+          const cache_t* ks = kp + here.blk * ksb + here.row * kss + hk * ksh;
+          const cache_t* vs = vp + here.blk * vsb + here.row * vss + hk * vsh;
+          if constexpr (kQuant) {
+            kscale[j] = dsc.k[here.blk * dsc.k0 + here.row * dsc.k1 + hk * dsc.k2];
+            vscale[j] = dsc.v[here.blk * dsc.v0 + here.row * dsc.v1 + hk * dsc.v2];
+          }
           here.next(t0 + j + 1 < split_hi);
           if (t0 + n + j < pf_end) {
             const char* kn = reinterpret_cast<const char*>(kp + ahead.blk * ksb + ahead.row * kss + hk * ksh);
             const char* vn = reinterpret_cast<const char*>(vp + ahead.blk * vsb + ahead.row * vss + hk * vsh);
-            for (int64_t off = 0; off < D * int64_t(sizeof(scalar_t)); off += 64)
+            for (int64_t off = 0; off < D * int64_t(sizeof(cache_t)); off += 64)
               __builtin_prefetch(kn + off, 0, kDecodePrefetchLocality);
-            for (int64_t off = 0; off < Dv * int64_t(sizeof(scalar_t)); off += 64)
+            for (int64_t off = 0; off < Dv * int64_t(sizeof(cache_t)); off += 64)
               __builtin_prefetch(vn + off, 0, kDecodePrefetchLocality);
             ahead.next(t0 + n + j + 1 < split_hi);
           }
@@ -370,7 +456,7 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
           // query row that uses them.  (Widening a tile once into float copies for a GQA
           // group's rows, as this kernel did before, measured the same in A/B runs on 2
           // cores, 128-dim rows, groups of 4 and 8, 1 and 4 query rows, native and AVX2.)
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if constexpr (std::is_same_v<cache_t, acc_t>) {
             krow[j] = ks;
             vrow[j] = vs;
           } else {
@@ -389,7 +475,9 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
           const int64_t cnt = jhi - jlo;
           acc_t mx = neg_inf;
           if constexpr (std::is_same_v<acc_t, float>) {
-            if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+            if constexpr (kQuant) {
+              scores_block(&qf[r * D], ksrc + (jlo - t0), cnt, D, x);
+            } else if constexpr (!std::is_same_v<scalar_t, acc_t>) {
               if constexpr (kDpbf16 && std::is_same_v<scalar_t, at::BFloat16>) {  // q's bf16 row as given
                 scores_block(qp + b * qsb + i * qss + h * qsh, ksrc + (jlo - t0), cnt, D, x);
               } else {
@@ -399,18 +487,22 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
               scores_block(&qf[r * D], krow + (jlo - t0), cnt, D, x);
             }
           }
+          // 8-bit keys: each score times its position's key descale
+          const float* kd = kQuant ? kscale + (jlo - t0) : nullptr;
           if (std::is_same_v<acc_t, float> && cap == acc_t(0) && !sp) {  // just the scale: vectorised
             const Vec<acc_t> vs(scale);
             Vec<acc_t> vm(neg_inf);
             int64_t j = 0;
             for (; j + Vec<acc_t>::size() <= cnt; j += Vec<acc_t>::size()) {
-              const Vec<acc_t> v = Vec<acc_t>::loadu(x + j) * vs;
+              Vec<acc_t> v = Vec<acc_t>::loadu(x + j) * vs;
+              if constexpr (kQuant) v = v * Vec<acc_t>::loadu(kd + j);
               v.store(x + j);
               vm = at::vec::maximum(vm, v);
             }
             mx = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, vm);
             for (; j < cnt; ++j) {
               x[j] *= scale;
+              if constexpr (kQuant) x[j] *= kd[j];
               mx = std::max(mx, x[j]);
             }
           } else {
@@ -419,6 +511,7 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
               acc_t v;
               if constexpr (std::is_same_v<acc_t, float>) {
                 v = x[j];
+                if constexpr (kQuant) v *= kd[j];
               } else {
                 v = dot(&qf[r * D], krow[p - t0], D);
               }
@@ -435,9 +528,15 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
             for (int64_t d = 0; d < Dv; ++d) a[d] *= alpha;
           }
           const acc_t sum = exp_shifted_sum(x, cnt, m_new);
+          if constexpr (kQuant) {  // 8-bit values: each probability times its value descale
+            const float* vd = vscale + (jlo - t0);
+            int64_t j = 0;
+            for (; j + W <= cnt; j += W) (fVec::loadu(x + j) * fVec::loadu(vd + j)).store(x + j);
+            for (; j < cnt; ++j) x[j] *= vd[j];
+          }
           if constexpr (!std::is_same_v<acc_t, float>) {
             for (int64_t j = 0; j < cnt; ++j) axpy(a, vrow[jlo + j - t0], x[j], Dv);
-          } else if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+          } else if constexpr (!std::is_same_v<cache_t, acc_t>) {
             accumulate_rows(a, vsrc + (jlo - t0), x, cnt, Dv);
           } else {
             accumulate_rows(a, vrow + (jlo - t0), x, cnt, Dv);
@@ -492,17 +591,50 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                                              const at::Tensor& v_cache, const at::Tensor& block_table,
-                                              const at::Tensor& seqlens_k, const c10::optional<at::Tensor>& leftpad,
-                                              double softmax_scale, int64_t window_left, int64_t window_right,
-                                              double softcap, const c10::optional<at::Tensor>& alibi_slopes,
-                                              int64_t num_splits) {
+// decode_tasks for an 8-bit cache of dtype ``ct`` (float accumulation only: the caller has
+// refused float64 queries)
+template <typename scalar_t, typename acc_t>
+void decode_codes(at::ScalarType ct, const DecodeShape& sh, const at::Tensor& q, const at::Tensor& kc,
+                  const at::Tensor& vc, const at::Tensor& table, const int32_t* ends, const int32_t* starts,
+                  const at::Tensor* slopes, const Descales& dsc, at::Tensor& out, at::Tensor& lse, acc_t* part_o,
+                  acc_t* part_lse) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (ct == at::kChar) {
+      decode_tasks<scalar_t, int8_t, float>(sh, q, kc, vc, table, ends, starts, slopes, dsc, out, lse, part_o,
+                                            part_lse);
+    } else {
+      decode_tasks<scalar_t, c10::Float8_e4m3fn, float>(sh, q, kc, vc, table, ends, starts, slopes, dsc, out, lse,
+                                                         part_o, part_lse);
+    }
+  } else {
+    TORCH_CHECK(false, "decode: an 8-bit cache takes float16, bfloat16 or float32 queries");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_quant_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
+    const at::Tensor& seqlens_k, const c10::optional<at::Tensor>& leftpad, double softmax_scale, int64_t window_left,
+    int64_t window_right, double softcap, const c10::optional<at::Tensor>& alibi_slopes, int64_t num_splits,
+    const c10::optional<at::Tensor>& k_descale, const c10::optional<at::Tensor>& v_descale) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, "decode: q and caches must be 4-D");
   TORCH_CHECK(k_cache.sizes().slice(0, 3) == v_cache.sizes().slice(0, 3),
               "decode: k_cache and v_cache shapes differ (other than the head dim)");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "decode: q and caches must share one dtype");
+  const at::ScalarType ct = k_cache.scalar_type();
+  const bool quant = ct == at::kChar || ct == at::kFloat8_e4m3fn;
+  if (quant) {
+    TORCH_CHECK(v_cache.scalar_type() == ct, "decode: k_cache and v_cache must share one dtype");
+    TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat,
+                "decode: an 8-bit cache takes float16, bfloat16 or float32 queries, got ", q.scalar_type());
+    for (const auto* d : {&k_descale, &v_descale}) {
+      TORCH_CHECK(d->has_value() && (*d)->scalar_type() == at::kFloat && (*d)->dim() == 3 &&
+                      (*d)->sizes() == k_cache.sizes().slice(0, 3) && (*d)->device().is_cpu(),
+                  "decode: an 8-bit cache needs float32 descales of shape (num_blocks, page_size, heads_k)");
+    }
+  } else {
+    TORCH_CHECK(q.scalar_type() == ct && q.scalar_type() == v_cache.scalar_type(),
+                "decode: q and caches must share one dtype");
+    TORCH_CHECK(!k_descale.has_value() && !v_descale.has_value(), "decode: descales belong to 8-bit caches");
+  }
   TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2, "decode: block_table int32 2-D");
   TORCH_CHECK(seqlens_k.scalar_type() == at::kInt, "decode: seqlens_k must be int32");
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3), Dv = v_cache.size(3),
@@ -513,6 +645,13 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
   at::Tensor ends = seqlens_k.contiguous();
   at::Tensor starts = leftpad.has_value() ? leftpad->to(at::kInt).contiguous() : at::Tensor();
   at::Tensor slopes = alibi_slopes.has_value() ? alibi_slopes->to(at::kFloat) : at::Tensor();
+  Descales dsc;
+  if (quant) {
+    const at::Tensor& kd = *k_descale;
+    const at::Tensor& vd = *v_descale;
+    dsc = Descales{kd.data_ptr<float>(), kd.stride(0), kd.stride(1), kd.stride(2),
+                   vd.data_ptr<float>(), vd.stride(0), vd.stride(1), vd.stride(2)};
+  }
 
   const bool wide = q.scalar_type() == at::kDouble;
   at::Tensor out = at::empty({B, Sq, H, Dv}, q.options());
@@ -544,18 +683,42 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
       part_o = at::empty({splits, B, Sq, H, Dv}, acc_opts);
       part_lse = at::empty({splits, B, H, Sq}, acc_opts);
     }
-    decode_tasks<scalar_t, acc_t>(sh, qc, kc, vc, block_table, ep, starts.defined() ? starts.data_ptr<int32_t>() : nullptr,
-                                  slopes.defined() ? &slopes : nullptr, out, lse,
-                                  splits > 1 ? part_o.data_ptr<acc_t>() : nullptr,
-                                  splits > 1 ? part_lse.data_ptr<acc_t>() : nullptr);
+    const int32_t* sp = starts.defined() ? starts.data_ptr<int32_t>() : nullptr;
+    const at::Tensor* slp = slopes.defined() ? &slopes : nullptr;
+    acc_t* po = splits > 1 ? part_o.data_ptr<acc_t>() : nullptr;
+    acc_t* pl = splits > 1 ? part_lse.data_ptr<acc_t>() : nullptr;
+    if (!quant) {
+      decode_tasks<scalar_t, scalar_t, acc_t>(sh, qc, kc, vc, block_table, ep, sp, slp, dsc, out, lse, po, pl);
+    } else {
+      decode_codes<scalar_t, acc_t>(ct, sh, qc, kc, vc, block_table, ep, sp, slp, dsc, out, lse, po, pl);
+    }
   });
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                              const at::Tensor& v_cache, const at::Tensor& block_table,
+                                              const at::Tensor& seqlens_k, const c10::optional<at::Tensor>& leftpad,
+                                              double softmax_scale, int64_t window_left, int64_t window_right,
+                                              double softcap, const c10::optional<at::Tensor>& alibi_slopes,
+                                              int64_t num_splits) {
+  return decode_quant_cpu(q, k_cache, v_cache, block_table, seqlens_k, leftpad, softmax_scale, window_left,
+                          window_right, softcap, alibi_slopes, num_splits, c10::nullopt, c10::nullopt);
+}
+
 }  // namespace
+
+// decode from 8-bit caches (CPU only): decode's schema plus the descales, float32
+// (num_blocks, page_size, heads_k) views; k_cache/v_cache int8 or float8_e4m3fn.
+TORCH_LIBRARY_FRAGMENT(flashattn_lite_C, m) {
+  m.def("cpu_decode_quant(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seqlens_k, "
+        "Tensor? leftpad, float softmax_scale, int window_left, int window_right, float softcap, "
+        "Tensor? alibi_slopes, int num_splits, Tensor? k_descale, Tensor? v_descale) -> (Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(flashattn_lite_C, CPU, m) {
   m.impl("decode", &decode_cpu);
+  m.impl("cpu_decode_quant", &decode_quant_cpu);
 }
 
 }  // namespace flashattn_lite

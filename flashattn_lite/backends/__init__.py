@@ -59,7 +59,7 @@ def requested_backend():
 
 # Everything the API names; the ones no backend lists yet raise NotImplementedError.
 ALL_FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "dropout",
-                "softcap", "alibi", "attn_mask", "varlen", "kv-cache")
+                "softcap", "alibi", "attn_mask", "varlen", "kv-cache", "kv-quant")
 
 
 def feature_table():

@@ -17,7 +17,7 @@ from .base import missing_features
 
 NAME = "cpu"
 FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "softcap", "alibi",
-            "varlen", "attn_mask", "dropout", "kv-cache")
+            "varlen", "attn_mask", "dropout", "kv-cache", "kv-quant")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # any head dims checks.py allows (D, Dv <= 512, D <= 576 decoding; Dv may differ from D)
 _warned = []
@@ -120,6 +120,8 @@ def supports(call):
     missing = missing_features(call, FEATURES)
     if missing:
         return f"the cpu backend {missing}"
+    if "kv-quant" in call.features and call.dtype == torch.float64:
+        return "the cpu backend reads 8-bit caches with float16, bfloat16 or float32 queries, not float64"
     ok, why = available()
     return None if ok else why
 
@@ -281,8 +283,15 @@ def bwd(dout, dlse, q, k, v, out, lse, p, bias_grad, deterministic, sink=None):
 # ------------------------------------------------------------------ KV-cache decoding
 
 
-def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p, max_seqlen_k, num_splits):
+def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p, max_seqlen_k, num_splits, k_descale=None,
+           v_descale=None):
     """csrc/cpu/decode_cpu.cpp: split-KV over (batch, kv head, split) tasks; ``num_splits=0``
-    picks enough splits to occupy every thread (keeping >= 256 positions per split)."""
-    return _ensure_built().decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p.softmax_scale,
-                                  p.window_left, p.window_right, p.softcap, p.alibi_slopes, num_splits)
+    picks enough splits to occupy every thread (keeping >= 256 positions per split).  8-bit
+    caches (``k_descale``/``v_descale`` given) go to ``cpu_decode_quant``: codes widened in
+    registers, each score and probability times its position's descale."""
+    lib = _ensure_built()
+    args = (q, k_cache, v_cache, block_table, seqlens_k, leftpad, p.softmax_scale, p.window_left, p.window_right,
+            p.softcap, p.alibi_slopes, num_splits)
+    if k_descale is not None:
+        return lib.cpu_decode_quant(*args, k_descale, v_descale)
+    return lib.decode(*args)

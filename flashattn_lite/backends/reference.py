@@ -11,7 +11,7 @@ from .base import accum_dtype
 
 NAME = "reference"
 FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "dropout", "softcap",
-            "alibi", "attn_mask", "varlen", "kv-cache")
+            "alibi", "attn_mask", "varlen", "kv-cache", "kv-quant")
 
 
 def visibility_mask(seqlen_q, seqlen_k, diag_offset, window_left, window_right, device):
@@ -217,23 +217,29 @@ def gather_cache(cache, block_table, b, start, end):
     return cache[blocks, pos % page]
 
 
-def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, params, max_seqlen_k, num_splits):
-    """Per batch item: gather its valid keys from the pages, then :func:`attention_math`
-    with the diagonal of ``flashattn_lite.ops.DECODE_SCHEMA`` (``num_splits`` has no
-    meaning here)."""
+def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, params, max_seqlen_k, num_splits, k_descale=None,
+           v_descale=None):
+    """Per batch item: gather its valid keys from the pages (dequantized, for an 8-bit
+    cache: codes times descales, in float64), then :func:`attention_math` with the diagonal of
+    ``flashattn_lite.ops.DECODE_SCHEMA`` (``num_splits`` has no meaning here)."""
     p = params
     batch, seqlen_q, heads, _ = q.shape
     ends = seqlens_k.tolist()
     starts = leftpad.tolist() if leftpad is not None else [0] * batch
     out = q.new_zeros(q.shape[:-1] + v_cache.shape[-1:])  # (B, Sq, H, Dv)
     lse = torch.full((batch, heads, seqlen_q), float("-inf"), dtype=accum_dtype(q.dtype), device=q.device)
+    quantized = k_descale is not None
+    if quantized:  # every value in float64 (exact: an 8-bit code times a float32 scale)
+        k_cache = k_cache.to(torch.float64) * k_descale.to(torch.float64)[..., None]
+        v_cache = v_cache.to(torch.float64) * v_descale.to(torch.float64)[..., None]
     with torch.no_grad():
         for b in range(batch):
             start, end = starts[b], ends[b]
             k = gather_cache(k_cache, block_table, b, start, end)
             v = gather_cache(v_cache, block_table, b, start, end)
             slopes = None if p.alibi_slopes is None else p.alibi_slopes[b:b + 1]
-            o, l = attention_math(q[b:b + 1], k[None], v[None], p.softmax_scale, end - seqlen_q - start,
+            qb = q[b:b + 1].to(torch.float64) if quantized else q[b:b + 1]
+            o, l = attention_math(qb, k[None], v[None], p.softmax_scale, end - seqlen_q - start,
                                   p.window_left, p.window_right, softcap=p.softcap, alibi_slopes=slopes)
-            out[b], lse[b] = o[0], l[0]
+            out[b], lse[b] = o[0].to(out.dtype), l[0].to(lse.dtype)
     return out, lse
