@@ -22,6 +22,14 @@ The paged layout is (num_blocks, page_size, heads_k, headdim); position p of
 sequence b is row ``p % page_size`` of block ``BLOCK_TABLE[b, p // page_size]``.  A
 contiguous cache arrives as one page per sequence (``PAGED`` false: no division).
 
+8-bit caches (``QUANT`` > 0; flashattn_lite/quant.py): K and V hold codes, int8 (1) or
+float8_e4m3fn (2: its bits, decoded here with integer operations, for architectures and
+the interpreter without fp8 conversions; 3: Triton's fp8 type, sm_89 and later), and
+KD/VD a float32 descale per (block, row, kv head).  A tile's codes are widened right after
+the load to q's dtype (exact: every int8 and e4m3 value is a bf16/fp16 value), the
+product runs as for a float cache, and each position's descale multiplies its score
+column and, for V, its probability column: the cache is never scaled.
+
 Head dims: Q and K have ``head_dim``, V and the outputs ``head_dim_v`` (absorbed MLA
 decodes with one kv head, D = 576 = 512 latent + 64 rope dims, and Dv = 512).  A D
 that is not a power of two above BLOCK_D is read as two tiles, BLOCK_D wide and a
@@ -37,15 +45,35 @@ from .attention import tanh
 LOG2E = 1.4426950408889634
 
 
+@triton.jit
+def _widen_codes(x, QUANT: tl.constexpr):
+    """8-bit cache codes as float32 (see the module docstring for ``QUANT``)."""
+    if QUANT == 2:
+        # e4m3fn bits s eeee mmm: a normal code is float32 bits with the exponent rebiased
+        # (+120) and the mantissa moved up 20 bits; a subnormal (e = 0) is m * 2^-9; 0x7F is NaN
+        b = x.to(tl.int32)
+        mag = b & 0x7F
+        sign = (b & 0x80) << 24
+        normal = (((mag << 20) + (120 << 23)) | sign).to(tl.float32, bitcast=True)
+        sub = (b & 7).to(tl.float32) * 0.001953125
+        sub = tl.where((b & 0x80) != 0, -sub, sub)
+        val = tl.where((b & 0x78) == 0, sub, normal)
+        return tl.where(mag == 0x7F, float("nan"), val)
+    else:
+        return x.to(tl.float32)
+
 
 
 @triton.jit
-def _decode_tile(acc, m_i, l_i, q, q_tail, K, V, table_row, hk_off_k, hk_off_v, start_n, split_hi, qpos,
+def _decode_tile(acc, m_i, l_i, q, q_tail, K, V, KD, VD, table_row, hk_off_k, hk_off_v, hk_off_kd, hk_off_vd,
+                 start_n, split_hi, qpos,
                  offs_n, offs_d, offs_dt, offs_dv, head_dim, head_dim_v, page_size, left, right, qk_scale,
                  softcap_pre, softcap_post, slope2, stride_kb, stride_ks, stride_vb, stride_vs,
+                 stride_kdb, stride_kds, stride_vdb, stride_vds,
                  PAGED: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, QUANT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     """One BLOCK_N tile of cache positions [start_n, start_n + BLOCK_N) folded into the
     online softmax of the rows (positions ``qpos``)."""
     cols = start_n + offs_n
@@ -70,11 +98,19 @@ def _decode_tile(acc, m_i, l_i, q, q_tail, K, V, table_row, hk_off_k, hk_off_v, 
     else:
         v = tl.load(V + v_rows[:, None] + offs_dv[None, :], mask=in_range[:, None], other=0.0)
 
+    if QUANT > 0:  # codes -> q's dtype (exact), right after the load
+        kt = _widen_codes(kt, QUANT).to(q.dtype)
+        v = _widen_codes(v, QUANT).to(q.dtype)
     qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
     if BLOCK_DT > 0:
         kt_tail = tl.load(K + k_rows[None, :] + offs_dt[:, None],
                           mask=in_range[None, :] & (offs_dt[:, None] < head_dim), other=0.0)
+        if QUANT > 0:
+            kt_tail = _widen_codes(kt_tail, QUANT).to(q.dtype)
         qk = tl.dot(q_tail, kt_tail, qk, input_precision=DOT_PRECISION)
+    if QUANT > 0:  # each position's key descale scales its score column
+        kd = tl.load(KD + blk * stride_kdb + row.to(tl.int64) * stride_kds + hk_off_kd, mask=in_range, other=0.0)
+        qk = qk * kd[None, :]
     if HAS_SOFTCAP:
         s = tanh(qk * softcap_pre) * softcap_post
     else:
@@ -95,15 +131,20 @@ def _decode_tile(acc, m_i, l_i, q, q_tail, K, V, table_row, hk_off_k, hk_off_v, 
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
+    if QUANT > 0:  # each position's value descale scales its probability column
+        vd = tl.load(VD + blk * stride_vdb + row.to(tl.int64) * stride_vds + hk_off_vd, mask=in_range, other=0.0)
+        p = p * vd[None, :]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
-def decode_split_kernel(Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI,
+def decode_split_kernel(Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI, KD, VD,
                         stride_qb, stride_qs, stride_qh,
                         stride_kb, stride_ks, stride_kh,
                         stride_vb, stride_vs, stride_vh,
+                        stride_kdb, stride_kds, stride_kdh,
+                        stride_vdb, stride_vds, stride_vdh,
                         stride_osplit, stride_ob, stride_os, stride_oh,
                         stride_lsplit, stride_lb, stride_lh,
                         stride_tb, stride_ab, stride_ah,
@@ -113,7 +154,7 @@ def decode_split_kernel(Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI,
                         BLOCK_DT: tl.constexpr, BLOCK_DV: tl.constexpr,
                         PAGED: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                        HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        HAS_ALIBI: tl.constexpr, QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program per (split, row block x kv head, batch); see the module docstring.
 
     O/LSE are the partial buffers (split, batch, seqlen_q, heads, head_dim_v) float32 and
@@ -183,13 +224,17 @@ def decode_split_kernel(Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI,
     table_row = BLOCK_TABLE + off_b * stride_tb
     hk_off_k = off_hk.to(tl.int64) * stride_kh
     hk_off_v = off_hk.to(tl.int64) * stride_vh
+    hk_off_kd = off_hk.to(tl.int64) * stride_kdh
+    hk_off_vd = off_hk.to(tl.int64) * stride_vdh
     for start_n in range(split_lo, split_hi, BLOCK_N):
-        acc, m_i, l_i = _decode_tile(acc, m_i, l_i, q, q_tail, K, V, table_row, hk_off_k, hk_off_v, start_n,
+        acc, m_i, l_i = _decode_tile(acc, m_i, l_i, q, q_tail, K, V, KD, VD, table_row, hk_off_k, hk_off_v,
+                                     hk_off_kd, hk_off_vd, start_n,
                                      split_hi, qpos, offs_n, offs_d, offs_dt, offs_dv, head_dim, head_dim_v,
                                      page_size, left, right, qk_scale, softcap_pre, softcap_post, slope2,
                                      stride_kb, stride_ks, stride_vb, stride_vs,
+                                     stride_kdb, stride_kds, stride_vdb, stride_vds,
                                      PAGED, PAD_D, PAD_DV, BLOCK_DT, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                     DOT_PRECISION)
+                                     QUANT, DOT_PRECISION)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

@@ -22,7 +22,7 @@ from .base import missing_features
 NAME = "triton"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "dropout", "softcap", "alibi",
-            "attn_mask", "varlen", "kv-cache")
+            "attn_mask", "varlen", "kv-cache", "kv-quant")
 
 
 def interpreter_enabled():
@@ -375,8 +375,22 @@ def _visible_span(max_seqlen_k, seqlen_q, left, right):
     return max_seqlen_k
 
 
-def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p, max_seqlen_k, num_splits):
+def _quant_mode(cache, capability):
+    """``decode_split_kernel``'s QUANT for a cache, and the cache as the kernel reads it:
+    0 float, 1 int8, 3 float8_e4m3fn through Triton's fp8 type (sm_89 and later), 2 its
+    bits as uint8 (older architectures and the interpreter, which have no fp8 conversion)."""
+    if cache.dtype == torch.int8:
+        return 1, cache
+    if cache.dtype == torch.float8_e4m3fn:
+        native = not interpreter_enabled() and capability is not None and tuple(capability) >= (8, 9)
+        return (3, cache) if native else (2, cache.view(torch.uint8))
+    return 0, cache
+
+
+def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p, max_seqlen_k, num_splits, k_descale=None,
+           v_descale=None):
     """Split-KV decoding (see ``flashattn_lite.ops.DECODE_SCHEMA`` and triton_kernels/decode.py).
+    8-bit caches come with ``k_descale``/``v_descale`` float32 (num_blocks, page_size, heads_k).
 
     ``num_splits=0``: :func:`flashattn_lite.planning.auto_num_splits` from the programs
     (batch x kv heads x row blocks), the SM count (``ASSUMED_SMS`` under the interpreter)
@@ -416,11 +430,18 @@ def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p, max_seqlen_k
         l_ = torch.empty((num_splits, batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
         o_strides, l_strides = o.stride()[:4], l_.stride()[:3]
     slopes = p.alibi_slopes
+    quant, k_read = _quant_mode(k_cache, capability)
+    _, v_read = _quant_mode(v_cache, capability)
+    kd = k_descale if quant else lse  # (any float32 pointer where there is none)
+    vd = v_descale if quant else lse
+    kd_strides = k_descale.stride() if quant else (0, 0, 0)
+    vd_strides = v_descale.stride() if quant else (0, 0, 0)
     with _on_device(q):
         kernels.decode_split_kernel[(num_splits, row_blocks * heads_k, batch)](
-            q, k_cache, v_cache, o, l_, block_table, seqlens_k, leftpad if leftpad is not None else seqlens_k,
-            slopes if slopes is not None else lse,
-            *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *o_strides, *l_strides,
+            q, k_read, v_read, o, l_, block_table, seqlens_k, leftpad if leftpad is not None else seqlens_k,
+            slopes if slopes is not None else lse, kd, vd,
+            *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *kd_strides, *vd_strides,
+            *o_strides, *l_strides,
             block_table.stride(0), *(slopes.stride() if slopes is not None else (0, 0)),
             seqlen_q, head_dim, head_dim_v, heads_k, group, page_size, max(p.window_left, 0), max(p.window_right, 0),
             p.softmax_scale * 1.4426950408889634,
@@ -428,7 +449,7 @@ def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p, max_seqlen_k
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DT=block_dt, BLOCK_DV=block_dv,
             PAGED=block_table.shape[1] > 1, PAD_D=head_dim != block_d + block_dt, PAD_DV=head_dim_v != block_dv,
             HAS_LEFTPAD=leftpad is not None, HAS_LEFT=p.window_left >= 0,
-            HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=slopes is not None,
+            HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=slopes is not None, QUANT=quant,
             DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if num_splits > 1:
             ccfg = configs.combine_config(head_dim_v, q.dtype, capability)
