@@ -282,7 +282,8 @@ def _fallback(reason, module, query, key, value, attention_mask, dropout, scalin
     """Hand the call to transformers' sdpa function (or the model's eager one where sdpa cannot serve)."""
     plan = plan_of(attention_mask)
     mask = plan.dense() if plan is not None else attention_mask
-    needs_eager = softcap or kwargs.get("s_aux") is not None
+    # sdpa has no softcap and no sinks (it would drop s_aux / sinks silently)
+    needs_eager = softcap or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None
     if needs_eager:
         import sys
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
@@ -343,6 +344,8 @@ def fa_lite_attention_forward(module, query, key, value, attention_mask, dropout
         _warn_once("output_attentions=True is not supported (no weights are returned)")
     if kwargs.get("position_bias") is not None:
         return _fallback("position_bias", *args)
+    if kwargs.get("sinks") is not None:  # inkling2's per-token sinks (B, H, q_len, 1), not the kernel's per-head s_aux
+        return _fallback("attention sinks passed as `sinks`", *args)
     dim = query.shape[-1]
     if key.shape[-1] != dim:  # (value's head dim may differ: MLA)
         return _fallback("different query/key head dims", *args)
