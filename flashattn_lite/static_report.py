@@ -27,15 +27,30 @@ _CAUSAL = dict(HAS_LEFT=False, HAS_RIGHT=True, EVEN_M=True, EVEN_N=True, PAD_D=F
                HAS_ALIBI=False, HAS_BIAS=False, HAS_DROPOUT=False, IS_VARLEN=False, BIAS_GRAD=False)
 _FP32_ARGS = ("qk_scale", "sm_scale", "softcap_pre", "softcap_post", "drop_scale")
 _I64_ARGS = ("seed", "drop_thresh", "ctr_sb", "ctr_sh", "ctr_sk")
-_LSE_ARGS = ("LSE", "LSE2", "DELTA", "DLSE", "ALIBI", "DBIAS", "PART_O", "PART_LSE")
+_LSE_ARGS = ("LSE", "LSE2", "DELTA", "DLSE", "ALIBI", "DBIAS", "PART_O", "PART_LSE", "KD", "VD")
+# 8-bit KV caches (decode_split_kernel): the variant names ``score_mods`` takes for them, and
+# what the caches' pointers are, per architecture (e4m3: Triton's fp8 type on sm_90, its
+# bits as uint8 on sm_80; triton_kernels/decode.py)
+QUANT_VARIANTS = ("int8", "fp8")
+
+
+def _quant(variant, arch):
+    """(QUANT constexpr, K/V pointer type) of a decode variant; (0, None) for a float cache."""
+    if variant == "int8":
+        return 1, "*i8"
+    if variant == "fp8":
+        return (3, "*fp8e4nv") if arch == "sm90" else (2, "*u8")
+    return 0, None
 _I32_PTRS = ("CU_Q", "CU_K", "BLOCK_TABLE", "SEQLENS", "LEFTPAD")
 
 
-def _signature(fn, elem, constexprs):
+def _signature(fn, elem, constexprs, cache_elem=None):
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
+        elif cache_elem and name in ("K", "V"):
+            sig[name] = cache_elem
         elif name in _FP32_ARGS:
             sig[name] = "fp32"
         elif name in _LSE_ARGS:
@@ -59,7 +74,9 @@ def compile_one(kernel_name, arch, dclass, head_dim, block_m, block_n, num_warps
                 head_dim_v=None):
     """Compile one kernel config; returns a dict of its static facts.  ``score_mods``
     compiles the specialisation with softcap, ALiBi and a bias with its gradient instead of the plain
-    one; ``score_mods="dropout"`` adds dropout to those.  ``head_dim_v``: the value head dim
+    one; ``score_mods="dropout"`` adds dropout to those; for ``decode_split_kernel``,
+    ``score_mods`` "int8" / "fp8" compiles the plain specialisation reading an 8-bit cache
+    (``QUANT_VARIANTS``).  ``head_dim_v``: the value head dim
     (default: ``head_dim``; the decode table's 576 row is absorbed MLA, Dv 512); a dim that
     is not a power of two is compiled padded, with the masks the launcher would compile in."""
     from flashattn_lite.triton_kernels import attention, configs, decode
@@ -77,10 +94,11 @@ def compile_one(kernel_name, arch, dclass, head_dim, block_m, block_n, num_warps
     dims = dict(BLOCK_D=block_d, BLOCK_DT=block_dt, BLOCK_DV=block_dv, PAD_D=head_dim != block_d + block_dt,
                 PAD_DV=head_dim_v != block_dv)
     elem = "fp32" if dclass == "fp32" else "fp16"
-    on = bool(score_mods)
+    quant, cache_elem = _quant(score_mods, arch)
+    on = bool(score_mods) and not quant
     mods = dict(HAS_SOFTCAP=on, HAS_ALIBI=on, HAS_BIAS=on, BIAS_GRAD=on, HAS_DROPOUT=score_mods == "dropout")
     constexprs = dict(_CAUSAL, **mods, **_decode_constexprs(block_n), **dims, BLOCK_M=block_m, BLOCK_N=block_n,
-                      DOT_PRECISION="ieee" if dclass == "fp32" else "tf32")
+                      QUANT=quant, DOT_PRECISION="ieee" if dclass == "fp32" else "tf32")
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     if kernel_name == "bwd_dkdv_kernel" and len(configs.dkdv_passes(head_dim, head_dim_v)) > 1:
         # compiled once per pass; the row reports the larger of each fact (spills summed)
@@ -96,19 +114,19 @@ def compile_one(kernel_name, arch, dclass, head_dim, block_m, block_n, num_warps
     else:
         if kernel_name == "bwd_dkdv_kernel":  # one pass for both, K and V kept whole
             constexprs = dict(constexprs, WRITE_DK=True, WRITE_DV=True, CHUNK_D=0, CHUNK_DV=0)
-        facts = _compile_facts(fn, elem, constexprs, arch, num_warps, num_stages)
+        facts = _compile_facts(fn, elem, constexprs, arch, num_warps, num_stages, cache_elem)
     return dict(kernel=kernel_name, arch=arch, dtype="fp16/bf16" if dclass == "lowp" else "fp32",
                 head_dim=head_dim, head_dim_v=head_dim_v, block_m=block_m, block_n=block_n, num_warps=num_warps,
                 num_stages=num_stages, score_mods=score_mods, **facts)
 
 
-def _compile_facts(fn, elem, constexprs, arch, num_warps, num_stages):
+def _compile_facts(fn, elem, constexprs, arch, num_warps, num_stages, cache_elem=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     from triton.compiler import ASTSource
 
-    sig, attrs = _signature(fn, elem, constexprs)
+    sig, attrs = _signature(fn, elem, constexprs, cache_elem)
     capability = int(arch[2:])
     try:
         ptxas = get_ptxas(capability).path
@@ -149,6 +167,11 @@ def _jobs():
         for table, arch, dclass, head_dim, cfg in configs.shipped_configs(mods):
             yield (configs.KERNELS[table], arch, dclass, head_dim, cfg.block_m, cfg.block_n, cfg.num_warps,
                    cfg.num_stages, mods)
+    # the decode configs reading 8-bit caches (the plain specialisation; configs._DECODE_SPLIT_QUANT)
+    for arch, dclass, head_dim, cfg in configs.quant_decode_configs():
+        for variant in QUANT_VARIANTS:
+            yield ("decode_split_kernel", arch, dclass, head_dim, cfg.block_m, cfg.block_n, cfg.num_warps,
+                   cfg.num_stages, variant)
 
 
 def _mla_jobs():
@@ -266,7 +289,8 @@ def format_table(rows, all_rows=False):
         lines.append((r["kernel"], r["arch"], r["dtype"], hdim, f"{r['block_m']}x{r['block_n']}",
                       str(r["num_warps"]), str(r["num_stages"]), str(r["registers"]),
                       str(r["spill_stores"] + r["spill_loads"]), str(r["shared_bytes"]), tc)
-                     + (({False: "plain", True: "softcap+alibi+bias"}.get(r["score_mods"], "all+dropout"),)
+                     + (({False: "plain", True: "softcap+alibi+bias", "int8": "int8 cache",
+                          "fp8": "fp8 cache"}.get(r["score_mods"], "all+dropout"),)
                         if all_rows else ()))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
@@ -305,9 +329,10 @@ def main(argv=None):
         with open(args.results, "w") as f:
             json.dump({"fingerprint": fingerprint(), "rows": rows, "failed": failed}, f, indent=0)
     bad = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
-    mods = [r for r in rows if r.get("score_mods")]
+    mods = [r for r in rows if r.get("score_mods") and r["score_mods"] not in QUANT_VARIANTS]
+    quant = [r for r in rows if r.get("score_mods") in QUANT_VARIANTS]
     print(f"\n{len(rows)} kernel configs compiled ({len(mods)} of them with score modifiers: softcap, ALiBi, bias "
-          f"(+ dropout for the dropout configs)); "
+          f"(+ dropout for the dropout configs); {len(quant)} decoding 8-bit caches); "
           f"{len(bad)} spill" + (f"; {len(failed)} failed to compile." if failed else "."), file=sys.stderr)
     return 1 if failed else 0
 

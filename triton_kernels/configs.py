@@ -709,7 +709,7 @@ KERNELS.update(decode_split="decode_split_kernel", combine="combine_kernel")
 # kernels without a matrix product (no tensor-core instructions to expect)
 ELEMENTWISE_KERNELS = ("combine",)
 for _hd in (*HEAD_DIM_BUCKETS, 576):
-    for _mods in (False, True):
+    for _mods in (False, True, "int8", "fp8"):  # (and reading 8-bit caches: the static report's variants)
         SM90_MMA_SYNC[("decode_split", "lowp", _hd, _mods)] = (
             "16-row tiles (the query rows of one GQA group while decoding) are below the 64 rows of a warp-group "
             "MMA; padding them to 64 would multiply the product work by 4 for no gain in a memory-bound kernel")
@@ -741,17 +741,47 @@ MLA_HEAD_DIMS = (("fwd", 192, 128), ("bwd_dkdv", 192, 128), ("bwd_dq", 192, 128)
                  ("decode_split", 576, 512), ("combine", 576, 512))
 
 
+# Decoding from 8-bit caches (decode_split_kernel's QUANT > 0): the codes widened to q's
+# dtype take registers beside the tile, and where the float cache's config then spills
+# (Triton 3.9, int8 or e4m3: fp32 queries at 64-256 by 500-8800 bytes; bf16/fp16 at 16 on
+# sm_80, 64 on sm_90, 512/576 on sm_80) these replace it: the first config without spills,
+# for both code types, among one stage, twice the warps and half or a quarter of the keys
+# (compiled by flashattn_lite.static_report, its "int8"/"fp8" rows).
+_DECODE_SPLIT_QUANT = {
+    ("sm80", "fp32", 64): KernelConfig(16, 64, 4, 1),
+    ("sm80", "fp32", 128): KernelConfig(16, 32, 8, 1),
+    ("sm80", "fp32", 256): KernelConfig(16, 32, 8, 1),
+    ("sm80", "fp32", 512): KernelConfig(16, 16, 16, 1),
+    ("sm80", "lowp", 16): KernelConfig(16, 128, 4, 1),
+    ("sm80", "lowp", 512): KernelConfig(16, 16, 16, 1),
+    ("sm80", "lowp", MAX_DECODE_HEAD_DIM): KernelConfig(16, 16, 8, 1),
+    ("sm90", "fp32", 64): KernelConfig(16, 64, 4, 1),
+    ("sm90", "fp32", 128): KernelConfig(16, 32, 8, 1),
+    ("sm90", "lowp", 64): KernelConfig(16, 128, 4, 1),
+}
+
+
 def decode_split_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False,
-                        head_dim_v=None) -> KernelConfig:
-    """Config of ``decode_split_kernel``."""
+                        head_dim_v=None, quant=False) -> KernelConfig:
+    """Config of ``decode_split_kernel``; ``quant``: reading an 8-bit cache."""
     if head_dim > HEAD_DIM_BUCKETS[-1]:
         decode_qk_tiles(head_dim)  # range check
         if "decode_split" in _overrides:
             return _overrides["decode_split"]
         if arch_name(capability) == "interp":
             return _INTERPRETER
-        return _DECODE_SPLIT[(arch_name(capability), dtype_class(dtype), MAX_DECODE_HEAD_DIM)]
-    return _lookup(_DECODE_SPLIT, "decode_split", head_dim, dtype, capability, score_mods, head_dim_v)
+        key = (arch_name(capability), dtype_class(dtype), MAX_DECODE_HEAD_DIM)
+        return (_DECODE_SPLIT_QUANT.get(key) if quant else None) or _DECODE_SPLIT[key]
+    cfg = _lookup(_DECODE_SPLIT, "decode_split", head_dim, dtype, capability, score_mods, head_dim_v)
+    if quant and "decode_split" not in _overrides and arch_name(capability) != "interp":
+        cfg = _DECODE_SPLIT_QUANT.get((arch_name(capability), dtype_class(dtype), bucket(head_dim, head_dim_v)), cfg)
+    return cfg
+
+
+def quant_decode_configs():
+    """(arch, dtype class, head dim, config) of every decode config an 8-bit cache can use."""
+    for (arch, dclass, hd), cfg in sorted(_DECODE_SPLIT.items()):
+        yield arch, dclass, hd, _DECODE_SPLIT_QUANT.get((arch, dclass, hd), cfg)
 
 
 def combine_config(head_dim: int, dtype: torch.dtype, capability=None) -> KernelConfig:

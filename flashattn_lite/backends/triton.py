@@ -410,7 +410,8 @@ def decode(q, k_cache, v_cache, block_table, seqlens_k, leftpad, p, max_seqlen_k
         return out, lse
     capability = _capability(q.device)
     mods = p.softcap > 0 or p.alibi_slopes is not None
-    cfg = configs.decode_split_config(head_dim, q.dtype, capability, mods, head_dim_v=head_dim_v)
+    cfg = configs.decode_split_config(head_dim, q.dtype, capability, mods, head_dim_v=head_dim_v,
+                                      quant=k_descale is not None)
     row_blocks = triton_cdiv(seqlen_q * group, cfg.block_m)
     _check_grid(batch, row_blocks * heads_k)
     if num_splits == 0:
