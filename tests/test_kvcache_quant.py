@@ -299,3 +299,22 @@ def test_fp64_queries_fall_back_to_the_reference_with_a_reason():
     with fl.use_backend("reference"):
         out = fl.flash_attn_with_kvcache(q, kc, vc, k_descale=kd, v_descale=vd)
     assert out.dtype == torch.float64
+
+
+def test_torch_compile_and_fake_tensors():
+    """Under torch.compile the quantized call gives eager's bits; the decode operator's fake
+    implementation takes the descales (shapes only, no kernel)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(5)
+    kc, kd = fl.quantize_kv(torch.randn(1, 32, 2, 16))
+    vc, vd = fl.quantize_kv(torch.randn(1, 32, 2, 16))
+    q = torch.randn(1, 1, 4, 16)
+    compiled = torch.compile(lambda q: fl.flash_attn_with_kvcache(q, kc, vc, k_descale=kd, v_descale=vd))
+    with torch.no_grad():
+        assert torch.equal(compiled(q), fl.flash_attn_with_kvcache(q, kc, vc, k_descale=kd, v_descale=vd))
+    table, seqlens = torch.zeros(1, 1, dtype=torch.int32), torch.full((1,), 32, dtype=torch.int32)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out, lse = torch.ops.flashattn_lite.decode(q, kc, vc, table, seqlens, None, 32, 0.25, -1, -1, 0.0, None, 0,
+                                                   "cpu", None, k_descale=kd, v_descale=vd)
+    assert out.shape == (1, 1, 4, 16) and lse.shape == (1, 4, 1)
