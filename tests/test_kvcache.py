@@ -72,6 +72,38 @@ def oracle(q, q64, k_cache, v_cache, ends, starts, scale, causal, window, softca
 # ------------------------------------------------------------------ one case
 
 
+def geometry(case):
+    """(lengths before appending, new positions per sequence, ends, left pads, block table,
+    batch index) of a :func:`make_case` case."""
+    batch = case["q"].shape[0]
+    seqlens = case["cache_seqlens"]
+    lengths = [seqlens] * batch if isinstance(seqlens, int) else seqlens.tolist()
+    snew = case["k"].shape[1] if "k" in case else 0
+    starts = case["cache_leftpad"].tolist() if "cache_leftpad" in case else [0] * batch
+    return lengths, snew, [n + snew for n in lengths], starts, case.get("block_table"), case.get("cache_batch_idx")
+
+
+def slot(b, p, table, bidx, page_size):
+    """(cache row or page, row in it) holding position p of sequence b."""
+    if table is None:
+        return (b if bidx is None else int(bidx[b])), p
+    return int(table[b, p // page_size]), p % page_size
+
+
+def rotated_inputs(case, lengths, causal, window):
+    """(new keys, q) in float64 after the case's rotary (none: as given), by flash-attn's rule
+    for q's positions (see flash_attn_with_kvcache)."""
+    q, new_k = case["q"], case["k"].double()
+    if "rotary_cos" not in case:
+        return new_k, q.double()
+    cos, sin, inter = case["rotary_cos"], case["rotary_sin"], case["rotary_interleaved"]
+    sq, snew = q.shape[1], new_k.shape[1]
+    new_k = rotary64(new_k, cos, sin, torch.tensor(lengths)[:, None] + torch.arange(snew), inter)
+    local = causal or window != (-1, -1)
+    qpos = torch.tensor(lengths)[:, None] + (torch.arange(sq) if local else torch.zeros(sq, dtype=torch.long))
+    return new_k, rotary64(q, cos, sin, qpos, inter)
+
+
 def make_case(batch=2, sq=1, hq=2, hk=2, d=16, dtype=torch.float16, seqlens=(5, 9), snew=0, page_size=None,
               num_blocks=None, capacity=24, batch_idx=False, leftpad=None, rotary=None, seqlens_as_int=False):
     """Random inputs.  ``page_size`` None: contiguous cache of ``capacity`` positions
@@ -132,33 +164,17 @@ def run_case(backend, case, causal=False, window=(-1, -1), softcap=0.0, alibi=No
     assert lse.shape == (batch, hq, sq)
     assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
 
-    seqlens = case["cache_seqlens"]
-    lengths = [seqlens] * batch if isinstance(seqlens, int) else seqlens.tolist()
-    snew = case["k"].shape[1] if "k" in case else 0
-    ends = [n + snew for n in lengths]
-    starts = case["cache_leftpad"].tolist() if "cache_leftpad" in case else [0] * batch
-    table, bidx = case.get("block_table"), case.get("cache_batch_idx")
+    lengths, snew, ends, starts, table, bidx = geometry(case)
     kc, vc = args["k_cache"], args["v_cache"]
 
     # the cache: new keys (rotated) at cache_seqlens.., every other position untouched
     expect_k, expect_v = kc0.clone(), vc0.clone()
     q64 = q.double()
     if snew:
-        new_k = case["k"].double()
-        pos = torch.tensor(lengths)[:, None] + torch.arange(snew)
-        if "rotary_cos" in case:
-            cos, sin, inter = case["rotary_cos"], case["rotary_sin"], case["rotary_interleaved"]
-            new_k = rotary64(new_k, cos, sin, pos, inter)
-            local = causal or window != (-1, -1)
-            qpos = (torch.tensor(lengths)[:, None] + (torch.arange(sq) if local else torch.zeros(sq, dtype=torch.long)))
-            q64 = rotary64(q, cos, sin, qpos, inter)
+        new_k, q64 = rotated_inputs(case, lengths, causal, window)
         for b in range(batch):
             for t in range(snew):
-                p = lengths[b] + t
-                if table is None:
-                    blk, row = (b if bidx is None else int(bidx[b])), p
-                else:
-                    blk, row = int(table[b, p // kc.shape[1]]), p % kc.shape[1]
+                blk, row = slot(b, lengths[b] + t, table, bidx, kc.shape[1])
                 expect_k[blk, row] = new_k[b, t].to(q.dtype)
                 expect_v[blk, row] = case["v"][b, t]
     eps = torch.finfo(q.dtype).eps

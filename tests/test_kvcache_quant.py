@@ -14,7 +14,7 @@ import torch
 import flashattn_lite as fl
 from flashattn_lite.quant import dequantize
 from flashattn_lite.testing import check_against_reference
-from test_kvcache import make_case, oracle, rotary64
+from test_kvcache import geometry, make_case, oracle, rotated_inputs, slot
 
 QDTYPES = [torch.int8, torch.float8_e4m3fn]
 BACKENDS = ["cpu", "reference", "triton"]
@@ -95,33 +95,19 @@ def run_quant_case(backend, case, qdtype, form="position", causal=False, window=
                                               alibi_slopes=slopes, num_splits=num_splits, return_softmax_lse=True,
                                               learnable_sink=sink)
     assert out.shape == (batch, sq, hq, dv or d) and out.dtype == q.dtype
-    seqlens = case["cache_seqlens"]
-    lengths = [seqlens] * batch if isinstance(seqlens, int) else seqlens.tolist()
-    snew = case["k"].shape[1] if "k" in case else 0
-    ends = [n + snew for n in lengths]
-    starts = case["cache_leftpad"].tolist() if "cache_leftpad" in case else [0] * batch
-    table, bidx = case.get("block_table"), case.get("cache_batch_idx")
+    lengths, snew, ends, starts, table, bidx = geometry(case)
     kc, vc = args["k_cache"], args["v_cache"]
     q64 = q.double()
     if snew:
         # the appended rows: quantize_kv of the new (rotated) keys and of the new values,
         # nothing else of the caches or descales changed
-        pos = torch.tensor(lengths)[:, None] + torch.arange(snew)
-        new_k = case["k"]
-        if "rotary_cos" in case:
-            cos, sin, inter = case["rotary_cos"], case["rotary_sin"], case["rotary_interleaved"]
-            new_k = rotary64(case["k"], cos, sin, pos, inter)
-            local = causal or window != (-1, -1)
-            qpos = torch.tensor(lengths)[:, None] + (torch.arange(sq) if local else torch.zeros(sq, dtype=torch.long))
-            q64 = rotary64(q, cos, sin, qpos, inter)
+        new_k, q64 = rotated_inputs(case, lengths, causal, window)
         expect_k, expect_kd = k_codes.clone(), k_desc.clone()
         expect_v, expect_vd = v_codes.clone(), v_desc.clone()
         nk = fl.quantize_kv(new_k.to(q.dtype), qdtype)
         nv = fl.quantize_kv(args["v"], qdtype)
         for b, t in itertools.product(range(batch), range(snew)):
-            p = lengths[b] + t
-            blk, row = ((b if bidx is None else int(bidx[b])), p) if table is None else \
-                (int(table[b, p // kc.shape[1]]), p % kc.shape[1])
+            blk, row = slot(b, lengths[b] + t, table, bidx, kc.shape[1])
             expect_k[blk, row], expect_kd[blk, row] = nk[0][b, t], nk[1][b, t]
             expect_v[blk, row], expect_vd[blk, row] = nv[0][b, t], nv[1][b, t]
         assert torch.equal(vc.view(torch.uint8), expect_v.view(torch.uint8))
