@@ -109,7 +109,7 @@ def unshard(x_local, group=None, dim=1, load_balance="zigzag"):
     :func:`shard`).  Every rank must pass the same shape.  Not differentiable: it is a
     gather for inspection and losses, not part of the model's graph."""
     _check_load_balance(load_balance, "unshard")
-    group, rank, world = _group_info(group, "unshard")
+    group, _, world = _group_info(group, "unshard")
     if not isinstance(x_local, torch.Tensor):
         raise TypeError(f"flashattn_lite.distributed.unshard: x_local must be a torch.Tensor, got "
                         f"{type(x_local).__name__}")

@@ -157,9 +157,8 @@ inline fVec widen_codes(const int8_t* p) {
 #endif
 }
 
-// e4m3fn bits s eeee mmm: a normal code (e > 0) is float32 bits with the exponent rebiased
-// (+120) and the mantissa moved up 20 bits; a subnormal (e = 0) is m * 2^-9; 0x7F/0xFF are
-// NaN.  Built from integers, so it holds with denormals flushed (no float32 subnormal is made).
+// e4m3fn bits s eeee mmm, 0x7F/0xFF NaN.  (torch's AVX512 capability implies AVX512BW/VL,
+// which the first path uses.)
 inline fVec widen_codes(const c10::Float8_e4m3fn* p) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(CPU_CAPABILITY_AVX512)
   // e4m3 is float16 with the exponent's top bit and 7 mantissa bits cut off: its bits moved
@@ -171,20 +170,10 @@ inline fVec widen_codes(const c10::Float8_e4m3fn* p) {
   const __m512 v = _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0f));
   const __mmask16 is_nan = _mm_cmpeq_epi8_mask(_mm_and_si128(b, _mm_set1_epi8(0x7F)), _mm_set1_epi8(0x7F));
   return _mm512_mask_blend_ps(is_nan, v, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
-#elif defined(__AVX512F__) && defined(CPU_CAPABILITY_AVX512)
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
-  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
-  const __m512 normal = _mm512_castsi512_ps(
-      _mm512_or_si512(_mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23)), sign));
-  const __m512 sub = _mm512_castsi512_ps(_mm512_or_si512(
-      _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(7))),
-                                        _mm512_set1_ps(1.0f / 512.0f))), sign));
-  const __mmask16 is_sub = _mm512_testn_epi32_mask(b, _mm512_set1_epi32(0x78));
-  const __mmask16 is_nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F));
-  return _mm512_mask_blend_ps(is_nan, _mm512_mask_blend_ps(is_sub, normal, sub),
-                              _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
 #elif defined(__AVX2__) && defined(CPU_CAPABILITY_AVX2)
+  // a normal code (e > 0) is float32 bits with the exponent rebiased (+120) and the mantissa
+  // moved up 20 bits; a subnormal (e = 0) is m * 2^-9.  Built from integers, so it holds with
+  // denormals flushed (no float32 subnormal is made).
   const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi32(0x7F));
   const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
