@@ -52,27 +52,22 @@ def _validate_qkv(q, k, v, names, layout, packed=False):
         checks.check_seqlen(f"seqlen of {nk}", ks[1])
 
 
-def _head_dim_for_choice(head_dim):
-    """The head dim as the backend choice sees it.  Under torch.compile with dynamic shapes
-    it may be symbolic, and the choice (a constant of the graph) needs a plain int; the
-    backends' capabilities only differ by which bound (256, MAX_HEAD_DIM) the head dim is
-    under, so that is what is guarded on and passed."""
-    if not torch.compiler.is_compiling():
-        return int(head_dim)
+def _bound_for_choice(head_dim):
     for bound in sorted({256, MAX_HEAD_DIM, checks.MAX_DECODE_HEAD_DIM}):
         if head_dim <= bound:
             return bound
     return checks.MAX_DECODE_HEAD_DIM + 1
 
 
-def _head_dim_v_for_choice(head_dim, head_dim_v):
-    """``head_dim_v`` for the backend choice: None when it equals ``head_dim``; under
-    torch.compile, whether they are equal is guarded on and the bound passed."""
+def _head_dims_for_choice(head_dim, head_dim_v):
+    """(head dim, value head dim or None when equal) as the backend choice sees them.  Under
+    torch.compile with dynamic shapes they may be symbolic, and the choice (a constant of the
+    graph) needs plain ints; the backends' capabilities only differ by which bound (256,
+    MAX_HEAD_DIM, the decoding limit) a head dim is under, and by whether the two are equal,
+    so that is what is guarded on and passed."""
     if not torch.compiler.is_compiling():
-        return None if head_dim_v == head_dim else int(head_dim_v)
-    if head_dim_v == head_dim:
-        return None
-    return _head_dim_for_choice(head_dim_v)
+        return int(head_dim), (None if head_dim_v == head_dim else int(head_dim_v))
+    return _bound_for_choice(head_dim), (None if head_dim_v == head_dim else _bound_for_choice(head_dim_v))
 
 
 def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap=0.0, alibi_slopes=None, bias=None,
@@ -87,8 +82,8 @@ def _run(q, k, v, softmax_scale, diag_offset, window_left, window_right, softcap
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, learnable_sink)):
         features.add("backward")  # chosen once for both passes: a backend without this backward is passed over
     features = frozenset(features)
-    backend = select_backend(q.device, q.dtype, _head_dim_for_choice(q.shape[-1]), features,
-                             _head_dim_v_for_choice(q.shape[-1], v.shape[-1]))
+    head_dim, head_dim_v = _head_dims_for_choice(q.shape[-1], v.shape[-1])
+    backend = select_backend(q.device, q.dtype, head_dim, features, head_dim_v)
     if dropout_p > 0:
         rng.note_call(params, q, k)
     return ops.run_fwd(q, k, v, params, backend, learnable_sink)
@@ -129,7 +124,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if causal:
         right = 0
     left, right = unbounded_if_beyond(left, right, q.shape[1], k.shape[1])
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     sink = checks.check_sink(learnable_sink, q.shape[2], q.device)
     out, lse = _run(q, k, v, scale, k.shape[1] - q.shape[1], left, right, softcap, slopes, dropout_p=dropout_p,
                     learnable_sink=sink)
@@ -201,7 +196,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     _validate_qkv(q, k, v, ("query", "key", "value"), "(batch, heads, seqlen, headdim)")
     bias = None if attn_mask is None else _attn_mask_as_bias(attn_mask, q, k)
     softmax_scale = q.shape[-1] ** -0.5 if scale is None else check_scale(scale, "scale")
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     sink = checks.check_sink(learnable_sink, q.shape[2], q.device)
     out, _ = _run(q, k, v, softmax_scale, 0, -1, 0 if is_causal else -1, bias=bias, dropout_p=dropout_p,
                   learnable_sink=sink)
@@ -284,7 +279,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if causal:
         right = 0
     left, right = unbounded_if_beyond(left, right, max_seqlen_q, max_seqlen_k)
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     sink = checks.check_sink(learnable_sink, q.shape[1], q.device)
     out, lse = _run(q, k, v, scale, 0, left, right, softcap, slopes, cu_seqlens_q=cu_seqlens_q.contiguous(),
                     cu_seqlens_k=cu_seqlens_k.contiguous(), max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,

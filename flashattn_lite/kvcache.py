@@ -202,7 +202,8 @@ def _check_shared_pages(table, in_use, written, lengths, starts, seqlen_new, pag
 
 def _positions(cache_seqlens, count, device):
     """(B, count) int64 absolute positions ``cache_seqlens[b] + t``."""
-    return cache_seqlens.to(device=device, dtype=torch.int64)[:, None] + torch.arange(count, device=device)
+    first = cache_seqlens.to(device=device, dtype=torch.int64)[:, None]
+    return first if count == 1 else first + torch.arange(count, device=device)  # one token: the decoding step
 
 
 def apply_rotary(x, cos, sin, positions, interleaved):
@@ -292,11 +293,12 @@ def _distinct(t, dims=None):
 
 def _extent(t):
     """(first, last) byte address of t's elements, or None when t is empty."""
-    if t.numel() == 0:
+    size = t.nbytes
+    if not size:
         return None
     first = t.data_ptr()
     if t.is_contiguous():
-        return first, first + t.numel() * t.element_size() - 1
+        return first, first + size - 1
     strides = t.stride()
     return first, first + (sum(map(operator.mul, strides, t.shape)) - sum(strides) + 1) * t.element_size() - 1
 

@@ -8,9 +8,8 @@ with :class:`Params` describing everything but the tensors.
 
 import contextlib
 import contextvars
-import os
 from . import cpu, cuda, cuda_emu, reference, triton
-from .base import OP_FIELDS, Call, Params, accum_dtype, missing_features  # noqa: F401  (re-exported)
+from .base import OP_FIELDS, Call, Params, accum_dtype, getenv, missing_features  # noqa: F401  (re-exported)
 
 BACKENDS = {m.NAME: m for m in (triton, cuda, cpu, reference, cuda_emu)}  # cuda_emu: verification only, never auto
 NAMES = ("auto",) + tuple(BACKENDS)
@@ -46,7 +45,7 @@ def requested_backend():
     """The backend asked for: ``use_backend`` first, then $FLASHATTN_LITE_BACKEND, then auto."""
     name = _current.get()
     if name is None:
-        env = os.environ.get(ENV_VAR, "").strip()
+        env = getenv(ENV_VAR, "").strip()
         if env:
             if env not in NAMES:
                 raise ValueError(f"{ENV_VAR}={env!r} is not a flashattn_lite backend; "

@@ -1,6 +1,7 @@
 """What every backend receives: the description of a call (:class:`Call`, for the
 capability check) and its parameters (:class:`Params`, for fwd/bwd)."""
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -10,6 +11,26 @@ import torch
 def accum_dtype(dtype):
     """float64 for float64 input, else float32: the dtype every backend accumulates in and lse has."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# os.environ.get costs about a microsecond (Mapping.get, key encoding, value decoding); the
+# per-call settings are read on every call, so on POSIX they are looked up in the bytes
+# mapping behind os.environ, which every os.environ / putenv-through-os change updates.
+_ENV_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+if not isinstance(_ENV_BYTES, dict):
+    _ENV_BYTES = None
+_ENV_KEYS = {}
+
+
+def getenv(name, default):
+    """os.environ.get(name, default), cheaply (read on every call: settings take effect at once)."""
+    if _ENV_BYTES is None:
+        return os.environ.get(name, default)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.fsencode(name)
+    value = _ENV_BYTES.get(key)
+    return default if value is None else os.fsdecode(value)
 
 
 # Params' fields in the order they are operator arguments: ops.py's _PARAM_ARGS and the

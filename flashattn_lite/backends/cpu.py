@@ -13,7 +13,7 @@ import torch
 
 from .. import _build
 from . import sinks
-from .base import missing_features
+from .base import getenv, missing_features
 
 NAME = "cpu"
 FEATURES = ("forward", "backward", "causal", "window", "gqa", "fp16", "bf16", "fp32", "fp64", "softcap", "alibi",
@@ -26,7 +26,7 @@ _warned = []
 def _ensure_built():
     _build.build_cpu()
     lib = torch.ops.flashattn_lite_C
-    if os.environ.get(MATMUL_ENV, "auto") != _products["env"]:
+    if getenv(MATMUL_ENV, "auto") != _products["env"]:
         _set_products(lib)
     return lib
 
@@ -75,7 +75,7 @@ def probe_products():
 
 
 def _set_products(lib):
-    env = os.environ.get(MATMUL_ENV, "auto")
+    env = getenv(MATMUL_ENV, "auto")
     if env not in MATMUL_CHOICES:
         raise ValueError(f"{MATMUL_ENV}={env!r}: expected one of {', '.join(MATMUL_CHOICES)}")
     if env == "auto":
