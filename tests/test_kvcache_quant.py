@@ -165,6 +165,29 @@ def test_quantized_cache_matches_the_dequantized_oracle(backend, qdtype, scenari
     run_quant_case(backend, make_case(dtype=dtype, **make), qdtype, **run)
 
 
+# model-sized head dims, for the cpu kernel's register blocks (csrc/cpu/decode_cpu.cpp:
+# group_scores takes whole 2W-wide slices of D, group_accumulate_block whole 4W-wide slices
+# of Dv and 4 query rows): full blocks (d 128, group of 4), a group of 3 (a short row block),
+# 8 rows (two blocks) with d 96 (a 64-wide slice and a partial one), and d 80 (no whole
+# slice of D; 64 + 16 of Dv); several key tiles, splits, an append
+_HEAD_DIM_CASES = {
+    "d128-g4": (dict(batch=2, sq=1, hq=8, hk=2, d=128, seqlens=(150, 37), capacity=160), {}),
+    "d64-g3-append": (dict(batch=2, sq=1, snew=1, hq=6, hk=2, d=64, seqlens=(100, 9), capacity=128),
+                      dict(causal=True)),
+    "d96-sq2-g4-splits": (dict(batch=1, sq=2, hq=4, hk=1, d=96, seqlens=(200,), capacity=208),
+                          dict(causal=True, num_splits=3)),
+    "d80-g2-paged": (dict(batch=2, sq=1, hq=4, hk=2, d=80, seqlens=(70, 130), page_size=32, capacity=160), {}),
+}
+
+
+@pytest.mark.parametrize("scenario", list(_HEAD_DIM_CASES))
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=_name)
+def test_model_head_dims_on_cpu(qdtype, scenario):
+    make, run = _HEAD_DIM_CASES[scenario]
+    dtype = torch.bfloat16 if "g4" in scenario else torch.float32
+    run_quant_case("cpu", make_case(dtype=dtype, **make), qdtype, **run)
+
+
 @pytest.mark.parametrize("form", ["head", "tensor"])
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=_name)
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

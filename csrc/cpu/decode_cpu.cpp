@@ -360,17 +360,35 @@ void group_scores(const float* q, int64_t R, int64_t D, const code_t* const* row
       for (int64_t jj = 0; jj < kKeyBlock; ++jj) kr[jj] = rows[j0 + std::min(jj, kb - 1)];
       fVec acc[W];  // lane block u * kKeyBlock + jj: row r0 + u, key j0 + jj
       for (int64_t t = 0; t < W; ++t) acc[t] = fVec(0.f);
-      for (int64_t d = 0; d < D; d += 2 * W) {
-        const int64_t c = std::min(2 * W, D - d);
-        fVec q0[kRowBlock], q1[kRowBlock];
-        for (int64_t u = 0; u < kRowBlock; ++u) load2_part(qr[u] + d, c, q0[u], q1[u]);
-#pragma GCC unroll 8
-        for (int64_t jj = 0; jj < kKeyBlock; ++jj) {
-          fVec k0, k1;
-          load2_part(kr[jj] + d, c, k0, k1);
+      if (D % (2 * W) == 0) {
+        // the common case (head dim a multiple of 2W): constant trip counts and no partial
+        // loads, so the accumulators stay in registers (a short row block repeats its last row)
+        for (int64_t d = 0; d < D; d += 2 * W) {
+          fVec q0[kRowBlock], q1[kRowBlock];
 #pragma GCC unroll 4
-          for (int64_t u = 0; u < kRowBlock; ++u)
-            acc[u * kKeyBlock + jj] = at::vec::fmadd(q1[u], k1, at::vec::fmadd(q0[u], k0, acc[u * kKeyBlock + jj]));
+          for (int64_t u = 0; u < kRowBlock; ++u) load2(qr[u] + d, q0[u], q1[u]);
+#pragma GCC unroll 8
+          for (int64_t jj = 0; jj < kKeyBlock; ++jj) {
+            fVec k0, k1;
+            load2(kr[jj] + d, k0, k1);
+#pragma GCC unroll 4
+            for (int64_t u = 0; u < kRowBlock; ++u)
+              acc[u * kKeyBlock + jj] = at::vec::fmadd(q1[u], k1, at::vec::fmadd(q0[u], k0, acc[u * kKeyBlock + jj]));
+          }
+        }
+      } else {
+        for (int64_t d = 0; d < D; d += 2 * W) {
+          const int64_t c = std::min(2 * W, D - d);
+          fVec q0[kRowBlock], q1[kRowBlock];
+          for (int64_t u = 0; u < kRowBlock; ++u) load2_part(qr[u] + d, c, q0[u], q1[u]);
+#pragma GCC unroll 8
+          for (int64_t jj = 0; jj < kKeyBlock; ++jj) {
+            fVec k0, k1;
+            load2_part(kr[jj] + d, c, k0, k1);
+#pragma GCC unroll 4
+            for (int64_t u = 0; u < kRowBlock; ++u)
+              acc[u * kKeyBlock + jj] = at::vec::fmadd(q1[u], k1, at::vec::fmadd(q0[u], k0, acc[u * kKeyBlock + jj]));
+          }
         }
       }
       float sums[W];
@@ -381,6 +399,35 @@ void group_scores(const float* q, int64_t R, int64_t D, const code_t* const* row
   }
 }
 
+// A whole register block of group_accumulate: rows [0, kRowBlock) of a (row stride Dv)
+// and P (row stride ld), columns [d, d + 4W), over the keys [0, n).  Constant trip counts,
+// so the kRowBlock x 4 accumulators stay in registers (the general loop below, with its
+// partial rows and columns, had the compiler keep them on the stack).
+template <typename code_t>
+inline void group_accumulate_block(float* a, int64_t Dv, const code_t* const* rows, int64_t d, const float* P,
+                                   int64_t ld, int64_t n) {
+  fVec acc[kRowBlock][4];
+#pragma GCC unroll 4
+  for (int64_t u = 0; u < kRowBlock; ++u)
+#pragma GCC unroll 4
+    for (int64_t c = 0; c < 4; ++c) acc[u][c] = fVec::loadu(a + u * Dv + d + c * W);
+  for (int64_t j = 0; j < n; ++j) {
+    fVec v[4];
+    load2(rows[j] + d, v[0], v[1]);
+    load2(rows[j] + d + 2 * W, v[2], v[3]);
+#pragma GCC unroll 4
+    for (int64_t u = 0; u < kRowBlock; ++u) {
+      const fVec w(P[u * ld + j]);
+#pragma GCC unroll 4
+      for (int64_t c = 0; c < 4; ++c) acc[u][c] = at::vec::fmadd(w, v[c], acc[u][c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int64_t u = 0; u < kRowBlock; ++u)
+#pragma GCC unroll 4
+    for (int64_t c = 0; c < 4; ++c) acc[u][c].store(a + u * Dv + d + c * W);
+}
+
 // a[r * Dv + d] += sum_j P[r * ld + j] rows[j][d] for the R rows, j in [0, n)
 template <typename code_t>
 void group_accumulate(float* a, int64_t R, int64_t Dv, const code_t* const* rows, const float* P, int64_t n,
@@ -389,6 +436,10 @@ void group_accumulate(float* a, int64_t R, int64_t Dv, const code_t* const* rows
     const int64_t len = std::min(4 * W, Dv - d);
     for (int64_t r0 = 0; r0 < R; r0 += kRowBlock) {
       const int64_t rb = std::min(kRowBlock, R - r0);
+      if (len == 4 * W && rb == kRowBlock) {
+        group_accumulate_block(a + r0 * Dv, Dv, rows, d, P + r0 * ld, ld, n);
+        continue;
+      }
       fVec acc[kRowBlock][4];
       for (int64_t u = 0; u < kRowBlock; ++u)
         for (int64_t c = 0; c < 4; ++c)
