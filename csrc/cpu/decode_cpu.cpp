@@ -170,8 +170,18 @@ inline fVec widen_codes(const c10::Float8_e4m3fn* p) {
   const __m512 v = _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0f));
   const __mmask16 is_nan = _mm_cmpeq_epi8_mask(_mm_and_si128(b, _mm_set1_epi8(0x7F)), _mm_set1_epi8(0x7F));
   return _mm512_mask_blend_ps(is_nan, v, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+#elif defined(__AVX2__) && defined(__F16C__) && defined(CPU_CAPABILITY_AVX2)
+  // the same float16 route with F16C (every AVX2 CPU has it): 8 codes per conversion.  A NaN
+  // code (0x7F, 0xFF) comes out as +-480, which no finite code gives (the largest is 448),
+  // so the float compare finds it without widening a byte mask
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i h = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(b), 7), _mm_set1_epi16(static_cast<short>(0xBF80)));
+  const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
+  const __m256 is_nan =
+      _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), v), _mm256_set1_ps(480.0f), _CMP_EQ_OQ);
+  return _mm256_blendv_ps(v, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), is_nan);
 #elif defined(__AVX2__) && defined(CPU_CAPABILITY_AVX2)
-  // a normal code (e > 0) is float32 bits with the exponent rebiased (+120) and the mantissa
+  // without F16C: a normal code (e > 0) is float32 bits with the exponent rebiased (+120) and the mantissa
   // moved up 20 bits; a subnormal (e = 0) is m * 2^-9.  Built from integers, so it holds with
   // denormals flushed (no float32 subnormal is made).
   const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
@@ -346,6 +356,25 @@ inline void accumulate_rows(float* a, const src_t* const* rows, const float* w, 
 // (scores), each value row once per kRowBlock rows (P @ V), instead of once per row.
 constexpr int64_t kRowBlock = W >= 16 ? 4 : 2;  // rows per register block (accumulators: kRowBlock x W / kRowBlock)
 constexpr int64_t kKeyBlock = W / kRowBlock;
+
+// Where a code costs many operations to widen and the register blocks are short (e4m3 with
+// 8-lane vectors: about 8 operations per 8 codes, and 2-row blocks, so each row would be
+// widened twice for the scores and twice for P @ V), a tile's rows are widened once into
+// float scratch instead, and the blocks read that.
+template <typename code_t>
+constexpr bool kWidenTileOnce = std::is_same_v<code_t, c10::Float8_e4m3fn> && W < 16;
+
+// rows[j][0, len) widened into out + j * len, and rows[j] pointed there, for j in [0, n)
+template <typename code_t>
+void widen_tile(const code_t** rows, int64_t n, int64_t len, float* out, const float** widened) {
+  for (int64_t j = 0; j < n; ++j) {
+    float* dst = out + j * len;
+    int64_t d = 0;
+    for (; d + W <= len; d += W) widen_codes(rows[j] + d).store(dst + d);
+    for (; d < len; ++d) dst[d] = code_to_float(rows[j][d]);
+    widened[j] = dst;
+  }
+}
 
 // S[r * ld + j] = q_r . rows[j] for the R rows of ``q`` (R x D floats) and j in [0, n)
 template <typename code_t>
@@ -540,6 +569,11 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
     std::vector<acc_t> sc(kDecodeKeyTile);
     // 8-bit caches: the tile's scores, then probabilities, of every row of the group (R x tile)
     std::vector<float> gs(kQuant ? R * kDecodeKeyTile : 0);
+    // kWidenTileOnce: the tile's key and value rows of one head, widened
+    std::vector<float> wk(kWidenTileOnce<cache_t> ? kDecodeKeyTile * D : 0),
+        wv(kWidenTileOnce<cache_t> ? kDecodeKeyTile * Dv : 0);
+    const float* wkrow[kDecodeKeyTile];
+    const float* wvrow[kDecodeKeyTile];
     const acc_t* krow[kDecodeKeyTile];
     const acc_t* vrow[kDecodeKeyTile];
     const cache_t* ksrc[kDecodeKeyTile];
@@ -616,7 +650,12 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
               vsrc[j] = vs;
             }
           }
-          if constexpr (kQuant) group_scores(&qf[hoff * D], R, D, ksrc, n, gs.data(), kDecodeKeyTile);
+          if constexpr (kWidenTileOnce<cache_t>) {
+            widen_tile(ksrc, n, D, wk.data(), wkrow);
+            group_scores(&qf[hoff * D], R, D, wkrow, n, gs.data(), kDecodeKeyTile);
+          } else if constexpr (kQuant) {
+            group_scores(&qf[hoff * D], R, D, ksrc, n, gs.data(), kDecodeKeyTile);
+          }
           for (int64_t r = 0; r < R; ++r) {
             const int64_t i = r / G, h = hk * G + r % G, qpos = i + offset;
             int64_t jlo = t0, jhi = t0 + n;
@@ -713,7 +752,12 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
             l[hoff + r] = l[hoff + r] * alpha + sum;
             m[hoff + r] = m_new;
           }
-          if constexpr (kQuant) group_accumulate(&acc[hoff * Dv], R, Dv, vsrc, gs.data(), n, kDecodeKeyTile);
+          if constexpr (kWidenTileOnce<cache_t>) {
+            widen_tile(vsrc, n, Dv, wv.data(), wvrow);
+            group_accumulate(&acc[hoff * Dv], R, Dv, wvrow, gs.data(), n, kDecodeKeyTile);
+          } else if constexpr (kQuant) {
+            group_accumulate(&acc[hoff * Dv], R, Dv, vsrc, gs.data(), n, kDecodeKeyTile);
+          }
         }  // heads of the task
       }
 
