@@ -17,7 +17,9 @@ from flashattn_lite.backends import triton as triton_backend
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLDEST = "{}.{}.0".format(*triton_backend.MIN_TRITON)
 # Every kernel family once, at interpreter shapes: forward/backward with each score
-# modifier, windows, GQA, head dims, varlen, MLA, decoding from a paged cache, dropout.
+# modifier, windows, GQA, head dims, varlen, MLA, decoding from a paged cache (also an
+# int8 / e4m3 one), dropout.  (The last nodeid runs every backend's scenarios: the cpu and
+# reference ones take a second.)
 SUBSET = ["tests/test_triton.py::test_gqa", "tests/test_triton.py::test_window", "tests/test_triton.py::test_head_dims",
           "tests/test_triton.py::test_empty_sequences", "tests/test_triton.py::test_gradient_through_lse",
           "tests/test_triton.py::test_every_element_written", "tests/test_triton_mla.py::test_varlen_dv_differs",
@@ -25,7 +27,8 @@ SUBSET = ["tests/test_triton.py::test_gqa", "tests/test_triton.py::test_window",
           "tests/test_features.py::test_varlen_softcap_alibi[triton]", "tests/test_features.py::test_varlen_dropout[triton]",
           "tests/test_features.py::test_dropout_with_mask[triton]",
           "tests/test_features.py::test_dropout_stream_is_triton_philox_on_split_counter",
-          "tests/test_kvcache.py::test_paged_window_gqa", "tests/test_kvcache.py::test_append_causal"]
+          "tests/test_kvcache.py::test_paged_window_gqa", "tests/test_kvcache.py::test_append_causal",
+          "tests/test_kvcache_quant.py::test_quantized_cache_matches_the_dequantized_oracle"]
 
 
 def _oldest_triton():

@@ -498,6 +498,8 @@ _KNOWN_SPILLS_BY_TRITON = {
         ("decode_split", "sm90", "fp32", 512, False): (40, _NO_CANDIDATE),
         ("decode_split", "sm90", "fp32", 64, False): (264, _NO_CANDIDATE),
         ("decode_split", "sm90", "fp32", 64, True): (264, _NO_CANDIDATE),
+        ("decode_split", "sm80", "lowp", 512, "int8"): (232, _NO_CANDIDATE),
+        ("decode_split", "sm80", "lowp", 512, "fp8"): (440, _NO_CANDIDATE),
     },
     (3, 5): {
         ("bwd_dkdv", "sm80", "lowp", 16, DROPOUT): (232, _NO_CANDIDATE),
@@ -761,6 +763,45 @@ _DECODE_SPLIT_QUANT = {
 }
 
 
+# The same for an older Triton, whose compiler spills where these do not: per (major, minor),
+# the first spill-free config for both code types of the same search, run with that
+# Triton (benches/results/static_gpu_versions.json); where none was found the config above
+# stays and its bytes are in _KNOWN_SPILLS_BY_TRITON (mods "int8" / "fp8").
+_DECODE_SPLIT_QUANT_BY_TRITON = {
+    (3, 4): {
+        ("sm80", "fp32", 64): KernelConfig(16, 64, 8, 1),
+        ("sm80", "fp32", 256): KernelConfig(16, 32, 16, 1),
+        ("sm80", "lowp", 128): KernelConfig(16, 64, 8, 3),
+        ("sm90", "fp32", 256): KernelConfig(16, 32, 16, 1),
+        ("sm90", "lowp", MAX_DECODE_HEAD_DIM): KernelConfig(16, 16, 8, 1),
+    },
+    (3, 5): {
+        ("sm80", "fp32", 128): KernelConfig(16, 32, 16, 1),
+        ("sm90", "lowp", 64): KernelConfig(16, 128, 8, 1),
+        ("sm90", "lowp", 256): KernelConfig(16, 64, 8, 1),
+    },
+    (3, 6): {
+        ("sm80", "lowp", 256): KernelConfig(16, 64, 8, 1),
+        ("sm90", "fp32", 128): KernelConfig(16, 32, 16, 1),
+    },
+    (3, 7): {
+        ("sm80", "fp32", 128): KernelConfig(16, 32, 16, 1),
+        ("sm80", "lowp", 256): KernelConfig(16, 64, 8, 1),
+        ("sm90", "lowp", 256): KernelConfig(16, 64, 8, 1),
+    },
+    (3, 8): {
+        ("sm80", "lowp", 16): KernelConfig(16, 64, 4, 1),
+    },
+}
+
+
+def _quant_decode(arch, dclass, hd, cfg):
+    """The decode config reading an 8-bit cache: the running Triton's own, else
+    _DECODE_SPLIT_QUANT's, else the float cache's ``cfg``."""
+    own = _DECODE_SPLIT_QUANT_BY_TRITON.get(triton_minor(), {}).get((arch, dclass, hd))
+    return own or _DECODE_SPLIT_QUANT.get((arch, dclass, hd), cfg)
+
+
 def decode_split_config(head_dim: int, dtype: torch.dtype, capability=None, score_mods=False,
                         head_dim_v=None, quant=False) -> KernelConfig:
     """Config of ``decode_split_kernel``; ``quant``: reading an 8-bit cache."""
@@ -771,17 +812,17 @@ def decode_split_config(head_dim: int, dtype: torch.dtype, capability=None, scor
         if arch_name(capability) == "interp":
             return _INTERPRETER
         key = (arch_name(capability), dtype_class(dtype), MAX_DECODE_HEAD_DIM)
-        return (_DECODE_SPLIT_QUANT.get(key) if quant else None) or _DECODE_SPLIT[key]
+        return _quant_decode(*key, _DECODE_SPLIT[key]) if quant else _DECODE_SPLIT[key]
     cfg = _lookup(_DECODE_SPLIT, "decode_split", head_dim, dtype, capability, score_mods, head_dim_v)
     if quant and "decode_split" not in _overrides and arch_name(capability) != "interp":
-        cfg = _DECODE_SPLIT_QUANT.get((arch_name(capability), dtype_class(dtype), bucket(head_dim, head_dim_v)), cfg)
+        cfg = _quant_decode(arch_name(capability), dtype_class(dtype), bucket(head_dim, head_dim_v), cfg)
     return cfg
 
 
 def quant_decode_configs():
     """(arch, dtype class, head dim, config) of every decode config an 8-bit cache can use."""
     for (arch, dclass, hd), cfg in sorted(_DECODE_SPLIT.items()):
-        yield arch, dclass, hd, _DECODE_SPLIT_QUANT.get((arch, dclass, hd), cfg)
+        yield arch, dclass, hd, _quant_decode(arch, dclass, hd, cfg)
 
 
 def combine_config(head_dim: int, dtype: torch.dtype, capability=None) -> KernelConfig:
