@@ -376,6 +376,36 @@ void widen_tile(const code_t** rows, int64_t n, int64_t len, float* out, const f
   }
 }
 
+// acc[u * kKeyBlock + jj] += q rows qr[u] times key rows kr[jj], lane-wise over D (sum_lanes
+// adds each up); kWhole: D is a multiple of 2W (whole loads, constant trip counts)
+template <bool kWhole, typename code_t>
+__attribute__((always_inline)) inline void scores_register_block(const float* const* qr, const code_t* const* kr, int64_t D, fVec* acc) {
+  for (int64_t d = 0; d < D; d += 2 * W) {
+    const int64_t c = kWhole ? 2 * W : std::min(2 * W, D - d);
+    fVec q0[kRowBlock], q1[kRowBlock];
+#pragma GCC unroll 4
+    for (int64_t u = 0; u < kRowBlock; ++u) {
+      if constexpr (kWhole) {
+        load2(qr[u] + d, q0[u], q1[u]);
+      } else {
+        load2_part(qr[u] + d, c, q0[u], q1[u]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int64_t jj = 0; jj < kKeyBlock; ++jj) {
+      fVec k0, k1;
+      if constexpr (kWhole) {
+        load2(kr[jj] + d, k0, k1);
+      } else {
+        load2_part(kr[jj] + d, c, k0, k1);
+      }
+#pragma GCC unroll 4
+      for (int64_t u = 0; u < kRowBlock; ++u)
+        acc[u * kKeyBlock + jj] = at::vec::fmadd(q1[u], k1, at::vec::fmadd(q0[u], k0, acc[u * kKeyBlock + jj]));
+    }
+  }
+}
+
 // S[r * ld + j] = q_r . rows[j] for the R rows of ``q`` (R x D floats) and j in [0, n)
 template <typename code_t>
 void group_scores(const float* q, int64_t R, int64_t D, const code_t* const* rows, int64_t n, float* S, int64_t ld) {
@@ -389,36 +419,12 @@ void group_scores(const float* q, int64_t R, int64_t D, const code_t* const* row
       for (int64_t jj = 0; jj < kKeyBlock; ++jj) kr[jj] = rows[j0 + std::min(jj, kb - 1)];
       fVec acc[W];  // lane block u * kKeyBlock + jj: row r0 + u, key j0 + jj
       for (int64_t t = 0; t < W; ++t) acc[t] = fVec(0.f);
+      // a head dim that is a multiple of 2W: constant trip counts and no partial loads, so
+      // the accumulators stay in registers (a short row block repeats its last row)
       if (D % (2 * W) == 0) {
-        // the common case (head dim a multiple of 2W): constant trip counts and no partial
-        // loads, so the accumulators stay in registers (a short row block repeats its last row)
-        for (int64_t d = 0; d < D; d += 2 * W) {
-          fVec q0[kRowBlock], q1[kRowBlock];
-#pragma GCC unroll 4
-          for (int64_t u = 0; u < kRowBlock; ++u) load2(qr[u] + d, q0[u], q1[u]);
-#pragma GCC unroll 8
-          for (int64_t jj = 0; jj < kKeyBlock; ++jj) {
-            fVec k0, k1;
-            load2(kr[jj] + d, k0, k1);
-#pragma GCC unroll 4
-            for (int64_t u = 0; u < kRowBlock; ++u)
-              acc[u * kKeyBlock + jj] = at::vec::fmadd(q1[u], k1, at::vec::fmadd(q0[u], k0, acc[u * kKeyBlock + jj]));
-          }
-        }
+        scores_register_block<true>(qr, kr, D, acc);
       } else {
-        for (int64_t d = 0; d < D; d += 2 * W) {
-          const int64_t c = std::min(2 * W, D - d);
-          fVec q0[kRowBlock], q1[kRowBlock];
-          for (int64_t u = 0; u < kRowBlock; ++u) load2_part(qr[u] + d, c, q0[u], q1[u]);
-#pragma GCC unroll 8
-          for (int64_t jj = 0; jj < kKeyBlock; ++jj) {
-            fVec k0, k1;
-            load2_part(kr[jj] + d, c, k0, k1);
-#pragma GCC unroll 4
-            for (int64_t u = 0; u < kRowBlock; ++u)
-              acc[u * kKeyBlock + jj] = at::vec::fmadd(q1[u], k1, at::vec::fmadd(q0[u], k0, acc[u * kKeyBlock + jj]));
-          }
-        }
+        scores_register_block<false>(qr, kr, D, acc);
       }
       float sums[W];
       sum_lanes(acc).store(sums);
