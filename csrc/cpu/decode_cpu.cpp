@@ -434,33 +434,57 @@ void group_scores(const float* q, int64_t R, int64_t D, const code_t* const* row
   }
 }
 
-// A whole register block of group_accumulate: rows [0, kRowBlock) of a (row stride Dv)
-// and P (row stride ld), columns [d, d + 4W), over the keys [0, n).  Constant trip counts,
-// so the kRowBlock x 4 accumulators stay in registers (the general loop below, with its
-// partial rows and columns, had the compiler keep them on the stack).
-template <typename code_t>
-inline void group_accumulate_block(float* a, int64_t Dv, const code_t* const* rows, int64_t d, const float* P,
-                                   int64_t ld, int64_t n) {
+// One register block of group_accumulate: rows [0, rb) of a (row stride Dv) and P (row
+// stride ld), columns [d, d + len), over the keys [0, n); a short block repeats P's last
+// row and stores only its rb rows.  kWhole: rb = kRowBlock and len = 4W, whole loads and
+// constant trip counts, so the accumulators stay in registers (with partial rows and
+// columns the compiler keeps them on the stack).
+template <bool kWhole, typename code_t>
+__attribute__((always_inline)) inline void accumulate_register_block(float* a, int64_t Dv, const code_t* const* rows,
+                                                                    int64_t d, int64_t len, const float* P,
+                                                                    int64_t ld, int64_t rb, int64_t n) {
+  auto count = [&](int64_t c) { return std::clamp<int64_t>(len - c * W, 0, W); };  // (partial blocks)
   fVec acc[kRowBlock][4];
 #pragma GCC unroll 4
   for (int64_t u = 0; u < kRowBlock; ++u)
 #pragma GCC unroll 4
-    for (int64_t c = 0; c < 4; ++c) acc[u][c] = fVec::loadu(a + u * Dv + d + c * W);
+    for (int64_t c = 0; c < 4; ++c) {
+      if constexpr (kWhole) {
+        acc[u][c] = fVec::loadu(a + u * Dv + d + c * W);
+      } else {
+        acc[u][c] = u < rb ? fVec::loadu(a + u * Dv + d + c * W, count(c)) : fVec(0.f);
+      }
+    }
   for (int64_t j = 0; j < n; ++j) {
     fVec v[4];
-    load2(rows[j] + d, v[0], v[1]);
-    load2(rows[j] + d + 2 * W, v[2], v[3]);
+    if constexpr (kWhole) {
+      load2(rows[j] + d, v[0], v[1]);
+      load2(rows[j] + d + 2 * W, v[2], v[3]);
+    } else {
+      load2_part(rows[j] + d, len, v[0], v[1]);
+      if (len > 2 * W) {
+        load2_part(rows[j] + d + 2 * W, len - 2 * W, v[2], v[3]);
+      } else {
+        v[2] = v[3] = fVec(0.f);
+      }
+    }
 #pragma GCC unroll 4
     for (int64_t u = 0; u < kRowBlock; ++u) {
-      const fVec w(P[u * ld + j]);
+      const fVec w(P[(kWhole ? u : std::min(u, rb - 1)) * ld + j]);
 #pragma GCC unroll 4
       for (int64_t c = 0; c < 4; ++c) acc[u][c] = at::vec::fmadd(w, v[c], acc[u][c]);
     }
   }
 #pragma GCC unroll 4
-  for (int64_t u = 0; u < kRowBlock; ++u)
+  for (int64_t u = 0; u < (kWhole ? kRowBlock : rb); ++u)
 #pragma GCC unroll 4
-    for (int64_t c = 0; c < 4; ++c) acc[u][c].store(a + u * Dv + d + c * W);
+    for (int64_t c = 0; c < 4; ++c) {
+      if constexpr (kWhole) {
+        acc[u][c].store(a + u * Dv + d + c * W);
+      } else {
+        acc[u][c].store(a + u * Dv + d + c * W, count(c));  // (a count of 0 stores nothing)
+      }
+    }
 }
 
 // a[r * Dv + d] += sum_j P[r * ld + j] rows[j][d] for the R rows, j in [0, n)
@@ -472,31 +496,10 @@ void group_accumulate(float* a, int64_t R, int64_t Dv, const code_t* const* rows
     for (int64_t r0 = 0; r0 < R; r0 += kRowBlock) {
       const int64_t rb = std::min(kRowBlock, R - r0);
       if (len == 4 * W && rb == kRowBlock) {
-        group_accumulate_block(a + r0 * Dv, Dv, rows, d, P + r0 * ld, ld, n);
-        continue;
+        accumulate_register_block<true>(a + r0 * Dv, Dv, rows, d, len, P + r0 * ld, ld, rb, n);
+      } else {
+        accumulate_register_block<false>(a + r0 * Dv, Dv, rows, d, len, P + r0 * ld, ld, rb, n);
       }
-      fVec acc[kRowBlock][4];
-      for (int64_t u = 0; u < kRowBlock; ++u)
-        for (int64_t c = 0; c < 4; ++c)
-          acc[u][c] = u < rb ? fVec::loadu(a + (r0 + u) * Dv + d + c * W, std::clamp<int64_t>(len - c * W, 0, W))
-                             : fVec(0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        fVec v[4];
-        load2_part(rows[j] + d, len, v[0], v[1]);
-        if (len > 2 * W) {
-          load2_part(rows[j] + d + 2 * W, len - 2 * W, v[2], v[3]);
-        } else {
-          v[2] = v[3] = fVec(0.f);
-        }
-#pragma GCC unroll 4
-        for (int64_t u = 0; u < kRowBlock; ++u) {
-          const fVec w(P[(r0 + std::min(u, rb - 1)) * ld + j]);
-          for (int64_t c = 0; c < 4; ++c) acc[u][c] = at::vec::fmadd(w, v[c], acc[u][c]);
-        }
-      }
-      for (int64_t u = 0; u < rb; ++u)
-        for (int64_t c = 0; c < 4; ++c)
-          acc[u][c].store(a + (r0 + u) * Dv + d + c * W, std::clamp<int64_t>(len - c * W, 0, W));
     }
   }
 }
