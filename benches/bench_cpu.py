@@ -161,7 +161,7 @@ def main(argv=None):
     from flashattn_lite.backends import cpu as cpu_backend
     path, why = cpu_backend.products_choice()["bf16"]
     info["bf16_products"] = {"path": path, "why": why}
-    print(f"# cpu backend bf16 tiles: {'bf16 products' if path == 'bf16' else 'widened to float32'} ({why})")
+    print(f"# cpu backend bf16 tiles: {cpu_backend.PATH_NAMES[path]} ({why})")
     rows = []
     names = [n for n in IMPLS if not (args.no_naive and n == "naive")]
     print("| pass | seqlen | dtype | causal | flashattn_lite GFLOP/s | torch SDPA GFLOP/s | naive GFLOP/s "

@@ -53,7 +53,7 @@ def cmd_info(args):
         print("cpu backend products:")
         try:
             for dtype, (path, why) in cpu.products_choice().items():
-                print(f"  {dtype:<10} {'bf16 products' if path == 'bf16' else 'widened to float32':<19} {why}")
+                print(f"  {dtype:<10} {cpu.PATH_NAMES[path]:<23} {why}")
         except (RuntimeError, ValueError) as exc:  # e.g. a bad FLASHATTN_LITE_CPU_MATMUL
             print(f"  {exc}")
     table = feature_table()

@@ -1,8 +1,9 @@
-"""The CPU backend's two ways of multiplying bf16 tiles (bf16 products on the CPU's bf16
-dot-product unit, or widened to float32), each forced with FLASHATTN_LITE_CPU_MATMUL and
-compared with the float64 reference; and the choice between them (measurement, cache,
-forcing, errors).  Shapes have more than 64 queries so the forward takes the chosen path
-(shorter ones widen their tiles either way)."""
+"""The CPU backend's ways of multiplying bf16 tiles (bf16 products on the CPU's bf16
+dot-product unit, by this extension's micro-kernel or by oneDNN's brgemm, or widened to
+float32), each forced with FLASHATTN_LITE_CPU_MATMUL and compared with the float64
+reference; and the choice between them (measurement, cache, forcing, errors).  Shapes
+have more than 64 queries so the forward takes the chosen path (shorter ones widen their
+tiles either way); the decoding kernel's bf16 scores follow the choice too."""
 
 import json
 
@@ -14,6 +15,7 @@ from flashattn_lite.backends import cpu
 from flashattn_lite.testing import reference_results
 from helpers import assert_checks_ok, check_case
 from test_features import check_dropout, check_mask, check_varlen
+from test_kvcache import make_case, run_case
 from test_mla import _assert_ok, _dense, _qkv
 
 
@@ -21,7 +23,13 @@ def _has_unit():
     return cpu.probe_products()["unit"]
 
 
+def _has_onednn():
+    return cpu.probe_products()["onednn"] > 0
+
+
 PATHS = [pytest.param("bf16", marks=pytest.mark.skipif("not _has_unit()", reason="no AVX512-BF16 on this CPU")),
+         pytest.param("onednn", marks=pytest.mark.skipif("not _has_onednn()",
+                                                         reason="oneDNN's bf16 brgemm does not run here")),
          "fp32"]
 
 
@@ -87,27 +95,29 @@ def test_reproducible_and_thread_count_invariant(path):
 
 
 def test_paths_differ_only_by_rounding(monkeypatch):
-    """Both paths on the same inputs: each within tolerance (above), and on a machine with
-    the unit they really are two paths (P rounded to bf16 changes low bits)."""
+    """The paths on the same inputs: each within tolerance (above), and on a machine with
+    the unit they really are different paths (P rounded to bf16 changes low bits)."""
     if not _has_unit():
         pytest.skip("one path on this CPU")
     q, k, v = (torch.randn(1, 128, 2, 64, dtype=torch.bfloat16) for _ in range(3))
     outs = {}
-    for p in ("bf16", "fp32"):
+    for p in ("bf16", "onednn", "fp32") if _has_onednn() else ("bf16", "fp32"):
         monkeypatch.setenv(cpu.MATMUL_ENV, p)
         with fl.use_backend("cpu"):
             outs[p] = fl.flash_attn_func(q, k, v)
         assert cpu.products_choice()["bf16"][0] == p
     assert not torch.equal(outs["bf16"], outs["fp32"])
-    assert (outs["bf16"].float() - outs["fp32"].float()).abs().max() < 0.05
+    for p in outs:
+        assert (outs[p].float() - outs["fp32"].float()).abs().max() < 0.05
 
 
 def test_auto_choice_by_measurement_and_its_cache(monkeypatch, tmp_path):
     cache = tmp_path / "products.json"
     monkeypatch.setattr(cpu, "_probe_file", lambda: str(cache))
-    rates = cpu.probe_products()  # measured: one thread, both ways
-    assert set(rates) == {"unit", "bf16", "fp32"} and rates["fp32"] > 0
+    rates = cpu.probe_products()  # measured: one thread, every way
+    assert set(rates) == {"unit", "bf16", "fp32", "onednn"} and rates["fp32"] > 0
     assert (rates["bf16"] > 0) == rates["unit"]
+    assert rates["onednn"] == 0 or rates["unit"]
     assert json.loads(cache.read_text()) == rates
 
     def no_second_measurement():
@@ -116,11 +126,13 @@ def test_auto_choice_by_measurement_and_its_cache(monkeypatch, tmp_path):
     assert cpu.probe_products() == rates
 
     monkeypatch.setenv(cpu.MATMUL_ENV, "auto")
-    for fake, expect in (({"unit": True, "bf16": 500.0, "fp32": 100.0}, "bf16"),
-                         ({"unit": True, "bf16": 110.0, "fp32": 100.0}, "fp32"),  # not worth P's rounding
-                         ({"unit": False, "bf16": 0.0, "fp32": 100.0}, "fp32")):
-        if expect == "bf16" and not rates["unit"]:
-            continue  # the extension cannot switch to bf16 here
+    for fake, expect in (({"unit": True, "bf16": 500.0, "fp32": 100.0, "onednn": 0.0}, "bf16"),
+                         ({"unit": True, "bf16": 500.0, "fp32": 100.0, "onednn": 400.0}, "bf16"),
+                         ({"unit": True, "bf16": 300.0, "fp32": 100.0, "onednn": 2000.0}, "onednn"),  # AMX
+                         ({"unit": True, "bf16": 110.0, "fp32": 100.0, "onednn": 120.0}, "fp32"),  # not worth P's rounding
+                         ({"unit": False, "bf16": 0.0, "fp32": 100.0, "onednn": 0.0}, "fp32")):
+        if (expect == "bf16" and not rates["unit"]) or (expect == "onednn" and not rates["onednn"]):
+            continue  # the extension cannot switch to that engine here
         cache.write_text(json.dumps(fake))
         cpu._products["env"] = None  # re-decide at the next call
         path, why = cpu.products_choice()["bf16"]
@@ -131,7 +143,7 @@ def test_auto_choice_by_measurement_and_its_cache(monkeypatch, tmp_path):
 def test_forcing_errors(monkeypatch):
     monkeypatch.setenv(cpu.MATMUL_ENV, "fast")
     q = torch.randn(1, 100, 1, 16, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="FLASHATTN_LITE_CPU_MATMUL='fast'.*auto, bf16, fp32"):
+    with pytest.raises(ValueError, match="FLASHATTN_LITE_CPU_MATMUL='fast'.*auto, bf16, onednn, fp32"):
         with fl.use_backend("cpu"):
             fl.flash_attn_func(q, q, q)
     monkeypatch.setenv(cpu.MATMUL_ENV, "bf16")
@@ -142,8 +154,17 @@ def test_forcing_errors(monkeypatch):
         with pytest.raises(RuntimeError, match="FLASHATTN_LITE_CPU_MATMUL=bf16.*AVX512-BF16"):
             with fl.use_backend("cpu"):
                 fl.flash_attn_func(q, q, q)
-    with pytest.raises(ValueError, match="takes 0 or 1"):
-        torch.ops.flashattn_lite_C.cpu_bf16_products(2)
+    monkeypatch.setenv(cpu.MATMUL_ENV, "onednn")
+    if _has_onednn():
+        with fl.use_backend("cpu"):
+            fl.flash_attn_func(q, q, q)
+    else:  # the reason names what is missing
+        with pytest.raises(RuntimeError, match="FLASHATTN_LITE_CPU_MATMUL=onednn.*(AVX512-BF16|oneDNN)"):
+            with fl.use_backend("cpu"):
+                fl.flash_attn_func(q, q, q)
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match="takes 0, 1 or 2"):
+            torch.ops.flashattn_lite_C.cpu_bf16_products(bad)
     monkeypatch.delenv(cpu.MATMUL_ENV)
     cpu._products["env"] = None
 
@@ -151,7 +172,7 @@ def test_forcing_errors(monkeypatch):
 def test_fp16_and_fp32_are_unaffected(monkeypatch):
     """fp16 widens (no fp16 products here); fp32 keeps float32 products: same bits either way."""
     outs = []
-    for p in ("bf16", "fp32") if _has_unit() else ("fp32",):
+    for p in ("bf16", "onednn", "fp32") if _has_onednn() else ("bf16", "fp32") if _has_unit() else ("fp32",):
         monkeypatch.setenv(cpu.MATMUL_ENV, p)
         torch.manual_seed(0)
         with fl.use_backend("cpu"):
@@ -159,3 +180,15 @@ def test_fp16_and_fp32_are_unaffected(monkeypatch):
                          for dt in (torch.float16, torch.float32)])
     assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[-1]))
     assert cpu.products_choice()["fp16"][0] == "fp32"
+
+
+@pytest.mark.parametrize("d,hq,hk,sq", [(128, 8, 2, 1), (80, 6, 2, 2), (33, 3, 1, 3), (256, 4, 4, 1)],
+                         ids=["d128-g4", "d80-g3-2rows", "d33-g3-3rows", "d256-mha"])
+def test_decode_against_reference(path, d, hq, hk, sq):
+    """The decoding kernel's bf16 caches: the scores by vdpbf16ps from q's bf16 rows under
+    either bf16 engine, widened under fp32; GQA row blocks whole and partial, odd and
+    multi-block head dims, pages across key tiles, windows, softcap, ALiBi, key splits."""
+    case = make_case(batch=2, sq=sq, hq=hq, hk=hk, d=d, dtype=torch.bfloat16, seqlens=(150, 77), snew=sq,
+                     page_size=7, capacity=170)
+    run_case("cpu", case, causal=True, num_splits=2)
+    run_case("cpu", case, causal=True, window=(40, 0), softcap=5.0, alibi="heads", num_splits=1)

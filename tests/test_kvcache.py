@@ -299,7 +299,7 @@ def test_cpu_long_cache(dtype, hq, d):
     # split, pages of 7 positions that cross tile edges (the page walk of the tile being
     # read, and of the next one while it is prefetched), head dims over one register
     # block (80 leaves a partial vector, 256 four blocks), one query row per kv head
-    # (hq 2) and two (hq 4), fp16/bf16 rows widened in registers by each.
+    # (hq 2) and two (hq 4), fp16/bf16 rows widened in the group's register blocks.
     case = make_case(batch=2, sq=1, hq=hq, hk=2, d=d, dtype=dtype, seqlens=(200, 131), page_size=7, capacity=210)
     run_case("cpu", case, num_splits=1)
     run_case("cpu", case, causal=True, window=(150, 0), num_splits=1)  # 3 tiles of the window

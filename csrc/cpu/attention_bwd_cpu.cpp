@@ -155,7 +155,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           }
           slabs([&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
             if constexpr (kMat) {
-              bf16_gemm(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, k_dim + c0 + ca, ldk, P + s0 * BN + ca, BN,
+              pair_gemm(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, k_dim + c0 + ca, ldk, P + s0 * BN + ca, BN,
                         float(scale), false);
             } else {
               gemm_rm<T>(false, true, s1 - s0, ce - ca, D, scale, qh + (r0 + s0) * sqs, sqs, kt + (c0 + ca) * sks,
@@ -194,9 +194,9 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
             if constexpr (kMat) {
               const int64_t pa = (rshift + s0) / 2, pe = (rshift + s1 + 1) / 2;
               float_cols_pairs(pv, BN, s0, s1, ca, ce, rshift, st.tpairs.data(), ldt);
-              bf16_gemm(ce - ca, Dv, pe - pa, st.tpairs.data(), ldt, do_rows + ((r0 - rshift) / 2 + pa) * pk->do_rows.ld,
+              pair_gemm(ce - ca, Dv, pe - pa, st.tpairs.data(), ldt, do_rows + ((r0 - rshift) / 2 + pa) * pk->do_rows.ld,
                         pk->do_rows.ld, st.dv_acc.data() + ca * Dv, Dv, float(rescale), true);
-              bf16_gemm(s1 - s0, ce - ca, Dv2, st.dopairs.data() + s0 * Dv2, Dv2, v_dim + c0 + ca, ldk,
+              pair_gemm(s1 - s0, ce - ca, Dv2, st.dopairs.data() + s0 * Dv2, Dv2, v_dim + c0 + ca, ldk,
                         dP + s0 * BN + ca, BN, float(rescale), false);
             } else {
               const T* dos = doh + (r0 + s0) * sds;
@@ -247,10 +247,10 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
             if constexpr (kMat) {
               const int64_t pa = (rshift + s0) / 2, pe = (rshift + s1 + 1) / 2;
               float_cols_pairs(dP, BN, s0, s1, ca, ce, rshift, st.tpairs.data(), ldt);
-              bf16_gemm(ce - ca, D, pe - pa, st.tpairs.data(), ldt, q_rows + ((r0 - rshift) / 2 + pa) * pk->q_rows.ld,
+              pair_gemm(ce - ca, D, pe - pa, st.tpairs.data(), ldt, q_rows + ((r0 - rshift) / 2 + pa) * pk->q_rows.ld,
                         pk->q_rows.ld, st.dk_acc.data() + ca * D, D, 1.0f, true);
               const int64_t kshift = c0 & 1, ka = (kshift + ca) / 2, ke = (kshift + ce + 1) / 2;
-              bf16_gemm(s1 - s0, D, ke - ka, st.spairs.data() + s0 * lds + ka, lds,
+              pair_gemm(s1 - s0, D, ke - ka, st.spairs.data() + s0 * lds + ka, lds,
                         k_rows + ((c0 - kshift) / 2 + ka) * pk->k_rows.ld, pk->k_rows.ld, dqh + (r0 + s0) * D, D, 1.0f,
                         true);
             } else {

@@ -492,6 +492,10 @@ inline void sort_by_cost(std::vector<Unit>& units) {
   std::stable_sort(units.begin(), units.end(), [](const Unit& a, const Unit& b) { return a.cost > b.cost; });
 }
 
+// After a worker's last product: oneDNN's brgemm holds the calling thread's AMX tile
+// configuration until released (products_cpu.cpp; nothing to do for the other engines).
+void release_products();
+
 // Runs body(task, worker_state) for every task in [0, n), each exactly once, on
 // at::get_num_threads() workers; ``make_state`` builds each worker's scratch.
 template <typename MakeState, typename Body>
@@ -511,6 +515,7 @@ void run_tasks(int64_t n, MakeState&& make_state, Body&& body) {
       body(t, state);
     }
     if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_prev);
+    release_products();
   });
 }
 
@@ -522,7 +527,29 @@ void run_tasks(int64_t n, MakeState&& make_state, Body&& body) {
 // Q, K and V are used as given (bf16); S = Q K^T accumulates in float32; the softmax runs
 // in float32; P is rounded to bf16 for P V, which accumulates in float32; the row sums
 // are of the float32 P.
-bool bf16_products();
+//
+// Two engines run these products on the same packed operands: this extension's own
+// micro-kernel (bf16_gemm.h, vdpbf16ps), or oneDNN's brgemm micro-kernel through torch's
+// at::native::cpublas::brgemm (the pair layouts below are its VNNI layout of B), which uses
+// AMX tiles on CPUs that have them.  The measurement picks one, or float32.
+enum class Bf16Engine : int { kOff = 0, kOwn = 1, kOneDnn = 2 };
+Bf16Engine bf16_engine();
+inline bool bf16_products() { return bf16_engine() != Bf16Engine::kOff; }
+
+// C (M x N, row stride ldc) = alpha * A B (+ C with accumulate), A and B as bf16_gemm.h's
+// pairs, through oneDNN's brgemm (products_cpu.cpp)
+void onednn_pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
+                      int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate);
+
+// The tile products of the bf16 path, on the chosen engine.
+inline void pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
+                      int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
+  if (bf16_engine() == Bf16Engine::kOneDnn) {
+    onednn_pair_gemm(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
+  } else {
+    bf16_gemm(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
+  }
+}
 
 // A bf16 tensor's rows of every (sequence, head) as bf16_gemm.h's B operand, packed once
 // per call (as many bytes as the tensor has).  ``kHeadDimPairs``: pairs of the head dim

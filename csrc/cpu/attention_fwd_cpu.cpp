@@ -121,7 +121,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       const int64_t slab = band_cuts(band, r0, rows, c0, cols) ? (rows + kStairSlabs - 1) / kStairSlabs : rows;
       for_slabs(band, r0, rows, c0, cols, slab, [&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
         if constexpr (kMat) {
-          bf16_gemm(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, kpk + c0 + ca, sq.len_k + 16,
+          pair_gemm(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, kpk + c0 + ca, sq.len_k + 16,
                     st.S.data() + s0 * BN + ca, BN, float(scale), false);
         } else {
           gemm_rm<T>(false, true, s1 - s0, ce - ca, D, scale, qt + s0 * ldq, ldq, ktile + ca * ldk, ldk, T(0),
@@ -176,7 +176,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
         for (int64_t r = 0; r < rows; ++r) float_row_pairs(st.P.data() + r * BN, cols, shift, st.ppairs.data() + r * pld);
         for_slabs(band, r0, rows, c0, cols, slab, [&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
           const int64_t pa = (shift + ca) / 2, pe = (shift + ce + 1) / 2;
-          bf16_gemm(s1 - s0, Dv, pe - pa, st.ppairs.data() + s0 * pld + pa, pld, vpk + (c0 / 2 + pa) * vpack->ld,
+          pair_gemm(s1 - s0, Dv, pe - pa, st.ppairs.data() + s0 * pld + pa, pld, vpk + (c0 / 2 + pa) * vpack->ld,
                     vpack->ld, acc + s0 * Dv, Dv, 1.0f, true);
         });
       } else {

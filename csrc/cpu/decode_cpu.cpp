@@ -11,7 +11,7 @@
 //
 // Parallel over (batch, kv head, split) tasks: a task holds every query row of its GQA
 // group (seqlen_q x group rows), so each key and value row it reads serves the whole
-// group (fp16/bf16 rows are widened in registers, by each query row that uses them).  With more than one split each task
+// group (fp16/bf16/8-bit rows are widened in registers, once per register block of the group's rows).  With more than one split each task
 // writes a normalised partial output and its lse, and a second pass over (batch, row,
 // head) merges the splits: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s.
 // Every output is computed by one task in a fixed order: the result depends on the split
@@ -33,6 +33,8 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include "attention_cpu.h"  // attention_cpu::bf16_products(): the process-wide choice
 
 namespace flashattn_lite {
 namespace {
@@ -280,31 +282,6 @@ inline void scores_block(const float* q, const src_t* const* rows, int64_t cnt, 
   });
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(CPU_CAPABILITY_AVX512)
-constexpr bool kDpbf16 = true;
-// bf16 q against bf16 rows with vdpbf16ps: a product of two bf16 numbers is exact in
-// float32 and the pairs are summed in float32 (round to nearest, as an fma), so the
-// scores match the widening path's to float32 rounding in a third of the instructions.
-// (It flushes denormals, below 1.2e-38, to 0, inputs and results: so these bits depend on
-// the host's instructions, as every vector path's do, never on the thread count.)
-inline void scores_block(const at::BFloat16* q, const at::BFloat16* const* rows, int64_t cnt, int64_t D, float* x) {
-  score_blocks(rows, cnt, x, [&](const at::BFloat16* const* r, fVec* acc) {
-    __m512 a[W];
-    for (int64_t j = 0; j < W; ++j) a[j] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 32) {
-      const int64_t c = std::min<int64_t>(32, D - d);
-      const __mmask32 mk = c == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << c) - 1u);
-      const __m512i qv = _mm512_maskz_loadu_epi16(mk, q + d);
-#pragma GCC unroll 16
-      for (int64_t j = 0; j < W; ++j)
-        a[j] = _mm512_dpbf16_ps(a[j], (__m512bh)qv, (__m512bh)_mm512_maskz_loadu_epi16(mk, r[j] + d));
-    }
-    for (int64_t j = 0; j < W; ++j) acc[j] = a[j];
-  });
-}
-#else
-constexpr bool kDpbf16 = false;
-#endif
 
 // a[0, D) += sum_j w[j] rows[j][0, D), the accumulators held in registers over the keys:
 // blocks of 4W columns, two sets of accumulators (even and odd keys) to hide the fma latency.
@@ -350,8 +327,8 @@ inline void accumulate_rows(float* a, const src_t* const* rows, const float* w, 
   }
 }
 
-// ---- 8-bit caches: a GQA group's rows share every widened key and value.  Widening a
-// code costs about as much as the multiply-add it feeds, so the group's query rows are
+// ---- 8-bit, fp16 and bf16 caches: a GQA group's rows share every widened key and value.
+// Widening costs about as much as the multiply-add it feeds, so the group's query rows are
 // taken together: each key row is widened once per tile and used by kRowBlock rows
 // (scores), each value row once per kRowBlock rows (P @ V), instead of once per row.
 constexpr int64_t kRowBlock = W >= 16 ? 4 : 2;  // rows per register block (accumulators: kRowBlock x W / kRowBlock)
@@ -406,12 +383,43 @@ __attribute__((always_inline)) inline void scores_register_block(const float* co
   }
 }
 
-// S[r * ld + j] = q_r . rows[j] for the R rows of ``q`` (R x D floats) and j in [0, n)
-template <typename code_t>
-void group_scores(const float* q, int64_t R, int64_t D, const code_t* const* rows, int64_t n, float* S, int64_t ld) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(CPU_CAPABILITY_AVX512)
+constexpr bool kDpbf16 = true;
+// bf16 query rows (as given) against bf16 key rows with vdpbf16ps, 32 elements a step: a
+// product of two bf16 numbers is exact in float32 and the pairs are summed in float32
+// (round to nearest, as an fma), so the scores match the widened path's to float32
+// rounding, without widening the keys.  (It flushes denormals, below 1.2e-38, to 0, inputs
+// and results: these bits depend on the host's instructions and on the products choice,
+// never on the thread count.)
+template <bool kWhole>
+__attribute__((always_inline)) inline void scores_register_block(const at::BFloat16* const* qr,
+                                                                 const at::BFloat16* const* kr, int64_t D, fVec* acc) {
+  for (int64_t d = 0; d < D; d += 32) {
+    const int64_t c = kWhole ? 32 : std::min<int64_t>(32, D - d);
+    const __mmask32 mk = c == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << c) - 1u);
+    __m512i qv[kRowBlock];
+#pragma GCC unroll 4
+    for (int64_t u = 0; u < kRowBlock; ++u) qv[u] = _mm512_maskz_loadu_epi16(mk, qr[u] + d);
+#pragma GCC unroll 8
+    for (int64_t jj = 0; jj < kKeyBlock; ++jj) {
+      const __m512i kv = _mm512_maskz_loadu_epi16(mk, kr[jj] + d);
+#pragma GCC unroll 4
+      for (int64_t u = 0; u < kRowBlock; ++u)
+        acc[u * kKeyBlock + jj] = _mm512_dpbf16_ps(acc[u * kKeyBlock + jj], (__m512bh)qv[u], (__m512bh)kv);
+    }
+  }
+}
+#else
+constexpr bool kDpbf16 = false;
+#endif
+
+// S[r * ld + j] = q_r . rows[j] for the R rows of ``q`` (R x D, float; or bf16 against bf16
+// rows, kDpbf16) and j in [0, n)
+template <typename q_t, typename code_t>
+void group_scores(const q_t* q, int64_t R, int64_t D, const code_t* const* rows, int64_t n, float* S, int64_t ld) {
   for (int64_t r0 = 0; r0 < R; r0 += kRowBlock) {
     const int64_t rb = std::min(kRowBlock, R - r0);
-    const float* qr[kRowBlock];
+    const q_t* qr[kRowBlock];
     for (int64_t u = 0; u < kRowBlock; ++u) qr[u] = q + (r0 + std::min(u, rb - 1)) * D;
     for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
       const int64_t kb = std::min(kKeyBlock, n - j0);
@@ -538,6 +546,13 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
                   const Descales& dsc, at::Tensor& out, at::Tensor& lse, acc_t* part_o, acc_t* part_lse) {
   constexpr bool kQuant = kIsCode<cache_t>;
   static_assert(!kQuant || std::is_same_v<acc_t, float>, "8-bit caches are read by the float kernels");
+  // kGroup: the scores and P @ V of a tile for the whole GQA group at once (group_scores,
+  // group_accumulate: register blocks of rows x keys, each cache row widened once per block
+  // of rows); 8-bit, fp16 and bf16 caches.  Float32 (and float64) caches: row by row.
+  constexpr bool kGroup = kQuant || (std::is_same_v<acc_t, float> && !std::is_same_v<cache_t, acc_t>);
+  // bf16 caches with the bf16 products chosen (products_cpu.cpp): the scores by vdpbf16ps
+  // from q's bf16 rows as given; otherwise the keys are widened
+  const bool dp = kDpbf16 && std::is_same_v<cache_t, at::BFloat16> && attention_cpu::bf16_products();
   const int64_t B = sh.batch, Sq = sh.seqlen_q, H = sh.heads, Hk = sh.heads_k, G = sh.group, D = sh.head_dim,
                 Dv = sh.head_dim_v;
   const int64_t R = Sq * G, S = sh.splits, P = sh.page_size;
@@ -576,8 +591,9 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
   at::parallel_for(0, B * tasks_per_b * S, 1, [&](int64_t begin, int64_t finish) {
     std::vector<acc_t> qf(HB * R * D), acc(HB * R * Dv), m(HB * R), l(HB * R);
     std::vector<acc_t> sc(kDecodeKeyTile);
-    // 8-bit caches: the tile's scores, then probabilities, of every row of the group (R x tile)
-    std::vector<float> gs(kQuant ? R * kDecodeKeyTile : 0);
+    // kGroup: the tile's scores, then probabilities, of every row of the group (R x tile)
+    std::vector<float> gs(kGroup ? R * kDecodeKeyTile : 0);
+    std::vector<scalar_t> qb(dp ? HB * R * D : 0);  // (dp: q's rows as given)
     // kWidenTileOnce: the tile's key and value rows of one head, widened
     std::vector<float> wk(kWidenTileOnce<cache_t> ? kDecodeKeyTile * D : 0),
         wv(kWidenTileOnce<cache_t> ? kDecodeKeyTile * Dv : 0);
@@ -603,6 +619,7 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
         const int64_t i = (r % R) / G, h = (hk0 + r / R) * G + r % G;
         const scalar_t* src = qp + b * qsb + i * qss + h * qsh;
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = acc_t(src[d]);
+        if (dp) std::copy(src, src + D, &qb[r * D]);
       }
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m.begin(), m.end(), neg_inf);
@@ -647,10 +664,7 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
               kscale[j] = dsc.k[kdoff[j] + hk * dsc.k2];
               vscale[j] = dsc.v[vdoff[j] + hk * dsc.v2];
             }
-            // the cache is read in place; fp16/bf16 rows are widened in registers by each
-            // query row that uses them.  (Widening a tile once into float copies for a GQA
-            // group's rows, as this kernel did before, measured the same in A/B runs on 2
-            // cores, 128-dim rows, groups of 4 and 8, 1 and 4 query rows, native and AVX2.)
+            // the cache is read in place (fp16/bf16 and 8-bit rows widened in registers)
             if constexpr (std::is_same_v<cache_t, acc_t>) {
               krow[j] = ks;
               vrow[j] = vs;
@@ -662,15 +676,23 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
           if constexpr (kWidenTileOnce<cache_t>) {
             widen_tile(ksrc, n, D, wk.data(), wkrow);
             group_scores(&qf[hoff * D], R, D, wkrow, n, gs.data(), kDecodeKeyTile);
-          } else if constexpr (kQuant) {
-            group_scores(&qf[hoff * D], R, D, ksrc, n, gs.data(), kDecodeKeyTile);
+          } else if constexpr (kGroup) {
+            if constexpr (kDpbf16 && std::is_same_v<cache_t, at::BFloat16>) {
+              if (dp) {
+                group_scores(&qb[hoff * D], R, D, ksrc, n, gs.data(), kDecodeKeyTile);
+              } else {
+                group_scores(&qf[hoff * D], R, D, ksrc, n, gs.data(), kDecodeKeyTile);
+              }
+            } else {
+              group_scores(&qf[hoff * D], R, D, ksrc, n, gs.data(), kDecodeKeyTile);
+            }
           }
           for (int64_t r = 0; r < R; ++r) {
             const int64_t i = r / G, h = hk * G + r % G, qpos = i + offset;
             int64_t jlo = t0, jhi = t0 + n;
             if (sh.left >= 0) jlo = std::max(jlo, qpos - sh.left);
             if (sh.right >= 0) jhi = std::min(jhi, qpos + sh.right + 1);
-            if constexpr (kQuant) {  // the row's probabilities outside [jlo, jhi) are 0 in the group's P @ V
+            if constexpr (kGroup) {  // the row's probabilities outside [jlo, jhi) are 0 in the group's P @ V
               float* row = &gs[r * kDecodeKeyTile];
               if (jlo >= jhi) {
                 std::fill(row, row + n, 0.f);
@@ -682,25 +704,15 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
             if (jlo >= jhi) continue;
             const acc_t slope = sp ? acc_t(sp[b * ssb + h * ssh]) : acc_t(0);
             acc_t* x;
-            if constexpr (kQuant) {
+            if constexpr (kGroup) {
               x = &gs[r * kDecodeKeyTile + (jlo - t0)];  // the group's scores of this row
             } else {
               x = &sc[jlo - t0];
             }
             const int64_t cnt = jhi - jlo;
             acc_t mx = neg_inf;
-            if constexpr (std::is_same_v<acc_t, float>) {
-              if constexpr (kQuant) {
-                // (group_scores above)
-              } else if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-                if constexpr (kDpbf16 && std::is_same_v<scalar_t, at::BFloat16>) {  // q's bf16 row as given
-                  scores_block(qp + b * qsb + i * qss + h * qsh, ksrc + (jlo - t0), cnt, D, x);
-                } else {
-                  scores_block(&qf[(hoff + r) * D], ksrc + (jlo - t0), cnt, D, x);
-                }
-              } else {
-                scores_block(&qf[(hoff + r) * D], krow + (jlo - t0), cnt, D, x);
-              }
+            if constexpr (std::is_same_v<acc_t, float> && !kGroup) {  // (kGroup: group_scores above)
+              scores_block(&qf[(hoff + r) * D], krow + (jlo - t0), cnt, D, x);
             }
             // 8-bit keys: each score times its position's key descale
             const float* kd = kQuant ? kscale + (jlo - t0) : nullptr;
@@ -749,12 +761,10 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
               for (; j + W <= cnt; j += W) (fVec::loadu(x + j) * fVec::loadu(vd + j)).store(x + j);
               for (; j < cnt; ++j) x[j] *= vd[j];
             }
-            if constexpr (kQuant) {
+            if constexpr (kGroup) {
               // (P @ V for the whole group after the rows: group_accumulate below)
             } else if constexpr (!std::is_same_v<acc_t, float>) {
               for (int64_t j = 0; j < cnt; ++j) axpy(a, vrow[jlo + j - t0], x[j], Dv);
-            } else if constexpr (!std::is_same_v<cache_t, acc_t>) {
-              accumulate_rows(a, vsrc + (jlo - t0), x, cnt, Dv);
             } else {
               accumulate_rows(a, vrow + (jlo - t0), x, cnt, Dv);
             }
@@ -764,7 +774,7 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
           if constexpr (kWidenTileOnce<cache_t>) {
             widen_tile(vsrc, n, Dv, wv.data(), wvrow);
             group_accumulate(&acc[hoff * Dv], R, Dv, wvrow, gs.data(), n, kDecodeKeyTile);
-          } else if constexpr (kQuant) {
+          } else if constexpr (kGroup) {
             group_accumulate(&acc[hoff * Dv], R, Dv, vsrc, gs.data(), n, kDecodeKeyTile);
           }
         }  // heads of the task
@@ -886,13 +896,14 @@ std::tuple<at::Tensor, at::Tensor> decode_quant_cpu(
   }
 
   const int32_t* ep = ends.data_ptr<int32_t>();
-  // 8-bit caches whose kv heads sit inside a position (the flash layout): a task reads all
-  // heads of its positions, a contiguous stretch, instead of one head's 2-line rows a
-  // position apart (measured on 2 cores, 4 x 32 / 8 heads x d128, 32k positions: int8
-  // 1.75x the bf16 cache's speed this way, 1.34x a head per task).  Heads apart (torch's
+  // 8-bit, fp16 and bf16 caches whose kv heads sit inside a position (the flash layout): a
+  // task reads all heads of its positions, a contiguous stretch, instead of one head's
+  // rows a position apart (measured on 2 cores, 4 x 32 / 8 heads x d128, 32k positions:
+  // int8 1.75x the bf16 cache's speed this way, 1.34x a head per task; the bf16 cache
+  // itself about the same either way, within this host's noise).  Heads apart (torch's
   // (B, H, S, D) layout): a head per task, whose rows are then adjacent.
-  const int64_t heads_per_task =
-      quant && kc.stride(2) <= kc.stride(1) && vc.stride(2) <= vc.stride(1) ? Hk : 1;
+  const bool narrow = quant || ct == at::kHalf || ct == at::kBFloat16;
+  const int64_t heads_per_task = narrow && kc.stride(2) <= kc.stride(1) && vc.stride(2) <= vc.stride(1) ? Hk : 1;
   int64_t splits = num_splits;
   if (splits <= 0) {
     // Enough (batch, kv head, split) tasks to occupy every thread, each keeping at least

@@ -1,26 +1,74 @@
 // Which way the CPU kernels multiply bf16 tiles (attention_cpu.h: "bf16 products"), and
 // the short measurement backends/cpu.py chooses by.  Operators:
-//   flashattn_lite_C::cpu_bf16_products(int on) -> ()   set the process-wide choice
-//   flashattn_lite_C::cpu_probe_products() -> float[]   [has the unit, bf16 GFLOP/s, float32 GFLOP/s]
+//   flashattn_lite_C::cpu_bf16_products(int engine) -> ()   set the process-wide choice:
+//       0 widened to float32, 1 this extension's micro-kernel, 2 oneDNN's brgemm
+//   flashattn_lite_C::cpu_probe_products() -> float[]
+//       [has the unit, bf16 micro-kernel GFLOP/s, float32 GFLOP/s, oneDNN brgemm GFLOP/s
+//        (0: not available here)]
 
+#include <ATen/Config.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <chrono>
+#include <cmath>
+#include <string>
 
 #include "attention_cpu.h"
+
+#if AT_MKLDNN_ENABLED() && defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#define FLASHATTN_LITE_ONEDNN_BRGEMM 1
+#endif
 
 namespace flashattn_lite {
 namespace attention_cpu {
 
 namespace {
-std::atomic<int> g_bf16_products{0};
+std::atomic<int> g_engine{0};
+thread_local bool t_brgemm_used = false;  // this thread has called brgemm since its last release
 
-void set_bf16_products(int64_t on) {
-  TORCH_CHECK_VALUE(on == 0 || on == 1, "flashattn_lite cpu: cpu_bf16_products takes 0 or 1, got ", on);
-  TORCH_CHECK(on == 0 || kHaveBf16Dot,
+// Whether oneDNN's bf16 brgemm runs here and gives the right products: a small product
+// with odd sizes, checked against float32 (the operands are small integers, so every sum
+// is exact either way).  Empty: it does; else why not.
+std::string onednn_problem() {
+#ifdef FLASHATTN_LITE_ONEDNN_BRGEMM
+  constexpr int64_t M = 5, N = 37, K2 = 3;
+  std::vector<uint16_t> a(M * 2 * K2), b(K2 * N * 2);
+  std::vector<float> af(a.size()), bf(b.size()), c(M * N, -1.0f);
+  for (size_t i = 0; i < a.size(); ++i) af[i] = float(int(i % 7) - 3), a[i] = bf16_bits(af[i]);
+  for (size_t i = 0; i < b.size(); ++i) bf[i] = float(int(i % 5) - 2), b[i] = bf16_bits(bf[i]);
+  try {
+    onednn_pair_gemm(M, N, K2, reinterpret_cast<const uint32_t*>(a.data()), K2,
+                     reinterpret_cast<const uint32_t*>(b.data()), N, c.data(), N, 2.0f, false);
+    release_products();
+  } catch (const std::exception& e) {
+    return std::string("oneDNN's bf16 brgemm failed here: ") + e.what();
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      float want = 0;
+      for (int64_t k = 0; k < 2 * K2; ++k) want += af[m * 2 * K2 + k] * bf[(k / 2) * N * 2 + n * 2 + k % 2];
+      if (c[m * N + n] != 2.0f * want) return "oneDNN's bf16 brgemm gave wrong products in a self-check here";
+    }
+  return "";
+#else
+  return "this torch was built without oneDNN's brgemm (at::native::cpublas::brgemm for bf16)";
+#endif
+}
+
+const std::string& onednn_unavailable() {
+  static const std::string why = onednn_problem();
+  return why;
+}
+
+void set_bf16_products(int64_t engine) {
+  TORCH_CHECK_VALUE(engine >= 0 && engine <= 2, "flashattn_lite cpu: cpu_bf16_products takes 0, 1 or 2, got ",
+                    engine);
+  TORCH_CHECK(engine == 0 || kHaveBf16Dot,
               "flashattn_lite cpu: bf16 products need a CPU with AVX512-BF16 (vdpbf16ps) and an extension built "
               "for it; this extension was compiled without it (-march=native on this host)");
-  g_bf16_products.store(int(on), std::memory_order_relaxed);
+  TORCH_CHECK(engine != 2 || onednn_unavailable().empty(), "flashattn_lite cpu: ", onednn_unavailable());
+  g_engine.store(int(engine), std::memory_order_relaxed);
 }
 
 // Seconds per call of f, the best of a few timed batches after a warm-up.
@@ -48,25 +96,80 @@ std::vector<double> probe_products() {
     gemm_rm<float>(false, false, M, D, N, 1.0f, p.data(), N, v.data(), D, 1.0f, o.data(), D);
   });
   if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_prev);
-  double t16 = 0;
+  double t16 = 0, tdnn = 0;
   if (kHaveBf16Dot) {
     const uint32_t one = 0x3f803f80u;  // a pair of bf16 ones
     std::vector<uint32_t> qa(M * D / 2, one), kb(D / 2 * (N + 16), one), pa(M * N / 2, one), vb(N / 2 * D, one);
-    t16 = best_seconds([&] {
-      bf16_gemm(M, N, D / 2, qa.data(), D / 2, kb.data(), N + 16, s.data(), N, 1.0f, false);
-      bf16_gemm(M, D, N / 2, pa.data(), N / 2, vb.data(), D, o.data(), D, 1.0f, true);
-    });
+    auto products = [&](auto gemm) {
+      return best_seconds([&] {
+        gemm(M, N, D / 2, qa.data(), D / 2, kb.data(), N + 16, s.data(), N, 1.0f, false);
+        gemm(M, D, N / 2, pa.data(), N / 2, vb.data(), D, o.data(), D, 1.0f, true);
+      });
+    };
+    t16 = products(bf16_gemm);
+    if (onednn_unavailable().empty()) {
+      tdnn = products(onednn_pair_gemm);
+      release_products();
+    }
   }
-  return {kHaveBf16Dot ? 1.0 : 0.0, t16 > 0 ? flops / t16 / 1e9 : 0.0, flops / t32 / 1e9};
+  auto rate = [&](double t) { return t > 0 ? flops / t / 1e9 : 0.0; };
+  return {kHaveBf16Dot ? 1.0 : 0.0, rate(t16), rate(t32), rate(tdnn)};
 }
 }  // namespace
 
-bool bf16_products() { return g_bf16_products.load(std::memory_order_relaxed) != 0; }
+Bf16Engine bf16_engine() { return Bf16Engine(g_engine.load(std::memory_order_relaxed)); }
+
+void onednn_pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
+                      int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
+#ifdef FLASHATTN_LITE_ONEDNN_BRGEMM
+  if (M <= 0 || N <= 0) return;
+  if (K2 <= 0) {  // an empty sum
+    for (int64_t m = 0; m < M && !accumulate; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
+    return;
+  }
+  const auto* a = reinterpret_cast<const at::BFloat16*>(A);
+  const auto* b = reinterpret_cast<const at::BFloat16*>(B);
+  t_brgemm_used = true;
+  // brgemm has no alpha: C = A B (+ C).  With alpha != 1 the product lands in scratch and
+  // C = alpha * product (+ C), the two roundings of bf16_gemm's epilogue.
+  if (alpha == 1.0f) {
+    at::native::cpublas::brgemm(M, N, 2 * K2, 2 * lda, ldb, ldc, accumulate, a, b, C, true);
+    return;
+  }
+  thread_local std::vector<float> tmp;
+  if (tmp.size() < size_t(M * N)) tmp.resize(size_t(M * N));
+  at::native::cpublas::brgemm(M, N, 2 * K2, 2 * lda, ldb, N, false, a, b, tmp.data(), true);
+  using fVec = at::vec::Vectorized<float>;
+  const fVec va(alpha);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = tmp.data() + m * N;
+    float* dst = C + m * ldc;
+    int64_t n = 0;
+    for (; n + fVec::size() <= N; n += fVec::size()) {
+      fVec r = fVec::loadu(src + n) * va;
+      if (accumulate) r = r + fVec::loadu(dst + n);
+      r.store(dst + n);
+    }
+    for (; n < N; ++n) dst[n] = accumulate ? alpha * src[n] + dst[n] : alpha * src[n];
+  }
+#else
+  TORCH_CHECK(false, "flashattn_lite cpu: ", onednn_unavailable());
+#endif
+}
+
+void release_products() {
+#ifdef FLASHATTN_LITE_ONEDNN_BRGEMM
+  if (t_brgemm_used) {
+    at::native::cpublas::brgemm_release(true);
+    t_brgemm_used = false;
+  }
+#endif
+}
 
 }  // namespace attention_cpu
 
 TORCH_LIBRARY_FRAGMENT(flashattn_lite_C, m) {
-  m.def("cpu_bf16_products(int on) -> ()", &attention_cpu::set_bf16_products);
+  m.def("cpu_bf16_products(int engine) -> ()", &attention_cpu::set_bf16_products);
   m.def("cpu_probe_products() -> float[]", &attention_cpu::probe_products);
 }
 

@@ -32,16 +32,21 @@ def _ensure_built():
 
 
 # ------------------------------------------------------------------ bf16 products
-# bf16 tile products run either in bf16 with float32 accumulation on the CPU's bf16
-# dot-product unit (AVX512-BF16) or widened to float32 through BLAS; attention_cpu.h says
-# what is rounded where.  "auto" picks the faster by a short measurement at first use
-# (cached next to the extension, under its key: CPU model and flags, sources, torch);
-# the environment variable forces either.  fp16 is always widened (no fp16 products here).
+# bf16 tile products run either in bf16 with float32 accumulation, or widened to float32
+# through BLAS; attention_cpu.h says what is rounded where.  The bf16 products have two
+# engines on the same packed operands: this extension's micro-kernel (AVX512-BF16
+# vdpbf16ps) and oneDNN's brgemm through torch (at::native::cpublas::brgemm, which uses
+# AMX tiles where the CPU has them).  "auto" picks the fastest by a short measurement at
+# first use (cached next to the extension, under its key: CPU model and flags, sources,
+# torch); the environment variable forces one.  fp16 is always widened (no fp16 products here).
 MATMUL_ENV = "FLASHATTN_LITE_CPU_MATMUL"
-MATMUL_CHOICES = ("auto", "bf16", "fp32")
+MATMUL_CHOICES = ("auto", "bf16", "onednn", "fp32")
+_ENGINES = {"fp32": 0, "bf16": 1, "onednn": 2}
+PATH_NAMES = {"fp32": "widened to float32", "bf16": "bf16 products", "onednn": "bf16 products (oneDNN)"}
 # bf16 products must beat float32 by this factor to be chosen: a tie keeps float32's
 # rounding (P is not rounded to bf16 there)
 _MATMUL_MARGIN = 1.25
+_RATE_KEYS = {"unit", "bf16", "fp32", "onednn"}
 _products = {"env": None, "path": None, "why": None}
 
 
@@ -50,19 +55,21 @@ def _probe_file():
 
 
 def probe_products():
-    """{"unit": bool, "bf16": GFLOP/s, "fp32": GFLOP/s} of the forward's tile products each
-    way on one thread (``cpu_probe_products``), measured once per extension key and cached."""
+    """{"unit": bool, "bf16": GFLOP/s, "fp32": GFLOP/s, "onednn": GFLOP/s} of the forward's
+    tile products each way on one thread (``cpu_probe_products``; "bf16" is this extension's
+    micro-kernel, "onednn" oneDNN's brgemm, 0 where it cannot run), measured once per
+    extension key and cached."""
     path = _probe_file()
     try:
         with open(path) as f:
             rates = json.load(f)
-        if set(rates) == {"unit", "bf16", "fp32"}:
+        if set(rates) == _RATE_KEYS:
             return rates
     except (OSError, ValueError):
         pass
     _build.build_cpu()
-    unit, bf16, fp32 = torch.ops.flashattn_lite_C.cpu_probe_products()
-    rates = {"unit": bool(unit), "bf16": round(bf16, 1), "fp32": round(fp32, 1)}
+    unit, bf16, fp32, onednn = torch.ops.flashattn_lite_C.cpu_probe_products()
+    rates = {"unit": bool(unit), "bf16": round(bf16, 1), "fp32": round(fp32, 1), "onednn": round(onednn, 1)}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}"
@@ -74,26 +81,33 @@ def probe_products():
     return rates
 
 
+def choose_products(rates):
+    """(path, why) that "auto" takes for these measured rates: the faster bf16 engine if it
+    is at least _MATMUL_MARGIN times float32, else float32."""
+    if not rates["unit"]:
+        return "fp32", "auto: no bf16 dot-product unit (AVX512-BF16) in this build/CPU"
+    engines = {"bf16": rates["bf16"], "onednn": rates["onednn"]}
+    best = max(engines, key=lambda e: (engines[e], e == "bf16"))  # (a tie: the micro-kernel)
+    path = best if engines[best] >= _MATMUL_MARGIN * rates["fp32"] else "fp32"
+    onednn = f"{rates['onednn']:.0f} GFLOP/s" if rates["onednn"] else "not available"
+    return path, (f"auto: measured bf16 products {rates['bf16']:.0f} GFLOP/s (micro-kernel), {onednn} (oneDNN "
+                  f"brgemm), float32 {rates['fp32']:.0f} GFLOP/s (one thread; the faster bf16 engine is chosen at "
+                  f">= {_MATMUL_MARGIN}x float32)")
+
+
 def _set_products(lib):
     env = getenv(MATMUL_ENV, "auto")
     if env not in MATMUL_CHOICES:
         raise ValueError(f"{MATMUL_ENV}={env!r}: expected one of {', '.join(MATMUL_CHOICES)}")
     if env == "auto":
-        rates = probe_products()
-        on = rates["unit"] and rates["bf16"] >= _MATMUL_MARGIN * rates["fp32"]
-        if not rates["unit"]:
-            why = "auto: no bf16 dot-product unit (AVX512-BF16) in this build/CPU"
-        else:
-            why = (f"auto: measured bf16 products {rates['bf16']:.0f} GFLOP/s, float32 {rates['fp32']:.0f} GFLOP/s "
-                   f"(one thread; bf16 is chosen at >= {_MATMUL_MARGIN}x)")
+        path, why = choose_products(probe_products())
     else:
-        on = env == "bf16"
-        why = f"forced by {MATMUL_ENV}={env}"
+        path, why = env, f"forced by {MATMUL_ENV}={env}"
     try:
-        lib.cpu_bf16_products(int(on))
+        lib.cpu_bf16_products(_ENGINES[path])
     except RuntimeError as exc:
         raise RuntimeError(f"{MATMUL_ENV}={env}: {exc}") from None
-    _products.update(env=env, path="bf16" if on else "fp32", why=why)
+    _products.update(env=env, path=path, why=why)
 
 
 def products_choice():
