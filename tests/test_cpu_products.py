@@ -128,7 +128,9 @@ def test_auto_choice_by_measurement_and_its_cache(monkeypatch, tmp_path):
     monkeypatch.setenv(cpu.MATMUL_ENV, "auto")
     for fake, expect in (({"unit": True, "bf16": 500.0, "fp32": 100.0, "onednn": 0.0}, "bf16"),
                          ({"unit": True, "bf16": 500.0, "fp32": 100.0, "onednn": 400.0}, "bf16"),
+                         ({"unit": True, "bf16": 500.0, "fp32": 100.0, "onednn": 550.0}, "bf16"),  # a near tie
                          ({"unit": True, "bf16": 300.0, "fp32": 100.0, "onednn": 2000.0}, "onednn"),  # AMX
+                         ({"unit": True, "bf16": 100.0, "fp32": 100.0, "onednn": 130.0}, "onednn"),
                          ({"unit": True, "bf16": 110.0, "fp32": 100.0, "onednn": 120.0}, "fp32"),  # not worth P's rounding
                          ({"unit": False, "bf16": 0.0, "fp32": 100.0, "onednn": 0.0}, "fp32")):
         if (expect == "bf16" and not rates["unit"]) or (expect == "onednn" and not rates["onednn"]):

@@ -82,17 +82,21 @@ def probe_products():
 
 
 def choose_products(rates):
-    """(path, why) that "auto" takes for these measured rates: the faster bf16 engine if it
-    is at least _MATMUL_MARGIN times float32, else float32."""
+    """(path, why) that "auto" takes for these measured rates.  A bf16 engine must run at
+    least _MATMUL_MARGIN times float32; oneDNN must also beat the micro-kernel by that
+    factor (as AMX does), since it generates code for every new tile shape (a first varlen
+    call with many lengths took twice as long) and the micro-kernel needs none."""
     if not rates["unit"]:
         return "fp32", "auto: no bf16 dot-product unit (AVX512-BF16) in this build/CPU"
-    engines = {"bf16": rates["bf16"], "onednn": rates["onednn"]}
-    best = max(engines, key=lambda e: (engines[e], e == "bf16"))  # (a tie: the micro-kernel)
-    path = best if engines[best] >= _MATMUL_MARGIN * rates["fp32"] else "fp32"
+    bar = _MATMUL_MARGIN * rates["fp32"]
+    if rates["onednn"] >= max(bar, _MATMUL_MARGIN * rates["bf16"]):
+        path = "onednn"
+    else:
+        path = "bf16" if rates["bf16"] >= bar else "fp32"
     onednn = f"{rates['onednn']:.0f} GFLOP/s" if rates["onednn"] else "not available"
     return path, (f"auto: measured bf16 products {rates['bf16']:.0f} GFLOP/s (micro-kernel), {onednn} (oneDNN "
-                  f"brgemm), float32 {rates['fp32']:.0f} GFLOP/s (one thread; the faster bf16 engine is chosen at "
-                  f">= {_MATMUL_MARGIN}x float32)")
+                  f"brgemm), float32 {rates['fp32']:.0f} GFLOP/s (one thread; bf16 products are chosen at >= "
+                  f"{_MATMUL_MARGIN}x float32, oneDNN at >= {_MATMUL_MARGIN}x the micro-kernel too)")
 
 
 def _set_products(lib):
