@@ -184,12 +184,13 @@ def test_fp16_and_fp32_are_unaffected(monkeypatch):
     assert cpu.products_choice()["fp16"][0] == "fp32"
 
 
-@pytest.mark.parametrize("d,hq,hk,sq", [(128, 8, 2, 1), (80, 6, 2, 2), (33, 3, 1, 3), (256, 4, 4, 1)],
-                         ids=["d128-g4", "d80-g3-2rows", "d33-g3-3rows", "d256-mha"])
+@pytest.mark.parametrize("d,hq,hk,sq", [(128, 8, 2, 1), (64, 6, 2, 1), (80, 6, 2, 2), (33, 3, 1, 3), (256, 4, 4, 1)],
+                         ids=["d128-g4", "d64-g3", "d80-g3-2rows", "d33-g3-3rows", "d256-mha"])
 def test_decode_against_reference(path, d, hq, hk, sq):
     """The decoding kernel's bf16 caches: the scores by vdpbf16ps from q's bf16 rows under
-    either bf16 engine, widened under fp32; GQA row blocks whole and partial, odd and
-    multi-block head dims, pages across key tiles, windows, softcap, ALiBi, key splits."""
+    either bf16 engine, widened under fp32; register blocks of 1, 2, 3 and 4 rows (9 rows:
+    4 + 4 + 1), odd and multi-block head dims, pages across key tiles, windows, softcap,
+    ALiBi, key splits."""
     case = make_case(batch=2, sq=sq, hq=hq, hk=hk, d=d, dtype=torch.bfloat16, seqlens=(150, 77), snew=sq,
                      page_size=7, capacity=170)
     run_case("cpu", case, causal=True, num_splits=2)

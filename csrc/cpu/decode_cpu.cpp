@@ -331,8 +331,7 @@ inline void accumulate_rows(float* a, const src_t* const* rows, const float* w, 
 // Widening costs about as much as the multiply-add it feeds, so the group's query rows are
 // taken together: each key row is widened once per tile and used by kRowBlock rows
 // (scores), each value row once per kRowBlock rows (P @ V), instead of once per row.
-constexpr int64_t kRowBlock = W >= 16 ? 4 : 2;  // rows per register block (accumulators: kRowBlock x W / kRowBlock)
-constexpr int64_t kKeyBlock = W / kRowBlock;
+constexpr int64_t kRowBlock = W >= 16 ? 4 : 2;  // most rows per register block (scores: rows x W / rows keys)
 
 // Where a code costs many operations to widen and the register blocks are short (e4m3 with
 // 8-lane vectors: about 8 operations per 8 codes, and 2-row blocks, so each row would be
@@ -353,23 +352,28 @@ void widen_tile(const code_t** rows, int64_t n, int64_t len, float* out, const f
   }
 }
 
-// acc[u * kKeyBlock + jj] += q rows qr[u] times key rows kr[jj], lane-wise over D (sum_lanes
+// A register block of RB query rows (RB <= kRowBlock) x KeyBlock<RB> keys, W accumulators.
+template <int64_t RB>
+constexpr int64_t kKeys = W / RB;
+
+// acc[u * kKeys<RB> + jj] += q rows qr[u] times key rows kr[jj], lane-wise over D (sum_lanes
 // adds each up); kWhole: D is a multiple of 2W (whole loads, constant trip counts)
-template <bool kWhole, typename code_t>
+template <bool kWhole, int64_t RB, typename code_t>
 __attribute__((always_inline)) inline void scores_register_block(const float* const* qr, const code_t* const* kr, int64_t D, fVec* acc) {
+  constexpr int64_t KB = kKeys<RB>;
   for (int64_t d = 0; d < D; d += 2 * W) {
     const int64_t c = kWhole ? 2 * W : std::min(2 * W, D - d);
-    fVec q0[kRowBlock], q1[kRowBlock];
+    fVec q0[RB], q1[RB];
 #pragma GCC unroll 4
-    for (int64_t u = 0; u < kRowBlock; ++u) {
+    for (int64_t u = 0; u < RB; ++u) {
       if constexpr (kWhole) {
         load2(qr[u] + d, q0[u], q1[u]);
       } else {
         load2_part(qr[u] + d, c, q0[u], q1[u]);
       }
     }
-#pragma GCC unroll 8
-    for (int64_t jj = 0; jj < kKeyBlock; ++jj) {
+#pragma GCC unroll 16
+    for (int64_t jj = 0; jj < KB; ++jj) {
       fVec k0, k1;
       if constexpr (kWhole) {
         load2(kr[jj] + d, k0, k1);
@@ -377,8 +381,8 @@ __attribute__((always_inline)) inline void scores_register_block(const float* co
         load2_part(kr[jj] + d, c, k0, k1);
       }
 #pragma GCC unroll 4
-      for (int64_t u = 0; u < kRowBlock; ++u)
-        acc[u * kKeyBlock + jj] = at::vec::fmadd(q1[u], k1, at::vec::fmadd(q0[u], k0, acc[u * kKeyBlock + jj]));
+      for (int64_t u = 0; u < RB; ++u)
+        acc[u * KB + jj] = at::vec::fmadd(q1[u], k1, at::vec::fmadd(q0[u], k0, acc[u * KB + jj]));
     }
   }
 }
@@ -391,21 +395,22 @@ constexpr bool kDpbf16 = true;
 // rounding, without widening the keys.  (It flushes denormals, below 1.2e-38, to 0, inputs
 // and results: these bits depend on the host's instructions and on the products choice,
 // never on the thread count.)
-template <bool kWhole>
+template <bool kWhole, int64_t RB>
 __attribute__((always_inline)) inline void scores_register_block(const at::BFloat16* const* qr,
                                                                  const at::BFloat16* const* kr, int64_t D, fVec* acc) {
+  constexpr int64_t KB = kKeys<RB>;
   for (int64_t d = 0; d < D; d += 32) {
     const int64_t c = kWhole ? 32 : std::min<int64_t>(32, D - d);
     const __mmask32 mk = c == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << c) - 1u);
-    __m512i qv[kRowBlock];
+    __m512i qv[RB];
 #pragma GCC unroll 4
-    for (int64_t u = 0; u < kRowBlock; ++u) qv[u] = _mm512_maskz_loadu_epi16(mk, qr[u] + d);
-#pragma GCC unroll 8
-    for (int64_t jj = 0; jj < kKeyBlock; ++jj) {
+    for (int64_t u = 0; u < RB; ++u) qv[u] = _mm512_maskz_loadu_epi16(mk, qr[u] + d);
+#pragma GCC unroll 16
+    for (int64_t jj = 0; jj < KB; ++jj) {
       const __m512i kv = _mm512_maskz_loadu_epi16(mk, kr[jj] + d);
 #pragma GCC unroll 4
-      for (int64_t u = 0; u < kRowBlock; ++u)
-        acc[u * kKeyBlock + jj] = _mm512_dpbf16_ps(acc[u * kKeyBlock + jj], (__m512bh)qv[u], (__m512bh)kv);
+      for (int64_t u = 0; u < RB; ++u)
+        acc[u * KB + jj] = _mm512_dpbf16_ps(acc[u * KB + jj], (__m512bh)qv[u], (__m512bh)kv);
     }
   }
 }
@@ -413,57 +418,69 @@ __attribute__((always_inline)) inline void scores_register_block(const at::BFloa
 constexpr bool kDpbf16 = false;
 #endif
 
+// S[u * ld + j] = q_u . rows[j] for the RB rows of ``q`` (RB x D) and j in [0, n)
+template <int64_t RB, typename q_t, typename code_t>
+void scores_rows(const q_t* q, int64_t D, const code_t* const* rows, int64_t n, float* S, int64_t ld) {
+  constexpr int64_t KB = kKeys<RB>;
+  const q_t* qr[RB];
+  for (int64_t u = 0; u < RB; ++u) qr[u] = q + u * D;
+  for (int64_t j0 = 0; j0 < n; j0 += KB) {
+    const int64_t kb = std::min(KB, n - j0);
+    const code_t* kr[KB];  // (a short key block repeats its last key)
+    for (int64_t jj = 0; jj < KB; ++jj) kr[jj] = rows[j0 + std::min(jj, kb - 1)];
+    fVec acc[W];  // lane block u * KB + jj: row u, key j0 + jj (RB * KB <= W of them)
+    for (int64_t t = 0; t < W; ++t) acc[t] = fVec(0.f);
+    // a head dim that is a multiple of 2W: constant trip counts and no partial loads, so
+    // the accumulators stay in registers
+    if (D % (2 * W) == 0) {
+      scores_register_block<true, RB>(qr, kr, D, acc);
+    } else {
+      scores_register_block<false, RB>(qr, kr, D, acc);
+    }
+    float sums[W];
+    sum_lanes(acc).store(sums);
+    for (int64_t u = 0; u < RB; ++u)
+      for (int64_t jj = 0; jj < kb; ++jj) S[u * ld + j0 + jj] = sums[u * KB + jj];
+  }
+}
+
 // S[r * ld + j] = q_r . rows[j] for the R rows of ``q`` (R x D, float; or bf16 against bf16
-// rows, kDpbf16) and j in [0, n)
+// rows, kDpbf16) and j in [0, n): blocks of kRowBlock rows, and one of the R % kRowBlock
+// left (each row count its own register block, so no row is computed twice)
 template <typename q_t, typename code_t>
 void group_scores(const q_t* q, int64_t R, int64_t D, const code_t* const* rows, int64_t n, float* S, int64_t ld) {
   for (int64_t r0 = 0; r0 < R; r0 += kRowBlock) {
-    const int64_t rb = std::min(kRowBlock, R - r0);
-    const q_t* qr[kRowBlock];
-    for (int64_t u = 0; u < kRowBlock; ++u) qr[u] = q + (r0 + std::min(u, rb - 1)) * D;
-    for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
-      const int64_t kb = std::min(kKeyBlock, n - j0);
-      const code_t* kr[kKeyBlock];
-      for (int64_t jj = 0; jj < kKeyBlock; ++jj) kr[jj] = rows[j0 + std::min(jj, kb - 1)];
-      fVec acc[W];  // lane block u * kKeyBlock + jj: row r0 + u, key j0 + jj
-      for (int64_t t = 0; t < W; ++t) acc[t] = fVec(0.f);
-      // a head dim that is a multiple of 2W: constant trip counts and no partial loads, so
-      // the accumulators stay in registers (a short row block repeats its last row)
-      if (D % (2 * W) == 0) {
-        scores_register_block<true>(qr, kr, D, acc);
-      } else {
-        scores_register_block<false>(qr, kr, D, acc);
-      }
-      float sums[W];
-      sum_lanes(acc).store(sums);
-      for (int64_t u = 0; u < rb; ++u)
-        for (int64_t jj = 0; jj < kb; ++jj) S[(r0 + u) * ld + j0 + jj] = sums[u * kKeyBlock + jj];
+    const q_t* qb = q + r0 * D;
+    float* Sb = S + r0 * ld;
+    switch (std::min(kRowBlock, R - r0)) {
+      case 1: scores_rows<1>(qb, D, rows, n, Sb, ld); break;
+      case 2: scores_rows<2>(qb, D, rows, n, Sb, ld); break;
+      case 3: if constexpr (kRowBlock >= 3) scores_rows<3>(qb, D, rows, n, Sb, ld); break;
+      default: if constexpr (kRowBlock >= 4) scores_rows<4>(qb, D, rows, n, Sb, ld); break;
     }
   }
 }
 
-// One register block of group_accumulate: rows [0, rb) of a (row stride Dv) and P (row
-// stride ld), columns [d, d + len), over the keys [0, n); a short block repeats P's last
-// row and stores only its rb rows.  kWhole: rb = kRowBlock and len = 4W, whole loads and
-// constant trip counts, so the accumulators stay in registers (with partial rows and
-// columns the compiler keeps them on the stack).
-template <bool kWhole, typename code_t>
+// One register block of group_accumulate: RB rows of a (row stride Dv) and P (row stride
+// ld), columns [d, d + len), over the keys [0, n).  kWhole: len = 4W, whole loads and
+// constant trip counts, so the accumulators stay in registers (with partial columns the
+// compiler keeps them on the stack).  One row alone alternates two sets of accumulators
+// (even and odd keys) to hide the fma latency.
+template <bool kWhole, int64_t RB, typename code_t>
 __attribute__((always_inline)) inline void accumulate_register_block(float* a, int64_t Dv, const code_t* const* rows,
                                                                     int64_t d, int64_t len, const float* P,
-                                                                    int64_t ld, int64_t rb, int64_t n) {
+                                                                    int64_t ld, int64_t n) {
+  constexpr int64_t kSets = RB == 1 ? 2 : 1;
   auto count = [&](int64_t c) { return std::clamp<int64_t>(len - c * W, 0, W); };  // (partial blocks)
-  fVec acc[kRowBlock][4];
+  fVec acc[kSets][RB][4];
 #pragma GCC unroll 4
-  for (int64_t u = 0; u < kRowBlock; ++u)
+  for (int64_t u = 0; u < RB; ++u)
 #pragma GCC unroll 4
     for (int64_t c = 0; c < 4; ++c) {
-      if constexpr (kWhole) {
-        acc[u][c] = fVec::loadu(a + u * Dv + d + c * W);
-      } else {
-        acc[u][c] = u < rb ? fVec::loadu(a + u * Dv + d + c * W, count(c)) : fVec(0.f);
-      }
+      acc[0][u][c] = kWhole ? fVec::loadu(a + u * Dv + d + c * W) : fVec::loadu(a + u * Dv + d + c * W, count(c));
+      if constexpr (kSets == 2) acc[1][u][c] = fVec(0.f);
     }
-  for (int64_t j = 0; j < n; ++j) {
+  auto step = [&](fVec (&sum)[RB][4], int64_t j) {
     fVec v[4];
     if constexpr (kWhole) {
       load2(rows[j] + d, v[0], v[1]);
@@ -477,37 +494,55 @@ __attribute__((always_inline)) inline void accumulate_register_block(float* a, i
       }
     }
 #pragma GCC unroll 4
-    for (int64_t u = 0; u < kRowBlock; ++u) {
-      const fVec w(P[(kWhole ? u : std::min(u, rb - 1)) * ld + j]);
+    for (int64_t u = 0; u < RB; ++u) {
+      const fVec w(P[u * ld + j]);
 #pragma GCC unroll 4
-      for (int64_t c = 0; c < 4; ++c) acc[u][c] = at::vec::fmadd(w, v[c], acc[u][c]);
+      for (int64_t c = 0; c < 4; ++c) sum[u][c] = at::vec::fmadd(w, v[c], sum[u][c]);
     }
+  };
+  int64_t j = 0;
+  for (; j + kSets <= n; j += kSets) {
+    step(acc[0], j);
+    if constexpr (kSets == 2) step(acc[1], j + 1);
   }
+  if (j < n) step(acc[0], j);
 #pragma GCC unroll 4
-  for (int64_t u = 0; u < (kWhole ? kRowBlock : rb); ++u)
+  for (int64_t u = 0; u < RB; ++u)
 #pragma GCC unroll 4
     for (int64_t c = 0; c < 4; ++c) {
+      const fVec r = kSets == 2 ? acc[0][u][c] + acc[kSets - 1][u][c] : acc[0][u][c];
       if constexpr (kWhole) {
-        acc[u][c].store(a + u * Dv + d + c * W);
+        r.store(a + u * Dv + d + c * W);
       } else {
-        acc[u][c].store(a + u * Dv + d + c * W, count(c));  // (a count of 0 stores nothing)
+        r.store(a + u * Dv + d + c * W, count(c));  // (a count of 0 stores nothing)
       }
     }
+}
+
+template <int64_t RB, typename code_t>
+void accumulate_rows_block(float* a, int64_t Dv, const code_t* const* rows, const float* P, int64_t n, int64_t ld) {
+  for (int64_t d = 0; d < Dv; d += 4 * W) {
+    const int64_t len = std::min(4 * W, Dv - d);
+    if (len == 4 * W) {
+      accumulate_register_block<true, RB>(a, Dv, rows, d, len, P, ld, n);
+    } else {
+      accumulate_register_block<false, RB>(a, Dv, rows, d, len, P, ld, n);
+    }
+  }
 }
 
 // a[r * Dv + d] += sum_j P[r * ld + j] rows[j][d] for the R rows, j in [0, n)
 template <typename code_t>
 void group_accumulate(float* a, int64_t R, int64_t Dv, const code_t* const* rows, const float* P, int64_t n,
                       int64_t ld) {
-  for (int64_t d = 0; d < Dv; d += 4 * W) {
-    const int64_t len = std::min(4 * W, Dv - d);
-    for (int64_t r0 = 0; r0 < R; r0 += kRowBlock) {
-      const int64_t rb = std::min(kRowBlock, R - r0);
-      if (len == 4 * W && rb == kRowBlock) {
-        accumulate_register_block<true>(a + r0 * Dv, Dv, rows, d, len, P + r0 * ld, ld, rb, n);
-      } else {
-        accumulate_register_block<false>(a + r0 * Dv, Dv, rows, d, len, P + r0 * ld, ld, rb, n);
-      }
+  for (int64_t r0 = 0; r0 < R; r0 += kRowBlock) {
+    float* ab = a + r0 * Dv;
+    const float* Pb = P + r0 * ld;
+    switch (std::min(kRowBlock, R - r0)) {
+      case 1: accumulate_rows_block<1>(ab, Dv, rows, Pb, n, ld); break;
+      case 2: accumulate_rows_block<2>(ab, Dv, rows, Pb, n, ld); break;
+      case 3: if constexpr (kRowBlock >= 3) accumulate_rows_block<3>(ab, Dv, rows, Pb, n, ld); break;
+      default: if constexpr (kRowBlock >= 4) accumulate_rows_block<4>(ab, Dv, rows, Pb, n, ld); break;
     }
   }
 }
@@ -896,13 +931,15 @@ std::tuple<at::Tensor, at::Tensor> decode_quant_cpu(
   }
 
   const int32_t* ep = ends.data_ptr<int32_t>();
-  // 8-bit, fp16 and bf16 caches whose kv heads sit inside a position (the flash layout): a
-  // task reads all heads of its positions, a contiguous stretch, instead of one head's
-  // rows a position apart (measured on 2 cores, 4 x 32 / 8 heads x d128, 32k positions:
-  // int8 1.75x the bf16 cache's speed this way, 1.34x a head per task; the bf16 cache
-  // itself about the same either way, within this host's noise).  Heads apart (torch's
-  // (B, H, S, D) layout): a head per task, whose rows are then adjacent.
-  const bool narrow = quant || ct == at::kHalf || ct == at::kBFloat16;
+  // 8-bit caches, and fp16/bf16 caches read by two or more query rows per kv head, whose
+  // kv heads sit inside a position (the flash layout): a task reads all heads of its
+  // positions, a contiguous stretch, instead of one head's rows a position apart
+  // (measured on 2 cores, 4 x 32 / 8 heads x d128, 32k positions: int8 1.75x the bf16
+  // cache's speed this way, 1.34x a head per task; the bf16 cache 1.1-1.2x.  One row per
+  // kv head, 16 x 8 / 8 heads x d64 bf16: 1.5x slower with every head per task, its
+  // tiles shorter and each head's work per tile small).  Heads apart (torch's (B, H, S, D)
+  // layout): a head per task, whose rows are then adjacent.
+  const bool narrow = quant || ((ct == at::kHalf || ct == at::kBFloat16) && q.size(1) * (q.size(2) / Hk) >= 2);
   const int64_t heads_per_task = narrow && kc.stride(2) <= kc.stride(1) && vc.stride(2) <= vc.stride(1) ? Hk : 1;
   int64_t splits = num_splits;
   if (splits <= 0) {
