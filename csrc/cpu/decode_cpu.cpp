@@ -105,7 +105,7 @@ inline void axpy(T* y, const T* x, T w, int64_t n) {
 using fVec = Vec<float>;
 constexpr int64_t W = fVec::size();
 
-inline fVec sum_lanes(const fVec* a) {
+__attribute__((always_inline)) inline fVec sum_lanes(const fVec* a) {
 #if defined(__AVX512F__) && defined(CPU_CAPABILITY_AVX512)
   // pairs interleaved (32-bit, then 64-bit halves): each 128-bit block k of c[i] holds
   // block k's partial sums of a[4i .. 4i+3]; then the four blocks are summed across.
@@ -480,7 +480,8 @@ __attribute__((always_inline)) inline void accumulate_register_block(float* a, i
       acc[0][u][c] = kWhole ? fVec::loadu(a + u * Dv + d + c * W) : fVec::loadu(a + u * Dv + d + c * W, count(c));
       if constexpr (kSets == 2) acc[1][u][c] = fVec(0.f);
     }
-  auto step = [&](fVec (&sum)[RB][4], int64_t j) {
+  // (always inlined: as a call, the accumulators would go through memory every key)
+  auto step = [&](fVec (&sum)[RB][4], int64_t j) __attribute__((always_inline)) {
     fVec v[4];
     if constexpr (kWhole) {
       load2(rows[j] + d, v[0], v[1]);
