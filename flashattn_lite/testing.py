@@ -60,11 +60,17 @@ def _finite_diff(a, b):
     return max_abs(diff)
 
 
-def compare(name, ours, ref, baseline, dtype, factor, scale):
+def compare(name, ours, ref, baseline, dtype, factor, scale, lse_mag=0.0):
     """One tolerance check; ``ref`` float64, ``baseline`` the same math computed in ``dtype``,
     or, for float64 (where that is the oracle itself), in float32 with its error scaled by
     the ratio of the two epsilons: the error the problem's conditioning (e.g. logits of
-    hundreds of nats) gives float64 arithmetic; an overflowing float32 baseline adds nothing."""
+    hundreds of nats) gives float64 arithmetic; an overflowing float32 baseline adds nothing.
+
+    ``lse_mag`` (gradients of float64 input): max |lse|.  A backward recomputes P from the
+    forward's lse (flash-attn's interface), and lse's rounding, about eps * |lse|, moves
+    every probability by that relative amount; the naive float32 baseline normalises by its
+    row maximum instead and has no such term, so ``factor * eps64 * lse_mag * scale`` is
+    added for it."""
     accum = accum_dtype(dtype)
     eps = torch.finfo(dtype).eps + ACCUM_ULPS * torch.finfo(accum).eps
     rounding = eps * max(1.0, scale)
@@ -72,6 +78,7 @@ def compare(name, ours, ref, baseline, dtype, factor, scale):
     if ours.dtype == torch.float64 and baseline.dtype == torch.float32:
         ratio = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
         base_err = base_err * ratio if math.isfinite(base_err) else 0.0
+        rounding += factor * torch.finfo(torch.float64).eps * lse_mag * max(1.0, scale)
     bound = factor * base_err + rounding
     return Comparison(name, _finite_diff(ours, ref), bound)
 
@@ -156,6 +163,7 @@ def check_against_reference(ours, ref, baseline, dtype):
         return max((max_abs(ref[k][torch.isfinite(ref[k])]) for k in keys if k in ref), default=0.0)
 
     fwd_scale, bwd_scale = scale(("out",)), scale(("dq", "dk", "dv"))
+    lse_mag = scale(("lse",)) if dtype == torch.float64 else 0.0
     checks = []
     for key, value in ours.items():
         if value is None:
@@ -163,7 +171,8 @@ def check_against_reference(ours, ref, baseline, dtype):
         forward = key in ("out", "lse")
         checks.append(compare(key, value, ref[key], baseline[key], accum_dtype(dtype) if key == "lse" else dtype,
                               FWD_FACTOR if forward else GRAD_FACTOR,
-                              scale((key,)) if key in ("lse", "dsink") else (fwd_scale if forward else bwd_scale)))
+                              scale((key,)) if key in ("lse", "dsink") else (fwd_scale if forward else bwd_scale),
+                              lse_mag=0.0 if forward else lse_mag))
     return checks
 
 

@@ -73,3 +73,29 @@ def test_tolerance_never_accepts_nan_even_with_an_overflowing_baseline():
     ref, base = reference_results(q, k, v, None, 16 ** -0.5)
     nan = {"out": torch.full_like(ref["out"], float("nan")).half(), "lse": torch.full_like(ref["lse"], float("nan"))}
     assert not any(c.ok for c in check_against_reference(nan, ref, base, torch.float16))
+
+
+def test_float64_gradient_bound_counts_the_lse_rounding():
+    """float64 gradients: the backward recomputes P from the forward's lse, whose rounding
+    (eps64 * |lse|) the naive float32 baseline does not have; the bound adds
+    GRAD_FACTOR * eps64 * |lse| * scale for gradients only, never for out/lse or float32."""
+    from flashattn_lite.testing import GRAD_FACTOR, check_against_reference, compare
+
+    eps64 = torch.finfo(torch.float64).eps
+    ref = torch.zeros(4, dtype=torch.float64)
+    base = torch.zeros(4, dtype=torch.float32)
+    off = ref + 40 * eps64  # 40 ulps of a unit-scale gradient
+    assert not compare("dq", off, ref, base, torch.float64, GRAD_FACTOR, 1.0).ok
+    assert compare("dq", off, ref, base, torch.float64, GRAD_FACTOR, 1.0, lse_mag=10.0).ok
+    assert not compare("dq", off, ref, base, torch.float64, GRAD_FACTOR, 1.0, lse_mag=1.0).ok
+    # float32 input: its own baseline decides, no lse term
+    ref32, base32 = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float32)
+    off32 = torch.full((4,), 40 * torch.finfo(torch.float32).eps)
+    assert not compare("dq", off32, ref32, base32, torch.float32, GRAD_FACTOR, 1.0, lse_mag=10.0).ok
+    # through check_against_reference: the gradients get the term from ref's lse, out does not
+    ref_all = {"out": torch.zeros(3, dtype=torch.float64), "lse": torch.full((3,), 10.0, dtype=torch.float64),
+               "dq": torch.ones(3, dtype=torch.float64)}
+    base_all = {k: v.float() for k, v in ref_all.items()}
+    ours = {"out": ref_all["out"] + 40 * eps64, "dq": ref_all["dq"] + 40 * eps64}
+    checks = {c.name: c.ok for c in check_against_reference(ours, ref_all, base_all, torch.float64)}
+    assert checks == {"out": False, "dq": True}
