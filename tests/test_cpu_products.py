@@ -195,3 +195,46 @@ def test_decode_against_reference(path, d, hq, hk, sq):
                      page_size=7, capacity=170)
     run_case("cpu", case, causal=True, num_splits=2)
     run_case("cpu", case, causal=True, window=(40, 0), softcap=5.0, alibi="heads", num_splits=1)
+
+
+def test_auto_falls_back_when_onednn_is_refused(monkeypatch, tmp_path):
+    """A cached measurement that chose oneDNN, refused in this process (its self-check, or
+    a torch without it): auto takes the next choice and says why, instead of failing."""
+    cache = tmp_path / "products.json"
+    monkeypatch.setattr(cpu, "_probe_file", lambda: str(cache))
+    cache.write_text(json.dumps({"unit": True, "bf16": 500.0, "fp32": 100.0, "onednn": 2000.0}))
+    calls = []
+
+    class Lib:
+        def cpu_bf16_products(self, engine):
+            calls.append(engine)
+            if engine == 2:
+                raise RuntimeError("flashattn_lite cpu: oneDNN's bf16 brgemm failed here: refused\nbacktrace")
+
+    monkeypatch.setenv(cpu.MATMUL_ENV, "auto")
+    try:
+        cpu._set_products(Lib())
+        assert calls == [2, 1]
+        assert cpu._products["path"] == "bf16"
+        assert cpu._products["why"].endswith("oneDNN refused here: flashattn_lite cpu: oneDNN's bf16 brgemm failed "
+                                             "here: refused")
+    finally:
+        cpu._products["env"] = None  # re-decide with the real extension at the next call
+
+
+def test_onednn_with_mkldnn_switched_off(monkeypatch):
+    """oneDNN chosen, then torch.backends.mkldnn switched off: the micro-kernel runs the same
+    operands (no error, still within tolerance); choosing oneDNN while it is off is refused."""
+    if not _has_onednn():
+        pytest.skip("oneDNN's bf16 brgemm does not run here")
+    monkeypatch.setenv(cpu.MATMUL_ENV, "onednn")
+    q, k, v = (torch.randn(1, 100, 2, 32, dtype=torch.bfloat16) for _ in range(3))
+    with fl.use_backend("cpu"):
+        fl.flash_attn_func(q, k, v)
+    with torch.backends.mkldnn.flags(enabled=False):
+        check_case("cpu", dtype=torch.bfloat16, batch=1, sq=100, sk=90, hq=2, hk=1, d=40, causal=True)
+        cpu._products["env"] = None
+        with pytest.raises(RuntimeError, match="FLASHATTN_LITE_CPU_MATMUL=onednn.*torch.backends.mkldnn enabled"):
+            with fl.use_backend("cpu"):
+                fl.flash_attn_func(q, k, v)
+    cpu._products["env"] = None

@@ -507,15 +507,20 @@ void run_tasks(int64_t n, MakeState&& make_state, Body&& body) {
     // (a nested call runs this once, serially: it then claims every task itself)
     // Each BLAS call runs on the calling worker alone: a call that MKL split among threads
     // of its own would sum in another order, and results would depend on the thread count.
-    const int mkl_prev = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    // (restored, and brgemm's tile state released, also when a task throws)
+    struct Restore {
+      int mkl_prev;
+      ~Restore() {
+        if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_prev);
+        release_products();
+      }
+    } restore{MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0};
     const bool fresh = poison_scratch();
     auto state = make_state();
     for (int64_t t, done = 0; (t = next.fetch_add(1, std::memory_order_relaxed)) < n; ++done) {
       if (fresh && done > 0) state = make_state();
       body(t, state);
     }
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_prev);
-    release_products();
   });
 }
 
@@ -542,9 +547,11 @@ void onednn_pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64
                       int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate);
 
 // The tile products of the bf16 path, on the chosen engine.
+// (torch.backends.mkldnn switched off after the choice: oneDNN's brgemm would refuse, so
+// the micro-kernel runs the same operands instead)
 inline void pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
                       int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
-  if (bf16_engine() == Bf16Engine::kOneDnn) {
+  if (bf16_engine() == Bf16Engine::kOneDnn && at::globalContext().userEnabledMkldnn()) {
     onednn_pair_gemm(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
   } else {
     bf16_gemm(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);

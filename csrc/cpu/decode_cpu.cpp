@@ -253,7 +253,8 @@ inline void score_blocks(const src_t* const* rows, int64_t cnt, float* x, Dots&&
   }
 }
 
-// x[j] = q . rows[j] for j in [0, cnt) (q float, D long; rows float or fp16/bf16).
+// x[j] = q . rows[j] for j in [0, cnt) (q float, D long; rows float: fp16/bf16 and 8-bit rows
+// go through group_scores).
 template <typename src_t>
 inline void scores_block(const float* q, const src_t* const* rows, int64_t cnt, int64_t D, float* x) {
   score_blocks(rows, cnt, x, [&](const src_t* const* r, fVec* acc) {
@@ -620,7 +621,7 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
       65536 / std::max<int64_t>(1, sh.heads_per_task * (D + Dv) * int64_t(sizeof(cache_t))), 4, kDecodeKeyTile)
                                               : kDecodeKeyTile;
 
-  // kv heads per task: one, or for 8-bit caches all of them, so that a task reads each
+  // kv heads per task: one, or all of them (heads_per_task, below), so that a task reads each
   // position's rows of every head together (in the flash layout, one contiguous stretch)
   // instead of a head's 2-line row every heads_k x headdim bytes
   const int64_t HB = sh.heads_per_task, tasks_per_b = Hk / HB;

@@ -27,29 +27,39 @@ namespace {
 std::atomic<int> g_engine{0};
 thread_local bool t_brgemm_used = false;  // this thread has called brgemm since its last release
 
-// Whether oneDNN's bf16 brgemm runs here and gives the right products: a small product
-// with odd sizes, checked against float32 (the operands are small integers, so every sum
-// is exact either way).  Empty: it does; else why not.
+// Whether oneDNN's bf16 brgemm runs here and gives the right products: small products
+// with odd sizes, each way the kernels call it (alpha != 1 through scratch; alpha 1 added
+// to C in place, C wider than the product), checked against float32 (the operands are
+// small integers, so every sum is exact either way).  Empty: it does; else why not.
 std::string onednn_problem() {
 #ifdef FLASHATTN_LITE_ONEDNN_BRGEMM
-  constexpr int64_t M = 5, N = 37, K2 = 3;
+  constexpr int64_t M = 5, N = 37, K2 = 3, LDC = N + 3;
   std::vector<uint16_t> a(M * 2 * K2), b(K2 * N * 2);
-  std::vector<float> af(a.size()), bf(b.size()), c(M * N, -1.0f);
+  std::vector<float> af(a.size()), bf(b.size()), c(M * LDC, -1.0f);
   for (size_t i = 0; i < a.size(); ++i) af[i] = float(int(i % 7) - 3), a[i] = bf16_bits(af[i]);
   for (size_t i = 0; i < b.size(); ++i) bf[i] = float(int(i % 5) - 2), b[i] = bf16_bits(bf[i]);
+  const auto* A = reinterpret_cast<const uint32_t*>(a.data());
+  const auto* B = reinterpret_cast<const uint32_t*>(b.data());
   try {
-    onednn_pair_gemm(M, N, K2, reinterpret_cast<const uint32_t*>(a.data()), K2,
-                     reinterpret_cast<const uint32_t*>(b.data()), N, c.data(), N, 2.0f, false);
+    onednn_pair_gemm(M, N, K2, A, K2, B, N, c.data(), LDC, 2.0f, false);  // C = 2 AB
+    onednn_pair_gemm(M, N, K2, A, K2, B, N, c.data(), LDC, 1.0f, true);   // C += AB
     release_products();
+  } catch (const c10::Error& e) {
+    return std::string("oneDNN's bf16 brgemm failed here: ") + e.what_without_backtrace();
   } catch (const std::exception& e) {
     return std::string("oneDNN's bf16 brgemm failed here: ") + e.what();
   }
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) {
-      float want = 0;
-      for (int64_t k = 0; k < 2 * K2; ++k) want += af[m * 2 * K2 + k] * bf[(k / 2) * N * 2 + n * 2 + k % 2];
-      if (c[m * N + n] != 2.0f * want) return "oneDNN's bf16 brgemm gave wrong products in a self-check here";
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < LDC; ++n) {
+      float want = -1.0f;  // (columns past N untouched)
+      if (n < N) {
+        want = 0;
+        for (int64_t k = 0; k < 2 * K2; ++k) want += af[m * 2 * K2 + k] * bf[(k / 2) * N * 2 + n * 2 + k % 2];
+        want *= 3.0f;
+      }
+      if (c[m * LDC + n] != want) return "oneDNN's bf16 brgemm gave wrong products in a self-check here";
     }
+  }
   return "";
 #else
   return "this torch was built without oneDNN's brgemm (at::native::cpublas::brgemm for bf16)";
@@ -68,6 +78,8 @@ void set_bf16_products(int64_t engine) {
               "flashattn_lite cpu: bf16 products need a CPU with AVX512-BF16 (vdpbf16ps) and an extension built "
               "for it; this extension was compiled without it (-march=native on this host)");
   TORCH_CHECK(engine != 2 || onednn_unavailable().empty(), "flashattn_lite cpu: ", onednn_unavailable());
+  TORCH_CHECK(engine != 2 || at::globalContext().userEnabledMkldnn(),
+              "flashattn_lite cpu: oneDNN's brgemm needs torch.backends.mkldnn enabled");
   g_engine.store(int(engine), std::memory_order_relaxed);
 }
 
@@ -92,7 +104,7 @@ std::vector<double> probe_products() {
   std::vector<float> q(M * D, 0.25f), k(N * D, 0.5f), p(M * N, 0.125f), v(N * D, 0.75f), s(M * N), o(M * D);
   const int mkl_prev = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
   const double t32 = best_seconds([&] {
-    gemm_rm<float>(false, true, M, N, D, 1.0f, q.data(), D, k.data(), D, 0.0f, s.data(), N);
+    gemm_rm<float>(false, true, M, N, D, 0.125f, q.data(), D, k.data(), D, 0.0f, s.data(), N);
     gemm_rm<float>(false, false, M, D, N, 1.0f, p.data(), N, v.data(), D, 1.0f, o.data(), D);
   });
   if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_prev);
@@ -102,7 +114,7 @@ std::vector<double> probe_products() {
     std::vector<uint32_t> qa(M * D / 2, one), kb(D / 2 * (N + 16), one), pa(M * N / 2, one), vb(N / 2 * D, one);
     auto products = [&](auto gemm) {
       return best_seconds([&] {
-        gemm(M, N, D / 2, qa.data(), D / 2, kb.data(), N + 16, s.data(), N, 1.0f, false);
+        gemm(M, N, D / 2, qa.data(), D / 2, kb.data(), N + 16, s.data(), N, 0.125f, false);  // (S: the softmax scale)
         gemm(M, D, N / 2, pa.data(), N / 2, vb.data(), D, o.data(), D, 1.0f, true);
       });
     };

@@ -104,7 +104,14 @@ def _set_products(lib):
     if env not in MATMUL_CHOICES:
         raise ValueError(f"{MATMUL_ENV}={env!r}: expected one of {', '.join(MATMUL_CHOICES)}")
     if env == "auto":
-        path, why = choose_products(probe_products())
+        rates = probe_products()
+        path, why = choose_products(rates)
+        if path == "onednn":
+            try:
+                lib.cpu_bf16_products(_ENGINES[path])
+            except RuntimeError as exc:  # measured once (cached), refused in this process
+                path, why = choose_products(dict(rates, onednn=0.0))
+                why += f"; oneDNN refused here: {str(exc).splitlines()[0]}"
     else:
         path, why = env, f"forced by {MATMUL_ENV}={env}"
     try:
