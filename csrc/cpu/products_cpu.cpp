@@ -27,17 +27,23 @@ namespace {
 std::atomic<int> g_engine{0};
 thread_local bool t_brgemm_used = false;  // this thread has called brgemm since its last release
 
-// Whether oneDNN's bf16 brgemm runs here and gives the right products: small products
-// with odd sizes, each way the kernels call it (alpha != 1 through scratch; alpha 1 added
-// to C in place, C wider than the product), checked against float32 (the operands are
-// small integers, so every sum is exact either way).  Empty: it does; else why not.
+// Whether oneDNN's bf16 brgemm runs here and gives the right products: products with odd
+// sizes past one AMX tile each way (37 rows, 83 columns, 70 along the reduction), each way
+// the kernels call it (alpha != 1 through scratch; alpha 1 added to C in place, C wider
+// than the product), checked against float32 (the operands are small integers, so every
+// sum is exact either way).  Empty: it does; else why not.
 std::string onednn_problem() {
 #ifdef FLASHATTN_LITE_ONEDNN_BRGEMM
-  constexpr int64_t M = 5, N = 37, K2 = 3, LDC = N + 3;
+  constexpr int64_t M = 37, N = 83, K2 = 35, LDC = N + 3;
   std::vector<uint16_t> a(M * 2 * K2), b(K2 * N * 2);
   std::vector<float> af(a.size()), bf(b.size()), c(M * LDC, -1.0f);
-  for (size_t i = 0; i < a.size(); ++i) af[i] = float(int(i % 7) - 3), a[i] = bf16_bits(af[i]);
-  for (size_t i = 0; i < b.size(); ++i) bf[i] = float(int(i % 5) - 2), b[i] = bf16_bits(bf[i]);
+  uint32_t state = 12345u;  // small pseudo-random integers in [-3, 3] (a periodic pattern can sum to 0)
+  auto draw = [&] {
+    state = state * 1103515245u + 12345u;
+    return float(int((state >> 16) % 7u) - 3);
+  };
+  for (size_t i = 0; i < a.size(); ++i) af[i] = draw(), a[i] = bf16_bits(af[i]);
+  for (size_t i = 0; i < b.size(); ++i) bf[i] = draw(), b[i] = bf16_bits(bf[i]);
   const auto* A = reinterpret_cast<const uint32_t*>(a.data());
   const auto* B = reinterpret_cast<const uint32_t*>(b.data());
   try {
