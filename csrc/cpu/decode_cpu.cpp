@@ -237,97 +237,6 @@ inline void load2_part(const src_t* p, int64_t count, fVec& lo, fVec& hi) {
   }
 }
 
-// x[j0 + j] = the score of rows[j0 + j], for the blocks of W keys of [0, cnt): dots(r, acc)
-// sets acc[j] to row r[j]'s partial sums, and sum_lanes adds each up.  A short last block
-// repeats its last row, so every block has the same trip count and the W accumulators
-// stay in registers.
-template <typename src_t, typename Dots>
-inline void score_blocks(const src_t* const* rows, int64_t cnt, float* x, Dots&& dots) {
-  for (int64_t j0 = 0; j0 < cnt; j0 += W) {
-    const int64_t m = std::min(W, cnt - j0);
-    const src_t* r[W];
-    for (int64_t j = 0; j < W; ++j) r[j] = rows[j0 + std::min(j, m - 1)];
-    fVec acc[W];
-    dots(r, acc);
-    sum_lanes(acc).store(x + j0, m);
-  }
-}
-
-// x[j] = q . rows[j] for j in [0, cnt) (q float, D long; rows float: fp16/bf16 and 8-bit rows
-// go through group_scores).
-template <typename src_t>
-inline void scores_block(const float* q, const src_t* const* rows, int64_t cnt, int64_t D, float* x) {
-  score_blocks(rows, cnt, x, [&](const src_t* const* r, fVec* acc) {
-    for (int64_t j = 0; j < W; ++j) acc[j] = fVec(0.f);
-    int64_t d = 0;
-    for (; d + 2 * W <= D; d += 2 * W) {
-      fVec q0, q1;
-      load2(q + d, q0, q1);
-#pragma GCC unroll 16
-      for (int64_t j = 0; j < W; ++j) {
-        fVec k0, k1;
-        load2(r[j] + d, k0, k1);
-        acc[j] = at::vec::fmadd(q1, k1, at::vec::fmadd(q0, k0, acc[j]));
-      }
-    }
-    if (d < D) {
-      fVec q0, q1;
-      load2_part(q + d, D - d, q0, q1);
-#pragma GCC unroll 16
-      for (int64_t j = 0; j < W; ++j) {
-        fVec k0, k1;
-        load2_part(r[j] + d, D - d, k0, k1);
-        acc[j] = at::vec::fmadd(q1, k1, at::vec::fmadd(q0, k0, acc[j]));
-      }
-    }
-  });
-}
-
-
-// a[0, D) += sum_j w[j] rows[j][0, D), the accumulators held in registers over the keys:
-// blocks of 4W columns, two sets of accumulators (even and odd keys) to hide the fma latency.
-template <typename src_t>
-inline void accumulate_rows(float* a, const src_t* const* rows, const float* w, int64_t cnt, int64_t D) {
-  for (int64_t d = 0; d < D; d += 4 * W) {
-    const int64_t len = std::min(4 * W, D - d);
-    fVec acc[4], odd[4];
-    for (int64_t u = 0; u < 4; ++u) {
-      const int64_t c = std::clamp<int64_t>(len - u * W, 0, W);
-      acc[u] = fVec::loadu(a + d + u * W, c);  // (c == W: a plain load; 0: zeros)
-      odd[u] = fVec(0.f);
-    }
-    auto step = [&](fVec* sum, int64_t j) {
-      const fVec wv(w[j]);
-      fVec r0, r1, r2, r3;
-      if (len == 4 * W) {
-        load2(rows[j] + d, r0, r1);
-        load2(rows[j] + d + 2 * W, r2, r3);
-      } else {
-        load2_part(rows[j] + d, len, r0, r1);
-        if (len > 2 * W) {
-          load2_part(rows[j] + d + 2 * W, len - 2 * W, r2, r3);
-        } else {
-          r2 = r3 = fVec(0.f);
-        }
-      }
-      sum[0] = at::vec::fmadd(wv, r0, sum[0]);
-      sum[1] = at::vec::fmadd(wv, r1, sum[1]);
-      sum[2] = at::vec::fmadd(wv, r2, sum[2]);
-      sum[3] = at::vec::fmadd(wv, r3, sum[3]);
-    };
-    int64_t j = 0;
-    for (; j + 2 <= cnt; j += 2) {
-      step(acc, j);
-      step(odd, j + 1);
-    }
-    if (j < cnt) step(acc, j);
-    for (int64_t u = 0; u < 4; ++u) {
-      const int64_t c = std::clamp<int64_t>(len - u * W, 0, W);
-      (acc[u] + odd[u]).store(a + d + u * W, c);  // (c == 0 stores nothing)
-    }
-  }
-}
-
 // ---- 8-bit, fp16 and bf16 caches: a GQA group's rows share every widened key and value.
 // Widening costs about as much as the multiply-add it feeds, so the group's query rows are
 // taken together: each key row is widened once per tile and used by kRowBlock rows
@@ -438,10 +347,14 @@ void scores_rows(const q_t* q, int64_t D, const code_t* const* rows, int64_t n, 
     } else {
       scores_register_block<false, RB>(qr, kr, D, acc);
     }
-    float sums[W];
-    sum_lanes(acc).store(sums);
-    for (int64_t u = 0; u < RB; ++u)
-      for (int64_t jj = 0; jj < kb; ++jj) S[u * ld + j0 + jj] = sums[u * KB + jj];
+    if constexpr (RB == 1) {  // lane jj is key j0 + jj: stored in place
+      sum_lanes(acc).store(S + j0, kb);
+    } else {
+      float sums[W];
+      sum_lanes(acc).store(sums);
+      for (int64_t u = 0; u < RB; ++u)
+        for (int64_t jj = 0; jj < kb; ++jj) S[u * ld + j0 + jj] = sums[u * KB + jj];
+    }
   }
 }
 
@@ -585,7 +498,8 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
   static_assert(!kQuant || std::is_same_v<acc_t, float>, "8-bit caches are read by the float kernels");
   // kGroup: the scores and P @ V of a tile for the whole GQA group at once (group_scores,
   // group_accumulate: register blocks of rows x keys, each cache row widened once per block
-  // of rows); 8-bit, fp16 and bf16 caches.  Float32 (and float64) caches: row by row.
+  // of rows); 8-bit, fp16 and bf16 caches.  Float32 caches: row by row, each row its own
+  // one-row block (nothing to widen); float64: scalar dot and axpy.
   constexpr bool kGroup = kQuant || (std::is_same_v<acc_t, float> && !std::is_same_v<cache_t, acc_t>);
   // bf16 caches with the bf16 products chosen (products_cpu.cpp): the scores by vdpbf16ps
   // from q's bf16 rows as given; otherwise the keys are widened
@@ -749,7 +663,7 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
             const int64_t cnt = jhi - jlo;
             acc_t mx = neg_inf;
             if constexpr (std::is_same_v<acc_t, float> && !kGroup) {  // (kGroup: group_scores above)
-              scores_block(&qf[(hoff + r) * D], krow + (jlo - t0), cnt, D, x);
+              scores_rows<1>(&qf[(hoff + r) * D], D, krow + (jlo - t0), cnt, x, 0);  // float rows: one row's block
             }
             // 8-bit keys: each score times its position's key descale
             const float* kd = kQuant ? kscale + (jlo - t0) : nullptr;
@@ -803,7 +717,7 @@ void decode_tasks(const DecodeShape& sh, const at::Tensor& q, const at::Tensor& 
             } else if constexpr (!std::is_same_v<acc_t, float>) {
               for (int64_t j = 0; j < cnt; ++j) axpy(a, vrow[jlo + j - t0], x[j], Dv);
             } else {
-              accumulate_rows(a, vrow + (jlo - t0), x, cnt, Dv);
+              accumulate_rows_block<1>(a, Dv, vrow + (jlo - t0), x, cnt, 0);
             }
             l[hoff + r] = l[hoff + r] * alpha + sum;
             m[hoff + r] = m_new;
