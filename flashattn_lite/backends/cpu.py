@@ -106,18 +106,17 @@ def _set_products(lib):
     if env == "auto":
         rates = probe_products()
         path, why = choose_products(rates)
-        if path == "onednn":
-            try:
-                lib.cpu_bf16_products(_ENGINES[path])
-            except RuntimeError as exc:  # measured once (cached), refused in this process
-                path, why = choose_products(dict(rates, onednn=0.0))
-                why += f"; oneDNN refused here: {str(exc).splitlines()[0]}"
     else:
         path, why = env, f"forced by {MATMUL_ENV}={env}"
     try:
         lib.cpu_bf16_products(_ENGINES[path])
     except RuntimeError as exc:
-        raise RuntimeError(f"{MATMUL_ENV}={env}: {exc}") from None
+        if env != "auto" or path != "onednn":
+            raise RuntimeError(f"{MATMUL_ENV}={env}: {exc}") from None
+        # measured once (cached), refused in this process: the next choice, with the reason
+        path, why = choose_products(dict(rates, onednn=0.0))
+        why += f"; oneDNN refused here: {str(exc).splitlines()[0]}"
+        lib.cpu_bf16_products(_ENGINES[path])
     _products.update(env=env, path=path, why=why)
 
 
