@@ -6,6 +6,9 @@ have more than 64 queries so the forward takes the chosen path (shorter ones wid
 tiles either way); the decoding kernel's bf16 scores follow the choice too."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,7 +39,17 @@ PATHS = [pytest.param("bf16", marks=pytest.mark.skipif("not _has_unit()", reason
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
     monkeypatch.setenv(cpu.MATMUL_ENV, request.param)
-    return request.param
+    if request.param != "onednn":
+        yield request.param
+        return
+    # every product shape these tests meet goes to oneDNN (the process's budget of shapes
+    # would otherwise send later tests' new shapes to the micro-kernel)
+    budget = torch.ops.flashattn_lite_C.cpu_onednn_shapes()[1]
+    torch.ops.flashattn_lite_C.cpu_onednn_shapes(1 << 30)
+    try:
+        yield request.param
+    finally:
+        torch.ops.flashattn_lite_C.cpu_onednn_shapes(budget)
 
 
 @pytest.mark.parametrize("case", [
@@ -220,6 +233,52 @@ def test_auto_falls_back_when_onednn_is_refused(monkeypatch, tmp_path):
                                              "here: refused")
     finally:
         cpu._products["env"] = None  # re-decide with the real extension at the next call
+
+
+def test_onednn_shape_budget(monkeypatch):
+    """oneDNN keeps code for every product shape it meets, per thread, for the life of the
+    process, so a process admits at most a budget of shapes to it: products of the other
+    shapes run on the micro-kernel, with the same operands and within the same tolerance.
+    Shapes are counted after rounding (rows to 16, columns to 32, pairs to 16)."""
+    if not _has_onednn():
+        pytest.skip("oneDNN's bf16 brgemm does not run here")
+    monkeypatch.setenv(cpu.MATMUL_ENV, "onednn")
+    shapes = torch.ops.flashattn_lite_C.cpu_onednn_shapes
+    n0, budget = shapes()
+    try:
+        shapes(n0)  # full: nothing new is admitted
+        check_case("cpu", dtype=torch.bfloat16, batch=1, sq=211, sk=347, hq=2, hk=1, d=72, causal=True)
+        assert shapes()[0] == n0
+        shapes(n0 + 3)  # room for three of the many new shapes below
+        check_case("cpu", dtype=torch.bfloat16, batch=1, sq=233, sk=389, hq=2, hk=2, d=88, window=(100, 7))
+        assert shapes()[0] == n0 + 3
+        # many lengths, fresh shapes each (a server's prompts): the count stops at the budget
+        for n in (150, 166, 181, 197):
+            check_case("cpu", dtype=torch.bfloat16, batch=1, sq=n, sk=n + 5, hq=1, hk=1, d=56, causal=True)
+        assert shapes()[0] == n0 + 3
+    finally:
+        shapes(budget)
+    assert shapes() == [n0 + 3, budget]
+
+
+def test_onednn_shape_budget_from_the_environment(tmp_path):
+    """FLASHATTN_LITE_ONEDNN_SHAPES sets the budget; a bad value is a clear error."""
+    if not _has_onednn():
+        pytest.skip("oneDNN's bf16 brgemm does not run here")
+    code = ("import torch, flashattn_lite as fl\n"
+            "q = torch.randn(1, 100, 1, 32, dtype=torch.bfloat16)\n"
+            "with fl.use_backend('cpu'):\n"
+            "    fl.flash_attn_func(q, q, q)\n"
+            "print(torch.ops.flashattn_lite_C.cpu_onednn_shapes())\n")
+    env = dict(os.environ, FLASHATTN_LITE_CPU_MATMUL="onednn", FLASHATTN_LITE_ONEDNN_SHAPES="2")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[2, 2]"
+    for bad in ("many", "-4", "12x"):
+        env["FLASHATTN_LITE_ONEDNN_SHAPES"] = bad
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode != 0
+        assert f"FLASHATTN_LITE_ONEDNN_SHAPES must be an integer >= 0, got '{bad}'" in run.stderr
 
 
 def test_onednn_with_mkldnn_switched_off(monkeypatch):

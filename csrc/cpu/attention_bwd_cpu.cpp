@@ -112,7 +112,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     T* dP = st.dP.data();
     const in_t* kt = kp + sq.pb * skb + hk * skh + sq.k0 * sks;
     const in_t* vt = vp + sq.pb * svb + hk * svh + sq.k0 * svs;
-    const int64_t ldk = sq.len_k + 16;  // k_dim's and v_dim's row length
+    const int64_t ldk = dim_pack_ld(sq.len_k);  // k_dim's and v_dim's row length
     const uint32_t* k_dim = kMat ? pk->k_dim.at(u.seq, hk) : nullptr;
     const uint32_t* k_rows = kMat ? pk->k_rows.at(u.seq, hk) : nullptr;
     const uint32_t* v_dim = kMat ? pk->v_dim.at(u.seq, hk) : nullptr;

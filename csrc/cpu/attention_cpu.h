@@ -558,10 +558,22 @@ inline void pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64
   }
 }
 
+// The row length of a kHeadDim pack (below) of a sequence of ``len`` rows: len rounded up
+// to one of 8 values per octave (at most 1/8 more), plus 16 (so a vector read from any row
+// stays inside, and the row stride is not a power of two, which would put a column's
+// rows in one cache set).  The row length is the key stride of the products that read
+// the pack, and oneDNN generates and keeps code for each stride it meets
+// (products_cpu.cpp), so nearby key lengths share one.
+inline int64_t dim_pack_ld(int64_t len) {
+  int64_t step = 1;
+  while (step * 16 < len) step *= 2;
+  return (len + step - 1) / step * step + 16;
+}
+
 // A bf16 tensor's rows of every (sequence, head) as bf16_gemm.h's B operand, packed once
-// per call (as many bytes as the tensor has).  ``kHeadDimPairs``: pairs of the head dim
-// W (ceil(W / 2) rows) x the sequence's rows, row length ``len + 16`` (so a vector read
-// from any row stays inside): K for S = Q K^T, V for dP = dO V^T.  ``kRowPairs``: pairs of
+// per call (about as many bytes as the tensor has).  ``kHeadDimPairs``: pairs of the head
+// dim W (ceil(W / 2) rows) x the sequence's rows, row length dim_pack_ld(len): K for
+// S = Q K^T, V for dP = dO V^T.  ``kRowPairs``: pairs of
 // sequence rows (ceil(len / 2) rows, the even row first) x W, row length ``ld``
 // (W rounded up to 16): V for P V; K, Q and dO for the backward's dQ, dK, dV.  Padding is 0.
 enum class Pairs { kHeadDim, kRows };
@@ -592,7 +604,7 @@ inline PairPack pack_pairs(const at::Tensor& t, const Problem& pr, bool queries,
     const int64_t len = rows_of(pr.seqs[s]);
     for (int64_t h = 0; h < heads; ++h) {
       pk.off.push_back(total);
-      total += how == Pairs::kHeadDim ? W2 * (len + 16) : (len + 1) / 2 * pk.ld;
+      total += how == Pairs::kHeadDim ? W2 * dim_pack_ld(len) : (len + 1) / 2 * pk.ld;
     }
   }
   pk.buf = at::zeros({std::max<int64_t>(total, 1)}, t.options().dtype(at::kInt));
@@ -606,10 +618,11 @@ inline PairPack pack_pairs(const at::Tensor& t, const Problem& pr, bool queries,
       const at::BFloat16* src = tp + sq.pb * t.stride(0) + h * t.stride(2) + (queries ? sq.q0 : sq.k0) * rs;
       uint32_t* dst = out + pk.off[task];
       if (how == Pairs::kHeadDim) {
+        const int64_t ld = dim_pack_ld(len);
         for (int64_t j = 0; j < len; ++j) {
           const at::BFloat16* row = src + j * rs;
           for (int64_t p = 0; p < W2; ++p)
-            dst[p * (len + 16) + j] = pair_bits(row + 2 * p, 2 * p + 1 < W ? row + 2 * p + 1 : nullptr);
+            dst[p * ld + j] = pair_bits(row + 2 * p, 2 * p + 1 < W ? row + 2 * p + 1 : nullptr);
         }
       } else {
         for (int64_t p = 0; p < (len + 1) / 2; ++p) {

@@ -121,7 +121,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       const int64_t slab = band_cuts(band, r0, rows, c0, cols) ? (rows + kStairSlabs - 1) / kStairSlabs : rows;
       for_slabs(band, r0, rows, c0, cols, slab, [&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
         if constexpr (kMat) {
-          pair_gemm(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, kpk + c0 + ca, sq.len_k + 16,
+          pair_gemm(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, kpk + c0 + ca, dim_pack_ld(sq.len_k),
                     st.S.data() + s0 * BN + ca, BN, float(scale), false);
         } else {
           gemm_rm<T>(false, true, s1 - s0, ce - ca, D, scale, qt + s0 * ldq, ldq, ktile + ca * ldk, ldk, T(0),

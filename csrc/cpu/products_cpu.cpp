@@ -5,6 +5,8 @@
 //   flashattn_lite_C::cpu_probe_products() -> float[]
 //       [has the unit, bf16 micro-kernel GFLOP/s, float32 GFLOP/s, oneDNN brgemm GFLOP/s
 //        (0: not available here)]
+//   flashattn_lite_C::cpu_onednn_shapes(int budget) -> int[]
+//       [product shapes admitted to oneDNN so far, the budget]; budget >= 0 sets it first
 
 #include <ATen/Config.h>
 #include <ATen/native/CPUBlas.h>
@@ -12,7 +14,11 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <mutex>
 #include <string>
+#include <unordered_map>
+#include <unordered_set>
 
 #include "attention_cpu.h"
 
@@ -26,6 +32,129 @@ namespace attention_cpu {
 namespace {
 std::atomic<int> g_engine{0};
 thread_local bool t_brgemm_used = false;  // this thread has called brgemm since its last release
+
+// oneDNN generates code for every product shape it meets (sizes, strides, add or not) and
+// torch keeps it per thread, with no limit, for the life of the process: measured on an
+// AMD EPYC, about 140 KiB per shape and thread, and a forward+backward over 400 distinct
+// key lengths met 8000 shapes (3 GiB) without the rounding below.
+// So a process admits at most a budget of shapes to oneDNN (FLASHATTN_LITE_ONEDNN_SHAPES,
+// default kDefaultShapeBudget); products of other shapes run on the micro-kernel, which
+// reads the same operands.  Admission is process-wide and final: a shape, once decided,
+// runs on the same engine on every thread for the rest of the process, so results stay
+// reproducible and independent of the thread count.
+constexpr int64_t kDefaultShapeBudget = 128;
+
+struct ShapeKey {
+  int64_t M, N, K2, lda, ldb, ldc;
+  bool add;
+  bool operator==(const ShapeKey& o) const {
+    return M == o.M && N == o.N && K2 == o.K2 && lda == o.lda && ldb == o.ldb && ldc == o.ldc && add == o.add;
+  }
+};
+struct ShapeHash {
+  size_t operator()(const ShapeKey& k) const {
+    uint64_t h = 1469598103934665603ull;
+    for (int64_t v : {k.M, k.N, k.K2, k.lda, k.ldb, k.ldc, int64_t(k.add)}) h = (h ^ uint64_t(v)) * 1099511628211ull;
+    return size_t(h);
+  }
+};
+
+std::mutex g_shapes_mutex;
+std::unordered_set<ShapeKey, ShapeHash> g_admitted;  // (guarded by g_shapes_mutex)
+int64_t g_budget = -1;                               // (guarded; -1: not read from the environment yet)
+std::atomic<uint64_t> g_budget_epoch{0};             // bumped when the budget is set: threads drop their copies
+
+int64_t budget_locked() {
+  if (g_budget < 0) {
+    g_budget = kDefaultShapeBudget;
+    if (const char* env = std::getenv("FLASHATTN_LITE_ONEDNN_SHAPES")) {
+      char* end = nullptr;
+      const long long v = std::strtoll(env, &end, 10);
+      TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 0,
+                        "flashattn_lite cpu: FLASHATTN_LITE_ONEDNN_SHAPES must be an integer >= 0, got '", env, "'");
+      g_budget = v;
+    }
+  }
+  return g_budget;
+}
+
+// Whether oneDNN runs products of this shape (the first call of a new shape decides).
+bool admitted(const ShapeKey& key) {
+  thread_local std::unordered_map<ShapeKey, bool, ShapeHash> seen;  // this thread's copy of decisions
+  thread_local uint64_t epoch = 0;
+  if (epoch != g_budget_epoch.load(std::memory_order_acquire)) {  // (a refusal may not hold any more)
+    seen.clear();
+    epoch = g_budget_epoch.load(std::memory_order_acquire);
+  }
+  const auto it = seen.find(key);
+  if (it != seen.end()) return it->second;
+  bool yes;
+  {
+    std::lock_guard<std::mutex> lock(g_shapes_mutex);
+    yes = g_admitted.count(key) > 0;
+    if (!yes && int64_t(g_admitted.size()) < budget_locked()) {
+      g_admitted.insert(key);
+      yes = true;
+    }
+  }
+  if (seen.size() >= 4096) seen.clear();  // (refused shapes are not bounded in number)
+  seen.emplace(key, yes);
+  return yes;
+}
+
+std::vector<int64_t> onednn_shapes(int64_t budget) {
+  std::lock_guard<std::mutex> lock(g_shapes_mutex);
+  if (budget >= 0) {
+    g_budget = budget;
+    g_budget_epoch.fetch_add(1, std::memory_order_acq_rel);
+  }
+  return {int64_t(g_admitted.size()), budget_locked()};
+}
+
+// onednn_pair_gemm with the first Kb of the K2 pairs on oneDNN, whatever the shape, and the
+// rest (none for the self-check and the probe) added by the micro-kernel before alpha.
+void brgemm_pairs(int64_t M, int64_t N, int64_t K2, int64_t Kb, const uint32_t* A, int64_t lda, const uint32_t* B,
+                  int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
+#ifdef FLASHATTN_LITE_ONEDNN_BRGEMM
+  if (M <= 0 || N <= 0) return;
+  if (K2 <= 0) {  // an empty sum
+    for (int64_t m = 0; m < M && !accumulate; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
+    return;
+  }
+  const auto* a = reinterpret_cast<const at::BFloat16*>(A);
+  const auto* b = reinterpret_cast<const at::BFloat16*>(B);
+  t_brgemm_used = true;
+  auto rest = [&](float* T, int64_t ldt) {
+    if (Kb < K2) bf16_gemm(M, N, K2 - Kb, A + Kb, lda, B + Kb * ldb, ldb, T, ldt, 1.0f, true);
+  };
+  // brgemm has no alpha: C = A B (+ C).  With alpha != 1 the product lands in scratch and
+  // C = alpha * product (+ C), the two roundings of bf16_gemm's epilogue.
+  if (alpha == 1.0f) {
+    at::native::cpublas::brgemm(M, N, 2 * Kb, 2 * lda, ldb, ldc, accumulate, a, b, C, true);
+    rest(C, ldc);
+    return;
+  }
+  thread_local std::vector<float> tmp;
+  if (tmp.size() < size_t(M * N)) tmp.resize(size_t(M * N));
+  at::native::cpublas::brgemm(M, N, 2 * Kb, 2 * lda, ldb, N, false, a, b, tmp.data(), true);
+  rest(tmp.data(), N);
+  using fVec = at::vec::Vectorized<float>;
+  const fVec va(alpha);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = tmp.data() + m * N;
+    float* dst = C + m * ldc;
+    int64_t n = 0;
+    for (; n + fVec::size() <= N; n += fVec::size()) {
+      fVec r = fVec::loadu(src + n) * va;
+      if (accumulate) r = r + fVec::loadu(dst + n);
+      r.store(dst + n);
+    }
+    for (; n < N; ++n) dst[n] = accumulate ? alpha * src[n] + dst[n] : alpha * src[n];
+  }
+#else
+  TORCH_CHECK(false, "flashattn_lite cpu: this torch was built without oneDNN's brgemm");
+#endif
+}
 
 // Whether oneDNN's bf16 brgemm runs here and gives the right products: products with odd
 // sizes past one AMX tile each way (37 rows, 83 columns, 70 along the reduction), each way
@@ -47,8 +176,8 @@ std::string onednn_problem() {
   const auto* A = reinterpret_cast<const uint32_t*>(a.data());
   const auto* B = reinterpret_cast<const uint32_t*>(b.data());
   try {
-    onednn_pair_gemm(M, N, K2, A, K2, B, N, c.data(), LDC, 2.0f, false);  // C = 2 AB
-    onednn_pair_gemm(M, N, K2, A, K2, B, N, c.data(), LDC, 1.0f, true);   // C += AB
+    brgemm_pairs(M, N, K2, K2, A, K2, B, N, c.data(), LDC, 2.0f, false);  // C = 2 AB
+    brgemm_pairs(M, N, K2, K2, A, K2, B, N, c.data(), LDC, 1.0f, true);   // C += AB
     release_products();
   } catch (const c10::Error& e) {
     return std::string("oneDNN's bf16 brgemm failed here: ") + e.what_without_backtrace();
@@ -126,7 +255,10 @@ std::vector<double> probe_products() {
     };
     t16 = products(bf16_gemm);
     if (onednn_unavailable().empty()) {
-      tdnn = products(onednn_pair_gemm);
+      tdnn = products([](int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
+                          int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
+        brgemm_pairs(M, N, K2, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
+      });
       release_products();
     }
   }
@@ -137,42 +269,23 @@ std::vector<double> probe_products() {
 
 Bf16Engine bf16_engine() { return Bf16Engine(g_engine.load(std::memory_order_relaxed)); }
 
+// oneDNN runs the product's main part, its rows and columns rounded down to multiples of
+// kQuantM and kQuantN and its pairs to a multiple of kQuantK, if that shape is admitted;
+// the micro-kernel runs the rest.  Rounding keeps the shapes few: the tiles of a causal
+// staircase, of sequence ends and of windows come in every width.
+constexpr int64_t kQuantM = 16, kQuantN = 32, kQuantK = 16;
+
 void onednn_pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
                       int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
-#ifdef FLASHATTN_LITE_ONEDNN_BRGEMM
-  if (M <= 0 || N <= 0) return;
-  if (K2 <= 0) {  // an empty sum
-    for (int64_t m = 0; m < M && !accumulate; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
+  const int64_t Mm = M / kQuantM * kQuantM, Nm = N / kQuantN * kQuantN, Km = K2 / kQuantK * kQuantK;
+  if (Mm == 0 || Nm == 0 || Km == 0 ||
+      !admitted(ShapeKey{Mm, Nm, Km, lda, ldb, alpha == 1.0f ? ldc : Nm, alpha == 1.0f && accumulate})) {
+    bf16_gemm(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);  // (the engine is only chosen with kHaveBf16Dot)
     return;
   }
-  const auto* a = reinterpret_cast<const at::BFloat16*>(A);
-  const auto* b = reinterpret_cast<const at::BFloat16*>(B);
-  t_brgemm_used = true;
-  // brgemm has no alpha: C = A B (+ C).  With alpha != 1 the product lands in scratch and
-  // C = alpha * product (+ C), the two roundings of bf16_gemm's epilogue.
-  if (alpha == 1.0f) {
-    at::native::cpublas::brgemm(M, N, 2 * K2, 2 * lda, ldb, ldc, accumulate, a, b, C, true);
-    return;
-  }
-  thread_local std::vector<float> tmp;
-  if (tmp.size() < size_t(M * N)) tmp.resize(size_t(M * N));
-  at::native::cpublas::brgemm(M, N, 2 * K2, 2 * lda, ldb, N, false, a, b, tmp.data(), true);
-  using fVec = at::vec::Vectorized<float>;
-  const fVec va(alpha);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* src = tmp.data() + m * N;
-    float* dst = C + m * ldc;
-    int64_t n = 0;
-    for (; n + fVec::size() <= N; n += fVec::size()) {
-      fVec r = fVec::loadu(src + n) * va;
-      if (accumulate) r = r + fVec::loadu(dst + n);
-      r.store(dst + n);
-    }
-    for (; n < N; ++n) dst[n] = accumulate ? alpha * src[n] + dst[n] : alpha * src[n];
-  }
-#else
-  TORCH_CHECK(false, "flashattn_lite cpu: ", onednn_unavailable());
-#endif
+  brgemm_pairs(Mm, Nm, K2, Km, A, lda, B, ldb, C, ldc, alpha, accumulate);
+  if (Nm < N) bf16_gemm(Mm, N - Nm, K2, A, lda, B + Nm, ldb, C + Nm, ldc, alpha, accumulate);
+  if (Mm < M) bf16_gemm(M - Mm, N, K2, A + Mm * lda, lda, B, ldb, C + Mm * ldc, ldc, alpha, accumulate);
 }
 
 void release_products() {
@@ -189,6 +302,7 @@ void release_products() {
 TORCH_LIBRARY_FRAGMENT(flashattn_lite_C, m) {
   m.def("cpu_bf16_products(int engine) -> ()", &attention_cpu::set_bf16_products);
   m.def("cpu_probe_products() -> float[]", &attention_cpu::probe_products);
+  m.def("cpu_onednn_shapes(int budget=-1) -> int[]", &attention_cpu::onednn_shapes);
 }
 
 }  // namespace flashattn_lite

@@ -84,8 +84,9 @@ def probe_products():
 def choose_products(rates):
     """(path, why) that "auto" takes for these measured rates.  A bf16 engine must run at
     least _MATMUL_MARGIN times float32; oneDNN must also beat the micro-kernel by that
-    factor (as AMX does), since it generates code for every new tile shape (a first varlen
-    call with many lengths took twice as long) and the micro-kernel needs none."""
+    factor (as AMX does), since it generates code for every new product shape (a first call
+    with many new shapes is slower, and only a budget of shapes runs on it: products_cpu.cpp)
+    and the micro-kernel needs none."""
     if not rates["unit"]:
         return "fp32", "auto: no bf16 dot-product unit (AVX512-BF16) in this build/CPU"
     bar = _MATMUL_MARGIN * rates["fp32"]
@@ -117,6 +118,8 @@ def _set_products(lib):
         path, why = choose_products(dict(rates, onednn=0.0))
         why += f"; oneDNN refused here: {str(exc).splitlines()[0]}"
         lib.cpu_bf16_products(_ENGINES[path])
+    if path == "onednn":
+        lib.cpu_onednn_shapes()  # reads FLASHATTN_LITE_ONEDNN_SHAPES now: a bad value raises before any kernel
     _products.update(env=env, path=path, why=why)
 
 
