@@ -99,7 +99,8 @@ def ops_seen(fn):
 
 
 # the extension's settings operators: they choose a path once per process, compute nothing
-_SETTINGS_OPS = {"flashattn_lite_C::cpu_bf16_products", "flashattn_lite_C::cpu_probe_products"}
+_SETTINGS_OPS = {"flashattn_lite_C::cpu_bf16_products", "flashattn_lite_C::cpu_fp16_products",
+                 "flashattn_lite_C::cpu_probe_products", "flashattn_lite_C::cpu_onednn_shapes"}
 
 
 def kernels_run(fn):

@@ -33,11 +33,14 @@ def test_info_lists_backends_and_features():
     for word in ("torch", "triton", "backends:", "reference", "cpu", "cuda", "features:", "backward", "kv-cache"):
         assert word in proc.stdout
     # how the cpu backend multiplies each low-precision dtype, and why (measured rates or the forcing variable)
-    assert re.search(r"^  bf16 +(bf16 products|bf16 products \(oneDNN\)|widened to float32) +auto: ", proc.stdout,
-                     re.M), proc.stdout
-    assert re.search(r"^  fp16 +widened to float32 ", proc.stdout, re.M)
-    forced = _cli("info", env={**os.environ, "FLASHATTN_LITE_CPU_MATMUL": "fp32"})
+    for dtype in ("bf16", "fp16"):
+        assert re.search(rf"^  {dtype} +({dtype} products|oneDNN products|widened to float32) +auto: ", proc.stdout,
+                         re.M), proc.stdout
+    forced = _cli("info", env={**os.environ, "FLASHATTN_LITE_CPU_MATMUL": "fp32",
+                               "FLASHATTN_LITE_CPU_MATMUL_FP16": "fp32"})
     assert re.search(r"^  bf16 +widened to float32 +forced by FLASHATTN_LITE_CPU_MATMUL=fp32", forced.stdout, re.M)
+    assert re.search(r"^  fp16 +widened to float32 +forced by FLASHATTN_LITE_CPU_MATMUL_FP16=fp32", forced.stdout,
+                     re.M)
 
 
 def test_check_passes_on_every_usable_backend():

@@ -1,7 +1,7 @@
-"""The CPU backend's ways of multiplying bf16 tiles (bf16 products on the CPU's bf16
-dot-product unit, by this extension's micro-kernel or by oneDNN's brgemm, or widened to
-float32), each forced with FLASHATTN_LITE_CPU_MATMUL and compared with the float64
-reference; and the choice between them (measurement, cache, forcing, errors).  Shapes
+"""The CPU backend's ways of multiplying bf16 and fp16 tiles (products in that type, by this
+extension's micro-kernel or by oneDNN's brgemm, or widened to float32), each forced with
+FLASHATTN_LITE_CPU_MATMUL (bf16) or FLASHATTN_LITE_CPU_MATMUL_FP16 and compared with the
+float64 reference; and the choice between them (measurement, cache, forcing, errors).  Shapes
 have more than 64 queries so the forward takes the chosen path (shorter ones widen their
 tiles either way); the decoding kernel's bf16 scores follow the choice too."""
 
@@ -30,24 +30,40 @@ def _has_onednn():
     return cpu.probe_products()["onednn"] > 0
 
 
-PATHS = [pytest.param("bf16", marks=pytest.mark.skipif("not _has_unit()", reason="no AVX512-BF16 on this CPU")),
-         pytest.param("onednn", marks=pytest.mark.skipif("not _has_onednn()",
-                                                         reason="oneDNN's bf16 brgemm does not run here")),
-         "fp32"]
+def _has_fp16_kernel():
+    return cpu.probe_products()["fp16"] > 0
 
 
-@pytest.fixture(params=PATHS)
+def _has_onednn_fp16():
+    return cpu.probe_products()["onednn_fp16"] > 0
+
+
+PATHS = [pytest.param(("bf16", "bf16"), marks=pytest.mark.skipif("not _has_unit()", reason="no AVX512-BF16 here")),
+         pytest.param(("bf16", "onednn"), marks=pytest.mark.skipif("not _has_onednn()",
+                                                                   reason="oneDNN's bf16 brgemm does not run here")),
+         ("bf16", "fp32"),
+         pytest.param(("fp16", "fp16"), marks=pytest.mark.skipif("not _has_fp16_kernel()",
+                                                                 reason="no fp16 micro-kernel (AVX-512) here")),
+         pytest.param(("fp16", "onednn"), marks=pytest.mark.skipif("not _has_onednn_fp16()",
+                                                                   reason="oneDNN's fp16 brgemm does not run here")),
+         ("fp16", "fp32")]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture(params=PATHS, ids=lambda p: "-".join(p))
 def path(request, monkeypatch):
-    monkeypatch.setenv(cpu.MATMUL_ENV, request.param)
-    if request.param != "onednn":
-        yield request.param
+    """(dtype, path): the tests' dtype, with its path forced (the other dtype's left as is)."""
+    dtype, name = request.param
+    monkeypatch.setenv(cpu.MATMUL_ENV if dtype == "bf16" else cpu.MATMUL_FP16_ENV, name)
+    if name != "onednn":
+        yield _DTYPES[dtype], name
         return
     # every product shape these tests meet goes to oneDNN (the process's budget of shapes
     # would otherwise send later tests' new shapes to the micro-kernel)
     budget = torch.ops.flashattn_lite_C.cpu_onednn_shapes()[1]
     torch.ops.flashattn_lite_C.cpu_onednn_shapes(1 << 30)
     try:
-        yield request.param
+        yield _DTYPES[dtype], name
     finally:
         torch.ops.flashattn_lite_C.cpu_onednn_shapes(budget)
 
@@ -61,28 +77,49 @@ def path(request, monkeypatch):
     dict(batch=1, sq=100, sk=99, hq=1, hk=1, d=1),                     # head dim 1, odd key count
 ], ids=["gqa-causal", "d33", "window", "softcap-alibi", "bhsd-d128", "d1"])
 def test_dense_against_reference(path, case):
-    check_case("cpu", dtype=torch.bfloat16, **case)
+    check_case("cpu", dtype=path[0], **case)
 
 
 def test_varlen_and_mla_and_bias(path):
-    check_varlen("cpu", [70, 1, 0, 131], [90, 5, 3, 131], 4, 2, 64, torch.bfloat16, causal=True)
-    check_varlen("cpu", [67, 100], [99, 100], 2, 2, 32, torch.bfloat16, window=(9, 4), softcap=3.0, alibi=True)
-    q, k, v = _qkv(1, 96, 160, 4, 2, 192, 128, torch.bfloat16)  # MLA: Dv != D
-    dout = torch.randn(1, 96, 4, 128, dtype=torch.bfloat16)
+    dt = path[0]
+    check_varlen("cpu", [70, 1, 0, 131], [90, 5, 3, 131], 4, 2, 64, dt, causal=True)
+    check_varlen("cpu", [67, 100], [99, 100], 2, 2, 32, dt, window=(9, 4), softcap=3.0, alibi=True)
+    q, k, v = _qkv(1, 96, 160, 4, 2, 192, 128, dt)  # MLA: Dv != D
+    dout = torch.randn(1, 96, 4, 128, dtype=dt)
     ours = _dense("cpu", q, k, v, dout, causal=True)
-    _assert_ok(ours, *reference_results(q, k, v, dout, 192 ** -0.5, 64, -1, 0), torch.bfloat16)
-    check_mask("cpu", 1, 80, 96, 2, 1, 40, torch.bfloat16, (1, 2, 80, 96), "float-grad")  # bias with its gradient
-    check_mask("cpu", 1, 80, 96, 2, 2, 40, torch.bfloat16, (80, 96), "bool", mask_rows=True)
-    check_dropout("cpu", 1, 90, 120, 2, 2, 32, torch.bfloat16, 0.2, causal=True)
+    _assert_ok(ours, *reference_results(q, k, v, dout, 192 ** -0.5, 64, -1, 0), dt)
+    check_mask("cpu", 1, 80, 96, 2, 1, 40, dt, (1, 2, 80, 96), "float-grad")  # bias with its gradient
+    check_mask("cpu", 1, 80, 96, 2, 2, 40, dt, (80, 96), "bool", mask_rows=True)
+    check_dropout("cpu", 1, 90, 120, 2, 2, 32, dt, 0.2, causal=True)
 
 
 def test_sink_against_reference(path):
-    q, k, v = (torch.randn(1, 100, 2, 48, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dt = path[0]
+    q, k, v = (torch.randn(1, 100, 2, 48, dtype=dt, requires_grad=True) for _ in range(3))
     sink = torch.randn(2, requires_grad=True)
-    dout = torch.randn(1, 100, 2, 48, dtype=torch.bfloat16)
+    dout = torch.randn(1, 100, 2, 48, dtype=dt)
     ours = _dense("cpu", q, k, v, dout, sink=sink, causal=True)
     ref, base = reference_results(q, k, v, dout, 48 ** -0.5, 0, -1, 0, learnable_sink=sink)
-    assert_checks_ok(ours, ref, base, torch.bfloat16)
+    assert_checks_ok(ours, ref, base, dt)
+
+
+def test_scores_rising_along_the_row(path):
+    """Scores that rise by 16 nats along each row (a bias ramp): the forward's first shift
+    of a row sits far below its later scores, where P under that shift would pass fp16's
+    largest value (65504); the row must be rescaled before P is rounded, not overflow."""
+    dt = path[0]
+    q, k, v = (torch.randn(1, 130, 2, 32, dtype=dt, requires_grad=True) for _ in range(3))
+    bias = torch.linspace(0, 16, 300).expand(1, 2, 130, 300).to(dt)
+    k2, v2 = (torch.randn(1, 300, 2, 32, dtype=dt, requires_grad=True) for _ in range(2))
+    dout = torch.randn(1, 130, 2, 32, dtype=dt)
+    with fl.use_backend("cpu"):
+        out = fl.scaled_dot_product_attention(q.transpose(1, 2), k2.transpose(1, 2), v2.transpose(1, 2),
+                                              attn_mask=bias)
+        grads = torch.autograd.grad(out, (q, k2, v2), dout.transpose(1, 2))
+    ours = dict(out=out.detach().transpose(1, 2), dq=grads[0], dk=grads[1], dv=grads[2])
+    ref, base = reference_results(q, k2, v2, dout, 32 ** -0.5, bias=bias)
+    assert torch.isfinite(ours["out"]).all()
+    assert_checks_ok(ours, ref, base, dt)
 
 
 def _fwd_bwd(q, k, v, dout):
@@ -92,8 +129,8 @@ def _fwd_bwd(q, k, v, dout):
 
 
 def test_reproducible_and_thread_count_invariant(path):
-    q, k, v = (torch.randn(2, 300, 4, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    dout = torch.randn(2, 300, 4, 64, dtype=torch.bfloat16)
+    q, k, v = (torch.randn(2, 300, 4, 64, dtype=path[0], requires_grad=True) for _ in range(3))
+    dout = torch.randn(2, 300, 4, 64, dtype=path[0])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -107,30 +144,34 @@ def test_reproducible_and_thread_count_invariant(path):
     assert torch.equal(one[0], many[0])  # the forward for any thread count
 
 
-def test_paths_differ_only_by_rounding(monkeypatch):
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_paths_differ_only_by_rounding(monkeypatch, dtype):
     """The paths on the same inputs: each within tolerance (above), and on a machine with
-    the unit they really are different paths (P rounded to bf16 changes low bits)."""
-    if not _has_unit():
+    the unit they really are different paths (P rounded to bf16/fp16 changes low bits)."""
+    own, onednn = (_has_unit(), _has_onednn()) if dtype == "bf16" else (_has_fp16_kernel(), _has_onednn_fp16())
+    if not own:
         pytest.skip("one path on this CPU")
-    q, k, v = (torch.randn(1, 128, 2, 64, dtype=torch.bfloat16) for _ in range(3))
+    env = cpu.MATMUL_ENV if dtype == "bf16" else cpu.MATMUL_FP16_ENV
+    q, k, v = (torch.randn(1, 128, 2, 64, dtype=_DTYPES[dtype]) for _ in range(3))
     outs = {}
-    for p in ("bf16", "onednn", "fp32") if _has_onednn() else ("bf16", "fp32"):
-        monkeypatch.setenv(cpu.MATMUL_ENV, p)
+    for p in (dtype, "onednn", "fp32") if onednn else (dtype, "fp32"):
+        monkeypatch.setenv(env, p)
         with fl.use_backend("cpu"):
             outs[p] = fl.flash_attn_func(q, k, v)
-        assert cpu.products_choice()["bf16"][0] == p
-    assert not torch.equal(outs["bf16"], outs["fp32"])
+        assert cpu.products_choice()[dtype][0] == p
+    assert not torch.equal(outs[dtype], outs["fp32"])
     for p in outs:
-        assert (outs[p].float() - outs["fp32"].float()).abs().max() < 0.05
+        assert (outs[p].float() - outs["fp32"].float()).abs().max() < (0.05 if dtype == "bf16" else 0.01)
 
 
 def test_auto_choice_by_measurement_and_its_cache(monkeypatch, tmp_path):
     cache = tmp_path / "products.json"
     monkeypatch.setattr(cpu, "_probe_file", lambda: str(cache))
     rates = cpu.probe_products()  # measured: one thread, every way
-    assert set(rates) == {"unit", "bf16", "fp32", "onednn"} and rates["fp32"] > 0
+    assert set(rates) == {"unit", "bf16", "fp32", "onednn", "fp16", "onednn_fp16"} and rates["fp32"] > 0
     assert (rates["bf16"] > 0) == rates["unit"]
     assert rates["onednn"] == 0 or rates["unit"]
+    assert rates["onednn_fp16"] == 0 or rates["fp16"] > 0
     assert json.loads(cache.read_text()) == rates
 
     def no_second_measurement():
@@ -139,19 +180,29 @@ def test_auto_choice_by_measurement_and_its_cache(monkeypatch, tmp_path):
     assert cpu.probe_products() == rates
 
     monkeypatch.setenv(cpu.MATMUL_ENV, "auto")
-    for fake, expect in (({"unit": True, "bf16": 500.0, "fp32": 100.0, "onednn": 0.0}, "bf16"),
-                         ({"unit": True, "bf16": 500.0, "fp32": 100.0, "onednn": 400.0}, "bf16"),
-                         ({"unit": True, "bf16": 500.0, "fp32": 100.0, "onednn": 550.0}, "bf16"),  # a near tie
-                         ({"unit": True, "bf16": 300.0, "fp32": 100.0, "onednn": 2000.0}, "onednn"),  # AMX
-                         ({"unit": True, "bf16": 100.0, "fp32": 100.0, "onednn": 130.0}, "onednn"),
-                         ({"unit": True, "bf16": 110.0, "fp32": 100.0, "onednn": 120.0}, "fp32"),  # not worth P's rounding
-                         ({"unit": False, "bf16": 0.0, "fp32": 100.0, "onednn": 0.0}, "fp32")):
-        if (expect == "bf16" and not rates["unit"]) or (expect == "onednn" and not rates["onednn"]):
-            continue  # the extension cannot switch to that engine here
-        cache.write_text(json.dumps(fake))
-        cpu._products["env"] = None  # re-decide at the next call
-        path, why = cpu.products_choice()["bf16"]
-        assert path == expect and "auto" in why and (not fake["unit"] or "GFLOP/s" in why)
+    monkeypatch.setenv(cpu.MATMUL_FP16_ENV, "auto")
+    for (own, fp32, dnn), expect in (((500.0, 100.0, 0.0), "own"),
+                                     ((500.0, 100.0, 400.0), "own"),
+                                     ((500.0, 100.0, 550.0), "own"),  # a near tie
+                                     ((300.0, 100.0, 2000.0), "onednn"),  # AMX
+                                     ((100.0, 100.0, 130.0), "onednn"),
+                                     ((110.0, 100.0, 120.0), "fp32"),  # not worth P's rounding
+                                     ((0.0, 100.0, 0.0), "fp32")):
+        for dtype in ("bf16", "fp16"):
+            fake = dict(unit=True, bf16=500.0, fp32=fp32, onednn=0.0, fp16=0.0, onednn_fp16=0.0)
+            fake.update({dtype: own, "onednn" if dtype == "bf16" else "onednn_fp16": dnn})
+            fake["unit"] = fake["bf16"] > 0
+            want = dtype if expect == "own" else expect
+            can = {"bf16": rates["unit"], "fp16": rates["fp16"] > 0}[dtype]
+            if (want == dtype and not can) or (want == "onednn" and not rates["onednn" if dtype == "bf16"
+                                                                                 else "onednn_fp16"]):
+                continue  # the extension cannot switch to that engine here
+            if dtype == "fp16" and fake["bf16"] > 0 and not rates["unit"]:
+                fake.update(unit=False, bf16=0.0)  # (bf16's own choice must be one this machine can set)
+            cache.write_text(json.dumps(fake))
+            cpu._products["env"] = None  # re-decide at the next call
+            path, why = cpu.products_choice()[dtype]
+            assert path == want and "auto" in why and (not own or "GFLOP/s" in why), (dtype, fake, path, why)
     cpu._products["env"] = None
 
 
@@ -178,23 +229,46 @@ def test_forcing_errors(monkeypatch):
             with fl.use_backend("cpu"):
                 fl.flash_attn_func(q, q, q)
     for bad in (3, -1):
-        with pytest.raises(ValueError, match="takes 0, 1 or 2"):
+        with pytest.raises(ValueError, match="cpu_bf16_products takes 0, 1 or 2"):
             torch.ops.flashattn_lite_C.cpu_bf16_products(bad)
+        with pytest.raises(ValueError, match="cpu_fp16_products takes 0, 1 or 2"):
+            torch.ops.flashattn_lite_C.cpu_fp16_products(bad)
     monkeypatch.delenv(cpu.MATMUL_ENV)
+    for bad in ("bf16", "fast"):  # (bf16 is not an fp16 path)
+        monkeypatch.setenv(cpu.MATMUL_FP16_ENV, bad)
+        with pytest.raises(ValueError, match=f"FLASHATTN_LITE_CPU_MATMUL_FP16='{bad}'.*auto, fp16, onednn, fp32"):
+            with fl.use_backend("cpu"):
+                fl.flash_attn_func(q, q, q)
+    monkeypatch.setenv(cpu.MATMUL_FP16_ENV, "onednn")
+    if _has_onednn_fp16():
+        with fl.use_backend("cpu"):
+            fl.flash_attn_func(q.half(), q.half(), q.half())
+    else:  # the reason names what is missing
+        with pytest.raises(RuntimeError, match="FLASHATTN_LITE_CPU_MATMUL_FP16=onednn.*(AVX-512|oneDNN)"):
+            with fl.use_backend("cpu"):
+                fl.flash_attn_func(q.half(), q.half(), q.half())
+    monkeypatch.delenv(cpu.MATMUL_FP16_ENV)
     cpu._products["env"] = None
 
 
-def test_fp16_and_fp32_are_unaffected(monkeypatch):
-    """fp16 widens (no fp16 products here); fp32 keeps float32 products: same bits either way."""
-    outs = []
-    for p in ("bf16", "onednn", "fp32") if _has_onednn() else ("bf16", "fp32") if _has_unit() else ("fp32",):
-        monkeypatch.setenv(cpu.MATMUL_ENV, p)
-        torch.manual_seed(0)
-        with fl.use_backend("cpu"):
-            outs.append([fl.flash_attn_func(*(torch.randn(1, 100, 2, 32, dtype=dt) for _ in range(3)))
-                         for dt in (torch.float16, torch.float32)])
-    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[-1]))
-    assert cpu.products_choice()["fp16"][0] == "fp32"
+def test_each_dtype_follows_its_own_choice(monkeypatch):
+    """bf16's choice leaves fp16 and fp32 alone, fp16's leaves bf16 and fp32: same bits."""
+    for env, other, paths in ((cpu.MATMUL_ENV, torch.float16, ("bf16", "onednn", "fp32")),
+                              (cpu.MATMUL_FP16_ENV, torch.bfloat16, ("fp16", "onednn", "fp32"))):
+        outs = []
+        for p in paths:
+            monkeypatch.setenv(env, p)
+            torch.manual_seed(0)
+            try:
+                with fl.use_backend("cpu"):
+                    outs.append([fl.flash_attn_func(*(torch.randn(1, 100, 2, 32, dtype=dt) for _ in range(3)))
+                                 for dt in (other, torch.float32)])
+            except RuntimeError as exc:  # an engine this machine cannot run
+                assert p != "fp32" and env in str(exc)
+        assert len(outs) >= 1
+        assert all(torch.equal(a, b) for o in outs for a, b in zip(outs[0], o))
+        monkeypatch.delenv(env)
+    cpu._products["env"] = None
 
 
 @pytest.mark.parametrize("d,hq,hk,sq", [(128, 8, 2, 1), (64, 6, 2, 1), (80, 6, 2, 2), (33, 3, 1, 3), (256, 4, 4, 1)],
@@ -204,7 +278,7 @@ def test_decode_against_reference(path, d, hq, hk, sq):
     either bf16 engine, widened under fp32; register blocks of 1, 2, 3 and 4 rows (9 rows:
     4 + 4 + 1), odd and multi-block head dims, pages across key tiles, windows, softcap,
     ALiBi, key splits."""
-    case = make_case(batch=2, sq=sq, hq=hq, hk=hk, d=d, dtype=torch.bfloat16, seqlens=(150, 77), snew=sq,
+    case = make_case(batch=2, sq=sq, hq=hq, hk=hk, d=d, dtype=path[0], seqlens=(150, 77), snew=sq,
                      page_size=7, capacity=170)
     run_case("cpu", case, causal=True, num_splits=2)
     run_case("cpu", case, causal=True, window=(40, 0), softcap=5.0, alibi="heads", num_splits=1)
@@ -215,7 +289,8 @@ def test_auto_falls_back_when_onednn_is_refused(monkeypatch, tmp_path):
     a torch without it): auto takes the next choice and says why, instead of failing."""
     cache = tmp_path / "products.json"
     monkeypatch.setattr(cpu, "_probe_file", lambda: str(cache))
-    cache.write_text(json.dumps({"unit": True, "bf16": 500.0, "fp32": 100.0, "onednn": 2000.0}))
+    cache.write_text(json.dumps({"unit": True, "bf16": 500.0, "fp32": 100.0, "onednn": 2000.0, "fp16": 0.0,
+                                 "onednn_fp16": 0.0}))
     calls = []
 
     class Lib:
@@ -224,13 +299,20 @@ def test_auto_falls_back_when_onednn_is_refused(monkeypatch, tmp_path):
             if engine == 2:
                 raise RuntimeError("flashattn_lite cpu: oneDNN's bf16 brgemm failed here: refused\nbacktrace")
 
+        def cpu_fp16_products(self, engine):
+            calls.append(("fp16", engine))
+
+        def cpu_onednn_shapes(self):
+            raise AssertionError("oneDNN is not chosen")
+
     monkeypatch.setenv(cpu.MATMUL_ENV, "auto")
+    monkeypatch.setenv(cpu.MATMUL_FP16_ENV, "fp32")
     try:
         cpu._set_products(Lib())
-        assert calls == [2, 1]
-        assert cpu._products["path"] == "bf16"
-        assert cpu._products["why"].endswith("oneDNN refused here: flashattn_lite cpu: oneDNN's bf16 brgemm failed "
-                                             "here: refused")
+        assert calls == [2, 1, ("fp16", 0)]
+        path, why = cpu._products["bf16"]
+        assert path == "bf16"
+        assert why.endswith("oneDNN refused here: flashattn_lite cpu: oneDNN's bf16 brgemm failed here: refused")
     finally:
         cpu._products["env"] = None  # re-decide with the real extension at the next call
 

@@ -28,14 +28,14 @@ struct BwdPacks {
 
 // dbias (float/double, contiguous (B, H, Sq, Sk)), where not null, receives
 // dS = P * (dP - delta), the gradient w.r.t. the final scores (every element written).
-// kMat: q, k, v, dout are bf16 and the five products run in bf16 (``pk``); P and dS are
-// rounded to bf16 as their operands, the products accumulate in float32.
-template <typename T, bool kBias, bool kDrop, bool kMat = false>
+// kMat: q, k, v, dout are H (bf16 or fp16) and the five products run in H (``pk``); P
+// and dS are rounded to H as their operands, the products accumulate in float32.
+template <typename T, bool kBias, bool kDrop, bool kMat = false, typename H = at::BFloat16>
 void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
               T* dbias, T scale, const Problem& pr, const Transform<T>& tf, const BiasView& bias,
               const Dropout& drop, const BwdPacks* pk = nullptr) {
-  using in_t = std::conditional_t<kMat, at::BFloat16, T>;
+  using in_t = std::conditional_t<kMat, H, T>;
   const int64_t Bp = q.size(0), Hq = q.size(2), D = q.size(3), Dv = v.size(3);  // Dv != D: MLA
   const int64_t Skp = k.size(1), Hk = k.size(2), group = Hq / Hk;
   const Blocks bs = blocks_from_env("FLASHATTN_LITE_CPU_BWD_BLOCKS", 128, 256);
@@ -155,7 +155,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           }
           slabs([&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
             if constexpr (kMat) {
-              pair_gemm(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, k_dim + c0 + ca, ldk, P + s0 * BN + ca, BN,
+              pair_gemm<H>(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, k_dim + c0 + ca, ldk, P + s0 * BN + ca, BN,
                         float(scale), false);
             } else {
               gemm_rm<T>(false, true, s1 - s0, ce - ca, D, scale, qh + (r0 + s0) * sqs, sqs, kt + (c0 + ca) * sks,
@@ -193,10 +193,10 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           slabs([&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
             if constexpr (kMat) {
               const int64_t pa = (rshift + s0) / 2, pe = (rshift + s1 + 1) / 2;
-              float_cols_pairs(pv, BN, s0, s1, ca, ce, rshift, st.tpairs.data(), ldt);
-              pair_gemm(ce - ca, Dv, pe - pa, st.tpairs.data(), ldt, do_rows + ((r0 - rshift) / 2 + pa) * pk->do_rows.ld,
+              float_cols_pairs<H>(pv, BN, s0, s1, ca, ce, rshift, st.tpairs.data(), ldt);
+              pair_gemm<H>(ce - ca, Dv, pe - pa, st.tpairs.data(), ldt, do_rows + ((r0 - rshift) / 2 + pa) * pk->do_rows.ld,
                         pk->do_rows.ld, st.dv_acc.data() + ca * Dv, Dv, float(rescale), true);
-              pair_gemm(s1 - s0, ce - ca, Dv2, st.dopairs.data() + s0 * Dv2, Dv2, v_dim + c0 + ca, ldk,
+              pair_gemm<H>(s1 - s0, ce - ca, Dv2, st.dopairs.data() + s0 * Dv2, Dv2, v_dim + c0 + ca, ldk,
                         dP + s0 * BN + ca, BN, float(rescale), false);
             } else {
               const T* dos = doh + (r0 + s0) * sds;
@@ -241,16 +241,16 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           }
           // dK += dS^T Q ; dQ += dS K
           if constexpr (kMat) {  // dS's rows in key pairs, for dQ
-            for (int64_t r = 0; r < rows; ++r) float_row_pairs(dP + r * BN, cols, c0 & 1, st.spairs.data() + r * lds);
+            for (int64_t r = 0; r < rows; ++r) float_row_pairs<H>(dP + r * BN, cols, c0 & 1, st.spairs.data() + r * lds);
           }
           slabs([&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
             if constexpr (kMat) {
               const int64_t pa = (rshift + s0) / 2, pe = (rshift + s1 + 1) / 2;
-              float_cols_pairs(dP, BN, s0, s1, ca, ce, rshift, st.tpairs.data(), ldt);
-              pair_gemm(ce - ca, D, pe - pa, st.tpairs.data(), ldt, q_rows + ((r0 - rshift) / 2 + pa) * pk->q_rows.ld,
+              float_cols_pairs<H>(dP, BN, s0, s1, ca, ce, rshift, st.tpairs.data(), ldt);
+              pair_gemm<H>(ce - ca, D, pe - pa, st.tpairs.data(), ldt, q_rows + ((r0 - rshift) / 2 + pa) * pk->q_rows.ld,
                         pk->q_rows.ld, st.dk_acc.data() + ca * D, D, 1.0f, true);
               const int64_t kshift = c0 & 1, ka = (kshift + ca) / 2, ke = (kshift + ce + 1) / 2;
-              pair_gemm(s1 - s0, D, ke - ka, st.spairs.data() + s0 * lds + ka, lds,
+              pair_gemm<H>(s1 - s0, D, ke - ka, st.spairs.data() + s0 * lds + ka, lds,
                         k_rows + ((c0 - kshift) / 2 + ka) * pk->k_rows.ld, pk->k_rows.ld, dqh + (r0 + s0) * D, D, 1.0f,
                         true);
             } else {
@@ -281,21 +281,24 @@ void bwd_run(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, c
              const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
              at::Tensor* dbias, double scale, const Problem& pr, double softcap,
              const std::optional<at::Tensor>& slopes, const BiasView& bias, const Dropout& drop, bool has_drop) {
-  if (q.scalar_type() == at::kBFloat16) {  // bf16 products (bwd_cpu checked the choice)
-    if constexpr (kHaveBf16Dot) {
+  auto pairs = [&](auto h) {  // bf16/fp16 products (bwd_cpu checked the choice)
+    using H = decltype(h);
+    if constexpr (kPairType<H>) {
       const Transform<float> tf = make_transform<float>(softcap, slopes, int64_t(pr.seqs.size()), q.size(2));
       float* dbp = dbias != nullptr ? dbias->data_ptr<float>() : nullptr;
-      const BwdPacks pk{pack_pairs(k, pr, false, Pairs::kHeadDim), pack_pairs(k, pr, false, Pairs::kRows),
-                        pack_pairs(v, pr, false, Pairs::kHeadDim), pack_pairs(q, pr, true, Pairs::kRows),
-                        pack_pairs(dout, pr, true, Pairs::kRows)};
+      const BwdPacks pk{pack_pairs<H>(k, pr, false, Pairs::kHeadDim), pack_pairs<H>(k, pr, false, Pairs::kRows),
+                        pack_pairs<H>(v, pr, false, Pairs::kHeadDim), pack_pairs<H>(q, pr, true, Pairs::kRows),
+                        pack_pairs<H>(dout, pr, true, Pairs::kRows)};
       with_features(bias.data != nullptr, has_drop, [&](auto kb, auto kd) {
-        bwd_impl<float, decltype(kb)::value, decltype(kd)::value, true>(dout, q, k, v, lse, delta, dq, dk, dv, dbp,
-                                                                        float(scale), pr, tf, bias, drop, &pk);
+        bwd_impl<float, decltype(kb)::value, decltype(kd)::value, true, H>(dout, q, k, v, lse, delta, dq, dk, dv, dbp,
+                                                                           float(scale), pr, tf, bias, drop, &pk);
       });
       return;
     }
-    TORCH_CHECK(false, "flashattn_lite cpu: bf16 products are not compiled into this extension");
-  }
+    TORCH_CHECK(false, "flashattn_lite cpu: ", q.scalar_type(), " products are not compiled into this extension");
+  };
+  if (q.scalar_type() == at::kBFloat16) return pairs(at::BFloat16());
+  if (q.scalar_type() == at::kHalf) return pairs(at::Half());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flashattn_lite_cpu_bwd", [&] {
     const Transform<scalar_t> tf = make_transform<scalar_t>(softcap, slopes, int64_t(pr.seqs.size()), q.size(2));
     scalar_t* dbp = dbias != nullptr ? dbias->data_ptr<scalar_t>() : nullptr;

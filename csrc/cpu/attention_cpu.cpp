@@ -259,9 +259,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_sink_
               "flashattn_lite cpu: dlse must have lse's shape ", at::IntArrayRef(lse_shape));
   TORCH_CHECK(!bias_grad || bias.has_value(), "flashattn_lite cpu: bias_grad needs a bias");
   const at::ScalarType ct = compute_type(q_in.scalar_type());
-  // bf16 products: q, k, v, dout stay bf16 (the kernel packs them); else all widen to ct
-  const bool mat = q_in.scalar_type() == at::kBFloat16 && kHaveBf16Dot && bf16_products();
-  const at::ScalarType it = mat ? at::kBFloat16 : ct;
+  // bf16/fp16 products: q, k, v, dout stay bf16/fp16 (the kernel packs them); else all widen to ct
+  const bool mat = pair_products(q_in.scalar_type());
+  const at::ScalarType it = mat ? q_in.scalar_type() : ct;
   at::Tensor q = prepare(as_4d(q_in, varlen), it), k = prepare(as_4d(k_in, varlen), it),
              v = prepare(as_4d(v_in, varlen), it);
   at::Tensor dout = prepare(as_4d(dout_in, varlen), it), out = prepare(as_4d(out_in, varlen), ct);

@@ -44,6 +44,9 @@
 #include <vector>
 
 #include "bf16_gemm.h"
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 #include "philox.h"
 
 namespace flashattn_lite {
@@ -524,37 +527,78 @@ void run_tasks(int64_t n, MakeState&& make_state, Body&& body) {
   });
 }
 
-// ------------------------------------------------------------------ bf16 products
-// With bf16 inputs on a CPU with a bf16 dot-product unit (bf16_gemm.h), the tile
-// products can run in bf16 with float32 accumulation instead of widening to float32:
-// whether they do is the process-wide choice below (backends/cpu.py makes it, by
-// measurement or FLASHATTN_LITE_CPU_MATMUL).  What is rounded where (as flash-attn on GPUs):
-// Q, K and V are used as given (bf16); S = Q K^T accumulates in float32; the softmax runs
-// in float32; P is rounded to bf16 for P V, which accumulates in float32; the row sums
-// are of the float32 P.
+// ------------------------------------------------------------------ bf16 / fp16 products
+// With bf16 (or fp16) inputs the tile products can run in that type with float32
+// accumulation instead of widening to float32: whether they do is a process-wide choice
+// per type (backends/cpu.py makes it, by measurement or FLASHATTN_LITE_CPU_MATMUL /
+// FLASHATTN_LITE_CPU_MATMUL_FP16).  What is rounded where (as flash-attn on GPUs): Q, K
+// and V are used as given; S = Q K^T accumulates in float32; the softmax runs in float32;
+// P is rounded to the input type for P V, which accumulates in float32; the row sums are
+// of the float32 P.
 //
 // Two engines run these products on the same packed operands: this extension's own
-// micro-kernel (bf16_gemm.h, vdpbf16ps), or oneDNN's brgemm micro-kernel through torch's
-// at::native::cpublas::brgemm (the pair layouts below are its VNNI layout of B), which uses
-// AMX tiles on CPUs that have them.  The measurement picks one, or float32.
-enum class Bf16Engine : int { kOff = 0, kOwn = 1, kOneDnn = 2 };
-Bf16Engine bf16_engine();
-inline bool bf16_products() { return bf16_engine() != Bf16Engine::kOff; }
+// micro-kernels (bf16_gemm.h: vdpbf16ps for bf16 on CPUs with AVX512-BF16; fp16 widened
+// pair by pair on AVX-512), or oneDNN's brgemm micro-kernel through torch's
+// at::native::cpublas::brgemm (the pair layouts below are its VNNI layout of B), which
+// uses AMX tiles on CPUs that have them (AMX-FP16 for fp16).  The measurement picks one,
+// or float32, for each type.
+enum class Engine : int { kOff = 0, kOwn = 1, kOneDnn = 2 };
+Engine products_engine(bool half);  // half: fp16's choice, else bf16's
+
+// The 16-bit types with products of their own (H = at::BFloat16 or at::Half).
+template <typename H>
+constexpr bool kPairType = (std::is_same_v<H, at::BFloat16> && kHaveBf16Dot) ||
+                           (std::is_same_v<H, at::Half> && kHaveF16Pairs);
+
+inline bool bf16_products() { return kHaveBf16Dot && products_engine(false) != Engine::kOff; }
+
+// Whether tiles of this input type are multiplied in it (else widened).
+inline bool pair_products(at::ScalarType t) {
+  if (t == at::kBFloat16) return bf16_products();
+  return t == at::kHalf && kHaveF16Pairs && products_engine(true) != Engine::kOff;
+}
 
 // C (M x N, row stride ldc) = alpha * A B (+ C with accumulate), A and B as bf16_gemm.h's
-// pairs, through oneDNN's brgemm (products_cpu.cpp)
+// pairs of H, through oneDNN's brgemm (products_cpu.cpp)
+template <typename H>
 void onednn_pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
                       int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate);
 
-// The tile products of the bf16 path, on the chosen engine.
-// (torch.backends.mkldnn switched off after the choice: oneDNN's brgemm would refuse, so
-// the micro-kernel runs the same operands instead)
-inline void pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
-                      int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
-  if (bf16_engine() == Bf16Engine::kOneDnn && at::globalContext().userEnabledMkldnn()) {
-    onednn_pair_gemm(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
+// This extension's micro-kernel for pairs of H.
+template <typename H>
+inline void own_pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
+                          int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
+  if constexpr (std::is_same_v<H, at::Half>) {
+    f16_gemm(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
   } else {
     bf16_gemm(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
+  }
+}
+
+// The tile products of H's path, on the chosen engine.
+// (torch.backends.mkldnn switched off after the choice: oneDNN's brgemm would refuse, so
+// the micro-kernel runs the same operands instead)
+template <typename H>
+inline void pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
+                      int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
+  if (products_engine(std::is_same_v<H, at::Half>) == Engine::kOneDnn && at::globalContext().userEnabledMkldnn()) {
+    onednn_pair_gemm<H>(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
+  } else {
+    own_pair_gemm<H>(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
+  }
+}
+
+// Round-to-nearest-even float -> H's bits.
+template <typename H>
+inline uint16_t half_bits(float x) {
+  if constexpr (std::is_same_v<H, at::Half>) {
+#ifdef __F16C__
+    return uint16_t(_cvtss_sh(x, 0));  // (0: round to nearest even)
+#else
+    return at::Half(x).x;
+#endif
+  } else {
+    return bf16_bits(x);
   }
 }
 
@@ -570,7 +614,7 @@ inline int64_t dim_pack_ld(int64_t len) {
   return (len + step - 1) / step * step + 16;
 }
 
-// A bf16 tensor's rows of every (sequence, head) as bf16_gemm.h's B operand, packed once
+// A bf16/fp16 tensor's rows of every (sequence, head) as bf16_gemm.h's B operand, packed once
 // per call (about as many bytes as the tensor has).  ``kHeadDimPairs``: pairs of the head
 // dim W (ceil(W / 2) rows) x the sequence's rows, row length dim_pack_ld(len): K for
 // S = Q K^T, V for dP = dO V^T.  ``kRowPairs``: pairs of
@@ -587,12 +631,14 @@ struct PairPack {
   }
 };
 
-inline uint32_t pair_bits(const at::BFloat16* lo, const at::BFloat16* hi) {
+template <typename H>
+inline uint32_t pair_bits(const H* lo, const H* hi) {
   return uint32_t(lo->x) | (hi ? uint32_t(hi->x) << 16 : 0u);
 }
 
-// t: logical 4-D (.., S, heads, W) bf16 (varlen: a batch of one); ``queries``: the rows
+// t: logical 4-D (.., S, heads, W) of H (varlen: a batch of one); ``queries``: the rows
 // of each sequence are its query rows (q0, len_q), else its key rows (k0, len_k).
+template <typename H>
 inline PairPack pack_pairs(const at::Tensor& t, const Problem& pr, bool queries, Pairs how) {
   const int64_t heads = t.size(2), W = t.size(3), W2 = (W + 1) / 2, nseq = int64_t(pr.seqs.size());
   auto rows_of = [&](const Seq& s) { return queries ? s.len_q : s.len_k; };
@@ -609,25 +655,25 @@ inline PairPack pack_pairs(const at::Tensor& t, const Problem& pr, bool queries,
   }
   pk.buf = at::zeros({std::max<int64_t>(total, 1)}, t.options().dtype(at::kInt));
   uint32_t* out = reinterpret_cast<uint32_t*>(pk.buf.data_ptr<int32_t>());
-  const auto* tp = t.data_ptr<at::BFloat16>();
+  const auto* tp = t.data_ptr<H>();
   const int64_t rs = t.stride(1);
   at::parallel_for(0, nseq * heads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
       const Seq& sq = pr.seqs[task / heads];
       const int64_t h = task % heads, len = rows_of(sq);
-      const at::BFloat16* src = tp + sq.pb * t.stride(0) + h * t.stride(2) + (queries ? sq.q0 : sq.k0) * rs;
+      const H* src = tp + sq.pb * t.stride(0) + h * t.stride(2) + (queries ? sq.q0 : sq.k0) * rs;
       uint32_t* dst = out + pk.off[task];
       if (how == Pairs::kHeadDim) {
         const int64_t ld = dim_pack_ld(len);
         for (int64_t j = 0; j < len; ++j) {
-          const at::BFloat16* row = src + j * rs;
+          const H* row = src + j * rs;
           for (int64_t p = 0; p < W2; ++p)
             dst[p * ld + j] = pair_bits(row + 2 * p, 2 * p + 1 < W ? row + 2 * p + 1 : nullptr);
         }
       } else {
         for (int64_t p = 0; p < (len + 1) / 2; ++p) {
-          const at::BFloat16* r0 = src + 2 * p * rs;
-          const at::BFloat16* r1 = 2 * p + 1 < len ? r0 + rs : nullptr;
+          const H* r0 = src + 2 * p * rs;
+          const H* r1 = 2 * p + 1 < len ? r0 + rs : nullptr;
           for (int64_t c = 0; c < W; ++c) dst[p * pk.ld + c] = pair_bits(r0 + c, r1 ? r1 + c : nullptr);
         }
       }
@@ -636,28 +682,31 @@ inline PairPack pack_pairs(const at::Tensor& t, const Problem& pr, bool queries,
   return pk;
 }
 
-// Rows [0, rows) of a bf16 matrix (row stride ld, W long) as bf16 pairs, ceil(W / 2) a row.
-inline void row_pairs(const at::BFloat16* src, int64_t ld, int64_t rows, int64_t W, uint32_t* dst) {
+// Rows [0, rows) of an H matrix (row stride ld, W long) as pairs, ceil(W / 2) a row.
+template <typename H>
+inline void row_pairs(const H* src, int64_t ld, int64_t rows, int64_t W, uint32_t* dst) {
   const int64_t W2 = (W + 1) / 2;
   for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(dst + r * W2, src + r * ld, sizeof(at::BFloat16) * size_t(W));
+    std::memcpy(dst + r * W2, src + r * ld, sizeof(H) * size_t(W));
     if (W % 2) reinterpret_cast<uint16_t*>(dst + r * W2)[W] = 0;
   }
 }
 
-// Row r of a float matrix (``cols`` long) in bf16, its halves shifted by ``shift`` (0 or 1)
+// Row r of a float matrix (``cols`` long) in H, its halves shifted by ``shift`` (0 or 1)
 // so that pairs line up with a kRows pack's (the even row first); the spare halves are 0.
 // ``dst`` holds (shift + cols + 1) / 2 pairs.
+template <typename H>
 inline void float_row_pairs(const float* src, int64_t cols, int64_t shift, uint32_t* dst) {
-  auto* h = reinterpret_cast<at::BFloat16*>(dst);
-  h[0] = at::BFloat16(0.0f);
+  auto* h = reinterpret_cast<H*>(dst);
+  h[0] = H(0.0f);
   at::vec::convert(src, h + shift, cols);
-  if ((shift + cols) % 2) h[shift + cols] = at::BFloat16(0.0f);
+  if ((shift + cols) % 2) h[shift + cols] = H(0.0f);
 }
 
 // The transpose of rows [s0, s1) x columns [ca, ce) of a float matrix (row stride ld) in
-// bf16 pairs of rows: pair p of column j holds rows (2p - shift, 2p + 1 - shift) (relative
+// H pairs of rows: pair p of column j holds rows (2p - shift, 2p + 1 - shift) (relative
 // to s0's pair), 0 outside [s0, s1).  Column j - ca at dst + (j - ca) * ldt.
+template <typename H>
 inline void float_cols_pairs(const float* src, int64_t ld, int64_t s0, int64_t s1, int64_t ca, int64_t ce,
                              int64_t shift, uint32_t* dst, int64_t ldt) {
   const int64_t pa = (shift + s0) / 2, pe = (shift + s1 + 1) / 2;
@@ -666,7 +715,7 @@ inline void float_cols_pairs(const float* src, int64_t ld, int64_t s0, int64_t s
     const float* rlo = lo >= s0 && lo < s1 ? src + lo * ld : nullptr;
     const float* rhi = hi >= s0 && hi < s1 ? src + hi * ld : nullptr;
     for (int64_t j = ca; j < ce; ++j) {
-      const uint32_t a = rlo ? uint32_t(bf16_bits(rlo[j])) : 0u, b = rhi ? uint32_t(bf16_bits(rhi[j])) : 0u;
+      const uint32_t a = rlo ? uint32_t(half_bits<H>(rlo[j])) : 0u, b = rhi ? uint32_t(half_bits<H>(rhi[j])) : 0u;
       dst[(j - ca) * ldt + (p - pa)] = a | (b << 16);
     }
   }

@@ -23,8 +23,9 @@ inline const T* tile(const in_t* src, int64_t ld, int64_t rows, int64_t D, T* bu
 
 // in_t: q's and out's dtype; kv_t: k's and v's (in_t, or T when fwd_typed widened them);
 // T: the compute type (float, or double for double).  Tiles not in T are widened as
-// they are used.  kBias: add the bias to the scores; kDrop: dropout.  kMat: bf16 q with
-// K and V in ``pk`` (bf16 products, attention_cpu.h); P is rounded to bf16 for P V.
+// they are used.  kBias: add the bias to the scores; kDrop: dropout.  kMat: bf16/fp16 q
+// with K and V in ``pk`` (bf16/fp16 products, attention_cpu.h); P is rounded to in_t for
+// P V.
 template <typename in_t, typename kv_t, typename T, bool kBias, bool kDrop, bool kMat = false>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
               T scale, const Problem& pr, const Transform<T>& tf, const BiasView& bias, const Dropout& drop,
@@ -64,10 +65,12 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   constexpr bool widen = !std::is_same_v<in_t, T>;
   constexpr bool widen_kv = !std::is_same_v<kv_t, T> && !kMat;
   const int64_t D2 = (D + 1) / 2;
-  const int64_t pld = (BN + 3) / 2;  // a row of P's bf16 pairs: one leading and one trailing half to spare
+  const int64_t pld = (BN + 3) / 2;  // a row of P's pairs: one leading and one trailing half to spare
   // dropout's 1 / (1 - p) is applied with the final 1 / l
   const T out_scale = kDrop ? T(drop.rescale) : T(1);
-  const T kLazy = T(std::exp(kLazyShift));
+  // (fp16 products round P to fp16, whose largest value is 65504: a tile's P then stays
+  // at most 2^15, and a row whose exp-sum would pass it is rescaled to the tile's max)
+  const T kLazy = kMat && std::is_same_v<in_t, at::Half> ? T(32768) : T(std::exp(kLazyShift));
 
   struct State {
     Scratch<T> S, P, acc, m, l, orow, qbuf, kbuf, vbuf;
@@ -121,7 +124,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       const int64_t slab = band_cuts(band, r0, rows, c0, cols) ? (rows + kStairSlabs - 1) / kStairSlabs : rows;
       for_slabs(band, r0, rows, c0, cols, slab, [&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
         if constexpr (kMat) {
-          pair_gemm(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, kpk + c0 + ca, dim_pack_ld(sq.len_k),
+          pair_gemm<in_t>(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, kpk + c0 + ca, dim_pack_ld(sq.len_k),
                     st.S.data() + s0 * BN + ca, BN, float(scale), false);
         } else {
           gemm_rm<T>(false, true, s1 - s0, ce - ca, D, scale, qt + s0 * ldq, ldq, ktile + ca * ldk, ldk, T(0),
@@ -170,13 +173,13 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
         }
       }
       if constexpr (kMat) {
-        // P's rows in bf16, shifted by c0's parity so that pairs are V's key pairs (even
+        // P's rows in in_t, shifted by c0's parity so that pairs are V's key pairs (even
         // key first); the spare halves are 0
         const int64_t shift = c0 & 1;
-        for (int64_t r = 0; r < rows; ++r) float_row_pairs(st.P.data() + r * BN, cols, shift, st.ppairs.data() + r * pld);
+        for (int64_t r = 0; r < rows; ++r) float_row_pairs<in_t>(st.P.data() + r * BN, cols, shift, st.ppairs.data() + r * pld);
         for_slabs(band, r0, rows, c0, cols, slab, [&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
           const int64_t pa = (shift + ca) / 2, pe = (shift + ce + 1) / 2;
-          pair_gemm(s1 - s0, Dv, pe - pa, st.ppairs.data() + s0 * pld + pa, pld, vpk + (c0 / 2 + pa) * vpack->ld,
+          pair_gemm<in_t>(s1 - s0, Dv, pe - pa, st.ppairs.data() + s0 * pld + pa, pld, vpk + (c0 / 2 + pa) * vpack->ld,
                     vpack->ld, acc + s0 * Dv, Dv, 1.0f, true);
         });
       } else {
@@ -222,13 +225,14 @@ void fwd_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at
   // query sequences), widen them once for the call (O(N d) memory, like the backward)
   // instead of once per tile and query block; else per tile, copying nothing K-sized.
   const bool widen_once = !std::is_same_v<in_t, T> && pr.max_q > 128;
-  // bf16 products: K and V packed once for the call (as many bytes as they have)
-  const bool mat = std::is_same_v<in_t, at::BFloat16> && kHaveBf16Dot && bf16_products() && pr.max_q > 64;
+  // bf16/fp16 products: K and V packed once for the call (about as many bytes as they have)
+  const bool mat = kPairType<in_t> && pair_products(q.scalar_type()) && pr.max_q > 64;
   with_features(bias.data != nullptr, has_drop, [&](auto kb, auto kd) {
     constexpr bool b = decltype(kb)::value, d = decltype(kd)::value;
-    if constexpr (std::is_same_v<in_t, at::BFloat16> && kHaveBf16Dot) {
+    if constexpr (kPairType<in_t>) {
       if (mat) {
-        const PairPack kpack = pack_pairs(k, pr, false, Pairs::kHeadDim), vpack = pack_pairs(v, pr, false, Pairs::kRows);
+        const PairPack kpack = pack_pairs<in_t>(k, pr, false, Pairs::kHeadDim),
+                       vpack = pack_pairs<in_t>(v, pr, false, Pairs::kRows);
         return fwd_impl<in_t, in_t, T, b, d, true>(q, k, v, out, lse, T(scale), pr, tf, bias, drop, &kpack, &vpack);
       }
     }

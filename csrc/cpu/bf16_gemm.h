@@ -17,8 +17,10 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define FLASHATTN_LITE_BF16_DOT 1
 #endif
 
@@ -94,6 +96,90 @@ constexpr bool kHaveBf16Dot = false;
 
 inline void bf16_gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t,
                       float, bool) {}
+#endif
+
+// ------------------------------------------------------------------ fp16 pairs
+// The same operands with fp16 halves (A's pairs and B's VNNI pairs of fp16), for CPUs
+// whose fp16 matrix products run through oneDNN (products_cpu.cpp) and for the parts of
+// a product that oneDNN does not run.  Each half is widened to float32 (vcvtph2ps) and
+// multiplied by float32 FMAs: a product of two fp16 numbers is exact in float32.  The
+// even and the odd element of the pairs accumulate in separate lanes, added at the end.
+#if defined(__AVX512F__)
+constexpr bool kHaveF16Pairs = true;
+
+constexpr int kMR16 = 4;  // rows of C per register tile
+constexpr int kNV16 = 2;  // 16-column vectors of C per register tile: 16 accumulators
+
+template <int MR, int NV>
+inline void f16_tile(int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C,
+                     int64_t ldc, float alpha, bool accumulate, __mmask16 last) {
+  __m512 lo[MR][NV], hi[MR][NV];  // lanes (2j, 2j + 1): column j's even and odd products
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) lo[m][v] = hi[m][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < K2; ++p) {
+    __m512 blo[NV], bhi[NV];
+    for (int v = 0; v < NV; ++v) {
+      const __m512i b = _mm512_loadu_si512(B + p * ldb + 16 * v);
+      blo[v] = _mm512_cvtph_ps(_mm512_castsi512_si256(b));        // columns 0-7 of the vector
+      bhi[v] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(b, 1));  // columns 8-15
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m512 a = _mm512_cvtph_ps(_mm256_set1_epi32(int(A[m * lda + p])));  // (a0, a1) repeated
+      for (int v = 0; v < NV; ++v) {
+        lo[m][v] = _mm512_fmadd_ps(a, blo[v], lo[m][v]);
+        hi[m][v] = _mm512_fmadd_ps(a, bhi[v], hi[m][v]);
+      }
+    }
+  }
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int m = 0; m < MR; ++m) {
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 k = v == NV - 1 ? last : __mmask16(0xFFFF);
+      float* dst = C + m * ldc + 16 * v;
+      const __m512 sum = _mm512_add_ps(_mm512_permutex2var_ps(lo[m][v], even, hi[m][v]),
+                                       _mm512_permutex2var_ps(lo[m][v], odd, hi[m][v]));
+      __m512 r = _mm512_mul_ps(sum, va);
+      if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(k, dst));
+      _mm512_mask_storeu_ps(dst, k, r);
+    }
+  }
+}
+
+template <int MR>
+inline void f16_rows(int64_t nv, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C,
+                     int64_t ldc, float alpha, bool accumulate, __mmask16 last) {
+  if (nv == 1) return f16_tile<MR, 1>(K2, A, lda, B, ldb, C, ldc, alpha, accumulate, last);
+  return f16_tile<MR, kNV16>(K2, A, lda, B, ldb, C, ldc, alpha, accumulate, last);
+}
+
+// bf16_gemm's contract, with fp16 pairs.
+inline void f16_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
+                     int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K2 <= 0) {  // an empty sum
+    for (int64_t m = 0; m < M; ++m)
+      if (!accumulate) std::memset(C + m * ldc, 0, sizeof(float) * size_t(N));
+    return;
+  }
+  for (int64_t n0 = 0; n0 < N; n0 += 16 * kNV16) {
+    const int64_t cols = N - n0 < 16 * kNV16 ? N - n0 : 16 * kNV16;
+    const int64_t nv = (cols + 15) / 16;
+    const int64_t tail = cols - 16 * (nv - 1);
+    const __mmask16 last = __mmask16((1u << tail) - 1u);
+    int64_t m = 0;
+    for (; m + kMR16 <= M; m += kMR16)
+      f16_rows<kMR16>(nv, K2, A + m * lda, lda, B + n0, ldb, C + m * ldc + n0, ldc, alpha, accumulate, last);
+    for (; m < M; ++m)
+      f16_rows<1>(nv, K2, A + m * lda, lda, B + n0, ldb, C + m * ldc + n0, ldc, alpha, accumulate, last);
+  }
+}
+#else
+constexpr bool kHaveF16Pairs = false;
+
+inline void f16_gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t,
+                     float, bool) {}
 #endif
 
 // Round-to-nearest-even float -> bf16 bits (NaN stays NaN).

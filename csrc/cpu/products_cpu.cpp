@@ -1,10 +1,11 @@
-// Which way the CPU kernels multiply bf16 tiles (attention_cpu.h: "bf16 products"), and
-// the short measurement backends/cpu.py chooses by.  Operators:
+// Which way the CPU kernels multiply bf16 and fp16 tiles (attention_cpu.h: "bf16 / fp16
+// products"), and the short measurement backends/cpu.py chooses by.  Operators:
 //   flashattn_lite_C::cpu_bf16_products(int engine) -> ()   set the process-wide choice:
 //       0 widened to float32, 1 this extension's micro-kernel, 2 oneDNN's brgemm
+//   flashattn_lite_C::cpu_fp16_products(int engine) -> ()   the same for fp16
 //   flashattn_lite_C::cpu_probe_products() -> float[]
-//       [has the unit, bf16 micro-kernel GFLOP/s, float32 GFLOP/s, oneDNN brgemm GFLOP/s
-//        (0: not available here)]
+//       [has the bf16 unit, bf16 micro-kernel GFLOP/s, float32 GFLOP/s, oneDNN bf16 brgemm
+//        GFLOP/s, fp16 micro-kernel GFLOP/s, oneDNN fp16 brgemm GFLOP/s] (0: not available here)
 //   flashattn_lite_C::cpu_onednn_shapes(int budget) -> int[]
 //       [product shapes admitted to oneDNN so far, the budget]; budget >= 0 sets it first
 
@@ -22,7 +23,7 @@
 
 #include "attention_cpu.h"
 
-#if AT_MKLDNN_ENABLED() && defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#if AT_MKLDNN_ENABLED() && defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F16F16F32)
 #define FLASHATTN_LITE_ONEDNN_BRGEMM 1
 #endif
 
@@ -30,7 +31,7 @@ namespace flashattn_lite {
 namespace attention_cpu {
 
 namespace {
-std::atomic<int> g_engine{0};
+std::atomic<int> g_engine[2] = {0, 0};  // bf16's, fp16's
 thread_local bool t_brgemm_used = false;  // this thread has called brgemm since its last release
 
 // oneDNN generates code for every product shape it meets (sizes, strides, add or not) and
@@ -46,15 +47,16 @@ constexpr int64_t kDefaultShapeBudget = 128;
 
 struct ShapeKey {
   int64_t M, N, K2, lda, ldb, ldc;
-  bool add;
+  bool add, half;
   bool operator==(const ShapeKey& o) const {
-    return M == o.M && N == o.N && K2 == o.K2 && lda == o.lda && ldb == o.ldb && ldc == o.ldc && add == o.add;
+    return M == o.M && N == o.N && K2 == o.K2 && lda == o.lda && ldb == o.ldb && ldc == o.ldc && add == o.add &&
+           half == o.half;
   }
 };
 struct ShapeHash {
   size_t operator()(const ShapeKey& k) const {
     uint64_t h = 1469598103934665603ull;
-    for (int64_t v : {k.M, k.N, k.K2, k.lda, k.ldb, k.ldc, int64_t(k.add)}) h = (h ^ uint64_t(v)) * 1099511628211ull;
+    for (int64_t v : {k.M, k.N, k.K2, k.lda, k.ldb, k.ldc, int64_t(k.add) + 2 * int64_t(k.half)}) h = (h ^ uint64_t(v)) * 1099511628211ull;
     return size_t(h);
   }
 };
@@ -113,6 +115,7 @@ std::vector<int64_t> onednn_shapes(int64_t budget) {
 
 // onednn_pair_gemm with the first Kb of the K2 pairs on oneDNN, whatever the shape, and the
 // rest (none for the self-check and the probe) added by the micro-kernel before alpha.
+template <typename H>
 void brgemm_pairs(int64_t M, int64_t N, int64_t K2, int64_t Kb, const uint32_t* A, int64_t lda, const uint32_t* B,
                   int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
 #ifdef FLASHATTN_LITE_ONEDNN_BRGEMM
@@ -121,11 +124,11 @@ void brgemm_pairs(int64_t M, int64_t N, int64_t K2, int64_t Kb, const uint32_t* 
     for (int64_t m = 0; m < M && !accumulate; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
     return;
   }
-  const auto* a = reinterpret_cast<const at::BFloat16*>(A);
-  const auto* b = reinterpret_cast<const at::BFloat16*>(B);
+  const auto* a = reinterpret_cast<const H*>(A);
+  const auto* b = reinterpret_cast<const H*>(B);
   t_brgemm_used = true;
   auto rest = [&](float* T, int64_t ldt) {
-    if (Kb < K2) bf16_gemm(M, N, K2 - Kb, A + Kb, lda, B + Kb * ldb, ldb, T, ldt, 1.0f, true);
+    if (Kb < K2) own_pair_gemm<H>(M, N, K2 - Kb, A + Kb, lda, B + Kb * ldb, ldb, T, ldt, 1.0f, true);
   };
   // brgemm has no alpha: C = A B (+ C).  With alpha != 1 the product lands in scratch and
   // C = alpha * product (+ C), the two roundings of bf16_gemm's epilogue.
@@ -156,12 +159,19 @@ void brgemm_pairs(int64_t M, int64_t N, int64_t K2, int64_t Kb, const uint32_t* 
 #endif
 }
 
-// Whether oneDNN's bf16 brgemm runs here and gives the right products: products with odd
-// sizes past one AMX tile each way (37 rows, 83 columns, 70 along the reduction), each way
-// the kernels call it (alpha != 1 through scratch; alpha 1 added to C in place, C wider
-// than the product), checked against float32 (the operands are small integers, so every
-// sum is exact either way).  Empty: it does; else why not.
+template <typename H>
+const char* type_name() {
+  return std::is_same_v<H, at::Half> ? "fp16" : "bf16";
+}
+
+// Whether oneDNN's brgemm for pairs of H runs here and gives the right products: products
+// with odd sizes past one AMX tile each way (37 rows, 83 columns, 70 along the reduction),
+// each way the kernels call it (alpha != 1 through scratch; alpha 1 added to C in place, C
+// wider than the product), checked against float32 (the operands are small integers, so
+// every sum is exact either way).  Empty: it does; else why not.
+template <typename H>
 std::string onednn_problem() {
+  const std::string name = std::string("oneDNN's ") + type_name<H>() + " brgemm";
 #ifdef FLASHATTN_LITE_ONEDNN_BRGEMM
   constexpr int64_t M = 37, N = 83, K2 = 35, LDC = N + 3;
   std::vector<uint16_t> a(M * 2 * K2), b(K2 * N * 2);
@@ -171,18 +181,20 @@ std::string onednn_problem() {
     state = state * 1103515245u + 12345u;
     return float(int((state >> 16) % 7u) - 3);
   };
-  for (size_t i = 0; i < a.size(); ++i) af[i] = draw(), a[i] = bf16_bits(af[i]);
-  for (size_t i = 0; i < b.size(); ++i) bf[i] = draw(), b[i] = bf16_bits(bf[i]);
+  for (size_t i = 0; i < a.size(); ++i) af[i] = draw(), a[i] = half_bits<H>(af[i]);
+  for (size_t i = 0; i < b.size(); ++i) bf[i] = draw(), b[i] = half_bits<H>(bf[i]);
   const auto* A = reinterpret_cast<const uint32_t*>(a.data());
   const auto* B = reinterpret_cast<const uint32_t*>(b.data());
   try {
-    brgemm_pairs(M, N, K2, K2, A, K2, B, N, c.data(), LDC, 2.0f, false);  // C = 2 AB
-    brgemm_pairs(M, N, K2, K2, A, K2, B, N, c.data(), LDC, 1.0f, true);   // C += AB
+    brgemm_pairs<H>(M, N, K2, K2, A, K2, B, N, c.data(), LDC, 2.0f, false);  // C = 2 AB
+    brgemm_pairs<H>(M, N, K2, K2, A, K2, B, N, c.data(), LDC, 1.0f, true);   // C += AB
     release_products();
   } catch (const c10::Error& e) {
-    return std::string("oneDNN's bf16 brgemm failed here: ") + e.what_without_backtrace();
+    release_products();
+    return name + " failed here: " + e.what_without_backtrace();
   } catch (const std::exception& e) {
-    return std::string("oneDNN's bf16 brgemm failed here: ") + e.what();
+    release_products();
+    return name + " failed here: " + e.what();
   }
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = 0; n < LDC; ++n) {
@@ -192,30 +204,39 @@ std::string onednn_problem() {
         for (int64_t k = 0; k < 2 * K2; ++k) want += af[m * 2 * K2 + k] * bf[(k / 2) * N * 2 + n * 2 + k % 2];
         want *= 3.0f;
       }
-      if (c[m * LDC + n] != want) return "oneDNN's bf16 brgemm gave wrong products in a self-check here";
+      if (c[m * LDC + n] != want) return name + " gave wrong products in a self-check here";
     }
   }
   return "";
 #else
-  return "this torch was built without oneDNN's brgemm (at::native::cpublas::brgemm for bf16)";
+  return "this torch was built without " + name + " (at::native::cpublas::brgemm)";
 #endif
 }
 
+template <typename H>
 const std::string& onednn_unavailable() {
-  static const std::string why = onednn_problem();
+  static const std::string why = onednn_problem<H>();
   return why;
 }
 
-void set_bf16_products(int64_t engine) {
-  TORCH_CHECK_VALUE(engine >= 0 && engine <= 2, "flashattn_lite cpu: cpu_bf16_products takes 0, 1 or 2, got ",
-                    engine);
-  TORCH_CHECK(engine == 0 || kHaveBf16Dot,
-              "flashattn_lite cpu: bf16 products need a CPU with AVX512-BF16 (vdpbf16ps) and an extension built "
-              "for it; this extension was compiled without it (-march=native on this host)");
-  TORCH_CHECK(engine != 2 || onednn_unavailable().empty(), "flashattn_lite cpu: ", onednn_unavailable());
+template <typename H>
+void set_products(int64_t engine) {
+  constexpr bool half = std::is_same_v<H, at::Half>;
+  TORCH_CHECK_VALUE(engine >= 0 && engine <= 2, "flashattn_lite cpu: cpu_", type_name<H>(),
+                    "_products takes 0, 1 or 2, got ", engine);
+  if constexpr (half) {
+    TORCH_CHECK(engine == 0 || kHaveF16Pairs,
+                "flashattn_lite cpu: fp16 products need a CPU with AVX-512 and an extension built for it; this "
+                "extension was compiled without it (-march=native on this host)");
+  } else {
+    TORCH_CHECK(engine == 0 || kHaveBf16Dot,
+                "flashattn_lite cpu: bf16 products need a CPU with AVX512-BF16 (vdpbf16ps) and an extension built "
+                "for it; this extension was compiled without it (-march=native on this host)");
+  }
+  TORCH_CHECK(engine != 2 || onednn_unavailable<H>().empty(), "flashattn_lite cpu: ", onednn_unavailable<H>());
   TORCH_CHECK(engine != 2 || at::globalContext().userEnabledMkldnn(),
               "flashattn_lite cpu: oneDNN's brgemm needs torch.backends.mkldnn enabled");
-  g_engine.store(int(engine), std::memory_order_relaxed);
+  g_engine[half].store(int(engine), std::memory_order_relaxed);
 }
 
 // Seconds per call of f, the best of a few timed batches after a warm-up.
@@ -243,9 +264,10 @@ std::vector<double> probe_products() {
     gemm_rm<float>(false, false, M, D, N, 1.0f, p.data(), N, v.data(), D, 1.0f, o.data(), D);
   });
   if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_prev);
-  double t16 = 0, tdnn = 0;
-  if (kHaveBf16Dot) {
-    const uint32_t one = 0x3f803f80u;  // a pair of bf16 ones
+  // each engine on pairs of H (all ones), the same two products
+  auto pairs_rates = [&](auto h, bool own) -> std::pair<double, double> {
+    using H = decltype(h);
+    const uint32_t one = uint32_t(half_bits<H>(1.0f)) * 0x10001u;  // a pair of ones
     std::vector<uint32_t> qa(M * D / 2, one), kb(D / 2 * (N + 16), one), pa(M * N / 2, one), vb(N / 2 * D, one);
     auto products = [&](auto gemm) {
       return best_seconds([&] {
@@ -253,21 +275,27 @@ std::vector<double> probe_products() {
         gemm(M, D, N / 2, pa.data(), N / 2, vb.data(), D, o.data(), D, 1.0f, true);
       });
     };
-    t16 = products(bf16_gemm);
-    if (onednn_unavailable().empty()) {
-      tdnn = products([](int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
-                          int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
-        brgemm_pairs(M, N, K2, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
-      });
-      release_products();
+    double t_own = 0, t_dnn = 0;
+    if (own) {
+      t_own = products(own_pair_gemm<H>);
+      if (onednn_unavailable<H>().empty()) {
+        t_dnn = products([](int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
+                            int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
+          brgemm_pairs<H>(M, N, K2, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
+        });
+        release_products();
+      }
     }
-  }
+    return {t_own, t_dnn};
+  };
+  const auto [t16, tdnn] = pairs_rates(at::BFloat16(), kHaveBf16Dot);
+  const auto [th, thdnn] = pairs_rates(at::Half(), kHaveF16Pairs);
   auto rate = [&](double t) { return t > 0 ? flops / t / 1e9 : 0.0; };
-  return {kHaveBf16Dot ? 1.0 : 0.0, rate(t16), rate(t32), rate(tdnn)};
+  return {kHaveBf16Dot ? 1.0 : 0.0, rate(t16), rate(t32), rate(tdnn), rate(th), rate(thdnn)};
 }
 }  // namespace
 
-Bf16Engine bf16_engine() { return Bf16Engine(g_engine.load(std::memory_order_relaxed)); }
+Engine products_engine(bool half) { return Engine(g_engine[half].load(std::memory_order_relaxed)); }
 
 // oneDNN runs the product's main part, its rows and columns rounded down to multiples of
 // kQuantM and kQuantN and its pairs to a multiple of kQuantK, if that shape is admitted;
@@ -275,18 +303,24 @@ Bf16Engine bf16_engine() { return Bf16Engine(g_engine.load(std::memory_order_rel
 // staircase, of sequence ends and of windows come in every width.
 constexpr int64_t kQuantM = 16, kQuantN = 32, kQuantK = 16;
 
+template <typename H>
 void onednn_pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
                       int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
   const int64_t Mm = M / kQuantM * kQuantM, Nm = N / kQuantN * kQuantN, Km = K2 / kQuantK * kQuantK;
   if (Mm == 0 || Nm == 0 || Km == 0 ||
-      !admitted(ShapeKey{Mm, Nm, Km, lda, ldb, alpha == 1.0f ? ldc : Nm, alpha == 1.0f && accumulate})) {
-    bf16_gemm(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);  // (the engine is only chosen with kHaveBf16Dot)
+      !admitted(ShapeKey{Mm, Nm, Km, lda, ldb, alpha == 1.0f ? ldc : Nm, alpha == 1.0f && accumulate,
+                         std::is_same_v<H, at::Half>})) {
+    own_pair_gemm<H>(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);  // (the engine needs the micro-kernel)
     return;
   }
-  brgemm_pairs(Mm, Nm, K2, Km, A, lda, B, ldb, C, ldc, alpha, accumulate);
-  if (Nm < N) bf16_gemm(Mm, N - Nm, K2, A, lda, B + Nm, ldb, C + Nm, ldc, alpha, accumulate);
-  if (Mm < M) bf16_gemm(M - Mm, N, K2, A + Mm * lda, lda, B, ldb, C + Mm * ldc, ldc, alpha, accumulate);
+  brgemm_pairs<H>(Mm, Nm, K2, Km, A, lda, B, ldb, C, ldc, alpha, accumulate);
+  if (Nm < N) own_pair_gemm<H>(Mm, N - Nm, K2, A, lda, B + Nm, ldb, C + Nm, ldc, alpha, accumulate);
+  if (Mm < M) own_pair_gemm<H>(M - Mm, N, K2, A + Mm * lda, lda, B, ldb, C + Mm * ldc, ldc, alpha, accumulate);
 }
+template void onednn_pair_gemm<at::BFloat16>(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*,
+                                             int64_t, float*, int64_t, float, bool);
+template void onednn_pair_gemm<at::Half>(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t,
+                                         float*, int64_t, float, bool);
 
 void release_products() {
 #ifdef FLASHATTN_LITE_ONEDNN_BRGEMM
@@ -300,7 +334,8 @@ void release_products() {
 }  // namespace attention_cpu
 
 TORCH_LIBRARY_FRAGMENT(flashattn_lite_C, m) {
-  m.def("cpu_bf16_products(int engine) -> ()", &attention_cpu::set_bf16_products);
+  m.def("cpu_bf16_products(int engine) -> ()", &attention_cpu::set_products<at::BFloat16>);
+  m.def("cpu_fp16_products(int engine) -> ()", &attention_cpu::set_products<at::Half>);
   m.def("cpu_probe_products() -> float[]", &attention_cpu::probe_products);
   m.def("cpu_onednn_shapes(int budget=-1) -> int[]", &attention_cpu::onednn_shapes);
 }

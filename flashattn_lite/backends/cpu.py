@@ -26,28 +26,33 @@ _warned = []
 def _ensure_built():
     _build.build_cpu()
     lib = torch.ops.flashattn_lite_C
-    if getenv(MATMUL_ENV, "auto") != _products["env"]:
+    if _envs() != _products["env"]:
         _set_products(lib)
     return lib
 
 
-# ------------------------------------------------------------------ bf16 products
-# bf16 tile products run either in bf16 with float32 accumulation, or widened to float32
-# through BLAS; attention_cpu.h says what is rounded where.  The bf16 products have two
-# engines on the same packed operands: this extension's micro-kernel (AVX512-BF16
-# vdpbf16ps) and oneDNN's brgemm through torch (at::native::cpublas::brgemm, which uses
-# AMX tiles where the CPU has them).  "auto" picks the fastest by a short measurement at
-# first use (cached next to the extension, under its key: CPU model and flags, sources,
-# torch); the environment variable forces one.  fp16 is always widened (no fp16 products here).
+# ------------------------------------------------------------------ bf16 / fp16 products
+# bf16 (and fp16) tile products run either in that type with float32 accumulation, or
+# widened to float32 through BLAS; attention_cpu.h says what is rounded where.  Each type
+# has two engines on the same packed operands: this extension's micro-kernel (bf16:
+# AVX512-BF16 vdpbf16ps; fp16: each pair widened on AVX-512) and oneDNN's brgemm through
+# torch (at::native::cpublas::brgemm, which uses AMX tiles where the CPU has them, AMX-FP16
+# for fp16).  "auto" picks the fastest by a short measurement at first use (cached next
+# to the extension, under its key: CPU model and flags, sources, torch); an environment
+# variable per type forces one.
 MATMUL_ENV = "FLASHATTN_LITE_CPU_MATMUL"
+MATMUL_FP16_ENV = "FLASHATTN_LITE_CPU_MATMUL_FP16"
 MATMUL_CHOICES = ("auto", "bf16", "onednn", "fp32")
-_ENGINES = {"fp32": 0, "bf16": 1, "onednn": 2}
-PATH_NAMES = {"fp32": "widened to float32", "bf16": "bf16 products", "onednn": "bf16 products (oneDNN)"}
-# bf16 products must beat float32 by this factor to be chosen: a tie keeps float32's
-# rounding (P is not rounded to bf16 there)
+MATMUL_FP16_CHOICES = ("auto", "fp16", "onednn", "fp32")
+_ENV = {"bf16": (MATMUL_ENV, MATMUL_CHOICES), "fp16": (MATMUL_FP16_ENV, MATMUL_FP16_CHOICES)}
+_ENGINES = {"fp32": 0, "bf16": 1, "fp16": 1, "onednn": 2}
+PATH_NAMES = {"fp32": "widened to float32", "bf16": "bf16 products", "fp16": "fp16 products",
+              "onednn": "oneDNN products"}
+# products in bf16/fp16 must beat float32 by this factor to be chosen: a tie keeps
+# float32's rounding (P is not rounded to bf16/fp16 there)
 _MATMUL_MARGIN = 1.25
-_RATE_KEYS = {"unit", "bf16", "fp32", "onednn"}
-_products = {"env": None, "path": None, "why": None}
+_RATE_KEYS = {"unit", "bf16", "fp32", "onednn", "fp16", "onednn_fp16"}
+_products = {"env": None, "bf16": (None, None), "fp16": (None, None)}
 
 
 def _probe_file():
@@ -55,10 +60,11 @@ def _probe_file():
 
 
 def probe_products():
-    """{"unit": bool, "bf16": GFLOP/s, "fp32": GFLOP/s, "onednn": GFLOP/s} of the forward's
-    tile products each way on one thread (``cpu_probe_products``; "bf16" is this extension's
-    micro-kernel, "onednn" oneDNN's brgemm, 0 where it cannot run), measured once per
-    extension key and cached."""
+    """{"unit": bool, "bf16": GFLOP/s, "fp32": GFLOP/s, "onednn": GFLOP/s, "fp16": GFLOP/s,
+    "onednn_fp16": GFLOP/s} of the forward's tile products each way on one thread
+    (``cpu_probe_products``; "bf16"/"fp16" are this extension's micro-kernels, "onednn" and
+    "onednn_fp16" oneDNN's brgemm, 0 where it cannot run; "unit": AVX512-BF16), measured
+    once per extension key and cached."""
     path = _probe_file()
     try:
         with open(path) as f:
@@ -68,8 +74,9 @@ def probe_products():
     except (OSError, ValueError):
         pass
     _build.build_cpu()
-    unit, bf16, fp32, onednn = torch.ops.flashattn_lite_C.cpu_probe_products()
-    rates = {"unit": bool(unit), "bf16": round(bf16, 1), "fp32": round(fp32, 1), "onednn": round(onednn, 1)}
+    unit, bf16, fp32, onednn, fp16, onednn_fp16 = torch.ops.flashattn_lite_C.cpu_probe_products()
+    rates = {"unit": bool(unit), "bf16": round(bf16, 1), "fp32": round(fp32, 1), "onednn": round(onednn, 1),
+             "fp16": round(fp16, 1), "onednn_fp16": round(onednn_fp16, 1)}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}"
@@ -81,54 +88,65 @@ def probe_products():
     return rates
 
 
-def choose_products(rates):
-    """(path, why) that "auto" takes for these measured rates.  A bf16 engine must run at
-    least _MATMUL_MARGIN times float32; oneDNN must also beat the micro-kernel by that
-    factor (as AMX does), since it generates code for every new product shape (a first call
-    with many new shapes is slower, and only a budget of shapes runs on it: products_cpu.cpp)
-    and the micro-kernel needs none."""
-    if not rates["unit"]:
+def choose_products(rates, dtype="bf16"):
+    """(path, why) that "auto" takes for ``dtype`` ("bf16" or "fp16") at these measured
+    rates.  An engine must run at least _MATMUL_MARGIN times float32; oneDNN must also beat
+    the micro-kernel by that factor (as AMX does), since it generates code for every new
+    product shape (a first call with many new shapes is slower, and only a budget of
+    shapes runs on it: products_cpu.cpp) and the micro-kernel needs none."""
+    own, dnn = (rates["bf16"], rates["onednn"]) if dtype == "bf16" else (rates["fp16"], rates["onednn_fp16"])
+    if dtype == "bf16" and not rates["unit"]:
         return "fp32", "auto: no bf16 dot-product unit (AVX512-BF16) in this build/CPU"
+    if not own:
+        return "fp32", f"auto: no {dtype} micro-kernel in this build/CPU"
     bar = _MATMUL_MARGIN * rates["fp32"]
-    if rates["onednn"] >= max(bar, _MATMUL_MARGIN * rates["bf16"]):
+    if dnn >= max(bar, _MATMUL_MARGIN * own):
         path = "onednn"
     else:
-        path = "bf16" if rates["bf16"] >= bar else "fp32"
-    onednn = f"{rates['onednn']:.0f} GFLOP/s" if rates["onednn"] else "not available"
-    return path, (f"auto: measured bf16 products {rates['bf16']:.0f} GFLOP/s (micro-kernel), {onednn} (oneDNN "
-                  f"brgemm), float32 {rates['fp32']:.0f} GFLOP/s (one thread; bf16 products are chosen at >= "
+        path = dtype if own >= bar else "fp32"
+    onednn = f"{dnn:.0f} GFLOP/s" if dnn else "not available"
+    return path, (f"auto: measured {dtype} products {own:.0f} GFLOP/s (micro-kernel), {onednn} (oneDNN "
+                  f"brgemm), float32 {rates['fp32']:.0f} GFLOP/s (one thread; {dtype} products are chosen at >= "
                   f"{_MATMUL_MARGIN}x float32, oneDNN at >= {_MATMUL_MARGIN}x the micro-kernel too)")
 
 
+def _envs():
+    return tuple(getenv(_ENV[dtype][0], "auto") for dtype in ("bf16", "fp16"))
+
+
 def _set_products(lib):
-    env = getenv(MATMUL_ENV, "auto")
-    if env not in MATMUL_CHOICES:
-        raise ValueError(f"{MATMUL_ENV}={env!r}: expected one of {', '.join(MATMUL_CHOICES)}")
-    if env == "auto":
-        rates = probe_products()
-        path, why = choose_products(rates)
-    else:
-        path, why = env, f"forced by {MATMUL_ENV}={env}"
-    try:
-        lib.cpu_bf16_products(_ENGINES[path])
-    except RuntimeError as exc:
-        if env != "auto" or path != "onednn":
-            raise RuntimeError(f"{MATMUL_ENV}={env}: {exc}") from None
-        # measured once (cached), refused in this process: the next choice, with the reason
-        path, why = choose_products(dict(rates, onednn=0.0))
-        why += f"; oneDNN refused here: {str(exc).splitlines()[0]}"
-        lib.cpu_bf16_products(_ENGINES[path])
-    if path == "onednn":
-        lib.cpu_onednn_shapes()  # reads FLASHATTN_LITE_ONEDNN_SHAPES now: a bad value raises before any kernel
-    _products.update(env=env, path=path, why=why)
+    rates = None
+    for dtype, env in zip(("bf16", "fp16"), _envs()):
+        name, choices = _ENV[dtype]
+        setter = getattr(lib, f"cpu_{dtype}_products")
+        if env not in choices:
+            raise ValueError(f"{name}={env!r}: expected one of {', '.join(choices)}")
+        if env == "auto":
+            rates = rates or probe_products()
+            path, why = choose_products(rates, dtype)
+        else:
+            path, why = env, f"forced by {name}={env}"
+        try:
+            setter(_ENGINES[path])
+        except RuntimeError as exc:
+            if env != "auto" or path != "onednn":
+                raise RuntimeError(f"{name}={env}: {exc}") from None
+            # measured once (cached), refused in this process: the next choice, with the reason
+            key = "onednn" if dtype == "bf16" else "onednn_fp16"
+            path, why = choose_products(dict(rates, **{key: 0.0}), dtype)
+            why += f"; oneDNN refused here: {str(exc).splitlines()[0]}"
+            setter(_ENGINES[path])
+        if path == "onednn":
+            lib.cpu_onednn_shapes()  # reads FLASHATTN_LITE_ONEDNN_SHAPES now: a bad value raises before any kernel
+        _products[dtype] = (path, why)
+    _products["env"] = _envs()
 
 
 def products_choice():
     """{"bf16": (path, why), "fp16": (path, why)}: how this process multiplies each
     low-precision dtype's tiles (``flashattn-lite info``)."""
     _ensure_built()
-    return {"bf16": (_products["path"], _products["why"]),
-            "fp16": ("fp32", "widened to float32: no fp16 products in this backend")}
+    return {"bf16": _products["bf16"], "fp16": _products["fp16"]}
 
 
 def available():
