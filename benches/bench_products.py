@@ -1,12 +1,13 @@
-"""The CPU backend's ways of multiplying bf16 tiles, against each other and torch's SDPA
-in one run: bf16 products by this extension's micro-kernel (``bf16``) and by oneDNN's
-brgemm (``onednn``), and bf16 widened to float32 (``fp32``).
+"""The CPU backend's ways of multiplying bf16 (or fp16) tiles, against each other and
+torch's SDPA in one run: products in that dtype by this extension's micro-kernel (``bf16``
+/ ``fp16``) and by oneDNN's brgemm (``onednn``), and widened to float32 (``fp32``).
 
-    python benches/bench_products.py [--seqlens 1024 4096] [--repeats 5] [--json F]
+    python benches/bench_products.py [--dtype bf16|fp16] [--seqlens 1024 4096] [--repeats 5] [--json F]
 
-Batch 1, 8 heads, head dim 64, bf16, BHSD inputs (as benches/bench_cpu.py), forward and
+Batch 1, 8 heads, head dim 64, BHSD inputs (as benches/bench_cpu.py), forward and
 forward+backward, causal or not.  Every repeat runs each path once (each forced with
-FLASHATTN_LITE_CPU_MATMUL, read at each call) and SDPA, interleaved; the table gives the
+FLASHATTN_LITE_CPU_MATMUL or FLASHATTN_LITE_CPU_MATMUL_FP16, read at each call) and SDPA,
+interleaved; the table gives the
 median GFLOP/s (4·S²·H·D forward, halved when causal, 3.5x for forward+backward).  Paths
 this machine cannot run are left out.  The header gives the CPU and the one-thread rates
 that ``auto`` chooses by.
@@ -30,34 +31,38 @@ from flashattn_lite.bench import cpu_model  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     ap.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
     rates = cpu.probe_products()
-    paths = [p for p in ("bf16", "onednn") if rates[p] > 0] + ["fp32"]
-    auto = cpu.choose_products(rates)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    env = cpu.MATMUL_ENV if args.dtype == "bf16" else cpu.MATMUL_FP16_ENV
+    dnn = "onednn" if args.dtype == "bf16" else "onednn_fp16"
+    paths = [p for p, key in ((args.dtype, args.dtype), ("onednn", dnn)) if rates[key] > 0] + ["fp32"]
+    auto = cpu.choose_products(rates, args.dtype)
     print(f"# {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"# auto takes {auto[0]}: {auto[1]}")
     names = paths + ["torch_sdpa"]
     print("| pass | seqlen | causal | " + " | ".join(f"{n} GFLOP/s" for n in names) + " |")
     print("|---|---|---|" + "---|" * len(names))
     rows = []
-    prev = os.environ.get(cpu.MATMUL_ENV)
+    prev = os.environ.get(env)
     try:
         for backward in (False, True):
             for seqlen in args.seqlens:
                 for causal in (False, True):
                     torch.manual_seed(0)
-                    inputs = [torch.randn(1, 8, seqlen, 64, dtype=torch.bfloat16, requires_grad=backward)
+                    inputs = [torch.randn(1, 8, seqlen, 64, dtype=dtype, requires_grad=backward)
                               for _ in range(3)]
-                    dout = torch.randn(1, 8, seqlen, 64, dtype=torch.bfloat16)
+                    dout = torch.randn(1, 8, seqlen, 64, dtype=dtype)
                     times = {n: [] for n in names}
 
                     def run(name):
                         if name != "torch_sdpa":
-                            os.environ[cpu.MATMUL_ENV] = name
+                            os.environ[env] = name
                         impl = IMPLS["torch_sdpa" if name == "torch_sdpa" else "flashattn_lite"]
                         t = time.perf_counter()
                         _step(impl, inputs, causal, backward, dout)
@@ -76,12 +81,13 @@ def main(argv=None):
                           + " | ".join(f"{gf[n]:.0f}" for n in names) + " |", flush=True)
     finally:
         if prev is None:
-            os.environ.pop(cpu.MATMUL_ENV, None)
+            os.environ.pop(env, None)
         else:
-            os.environ[cpu.MATMUL_ENV] = prev
+            os.environ[env] = prev
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            json.dump({"cpu": cpu_model(), "dtype": args.dtype, "threads": torch.get_num_threads(),
+                       "torch": torch.__version__,
                        "probe": rates, "auto": auto, "rows": rows}, f, indent=1)
 
 

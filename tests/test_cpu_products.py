@@ -239,6 +239,14 @@ def test_forcing_errors(monkeypatch):
         with pytest.raises(ValueError, match=f"FLASHATTN_LITE_CPU_MATMUL_FP16='{bad}'.*auto, fp16, onednn, fp32"):
             with fl.use_backend("cpu"):
                 fl.flash_attn_func(q, q, q)
+    monkeypatch.setenv(cpu.MATMUL_FP16_ENV, "fp16")
+    if _has_fp16_kernel():
+        with fl.use_backend("cpu"):
+            fl.flash_attn_func(q.half(), q.half(), q.half())
+    else:  # a forced path this CPU cannot run
+        with pytest.raises(RuntimeError, match="FLASHATTN_LITE_CPU_MATMUL_FP16=fp16.*AVX-512"):
+            with fl.use_backend("cpu"):
+                fl.flash_attn_func(q.half(), q.half(), q.half())
     monkeypatch.setenv(cpu.MATMUL_FP16_ENV, "onednn")
     if _has_onednn_fp16():
         with fl.use_backend("cpu"):

@@ -155,8 +155,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           }
           slabs([&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
             if constexpr (kMat) {
-              pair_gemm<H>(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, k_dim + c0 + ca, ldk, P + s0 * BN + ca, BN,
-                        float(scale), false);
+              pair_gemm<H>(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, k_dim + c0 + ca, ldk,
+                           P + s0 * BN + ca, BN, float(scale), false);
             } else {
               gemm_rm<T>(false, true, s1 - s0, ce - ca, D, scale, qh + (r0 + s0) * sqs, sqs, kt + (c0 + ca) * sks,
                          sks, T(0), P + s0 * BN + ca, BN);
@@ -194,10 +194,11 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
             if constexpr (kMat) {
               const int64_t pa = (rshift + s0) / 2, pe = (rshift + s1 + 1) / 2;
               float_cols_pairs<H>(pv, BN, s0, s1, ca, ce, rshift, st.tpairs.data(), ldt);
-              pair_gemm<H>(ce - ca, Dv, pe - pa, st.tpairs.data(), ldt, do_rows + ((r0 - rshift) / 2 + pa) * pk->do_rows.ld,
-                        pk->do_rows.ld, st.dv_acc.data() + ca * Dv, Dv, float(rescale), true);
+              pair_gemm<H>(ce - ca, Dv, pe - pa, st.tpairs.data(), ldt,
+                           do_rows + ((r0 - rshift) / 2 + pa) * pk->do_rows.ld,
+                           pk->do_rows.ld, st.dv_acc.data() + ca * Dv, Dv, float(rescale), true);
               pair_gemm<H>(s1 - s0, ce - ca, Dv2, st.dopairs.data() + s0 * Dv2, Dv2, v_dim + c0 + ca, ldk,
-                        dP + s0 * BN + ca, BN, float(rescale), false);
+                           dP + s0 * BN + ca, BN, float(rescale), false);
             } else {
               const T* dos = doh + (r0 + s0) * sds;
               gemm_rm<T>(true, false, ce - ca, Dv, s1 - s0, rescale, pv + s0 * BN + ca, BN, dos, sds, T(1),
@@ -241,18 +242,20 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           }
           // dK += dS^T Q ; dQ += dS K
           if constexpr (kMat) {  // dS's rows in key pairs, for dQ
-            for (int64_t r = 0; r < rows; ++r) float_row_pairs<H>(dP + r * BN, cols, c0 & 1, st.spairs.data() + r * lds);
+            for (int64_t r = 0; r < rows; ++r)
+              float_row_pairs<H>(dP + r * BN, cols, c0 & 1, st.spairs.data() + r * lds);
           }
           slabs([&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
             if constexpr (kMat) {
               const int64_t pa = (rshift + s0) / 2, pe = (rshift + s1 + 1) / 2;
               float_cols_pairs<H>(dP, BN, s0, s1, ca, ce, rshift, st.tpairs.data(), ldt);
-              pair_gemm<H>(ce - ca, D, pe - pa, st.tpairs.data(), ldt, q_rows + ((r0 - rshift) / 2 + pa) * pk->q_rows.ld,
-                        pk->q_rows.ld, st.dk_acc.data() + ca * D, D, 1.0f, true);
+              pair_gemm<H>(ce - ca, D, pe - pa, st.tpairs.data(), ldt,
+                           q_rows + ((r0 - rshift) / 2 + pa) * pk->q_rows.ld,
+                           pk->q_rows.ld, st.dk_acc.data() + ca * D, D, 1.0f, true);
               const int64_t kshift = c0 & 1, ka = (kshift + ca) / 2, ke = (kshift + ce + 1) / 2;
               pair_gemm<H>(s1 - s0, D, ke - ka, st.spairs.data() + s0 * lds + ka, lds,
-                        k_rows + ((c0 - kshift) / 2 + ka) * pk->k_rows.ld, pk->k_rows.ld, dqh + (r0 + s0) * D, D, 1.0f,
-                        true);
+                           k_rows + ((c0 - kshift) / 2 + ka) * pk->k_rows.ld, pk->k_rows.ld, dqh + (r0 + s0) * D,
+                           D, 1.0f, true);
             } else {
               const T* dss = dP + s0 * BN + ca;
               gemm_rm<T>(true, false, ce - ca, D, s1 - s0, T(1), dss, BN, qh + (r0 + s0) * sqs, sqs, T(1),

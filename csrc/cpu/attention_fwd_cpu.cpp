@@ -124,8 +124,8 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       const int64_t slab = band_cuts(band, r0, rows, c0, cols) ? (rows + kStairSlabs - 1) / kStairSlabs : rows;
       for_slabs(band, r0, rows, c0, cols, slab, [&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
         if constexpr (kMat) {
-          pair_gemm<in_t>(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, kpk + c0 + ca, dim_pack_ld(sq.len_k),
-                    st.S.data() + s0 * BN + ca, BN, float(scale), false);
+          pair_gemm<in_t>(s1 - s0, ce - ca, D2, st.qpairs.data() + s0 * D2, D2, kpk + c0 + ca,
+                          dim_pack_ld(sq.len_k), st.S.data() + s0 * BN + ca, BN, float(scale), false);
         } else {
           gemm_rm<T>(false, true, s1 - s0, ce - ca, D, scale, qt + s0 * ldq, ldq, ktile + ca * ldk, ldk, T(0),
                      st.S.data() + s0 * BN + ca, BN);
@@ -176,11 +176,12 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
         // P's rows in in_t, shifted by c0's parity so that pairs are V's key pairs (even
         // key first); the spare halves are 0
         const int64_t shift = c0 & 1;
-        for (int64_t r = 0; r < rows; ++r) float_row_pairs<in_t>(st.P.data() + r * BN, cols, shift, st.ppairs.data() + r * pld);
+        for (int64_t r = 0; r < rows; ++r)
+          float_row_pairs<in_t>(st.P.data() + r * BN, cols, shift, st.ppairs.data() + r * pld);
         for_slabs(band, r0, rows, c0, cols, slab, [&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
           const int64_t pa = (shift + ca) / 2, pe = (shift + ce + 1) / 2;
-          pair_gemm<in_t>(s1 - s0, Dv, pe - pa, st.ppairs.data() + s0 * pld + pa, pld, vpk + (c0 / 2 + pa) * vpack->ld,
-                    vpack->ld, acc + s0 * Dv, Dv, 1.0f, true);
+          pair_gemm<in_t>(s1 - s0, Dv, pe - pa, st.ppairs.data() + s0 * pld + pa, pld,
+                          vpk + (c0 / 2 + pa) * vpack->ld, vpack->ld, acc + s0 * Dv, Dv, 1.0f, true);
         });
       } else {
         const T* vtile = tile<kv_t, T>(vt + c0 * svs, svs, cols, Dv, st.vbuf.data(), ldv);

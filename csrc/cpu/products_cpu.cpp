@@ -56,7 +56,8 @@ struct ShapeKey {
 struct ShapeHash {
   size_t operator()(const ShapeKey& k) const {
     uint64_t h = 1469598103934665603ull;
-    for (int64_t v : {k.M, k.N, k.K2, k.lda, k.ldb, k.ldc, int64_t(k.add) + 2 * int64_t(k.half)}) h = (h ^ uint64_t(v)) * 1099511628211ull;
+    for (int64_t v : {k.M, k.N, k.K2, k.lda, k.ldb, k.ldc, int64_t(k.add) + 2 * int64_t(k.half)})
+      h = (h ^ uint64_t(v)) * 1099511628211ull;
     return size_t(h);
   }
 };
