@@ -1,6 +1,7 @@
 """The CPU backend's ways of multiplying bf16 (or fp16) tiles, against each other and
-torch's SDPA in one run: products in that dtype by this extension's micro-kernel (``bf16``
-/ ``fp16``) and by oneDNN's brgemm (``onednn``), and widened to float32 (``fp32``).
+torch's SDPA in one run: products in that dtype by this extension's micro-kernels (``bf16``
+/ ``fp16``, and ``bf16fma``: bf16 pairs widened in registers) and by oneDNN's brgemm
+(``onednn``), and widened to float32 (``fp32``).
 
     python benches/bench_products.py [--dtype bf16|fp16] [--seqlens 1024 4096] [--repeats 5] [--json F]
 
@@ -41,7 +42,8 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     env = cpu.MATMUL_ENV if args.dtype == "bf16" else cpu.MATMUL_FP16_ENV
     dnn = "onednn" if args.dtype == "bf16" else "onednn_fp16"
-    paths = [p for p, key in ((args.dtype, args.dtype), ("onednn", dnn)) if rates[key] > 0] + ["fp32"]
+    own = [args.dtype] + (["bf16fma"] if args.dtype == "bf16" else [])
+    paths = [p for p, key in [(p, p) for p in own] + [("onednn", dnn)] if rates[key] > 0] + ["fp32"]
     auto = cpu.choose_products(rates, args.dtype)
     print(f"# {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"# auto takes {auto[0]}: {auto[1]}")

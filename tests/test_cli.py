@@ -34,8 +34,8 @@ def test_info_lists_backends_and_features():
         assert word in proc.stdout
     # how the cpu backend multiplies each low-precision dtype, and why (measured rates or the forcing variable)
     for dtype in ("bf16", "fp16"):
-        assert re.search(rf"^  {dtype} +({dtype} products|oneDNN products|widened to float32) +auto: ", proc.stdout,
-                         re.M), proc.stdout
+        assert re.search(rf"^  {dtype} +({dtype} products( \(FMA\))?|oneDNN products|widened to float32) +auto: ",
+                         proc.stdout, re.M), proc.stdout
     forced = _cli("info", env={**os.environ, "FLASHATTN_LITE_CPU_MATMUL": "fp32",
                                "FLASHATTN_LITE_CPU_MATMUL_FP16": "fp32"})
     assert re.search(r"^  bf16 +widened to float32 +forced by FLASHATTN_LITE_CPU_MATMUL=fp32", forced.stdout, re.M)

@@ -241,21 +241,35 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
             }
           }
           // dK += dS^T Q ; dQ += dS K
+          // (fp16 products: dS is rounded to fp16 times a power of two that puts the tile's
+          // largest |dS| in [2^14, 2^15), undone exactly by the two products' alpha, so small
+          // gradients keep fp16's precision instead of underflowing)
+          float ds_mul = 1.0f;
+          if constexpr (kMat && std::is_same_v<H, at::Half>) {
+            float mx = 0.0f;
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, std::abs(float(dP[r * BN + j])));
+            if (mx > 0.0f && std::isfinite(mx)) {
+              int e = 0;
+              std::frexp(mx, &e);  // mx in [2^(e-1), 2^e)
+              ds_mul = std::ldexp(1.0f, std::clamp(15 - e, -100, 100));
+            }
+          }
           if constexpr (kMat) {  // dS's rows in key pairs, for dQ
             for (int64_t r = 0; r < rows; ++r)
-              float_row_pairs<H>(dP + r * BN, cols, c0 & 1, st.spairs.data() + r * lds);
+              float_row_pairs<H>(dP + r * BN, cols, c0 & 1, st.spairs.data() + r * lds, ds_mul);
           }
           slabs([&](int64_t s0, int64_t s1, int64_t ca, int64_t ce) {
             if constexpr (kMat) {
               const int64_t pa = (rshift + s0) / 2, pe = (rshift + s1 + 1) / 2;
-              float_cols_pairs<H>(dP, BN, s0, s1, ca, ce, rshift, st.tpairs.data(), ldt);
+              float_cols_pairs<H>(dP, BN, s0, s1, ca, ce, rshift, st.tpairs.data(), ldt, ds_mul);
               pair_gemm<H>(ce - ca, D, pe - pa, st.tpairs.data(), ldt,
                            q_rows + ((r0 - rshift) / 2 + pa) * pk->q_rows.ld,
-                           pk->q_rows.ld, st.dk_acc.data() + ca * D, D, 1.0f, true);
+                           pk->q_rows.ld, st.dk_acc.data() + ca * D, D, 1.0f / ds_mul, true);
               const int64_t kshift = c0 & 1, ka = (kshift + ca) / 2, ke = (kshift + ce + 1) / 2;
               pair_gemm<H>(s1 - s0, D, ke - ka, st.spairs.data() + s0 * lds + ka, lds,
                            k_rows + ((c0 - kshift) / 2 + ka) * pk->k_rows.ld, pk->k_rows.ld, dqh + (r0 + s0) * D,
-                           D, 1.0f, true);
+                           D, 1.0f / ds_mul, true);
             } else {
               const T* dss = dP + s0 * BN + ca;
               gemm_rm<T>(true, false, ce - ca, D, s1 - s0, T(1), dss, BN, qh + (r0 + s0) * sqs, sqs, T(1),

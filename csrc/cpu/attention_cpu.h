@@ -536,25 +536,32 @@ void run_tasks(int64_t n, MakeState&& make_state, Body&& body) {
 // P is rounded to the input type for P V, which accumulates in float32; the row sums are
 // of the float32 P.
 //
-// Two engines run these products on the same packed operands: this extension's own
-// micro-kernels (bf16_gemm.h: vdpbf16ps for bf16 on CPUs with AVX512-BF16; fp16 widened
-// pair by pair on AVX-512), or oneDNN's brgemm micro-kernel through torch's
+// The engines run these products on the same packed operands: this extension's own
+// micro-kernels (bf16_gemm.h: vdpbf16ps for bf16 on CPUs with AVX512-BF16; pairs widened
+// in registers and multiplied by float32 FMAs on AVX-512, for fp16, and for bf16 where its
+// unit is missing or slow), or oneDNN's brgemm micro-kernel through torch's
 // at::native::cpublas::brgemm (the pair layouts below are its VNNI layout of B), which
 // uses AMX tiles on CPUs that have them (AMX-FP16 for fp16).  The measurement picks one,
 // or float32, for each type.
-enum class Engine : int { kOff = 0, kOwn = 1, kOneDnn = 2 };
+//   kOwn: vdpbf16ps (bf16), widened pairs (fp16); kWiden: widened pairs (bf16 only).
+enum class Engine : int { kOff = 0, kOwn = 1, kOneDnn = 2, kWiden = 3 };
 Engine products_engine(bool half);  // half: fp16's choice, else bf16's
 
 // The 16-bit types with products of their own (H = at::BFloat16 or at::Half).
 template <typename H>
-constexpr bool kPairType = (std::is_same_v<H, at::BFloat16> && kHaveBf16Dot) ||
+constexpr bool kPairType = (std::is_same_v<H, at::BFloat16> && (kHaveBf16Dot || kHaveF16Pairs)) ||
                            (std::is_same_v<H, at::Half> && kHaveF16Pairs);
 
-inline bool bf16_products() { return kHaveBf16Dot && products_engine(false) != Engine::kOff; }
+// bf16 products on the bf16 unit (vdpbf16ps, or oneDNN's brgemm): the decoding kernel's
+// bf16 scores use the unit too then.
+inline bool bf16_products() {
+  const Engine e = products_engine(false);
+  return kHaveBf16Dot && (e == Engine::kOwn || e == Engine::kOneDnn);
+}
 
 // Whether tiles of this input type are multiplied in it (else widened).
 inline bool pair_products(at::ScalarType t) {
-  if (t == at::kBFloat16) return bf16_products();
+  if (t == at::kBFloat16) return bf16_products() || (kHaveF16Pairs && products_engine(false) == Engine::kWiden);
   return t == at::kHalf && kHaveF16Pairs && products_engine(true) != Engine::kOff;
 }
 
@@ -569,7 +576,7 @@ template <typename H>
 inline void own_pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
                           int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
   if constexpr (std::is_same_v<H, at::Half>) {
-    f16_gemm(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
+    widen_gemm<false>(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
   } else {
     bf16_gemm(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
   }
@@ -581,8 +588,11 @@ inline void own_pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, i
 template <typename H>
 inline void pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
                       int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
-  if (products_engine(std::is_same_v<H, at::Half>) == Engine::kOneDnn && at::globalContext().userEnabledMkldnn()) {
+  const Engine e = products_engine(std::is_same_v<H, at::Half>);
+  if (e == Engine::kOneDnn && at::globalContext().userEnabledMkldnn()) {
     onednn_pair_gemm<H>(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
+  } else if (std::is_same_v<H, at::BFloat16> && e == Engine::kWiden) {
+    widen_gemm<true>(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
   } else {
     own_pair_gemm<H>(M, N, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
   }
@@ -611,7 +621,8 @@ inline uint16_t half_bits(float x) {
 inline int64_t dim_pack_ld(int64_t len) {
   int64_t step = 1;
   while (step * 16 < len) step *= 2;
-  return (len + step - 1) / step * step + 16;
+  const int64_t ld = (len + step - 1) / step * step + 16;
+  return (ld & (ld - 1)) == 0 ? ld + 16 : ld;
 }
 
 // A bf16/fp16 tensor's rows of every (sequence, head) as bf16_gemm.h's B operand, packed once
@@ -692,14 +703,22 @@ inline void row_pairs(const H* src, int64_t ld, int64_t rows, int64_t W, uint32_
   }
 }
 
-// Row r of a float matrix (``cols`` long) in H, its halves shifted by ``shift`` (0 or 1)
-// so that pairs line up with a kRows pack's (the even row first); the spare halves are 0.
-// ``dst`` holds (shift + cols + 1) / 2 pairs.
+// Row r of a float matrix (``cols`` long, times ``mul``) in H, its halves shifted by
+// ``shift`` (0 or 1) so that pairs line up with a kRows pack's (the even row first); the
+// spare halves are 0.  ``dst`` holds (shift + cols + 1) / 2 pairs.
 template <typename H>
-inline void float_row_pairs(const float* src, int64_t cols, int64_t shift, uint32_t* dst) {
+inline void float_row_pairs(const float* src, int64_t cols, int64_t shift, uint32_t* dst, float mul = 1.0f) {
   auto* h = reinterpret_cast<H*>(dst);
   h[0] = H(0.0f);
-  at::vec::convert(src, h + shift, cols);
+  if (mul == 1.0f) {
+    at::vec::convert(src, h + shift, cols);
+  } else {
+    thread_local std::vector<float> scaled;
+    if (scaled.size() < size_t(cols)) scaled.resize(size_t(cols));
+    using fVec = at::vec::Vectorized<float>;
+    at::vec::map([mul](fVec x) { return x * fVec(mul); }, scaled.data(), src, cols);
+    at::vec::convert(scaled.data(), h + shift, cols);
+  }
   if ((shift + cols) % 2) h[shift + cols] = H(0.0f);
 }
 
@@ -708,14 +727,15 @@ inline void float_row_pairs(const float* src, int64_t cols, int64_t shift, uint3
 // to s0's pair), 0 outside [s0, s1).  Column j - ca at dst + (j - ca) * ldt.
 template <typename H>
 inline void float_cols_pairs(const float* src, int64_t ld, int64_t s0, int64_t s1, int64_t ca, int64_t ce,
-                             int64_t shift, uint32_t* dst, int64_t ldt) {
+                             int64_t shift, uint32_t* dst, int64_t ldt, float mul = 1.0f) {
   const int64_t pa = (shift + s0) / 2, pe = (shift + s1 + 1) / 2;
   for (int64_t p = pa; p < pe; ++p) {
     const int64_t lo = 2 * p - shift, hi = lo + 1;
     const float* rlo = lo >= s0 && lo < s1 ? src + lo * ld : nullptr;
     const float* rhi = hi >= s0 && hi < s1 ? src + hi * ld : nullptr;
     for (int64_t j = ca; j < ce; ++j) {
-      const uint32_t a = rlo ? uint32_t(half_bits<H>(rlo[j])) : 0u, b = rhi ? uint32_t(half_bits<H>(rhi[j])) : 0u;
+      const uint32_t a = rlo ? uint32_t(half_bits<H>(rlo[j] * mul)) : 0u;
+      const uint32_t b = rhi ? uint32_t(half_bits<H>(rhi[j] * mul)) : 0u;
       dst[(j - ca) * ldt + (p - pa)] = a | (b << 16);
     }
   }

@@ -35,7 +35,9 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   // Shorter query sequences use smaller query tiles so every thread gets work.
   const Blocks bs = blocks_from_env("FLASHATTN_LITE_CPU_FWD_BLOCKS", pr.max_q >= 768 ? 256 : 128, 512);
   const int64_t BM = std::max<int64_t>(1, std::min(bs.m, pr.max_q));
-  const int64_t BN = std::max<int64_t>(1, std::min(bs.n, pr.max_k));
+  // (bf16/fp16 products: a multiple of 32, so that the tile strides, which oneDNN's code
+  // is generated for, do not follow every key length below bs.n)
+  const int64_t BN = std::max<int64_t>(1, std::min(bs.n, kMat ? (pr.max_k + 31) / 32 * 32 : pr.max_k));
   std::vector<Unit> units;
   for (int64_t s = 0; s < int64_t(pr.seqs.size()); ++s) {
     const Seq& sq = pr.seqs[s];

@@ -98,20 +98,31 @@ inline void bf16_gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const
                       float, bool) {}
 #endif
 
-// ------------------------------------------------------------------ fp16 pairs
-// The same operands with fp16 halves (A's pairs and B's VNNI pairs of fp16), for CPUs
-// whose fp16 matrix products run through oneDNN (products_cpu.cpp) and for the parts of
-// a product that oneDNN does not run.  Each half is widened to float32 (vcvtph2ps) and
-// multiplied by float32 FMAs: a product of two fp16 numbers is exact in float32.  The
-// even and the odd element of the pairs accumulate in separate lanes, added at the end.
+// ------------------------------------------------------------------ pairs widened in registers
+// The same operands, multiplied by float32 FMAs: each 16-bit half is widened to float32
+// in registers (fp16: vcvtph2ps; bf16: a shift), and a product of two fp16 or two bf16
+// numbers is exact in float32.  The even and the odd element of the pairs accumulate in
+// separate lanes, added at the end.  For fp16 on any CPU with AVX-512 (and the parts of a
+// product oneDNN does not run), and for bf16 on CPUs whose bf16 dot-product unit is
+// missing or slow.
 #if defined(__AVX512F__)
-constexpr bool kHaveF16Pairs = true;
+constexpr bool kHaveF16Pairs = true;  // (and bf16 pairs widened)
 
 constexpr int kMR16 = 4;  // rows of C per register tile
 constexpr int kNV16 = 2;  // 16-column vectors of C per register tile: 16 accumulators
 
-template <int MR, int NV>
-inline void f16_tile(int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C,
+// 16 halves (fp16, or bf16 with kBf16) as 16 floats
+template <bool kBf16>
+inline __m512 widen16(__m256i x) {
+  if constexpr (kBf16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+  } else {
+    return _mm512_cvtph_ps(x);
+  }
+}
+
+template <bool kBf16, int MR, int NV>
+inline void widen_tile(int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C,
                      int64_t ldc, float alpha, bool accumulate, __mmask16 last) {
   __m512 lo[MR][NV], hi[MR][NV];  // lanes (2j, 2j + 1): column j's even and odd products
   for (int m = 0; m < MR; ++m)
@@ -120,11 +131,11 @@ inline void f16_tile(int64_t K2, const uint32_t* A, int64_t lda, const uint32_t*
     __m512 blo[NV], bhi[NV];
     for (int v = 0; v < NV; ++v) {
       const __m512i b = _mm512_loadu_si512(B + p * ldb + 16 * v);
-      blo[v] = _mm512_cvtph_ps(_mm512_castsi512_si256(b));        // columns 0-7 of the vector
-      bhi[v] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(b, 1));  // columns 8-15
+      blo[v] = widen16<kBf16>(_mm512_castsi512_si256(b));        // columns 0-7 of the vector
+      bhi[v] = widen16<kBf16>(_mm512_extracti64x4_epi64(b, 1));  // columns 8-15
     }
     for (int m = 0; m < MR; ++m) {
-      const __m512 a = _mm512_cvtph_ps(_mm256_set1_epi32(int(A[m * lda + p])));  // (a0, a1) repeated
+      const __m512 a = widen16<kBf16>(_mm256_set1_epi32(int(A[m * lda + p])));  // (a0, a1) repeated
       for (int v = 0; v < NV; ++v) {
         lo[m][v] = _mm512_fmadd_ps(a, blo[v], lo[m][v]);
         hi[m][v] = _mm512_fmadd_ps(a, bhi[v], hi[m][v]);
@@ -147,16 +158,17 @@ inline void f16_tile(int64_t K2, const uint32_t* A, int64_t lda, const uint32_t*
   }
 }
 
-template <int MR>
-inline void f16_rows(int64_t nv, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C,
-                     int64_t ldc, float alpha, bool accumulate, __mmask16 last) {
-  if (nv == 1) return f16_tile<MR, 1>(K2, A, lda, B, ldb, C, ldc, alpha, accumulate, last);
-  return f16_tile<MR, kNV16>(K2, A, lda, B, ldb, C, ldc, alpha, accumulate, last);
+template <bool kBf16, int MR>
+inline void widen_rows(int64_t nv, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb,
+                       float* C, int64_t ldc, float alpha, bool accumulate, __mmask16 last) {
+  if (nv == 1) return widen_tile<kBf16, MR, 1>(K2, A, lda, B, ldb, C, ldc, alpha, accumulate, last);
+  return widen_tile<kBf16, MR, kNV16>(K2, A, lda, B, ldb, C, ldc, alpha, accumulate, last);
 }
 
-// bf16_gemm's contract, with fp16 pairs.
-inline void f16_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
-                     int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
+// bf16_gemm's contract, with fp16 pairs (or bf16 pairs with kBf16), widened in registers.
+template <bool kBf16>
+inline void widen_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
+                       int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
   if (M <= 0 || N <= 0) return;
   if (K2 <= 0) {  // an empty sum
     for (int64_t m = 0; m < M; ++m)
@@ -170,16 +182,18 @@ inline void f16_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_
     const __mmask16 last = __mmask16((1u << tail) - 1u);
     int64_t m = 0;
     for (; m + kMR16 <= M; m += kMR16)
-      f16_rows<kMR16>(nv, K2, A + m * lda, lda, B + n0, ldb, C + m * ldc + n0, ldc, alpha, accumulate, last);
+      widen_rows<kBf16, kMR16>(nv, K2, A + m * lda, lda, B + n0, ldb, C + m * ldc + n0, ldc, alpha, accumulate,
+                               last);
     for (; m < M; ++m)
-      f16_rows<1>(nv, K2, A + m * lda, lda, B + n0, ldb, C + m * ldc + n0, ldc, alpha, accumulate, last);
+      widen_rows<kBf16, 1>(nv, K2, A + m * lda, lda, B + n0, ldb, C + m * ldc + n0, ldc, alpha, accumulate, last);
   }
 }
 #else
 constexpr bool kHaveF16Pairs = false;
 
-inline void f16_gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t,
-                     float, bool) {}
+template <bool kBf16>
+inline void widen_gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*,
+                       int64_t, float, bool) {}
 #endif
 
 // Round-to-nearest-even float -> bf16 bits (NaN stays NaN).

@@ -1,11 +1,14 @@
 // Which way the CPU kernels multiply bf16 and fp16 tiles (attention_cpu.h: "bf16 / fp16
 // products"), and the short measurement backends/cpu.py chooses by.  Operators:
 //   flashattn_lite_C::cpu_bf16_products(int engine) -> ()   set the process-wide choice:
-//       0 widened to float32, 1 this extension's micro-kernel, 2 oneDNN's brgemm
-//   flashattn_lite_C::cpu_fp16_products(int engine) -> ()   the same for fp16
+//       0 widened to float32, 1 this extension's micro-kernel (vdpbf16ps), 2 oneDNN's
+//       brgemm, 3 this extension's micro-kernel with pairs widened in registers
+//   flashattn_lite_C::cpu_fp16_products(int engine) -> ()   the same for fp16 (0, 1, 2;
+//       its micro-kernel widens pairs in registers)
 //   flashattn_lite_C::cpu_probe_products() -> float[]
 //       [has the bf16 unit, bf16 micro-kernel GFLOP/s, float32 GFLOP/s, oneDNN bf16 brgemm
-//        GFLOP/s, fp16 micro-kernel GFLOP/s, oneDNN fp16 brgemm GFLOP/s] (0: not available here)
+//        GFLOP/s, fp16 micro-kernel GFLOP/s, oneDNN fp16 brgemm GFLOP/s, bf16 pairs widened
+//        GFLOP/s] (0: not available here)
 //   flashattn_lite_C::cpu_onednn_shapes(int budget) -> int[]
 //       [product shapes admitted to oneDNN so far, the budget]; budget >= 0 sets it first
 
@@ -69,14 +72,16 @@ std::atomic<uint64_t> g_budget_epoch{0};             // bumped when the budget i
 
 int64_t budget_locked() {
   if (g_budget < 0) {
-    g_budget = kDefaultShapeBudget;
+    int64_t budget = kDefaultShapeBudget;
     if (const char* env = std::getenv("FLASHATTN_LITE_ONEDNN_SHAPES")) {
       char* end = nullptr;
       const long long v = std::strtoll(env, &end, 10);
+      // (a bad value stays unread: every call raises)
       TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 0,
                         "flashattn_lite cpu: FLASHATTN_LITE_ONEDNN_SHAPES must be an integer >= 0, got '", env, "'");
-      g_budget = v;
+      budget = v;
     }
+    g_budget = budget;
   }
   return g_budget;
 }
@@ -223,12 +228,12 @@ const std::string& onednn_unavailable() {
 template <typename H>
 void set_products(int64_t engine) {
   constexpr bool half = std::is_same_v<H, at::Half>;
-  TORCH_CHECK_VALUE(engine >= 0 && engine <= 2, "flashattn_lite cpu: cpu_", type_name<H>(),
-                    "_products takes 0, 1 or 2, got ", engine);
-  if constexpr (half) {
-    TORCH_CHECK(engine == 0 || kHaveF16Pairs,
-                "flashattn_lite cpu: fp16 products need a CPU with AVX-512 and an extension built for it; this "
-                "extension was compiled without it (-march=native on this host)");
+  TORCH_CHECK_VALUE(engine >= 0 && engine <= (half ? 2 : 3), "flashattn_lite cpu: cpu_", type_name<H>(),
+                    "_products takes ", half ? "0, 1 or 2" : "0, 1, 2 or 3", ", got ", engine);
+  if (half || engine == 3) {
+    TORCH_CHECK(engine == 0 || kHaveF16Pairs, "flashattn_lite cpu: ", type_name<H>(),
+                " products with pairs widened in registers need a CPU with AVX-512 and an extension built for it; "
+                "this extension was compiled without it (-march=native on this host)");
   } else {
     TORCH_CHECK(engine == 0 || kHaveBf16Dot,
                 "flashattn_lite cpu: bf16 products need a CPU with AVX512-BF16 (vdpbf16ps) and an extension built "
@@ -291,8 +296,17 @@ std::vector<double> probe_products() {
   };
   const auto [t16, tdnn] = pairs_rates(at::BFloat16(), kHaveBf16Dot);
   const auto [th, thdnn] = pairs_rates(at::Half(), kHaveF16Pairs);
+  double tw = 0;  // bf16 pairs widened in registers
+  if (kHaveF16Pairs) {
+    const uint32_t one = uint32_t(half_bits<at::BFloat16>(1.0f)) * 0x10001u;
+    std::vector<uint32_t> qa(M * D / 2, one), kb(D / 2 * (N + 16), one), pa(M * N / 2, one), vb(N / 2 * D, one);
+    tw = best_seconds([&] {
+      widen_gemm<true>(M, N, D / 2, qa.data(), D / 2, kb.data(), N + 16, s.data(), N, 0.125f, false);
+      widen_gemm<true>(M, D, N / 2, pa.data(), N / 2, vb.data(), D, o.data(), D, 1.0f, true);
+    });
+  }
   auto rate = [&](double t) { return t > 0 ? flops / t / 1e9 : 0.0; };
-  return {kHaveBf16Dot ? 1.0 : 0.0, rate(t16), rate(t32), rate(tdnn), rate(th), rate(thdnn)};
+  return {kHaveBf16Dot ? 1.0 : 0.0, rate(t16), rate(t32), rate(tdnn), rate(th), rate(thdnn), rate(tw)};
 }
 }  // namespace
 

@@ -34,24 +34,25 @@ def _ensure_built():
 # ------------------------------------------------------------------ bf16 / fp16 products
 # bf16 (and fp16) tile products run either in that type with float32 accumulation, or
 # widened to float32 through BLAS; attention_cpu.h says what is rounded where.  Each type
-# has two engines on the same packed operands: this extension's micro-kernel (bf16:
-# AVX512-BF16 vdpbf16ps; fp16: each pair widened on AVX-512) and oneDNN's brgemm through
+# has engines on the same packed operands: this extension's micro-kernels (bf16:
+# AVX512-BF16 vdpbf16ps, or "bf16fma": pairs widened in registers for float32 FMAs on
+# AVX-512; fp16: pairs widened the same way) and oneDNN's brgemm through
 # torch (at::native::cpublas::brgemm, which uses AMX tiles where the CPU has them, AMX-FP16
 # for fp16).  "auto" picks the fastest by a short measurement at first use (cached next
 # to the extension, under its key: CPU model and flags, sources, torch); an environment
 # variable per type forces one.
 MATMUL_ENV = "FLASHATTN_LITE_CPU_MATMUL"
 MATMUL_FP16_ENV = "FLASHATTN_LITE_CPU_MATMUL_FP16"
-MATMUL_CHOICES = ("auto", "bf16", "onednn", "fp32")
+MATMUL_CHOICES = ("auto", "bf16", "bf16fma", "onednn", "fp32")
 MATMUL_FP16_CHOICES = ("auto", "fp16", "onednn", "fp32")
 _ENV = {"bf16": (MATMUL_ENV, MATMUL_CHOICES), "fp16": (MATMUL_FP16_ENV, MATMUL_FP16_CHOICES)}
-_ENGINES = {"fp32": 0, "bf16": 1, "fp16": 1, "onednn": 2}
+_ENGINES = {"fp32": 0, "bf16": 1, "fp16": 1, "onednn": 2, "bf16fma": 3}
 PATH_NAMES = {"fp32": "widened to float32", "bf16": "bf16 products", "fp16": "fp16 products",
-              "onednn": "oneDNN products"}
+              "onednn": "oneDNN products", "bf16fma": "bf16 products (FMA)"}
 # products in bf16/fp16 must beat float32 by this factor to be chosen: a tie keeps
 # float32's rounding (P is not rounded to bf16/fp16 there)
 _MATMUL_MARGIN = 1.25
-_RATE_KEYS = {"unit", "bf16", "fp32", "onednn", "fp16", "onednn_fp16"}
+_RATE_KEYS = {"unit", "bf16", "fp32", "onednn", "fp16", "onednn_fp16", "bf16fma"}
 _products = {"env": None, "bf16": (None, None), "fp16": (None, None)}
 
 
@@ -61,10 +62,10 @@ def _probe_file():
 
 def probe_products():
     """{"unit": bool, "bf16": GFLOP/s, "fp32": GFLOP/s, "onednn": GFLOP/s, "fp16": GFLOP/s,
-    "onednn_fp16": GFLOP/s} of the forward's tile products each way on one thread
-    (``cpu_probe_products``; "bf16"/"fp16" are this extension's micro-kernels, "onednn" and
-    "onednn_fp16" oneDNN's brgemm, 0 where it cannot run; "unit": AVX512-BF16), measured
-    once per extension key and cached."""
+    "onednn_fp16": GFLOP/s, "bf16fma": GFLOP/s} of the forward's tile products each way on
+    one thread (``cpu_probe_products``; "bf16", "bf16fma" and "fp16" are this extension's
+    micro-kernels, "onednn" and "onednn_fp16" oneDNN's brgemm, 0 where it cannot run;
+    "unit": AVX512-BF16), measured once per extension key and cached."""
     path = _probe_file()
     try:
         with open(path) as f:
@@ -74,9 +75,9 @@ def probe_products():
     except (OSError, ValueError):
         pass
     _build.build_cpu()
-    unit, bf16, fp32, onednn, fp16, onednn_fp16 = torch.ops.flashattn_lite_C.cpu_probe_products()
+    unit, bf16, fp32, onednn, fp16, onednn_fp16, bf16fma = torch.ops.flashattn_lite_C.cpu_probe_products()
     rates = {"unit": bool(unit), "bf16": round(bf16, 1), "fp32": round(fp32, 1), "onednn": round(onednn, 1),
-             "fp16": round(fp16, 1), "onednn_fp16": round(onednn_fp16, 1)}
+             "fp16": round(fp16, 1), "onednn_fp16": round(onednn_fp16, 1), "bf16fma": round(bf16fma, 1)}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}"
@@ -94,20 +95,25 @@ def choose_products(rates, dtype="bf16"):
     the micro-kernel by that factor (as AMX does), since it generates code for every new
     product shape (a first call with many new shapes is slower, and only a budget of
     shapes runs on it: products_cpu.cpp) and the micro-kernel needs none."""
-    own, dnn = (rates["bf16"], rates["onednn"]) if dtype == "bf16" else (rates["fp16"], rates["onednn_fp16"])
-    if dtype == "bf16" and not rates["unit"]:
-        return "fp32", "auto: no bf16 dot-product unit (AVX512-BF16) in this build/CPU"
+    if dtype == "bf16":  # the bf16 unit (vdpbf16ps) or pairs widened for FMAs, whichever is faster
+        kernels = {"bf16": rates["bf16"] if rates["unit"] else 0.0, "bf16fma": rates["bf16fma"]}
+        dnn = rates["onednn"]
+    else:
+        kernels, dnn = {"fp16": rates["fp16"]}, rates["onednn_fp16"]
+    best = max(kernels, key=lambda k: kernels[k])  # (a tie keeps the first)
+    own = kernels[best]
     if not own:
-        return "fp32", f"auto: no {dtype} micro-kernel in this build/CPU"
+        return "fp32", f"auto: no {dtype} micro-kernel (AVX-512) in this build/CPU"
     bar = _MATMUL_MARGIN * rates["fp32"]
     if dnn >= max(bar, _MATMUL_MARGIN * own):
         path = "onednn"
     else:
-        path = dtype if own >= bar else "fp32"
+        path = best if own >= bar else "fp32"
+    measured = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in kernels.items() if v)
     onednn = f"{dnn:.0f} GFLOP/s" if dnn else "not available"
-    return path, (f"auto: measured {dtype} products {own:.0f} GFLOP/s (micro-kernel), {onednn} (oneDNN "
-                  f"brgemm), float32 {rates['fp32']:.0f} GFLOP/s (one thread; {dtype} products are chosen at >= "
-                  f"{_MATMUL_MARGIN}x float32, oneDNN at >= {_MATMUL_MARGIN}x the micro-kernel too)")
+    return path, (f"auto: measured {dtype} micro-kernels {measured}, oneDNN brgemm {onednn}, float32 "
+                  f"{rates['fp32']:.0f} GFLOP/s (one thread; {dtype} products are chosen at >= {_MATMUL_MARGIN}x "
+                  f"float32, oneDNN at >= {_MATMUL_MARGIN}x the micro-kernel too)")
 
 
 def _envs():
@@ -126,6 +132,8 @@ def _set_products(lib):
             path, why = choose_products(rates, dtype)
         else:
             path, why = env, f"forced by {name}={env}"
+        if path == "onednn":
+            lib.cpu_onednn_shapes()  # reads FLASHATTN_LITE_ONEDNN_SHAPES: a bad value raises before any choice
         try:
             setter(_ENGINES[path])
         except RuntimeError as exc:
@@ -136,8 +144,6 @@ def _set_products(lib):
             path, why = choose_products(dict(rates, **{key: 0.0}), dtype)
             why += f"; oneDNN refused here: {str(exc).splitlines()[0]}"
             setter(_ENGINES[path])
-        if path == "onednn":
-            lib.cpu_onednn_shapes()  # reads FLASHATTN_LITE_ONEDNN_SHAPES now: a bad value raises before any kernel
         _products[dtype] = (path, why)
     _products["env"] = _envs()
 
