@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -26,6 +27,33 @@
 
 namespace flashattn_lite {
 namespace attention_cpu {
+
+#if defined(__AVX512F__)
+// The blocking both micro-kernels below share: C in blocks of 16 * NV columns (the last
+// block's last vector masked by ``last``), rows in groups of MR, then one by one.
+// tile(rows, nv, A, B, C, last) runs one register tile of ``rows`` (an integral_constant)
+// rows and nv 16-column vectors.  An empty sum sets C to 0 (or leaves it, accumulating).
+template <int MR, int NV, typename Tile>
+inline void tiled_pair_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
+                            float* C, int64_t ldc, bool accumulate, Tile&& tile) {
+  if (M <= 0 || N <= 0) return;
+  if (K2 <= 0) {  // an empty sum
+    for (int64_t m = 0; m < M; ++m)
+      if (!accumulate) std::memset(C + m * ldc, 0, sizeof(float) * size_t(N));
+    return;
+  }
+  for (int64_t n0 = 0; n0 < N; n0 += 16 * NV) {
+    const int64_t cols = N - n0 < 16 * NV ? N - n0 : 16 * NV;
+    const int64_t nv = (cols + 15) / 16;
+    const int64_t tail = cols - 16 * (nv - 1);
+    const __mmask16 last = __mmask16((1u << tail) - 1u);
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR)
+      tile(std::integral_constant<int, MR>{}, nv, A + m * lda, B + n0, C + m * ldc + n0, last);
+    for (; m < M; ++m) tile(std::integral_constant<int, 1>{}, nv, A + m * lda, B + n0, C + m * ldc + n0, last);
+  }
+}
+#endif
 
 #ifdef FLASHATTN_LITE_BF16_DOT
 constexpr bool kHaveBf16Dot = true;
@@ -72,23 +100,10 @@ inline void bf16_rows(int64_t nv, int64_t K2, const uint32_t* A, int64_t lda, co
 
 inline void bf16_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
                       int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
-  if (M <= 0 || N <= 0) return;
-  if (K2 <= 0) {  // an empty sum
-    for (int64_t m = 0; m < M; ++m)
-      if (!accumulate) std::memset(C + m * ldc, 0, sizeof(float) * size_t(N));
-    return;
-  }
-  for (int64_t n0 = 0; n0 < N; n0 += 16 * kNV) {
-    const int64_t cols = N - n0 < 16 * kNV ? N - n0 : 16 * kNV;
-    const int64_t nv = (cols + 15) / 16;
-    const int64_t tail = cols - 16 * (nv - 1);
-    const __mmask16 last = __mmask16((1u << tail) - 1u);
-    int64_t m = 0;
-    for (; m + kMR <= M; m += kMR)
-      bf16_rows<kMR>(nv, K2, A + m * lda, lda, B + n0, ldb, C + m * ldc + n0, ldc, alpha, accumulate, last);
-    for (; m < M; ++m)
-      bf16_rows<1>(nv, K2, A + m * lda, lda, B + n0, ldb, C + m * ldc + n0, ldc, alpha, accumulate, last);
-  }
+  tiled_pair_gemm<kMR, kNV>(M, N, K2, A, lda, B, C, ldc, accumulate,
+                            [&](auto rows, int64_t nv, const uint32_t* a, const uint32_t* b, float* c, __mmask16 last) {
+                              bf16_rows<decltype(rows)::value>(nv, K2, a, lda, b, ldb, c, ldc, alpha, accumulate, last);
+                            });
 }
 
 #else
@@ -169,24 +184,12 @@ inline void widen_rows(int64_t nv, int64_t K2, const uint32_t* A, int64_t lda, c
 template <bool kBf16>
 inline void widen_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
                        int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
-  if (M <= 0 || N <= 0) return;
-  if (K2 <= 0) {  // an empty sum
-    for (int64_t m = 0; m < M; ++m)
-      if (!accumulate) std::memset(C + m * ldc, 0, sizeof(float) * size_t(N));
-    return;
-  }
-  for (int64_t n0 = 0; n0 < N; n0 += 16 * kNV16) {
-    const int64_t cols = N - n0 < 16 * kNV16 ? N - n0 : 16 * kNV16;
-    const int64_t nv = (cols + 15) / 16;
-    const int64_t tail = cols - 16 * (nv - 1);
-    const __mmask16 last = __mmask16((1u << tail) - 1u);
-    int64_t m = 0;
-    for (; m + kMR16 <= M; m += kMR16)
-      widen_rows<kBf16, kMR16>(nv, K2, A + m * lda, lda, B + n0, ldb, C + m * ldc + n0, ldc, alpha, accumulate,
-                               last);
-    for (; m < M; ++m)
-      widen_rows<kBf16, 1>(nv, K2, A + m * lda, lda, B + n0, ldb, C + m * ldc + n0, ldc, alpha, accumulate, last);
-  }
+  tiled_pair_gemm<kMR16, kNV16>(M, N, K2, A, lda, B, C, ldc, accumulate,
+                                [&](auto rows, int64_t nv, const uint32_t* a, const uint32_t* b, float* c,
+                                    __mmask16 last) {
+                                  widen_rows<kBf16, decltype(rows)::value>(nv, K2, a, lda, b, ldb, c, ldc, alpha,
+                                                                           accumulate, last);
+                                });
 }
 #else
 constexpr bool kHaveF16Pairs = false;

@@ -270,41 +270,32 @@ std::vector<double> probe_products() {
     gemm_rm<float>(false, false, M, D, N, 1.0f, p.data(), N, v.data(), D, 1.0f, o.data(), D);
   });
   if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_prev);
-  // each engine on pairs of H (all ones), the same two products
-  auto pairs_rates = [&](auto h, bool own) -> std::pair<double, double> {
+  // seconds of the same two products by ``gemm``, on pairs of H (all ones)
+  auto pair_seconds = [&](auto h, auto gemm) {
     using H = decltype(h);
     const uint32_t one = uint32_t(half_bits<H>(1.0f)) * 0x10001u;  // a pair of ones
     std::vector<uint32_t> qa(M * D / 2, one), kb(D / 2 * (N + 16), one), pa(M * N / 2, one), vb(N / 2 * D, one);
-    auto products = [&](auto gemm) {
-      return best_seconds([&] {
-        gemm(M, N, D / 2, qa.data(), D / 2, kb.data(), N + 16, s.data(), N, 0.125f, false);  // (S: the softmax scale)
-        gemm(M, D, N / 2, pa.data(), N / 2, vb.data(), D, o.data(), D, 1.0f, true);
-      });
-    };
-    double t_own = 0, t_dnn = 0;
-    if (own) {
-      t_own = products(own_pair_gemm<H>);
-      if (onednn_unavailable<H>().empty()) {
-        t_dnn = products([](int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
-                            int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
-          brgemm_pairs<H>(M, N, K2, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
-        });
-        release_products();
-      }
-    }
-    return {t_own, t_dnn};
-  };
-  const auto [t16, tdnn] = pairs_rates(at::BFloat16(), kHaveBf16Dot);
-  const auto [th, thdnn] = pairs_rates(at::Half(), kHaveF16Pairs);
-  double tw = 0;  // bf16 pairs widened in registers
-  if (kHaveF16Pairs) {
-    const uint32_t one = uint32_t(half_bits<at::BFloat16>(1.0f)) * 0x10001u;
-    std::vector<uint32_t> qa(M * D / 2, one), kb(D / 2 * (N + 16), one), pa(M * N / 2, one), vb(N / 2 * D, one);
-    tw = best_seconds([&] {
-      widen_gemm<true>(M, N, D / 2, qa.data(), D / 2, kb.data(), N + 16, s.data(), N, 0.125f, false);
-      widen_gemm<true>(M, D, N / 2, pa.data(), N / 2, vb.data(), D, o.data(), D, 1.0f, true);
+    return best_seconds([&] {
+      gemm(M, N, D / 2, qa.data(), D / 2, kb.data(), N + 16, s.data(), N, 0.125f, false);  // (S: the softmax scale)
+      gemm(M, D, N / 2, pa.data(), N / 2, vb.data(), D, o.data(), D, 1.0f, true);
     });
-  }
+  };
+  auto onednn_seconds = [&](auto h) -> double {  // (0: not available here)
+    using H = decltype(h);
+    if (!onednn_unavailable<H>().empty()) return 0;
+    const double t = pair_seconds(h, [](int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda,
+                                        const uint32_t* B, int64_t ldb, float* C, int64_t ldc, float alpha,
+                                        bool accumulate) {
+      brgemm_pairs<H>(M, N, K2, K2, A, lda, B, ldb, C, ldc, alpha, accumulate);
+    });
+    release_products();
+    return t;
+  };
+  const double t16 = kHaveBf16Dot ? pair_seconds(at::BFloat16(), bf16_gemm) : 0;
+  const double tdnn = kHaveBf16Dot ? onednn_seconds(at::BFloat16()) : 0;
+  const double th = kHaveF16Pairs ? pair_seconds(at::Half(), widen_gemm<false>) : 0;
+  const double thdnn = kHaveF16Pairs ? onednn_seconds(at::Half()) : 0;
+  const double tw = kHaveF16Pairs ? pair_seconds(at::BFloat16(), widen_gemm<true>) : 0;  // bf16 pairs widened
   auto rate = [&](double t) { return t > 0 ? flops / t / 1e9 : 0.0; };
   return {kHaveBf16Dot ? 1.0 : 0.0, rate(t16), rate(t32), rate(tdnn), rate(th), rate(thdnn), rate(tw)};
 }
