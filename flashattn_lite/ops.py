@@ -40,14 +40,17 @@ _TENSOR_FIELDS = ("cu_seqlens_q", "cu_seqlens_k", "bias", "alibi_slopes")
 
 
 def empty_like_last(template, last, dtype=None):
-    """``empty_like(template)`` with last dim ``last``: the dims in the memory order
+    """``empty_like(template)`` with last dim ``last``: the other dims in the memory order
     ``empty_like(template)`` gives them (so a (B, H, S, D) caller's output is (B, H, S, Dv)
-    memory), dense.  The output of an MLA call (Dv != D) is this of q."""
+    memory) and the last dim innermost, dense.  The output of an MLA call (Dv != D) is this
+    of q.  (A last dim of size 1 may carry any stride, so its place in the order is not
+    taken from the template.)"""
     dtype = template.dtype if dtype is None else dtype
     if last == template.shape[-1]:
         return torch.empty_like(template, dtype=dtype)
     strides = torch.empty_like(template, device="meta").stride()
-    order = sorted(range(template.dim()), key=lambda i: -strides[i])  # outermost first; ties stay in order
+    order = sorted(range(template.dim() - 1), key=lambda i: -strides[i])  # outermost first; ties stay in order
+    order.append(template.dim() - 1)
     shape = tuple(template.shape[:-1]) + (last,)
     dense = template.new_empty([shape[i] for i in order], dtype=dtype)
     return dense.permute([order.index(i) for i in range(template.dim())])

@@ -5,7 +5,9 @@
   tanh was 1 - 2 / (e^2x + 1), which loses all precision for small arguments);
 * Triton and varlen offsets: non-contiguous ``cu_seqlens`` and a ``max_seqlen_q`` of
   2**40 (these crashed or hung; they run in child processes, tests/isolated.py);
-* torch.compile with dynamic shapes, numpy scalars, double backward.
+* torch.compile with dynamic shapes, numpy scalars, double backward;
+* size-1 dims (head dim 1, one head, one query) that carry the largest stride: an MLA
+  output once put its head dim outermost and the kernel wrote it as if innermost.
 """
 
 import os
@@ -15,7 +17,8 @@ import pytest
 import torch
 
 import flashattn_lite as fl
-from helpers import check_case, make_qkv
+from flashattn_lite.testing import reference_results
+from helpers import assert_checks_ok, check_case, make_qkv
 from isolated import results
 
 TRITON = pytest.mark.triton
@@ -154,3 +157,47 @@ def test_double_backward_says_so():
     (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         gq.sum().backward()
+
+
+# ------------------------------------------------------------------ size-1 dims with any stride
+
+
+def _unit_dim_outermost(shape, dim, dtype):
+    """Random tensor of ``shape`` whose size-1 dim ``dim`` carries the largest stride (a
+    permuted view that torch still calls contiguous: a size-1 dim's stride is free)."""
+    order = [dim] + [i for i in range(len(shape)) if i != dim]
+    t = torch.randn([shape[i] for i in order], dtype=dtype)
+    return t.permute([order.index(i) for i in range(len(shape))])
+
+
+# (batch, seqlen_q, seqlen_k, heads, head dim, value head dim, the size-1 dim of q given the largest stride)
+UNIT_STRIDE_CASES = {
+    "head_dim_1_mla": (2, 5, 3, 3, 1, 6, 3),  # once: the output put its head dim outermost, garbage
+    "head_dim_1": (2, 5, 3, 3, 1, 1, 3),
+    "one_head": (2, 4, 6, 1, 8, 5, 2),
+    "one_query": (2, 1, 6, 2, 8, 5, 1),
+    "batch_1": (1, 4, 6, 2, 8, 5, 0),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=TRITON)])
+@pytest.mark.parametrize("case", sorted(UNIT_STRIDE_CASES))
+def test_size_one_dims_with_any_stride(backend, case):
+    b, sq, sk, h, d, dv, dim = UNIT_STRIDE_CASES[case]
+    q = _unit_dim_outermost((b, sq, h, d), dim, torch.float32).requires_grad_()
+    k = torch.randn(b, sk, h, d, requires_grad=True)
+    v = torch.randn(b, sk, h, dv, requires_grad=True)
+    dout = torch.randn(b, sq, h, dv)
+    ref, base = reference_results(q, k, v, dout, d ** -0.5, sk - sq, -1, 0)
+    with fl.use_backend(backend):
+        out, lse, _ = fl.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+        dq, dk, dv_ = torch.autograd.grad(out, (q, k, v), dout)
+        # the same call in torch's layout (its causal diagonal is top-left: Sq <= Sk shifts it)
+        o_t = fl.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=_bottom_right(sq, sk))
+    assert_checks_ok({"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv_}, ref, base, torch.float32)
+    assert_checks_ok({"out": o_t.transpose(1, 2)}, {"out": ref["out"]}, {"out": base["out"]}, torch.float32)
+
+
+def _bottom_right(sq, sk):
+    return torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)

@@ -68,15 +68,17 @@ at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
   return blas_ready(t.scalar_type() == ct ? t : t.to(ct));
 }
 
-// An uninitialised tensor shaped like ``t`` but with last dim ``last``, its dims in the
-// same memory order as ``t``'s (empty_like's strides, for another head dim).
+// An uninitialised tensor shaped like ``t`` but with last dim ``last``, its other dims in
+// the same memory order as ``t``'s (empty_like's strides, for another head dim) and the
+// head dim innermost, as the kernels write it.  A head dim of size 1 may carry any stride
+// (even the largest), so its place in ``t``'s order says nothing.
 at::Tensor like_with_last(const at::Tensor& t, int64_t last) {
   if (last == t.size(-1)) return at::empty_like(t);
   std::vector<int64_t> shape = t.sizes().vec(), order(t.dim());
   shape.back() = last;
   std::iota(order.begin(), order.end(), 0);
   // outermost first: larger stride first; ties keep the logical order (stable)
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return t.stride(a) > t.stride(b); });
+  std::stable_sort(order.begin(), order.end() - 1, [&](int64_t a, int64_t b) { return t.stride(a) > t.stride(b); });
   std::vector<int64_t> permuted(t.dim());
   for (int64_t i = 0; i < t.dim(); ++i) permuted[i] = shape[order[i]];
   at::Tensor dense = at::empty(permuted, t.options());
