@@ -22,6 +22,18 @@ def _unit_last_stride(t):
     return t
 
 
+def _autocast(*tensors):
+    """Inside ``torch.autocast`` for the tensors' device, floating tensors other than float64
+    are cast to the autocast dtype, as torch does for its own SDPA (a lower-precision op
+    there); otherwise, and for None or bool tensors, they pass unchanged."""
+    device = next(t.device.type for t in tensors if t is not None)
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
 def _validate_qkv(q, k, v, names, layout, packed=False):
     """Checks common to both layouts; tensors given as logical (B, S, H, D), or as packed
     (S, H, D) with ``packed`` (one batch of them)."""
@@ -115,6 +127,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, 4, "(batch, seqlen, heads, headdim)")
+    q, k, v = _autocast(q, k, v)
     _validate_qkv(q, k, v, ("q", "k", "v"), "(batch, seqlen, heads, headdim)")
     dropout_p = check_dropout(dropout_p)
     softcap = check_softcap(softcap)
@@ -153,10 +166,19 @@ def _attn_mask_as_bias(attn_mask, q, k):
         bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
         bias = bias.expand(attn_mask.shape) if bias.dim() == 0 else bias
     elif attn_mask.is_floating_point():
-        bias = attn_mask if attn_mask.dtype == q.dtype else attn_mask.to(q.dtype)
+        bias = attn_mask.to(_float_mask_dtype(attn_mask, q.dtype))
     else:
         raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
     return bias.expand(full)
+
+
+def _float_mask_dtype(attn_mask, dtype):
+    """The dtype the kernels read a float mask in.  They add it to float32 scores, so a
+    16-bit call reads a mask of another float dtype in float32 (exact for the 16-bit
+    formats; a float32 mask is not rounded to the call's dtype)."""
+    if dtype in (torch.float16, torch.bfloat16) and attn_mask.dtype != dtype:
+        return torch.float32
+    return dtype
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -186,6 +208,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             attn_mask = attn_mask.unsqueeze(0)
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(name, t, 4, "(batch, heads, seqlen, headdim)")
+    if isinstance(attn_mask, torch.Tensor):
+        query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
+    else:
+        query, key, value = _autocast(query, key, value)
     dropout_p = check_dropout(dropout_p)
     if attn_mask is not None and is_causal:
         raise ValueError("pass either attn_mask or is_causal=True, not both (as torch)")
@@ -262,6 +288,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if block_table is not None:
         raise NotImplementedError("block_table (paged K/V) is supported by flash_attn_with_kvcache, not by "
                                   "flash_attn_varlen_func")
+    q, k, v = _autocast(q, k, v)
     _validate_qkv(q, k, v, ("q", "k", "v"), "(total_tokens, heads, headdim)", packed=True)
     lengths_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     lengths_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)

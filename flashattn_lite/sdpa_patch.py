@@ -64,7 +64,7 @@ def _supported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     if attn_mask is not None:
         if is_causal or not isinstance(attn_mask, torch.Tensor) or attn_mask.device != query.device:
             return False
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
             return False  # torch rejects a float mask of another dtype; let it say so
         full = tuple(query.shape[:-1]) + (key.shape[-2],)
         try:

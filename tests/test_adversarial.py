@@ -878,7 +878,7 @@ def _(be):
     _sdpa(be, q, k, v, attn_mask=fm)
 
 
-@case("sdpa_mask_other_float_dtype")  # a float64 mask with a narrower query: cast to its dtype
+@case("sdpa_mask_other_float_dtype")  # a float64 mask with a narrower query: read in float32 (16-bit) or its dtype
 def _(be):
     q, k, v = _bhsd(be)
     _sdpa(be, q, k, v, attn_mask=torch.randn(4, 6, dtype=torch.float64, requires_grad=True))  # grad in float64

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import flashattn_lite as fl
 from flashattn_lite import backends
@@ -216,3 +217,34 @@ def test_features_route_auto_and_forced_backends(monkeypatch):
         fl.flash_attn_func(q, k, v, dropout_p=0.1)
     with pytest.warns(RuntimeWarning, match="cannot serve this call"):
         fl.flash_attn_func(q, k, v, dropout_p=0.1)
+
+
+def test_autocast_casts_as_torch_sdpa_does():
+    # inside torch.autocast torch's SDPA casts q, k, v and a float mask to the autocast dtype
+    # (also when they differ: rotary embeddings often leave q and k in float32); ours did not
+    # and refused the mixed call
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 12, 16, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.randn(12, 12, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for args in ((q, k, v), (q.bfloat16(), k, v)):
+            ours = fl.scaled_dot_product_attention(*args, attn_mask=mask)
+            theirs = F.scaled_dot_product_attention(*args, attn_mask=mask)
+            assert ours.dtype == theirs.dtype == torch.bfloat16
+        out = fl.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True)
+        packed = fl.flash_attn_varlen_func(*(t.detach()[0].transpose(0, 1) for t in (q, k, v)),
+                                           torch.tensor([0, 12], dtype=torch.int32),
+                                           torch.tensor([0, 12], dtype=torch.int32), 12, 12, causal=True)
+        f64 = fl.scaled_dot_product_attention(q.double(), k.double(), v.double())  # float64 is left alone
+    assert out.dtype == packed.dtype == torch.bfloat16 and f64.dtype == torch.float64
+    # the same numbers as the call made in bf16 outside autocast
+    bf = [t.detach().bfloat16() for t in (q, k, v)]
+    assert torch.equal(ours, fl.scaled_dot_product_attention(*bf, attn_mask=mask.bfloat16()))
+    assert torch.equal(out, fl.flash_attn_func(*(t.transpose(1, 2) for t in bf), causal=True))
+    assert torch.equal(packed, fl.flash_attn_varlen_func(*(t[0].transpose(0, 1) for t in bf),
+                                                         torch.tensor([0, 12], dtype=torch.int32),
+                                                         torch.tensor([0, 12], dtype=torch.int32), 12, 12,
+                                                         causal=True))
+    # gradients reach the float32 leaves in float32
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert all(gr.dtype == torch.float32 and torch.isfinite(gr).all() for gr in grads)

@@ -120,6 +120,30 @@ def test_attn_mask_gqa_lowp(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, mask_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                               (torch.bfloat16, torch.float16), (torch.float16, torch.float64)],
+                         ids=["bf16-fp32mask", "fp16-fp32mask", "bf16-fp16mask", "fp16-fp64mask"])
+def test_attn_mask_of_another_dtype_is_not_rounded(backend, dtype, mask_dtype):
+    # a mask of 300 + N(0, 1): rounded to bf16 (spacing 2 there) its detail was lost and the
+    # output off by 0.7; read in float32 the call is as good as torch's with a float32 mask
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 16, 16, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    mask = (300 + torch.randn(16, 16, generator=g)).to(mask_dtype).requires_grad_()
+    dout = torch.randn(1, 2, 16, 16, generator=g).to(dtype)
+    with fl.use_backend(backend):
+        out = fl.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        grads = torch.autograd.grad(out, (q, k, v, mask), dout)
+    assert grads[3].dtype == mask_dtype
+    ref, base = reference_results(*(t.transpose(1, 2) for t in (q, k, v)), dout.transpose(1, 2), 16 ** -0.5,
+                                  bias=mask.double())
+    # the baseline: torch's SDPA on the same 16-bit q, k, v with the mask in float32
+    torch_out = torch.nn.functional.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(),
+                                                                 attn_mask=mask.detach().float())
+    base["out"] = torch_out.transpose(1, 2)
+    assert_checks_ok({"out": out.detach().transpose(1, 2)}, {"out": ref["out"]}, {"out": base["out"]}, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["bool", "float-grad"])
 def test_attn_mask_fully_masked_rows_give_zero(backend, kind):
     check_mask(backend, 1, 18, 18, 2, 2, 16, torch.float32, (1, 2, 18, 18), kind, mask_rows=True)

@@ -154,3 +154,21 @@ def test_unsupported_and_invalid_calls_go_to_torch(routed):
         n = len(routed)
         torch.testing.assert_close(F.scaled_dot_product_attention(q, q, v), ORIGINAL(q, q, v))
         assert len(routed) == n + 1
+
+
+def test_float32_mask_of_a_16_bit_call_is_routed_and_not_rounded(routed):
+    # torch accepts a float32 mask with a bf16 query; the patch serves it without rounding
+    # the mask to bf16 (a mask of 300 + N(0, 1) rounded so is off by 0.7 in the output)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 16, 16, generator=g).bfloat16() for _ in range(3))
+    mask = 300 + torch.randn(16, 16, generator=g)
+    ref = ORIGINAL(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    theirs = ORIGINAL(q, k, v, attn_mask=mask)
+    with fl.patch_sdpa():
+        ours = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert routed
+        with pytest.raises(RuntimeError, match="attn_mask dtype"):  # a float16 mask: torch refuses, as before
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask.half())
+    assert len(routed) == 1
+    check = compare("out", ours, ref, theirs, torch.bfloat16, FWD_FACTOR, v.abs().max().item())
+    assert check.ok, str(check)
