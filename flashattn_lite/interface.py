@@ -22,7 +22,7 @@ def _unit_last_stride(t):
     return t
 
 
-def _autocast(*tensors):
+def autocast_inputs(*tensors):
     """Inside ``torch.autocast`` for the tensors' device, floating tensors other than float64
     are cast to the autocast dtype, as torch does for its own SDPA (a lower-precision op
     there); otherwise, and for None or bool tensors, they pass unchanged."""
@@ -127,7 +127,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, 4, "(batch, seqlen, heads, headdim)")
-    q, k, v = _autocast(q, k, v)
+    q, k, v = autocast_inputs(q, k, v)
     _validate_qkv(q, k, v, ("q", "k", "v"), "(batch, seqlen, heads, headdim)")
     dropout_p = check_dropout(dropout_p)
     softcap = check_softcap(softcap)
@@ -209,9 +209,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(name, t, 4, "(batch, heads, seqlen, headdim)")
     if isinstance(attn_mask, torch.Tensor):
-        query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
+        query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
     else:
-        query, key, value = _autocast(query, key, value)
+        query, key, value = autocast_inputs(query, key, value)
     dropout_p = check_dropout(dropout_p)
     if attn_mask is not None and is_causal:
         raise ValueError("pass either attn_mask or is_causal=True, not both (as torch)")
@@ -288,7 +288,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if block_table is not None:
         raise NotImplementedError("block_table (paged K/V) is supported by flash_attn_with_kvcache, not by "
                                   "flash_attn_varlen_func")
-    q, k, v = _autocast(q, k, v)
+    q, k, v = autocast_inputs(q, k, v)
     _validate_qkv(q, k, v, ("q", "k", "v"), "(total_tokens, heads, headdim)", packed=True)
     lengths_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     lengths_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)

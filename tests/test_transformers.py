@@ -491,3 +491,26 @@ def test_modern_shapes_run_on_the_kernels_without_warnings(family, side):
     assert not [str(x.message) for x in w if "flashattn_lite" in str(x.message)]
     kernels = {"flashattn_lite_C::fwd", "flashattn_lite_C::cpu_fwd_sink", "flashattn_lite_C::decode"}
     assert ran and ran <= kernels
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_autocast_runs_on_the_kernels(family):
+    """Under torch.autocast(bf16) on the CPU, rotary embeddings leave q and k in float32 beside
+    a bf16 v; the backend casts them as torch's SDPA does instead of falling back (a warning
+    and the model's slower attention), and the logits stay as close to the float64 oracle as
+    eager's under the same autocast."""
+    models = _models(family)
+    ids, mask = _batch("left")
+    fat._warned.clear()
+    out = {}
+    with warnings.catch_warnings(record=True) as w, torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("always")
+        ran = kernels_run(lambda: out.update(fa=_run(family, models["fa_lite32"], ids, mask)[0]))
+        out["eager"] = _run(family, models["eager32"], ids, mask)[0]
+    assert not [str(x.message) for x in w if "flashattn_lite" in str(x.message)]
+    assert ran and ran <= {"flashattn_lite_C::fwd", "flashattn_lite_C::decode"}
+    ref, _ = _oracle(family, ids, mask)
+    valid = mask.bool()
+    c = compare("logits", out["fa"][valid].float(), ref[valid], out["eager"][valid].float(), torch.bfloat16,
+                FWD_FACTOR, ref.abs().max().item())
+    assert c.ok, str(c)

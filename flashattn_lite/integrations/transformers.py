@@ -65,7 +65,7 @@ import warnings
 import torch
 
 from ..backends import cpu as cpu_backend
-from ..interface import (MAX_HEAD_DIM, SUPPORTED_DTYPES, flash_attn_func, flash_attn_varlen_func,
+from ..interface import (MAX_HEAD_DIM, SUPPORTED_DTYPES, autocast_inputs, flash_attn_func, flash_attn_varlen_func,
                          scaled_dot_product_attention)
 from ..kvcache import flash_attn_with_kvcache
 from .transformers_masks import MaskPlan, PlannedMask  # noqa: F401  (re-exported: the module's API)
@@ -339,6 +339,9 @@ def fa_lite_attention_forward(module, query, key, value, attention_mask, dropout
     indices = kwargs.pop("indices", None)
     if indices is not None:
         attention_mask = _fold_topk_indices(attention_mask, indices, query, key)
+    # under torch.autocast, rotary embeddings leave q and k in float32 beside a bf16 v: cast
+    # them as the kernels' own entry points (and torch's SDPA) do, rather than fall back
+    query, key, value = autocast_inputs(query, key, value)
     args = (module, query, key, value, attention_mask, dropout, scaling, softcap, is_causal, kwargs)
     if kwargs.get("output_attentions"):
         _warn_once("output_attentions=True is not supported (no weights are returned)")
