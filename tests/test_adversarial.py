@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import flashattn_lite as fl
-from flashattn_lite.testing import (check_against_reference, compare, record_dropout, reference_results,
-                                    reference_results_varlen)
+from flashattn_lite.testing import (GRAD_FACTOR, check_against_reference, compare, record_dropout,
+                                    reference_results, reference_results_varlen)
 from helpers import assert_checks_ok, assert_matches_reference, make_qkv, run_flash
 from isolated import expect_error, results
 
@@ -596,6 +596,21 @@ def _(be):
 def _(be):
     q, k, v = _qkv(be, sq=4, sk=6)
     _flash(be, q, k, v, softmax_scale=1e3, causal=True)
+
+
+@case("sdpa_bf16_row_constant_mask_grad")  # softmax ignores a constant per row: the mask's true gradient is 0
+def _(be):
+    def run():
+        g = torch.Generator().manual_seed(11)
+        q, k, v, dout = (torch.randn(1, 2, 128, 64, generator=g).bfloat16() for _ in range(4))
+        mask = torch.randn(1, 1, 128, 1, generator=g).bfloat16().requires_grad_()
+        (ours,) = torch.autograd.grad(fl.scaled_dot_product_attention(q, k, v, attn_mask=mask), mask, dout)
+        m = mask.detach().requires_grad_()
+        (theirs,) = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=m), m, dout)
+        c = compare("dbias", ours, torch.zeros(mask.shape, dtype=torch.float64), theirs, torch.bfloat16,
+                    GRAD_FACTOR, 1.0)
+        assert c.ok, str(c)
+    _on(be, torch.bfloat16, ("attn_mask",), run)
 
 
 @case("extreme_identical_keys_huge_scores")  # all scores equal and huge: uniform weights
@@ -1830,6 +1845,8 @@ _NAMES = sorted(CASES)
 # a fix turns them into failures to remove from here.
 _LSE_IN_FP32 = ("a single float32 lse carries |lse| * 2**-24 into P = exp(s - lse) in the backward (as in "
                 "flash-attn and torch's CPU sdpa)")
+_ROWSUM_ROUNDED = ("a 16-bit backward takes rowsum(dO * O) from the rounded output (as flash-attn): a gradient that "
+                   "is 0 in exact arithmetic comes out at that rounding level, not torch's")
 KNOWN_DEFECTS = {
     ("triton", "sdpa_mask_large_negative_not_inf"): "Triton's base-2 scores: a mask value below -2.36e38 "
                                                     "(float32 max / log2 e) overflows to -inf",
@@ -1842,6 +1859,8 @@ KNOWN_DEFECTS = {
                                              "torch's CPU sdpa)",
     ("triton", "extreme_bf16_values_near_max"): "the unnormalised float32 accumulator overflows for |v| ~ 1e38",
     ("cuda_emu", "extreme_bf16_values_near_max"): "the unnormalised float32 accumulator overflows for |v| ~ 1e38",
+    ("cpu", "sdpa_bf16_row_constant_mask_grad"): _ROWSUM_ROUNDED,
+    ("triton", "sdpa_bf16_row_constant_mask_grad"): _ROWSUM_ROUNDED,
     ("triton", "extreme_bf16_tiny_values"): "Triton's CPU interpreter converts bf16 subnormals inexactly "
                                             "(interpreter only)",
 }
