@@ -108,18 +108,27 @@ def unshard(x_local, group=None, dim=1, load_balance="zigzag"):
     """The whole sequence, on every rank, from each rank's ``x_local`` (the inverse of
     :func:`shard`).  Every rank must pass the same shape.  Not differentiable: it is a
     gather for inspection and losses, not part of the model's graph."""
-    _check_load_balance(load_balance, "unshard")
     group, _, world = _group_info(group, "unshard")
-    if not isinstance(x_local, torch.Tensor):
-        raise TypeError(f"flashattn_lite.distributed.unshard: x_local must be a torch.Tensor, got "
-                        f"{type(x_local).__name__}")
-    dim = _dim(x_local, dim, "unshard")
-    _agree(group, world, x_local.device, "unshard",
-           {"ndim": x_local.dim(), **{f"size[{i}]": s for i, s in enumerate(x_local.shape)},
-            "dtype": _DTYPE_CODES.get(x_local.dtype, -1)})
-    if load_balance == "zigzag" and x_local.shape[dim] % 2:
-        raise ValueError(f"flashattn_lite.distributed.unshard: a zigzag shard holds two equal chunks, but dim {dim} "
-                         f"has odd length {x_local.shape[dim]}")
+    # the sizes padded to _MAX_DIMS, so that every rank gathers as many numbers
+    failure, fields = None, {"ndim": 0, "dtype": 0, **{f"size[{i}]": -1 for i in range(_MAX_DIMS)}}
+    try:  # this rank's own checks: a refusal still joins the cross-rank check (see _agree)
+        _check_load_balance(load_balance, "unshard")
+        if not isinstance(x_local, torch.Tensor):
+            raise TypeError(f"flashattn_lite.distributed.unshard: x_local must be a torch.Tensor, got "
+                            f"{type(x_local).__name__}")
+        if x_local.dim() > _MAX_DIMS:
+            raise ValueError(f"flashattn_lite.distributed.unshard: x_local has {x_local.dim()} dims, more than "
+                             f"{_MAX_DIMS}")
+        dim = _dim(x_local, dim, "unshard")
+        if load_balance == "zigzag" and x_local.shape[dim] % 2:
+            raise ValueError(f"flashattn_lite.distributed.unshard: a zigzag shard holds two equal chunks, but dim "
+                             f"{dim} has odd length {x_local.shape[dim]}")
+        fields.update({"ndim": x_local.dim(), "dtype": _DTYPE_CODES.get(x_local.dtype, -1),
+                       **{f"size[{i}]": n for i, n in enumerate(x_local.shape)}})
+    except (TypeError, ValueError) as e:
+        failure = e
+    device = x_local.device if isinstance(x_local, torch.Tensor) else torch.device("cpu")
+    _agree(group, world, device, "unshard", fields, failure)
     gathered = [torch.empty_like(x_local, memory_format=torch.contiguous_format) for _ in range(world)]
     _dist().all_gather(gathered, x_local.detach().contiguous(), group=group)
     pieces = {}
@@ -135,23 +144,38 @@ def _dim(x, dim, where):
     return dim % x.dim()
 
 
+_MAX_DIMS = 64  # the most dims unshard takes (it gathers a fixed count of sizes)
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 
 
-def _agree(group, world, device, where, fields):
+def _agree(group, world, device, where, fields, failure=None):
     """Every rank passed the same ``fields`` (names -> numbers): one small all_gather.  On a
-    mismatch every rank raises the same error (they all see every rank's values)."""
+    mismatch every rank raises the same error (they all see every rank's values).
+
+    ``failure``: the exception this rank's own argument checks raised, or None.  Such a rank
+    joins the gather anyway, with placeholder values (the names, and so the size of what is
+    gathered, must be the same on every rank), so that it does not leave the others waiting
+    in a collective until the group's timeout: it raises its own error, the others one that
+    names it."""
     if world == 1:
+        if failure is not None:
+            raise failure
         return
     dist = _dist()
     names = list(fields)
-    mine = torch.tensor([float(fields[n]) for n in names], dtype=torch.float64)
+    mine = torch.tensor([float(failure is not None)] + [float(fields[n]) for n in names], dtype=torch.float64)
     if dist.get_backend(group) == "nccl":
         mine = mine.to(device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device()))
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     rows = torch.stack(every).cpu()
-    for i, name in enumerate(names):
+    if failure is not None:
+        raise failure
+    refused = [r for r, x in enumerate(rows[:, 0].tolist()) if x]
+    if refused:
+        raise ValueError(f"flashattn_lite.distributed.{where}: rank {', '.join(map(str, refused))} refused its "
+                         "arguments (the error is raised there), so every rank stops")
+    for i, name in enumerate(names, start=1):
         column = rows[:, i].tolist()
         if any(x != column[0] for x in column):
             raise ValueError(f"flashattn_lite.distributed.{where}: ranks disagree on {name}: "
@@ -484,6 +508,11 @@ def _fold_back(item, dk_own, dv_own, stats):
         dv_own.add(0, back[1].shape[1], back[1])
 
 
+_RING_FIELDS = ("batch", "local seqlen_q", "heads", "headdim", "local seqlen_k", "kv heads", "value headdim", "dtype",
+                "device type", "causal", "window left", "window right", "softcap", "softmax_scale", "alibi",
+                "load_balance")
+
+
 def ring_flash_attn_func(q, k, v, group=None, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
                          alibi_slopes=None, load_balance="zigzag", return_lse=False, dropout_p=0.0):
     """Exact attention over a sequence sharded across the ranks of ``group``.
@@ -507,37 +536,46 @@ def ring_flash_attn_func(q, k, v, group=None, causal=False, softmax_scale=None, 
     ``(out, lse)``.  Differentiable: dq stays on this rank, dk/dv contributions travel back to
     the rank that owns the shard.
     """
-    _check_load_balance(load_balance, "ring_flash_attn_func")
-    if dropout_p != 0:
-        raise NotImplementedError(
-            "flashattn_lite.distributed.ring_flash_attn_func: dropout is not supported; its random mask is keyed by "
-            "a position within one kernel call, so a sharded sequence would not drop what the unsharded call drops")
     group, rank, world = _group_info(group, "ring_flash_attn_func")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        checks.check_tensor(name, t, 4, "(batch, seqlen / world_size, heads, headdim)")
-    softcap = checks.check_softcap(softcap)
-    slopes = checks.check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else checks.check_scale(softmax_scale, "softmax_scale")
-    checks.check_scale_over_softcap(scale, softcap)
-    left, right = checks.check_window(window_size)
-    if causal:
-        right = 0
-    lq, lk = q.shape[1], k.shape[1]
-    left, right = unbounded_if_beyond(left, right, world * lq, world * lk)
-    params = Params(softmax_scale=scale, window_left=left, window_right=right, softcap=softcap, alibi_slopes=slopes)
-    checks.check_fwd(q, k, v, params, op="ring_flash_attn_func")
-    if load_balance == "zigzag":
-        for name, n in (("q", lq), ("k/v", lk)):
-            if n % 2:
-                raise ValueError(f"flashattn_lite.distributed.ring_flash_attn_func: a zigzag shard holds two equal "
-                                 f"chunks, but {name} has an odd local length {n}; shard() the full sequence")
-    _agree(group, world, q.device, "ring_flash_attn_func", {
-        "batch": q.shape[0], "local seqlen_q": lq, "heads": q.shape[2], "headdim": q.shape[3],
-        "local seqlen_k": lk, "kv heads": k.shape[2], "value headdim": v.shape[3],
-        "dtype": _DTYPE_CODES.get(q.dtype, -1), "device type": 0 if q.device.type == "cpu" else 1,
-        "causal": bool(causal), "window left": left, "window right": right, "softcap": softcap,
-        "softmax_scale": scale, "alibi": slopes is not None,
-        "load_balance": LOAD_BALANCES.index(load_balance)})
+    failure, fields = None, dict.fromkeys(_RING_FIELDS, 0)
+    try:  # this rank's own checks: a refusal still joins the cross-rank check (see _agree)
+        _check_load_balance(load_balance, "ring_flash_attn_func")
+        if dropout_p != 0:
+            raise NotImplementedError(
+                "flashattn_lite.distributed.ring_flash_attn_func: dropout is not supported; its random mask is keyed "
+                "by a position within one kernel call, so a sharded sequence would not drop what the unsharded call "
+                "drops")
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            checks.check_tensor(name, t, 4, "(batch, seqlen / world_size, heads, headdim)")
+        softcap = checks.check_softcap(softcap)
+        slopes = checks.check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else checks.check_scale(softmax_scale, "softmax_scale")
+        checks.check_scale_over_softcap(scale, softcap)
+        left, right = checks.check_window(window_size)
+        if causal:
+            right = 0
+        lq, lk = q.shape[1], k.shape[1]
+        left, right = unbounded_if_beyond(left, right, world * lq, world * lk)
+        params = Params(softmax_scale=scale, window_left=left, window_right=right, softcap=softcap,
+                        alibi_slopes=slopes)
+        checks.check_fwd(q, k, v, params, op="ring_flash_attn_func")
+        if load_balance == "zigzag":
+            for name, n in (("q", lq), ("k/v", lk)):
+                if n % 2:
+                    raise ValueError(f"flashattn_lite.distributed.ring_flash_attn_func: a zigzag shard holds two "
+                                     f"equal chunks, but {name} has an odd local length {n}; shard() the full "
+                                     "sequence")
+        fields = dict(zip(_RING_FIELDS, (
+            q.shape[0], lq, q.shape[2], q.shape[3], lk, k.shape[2], v.shape[3], _DTYPE_CODES.get(q.dtype, -1),
+            0 if q.device.type == "cpu" else 1, bool(causal), left, right, softcap, scale, slopes is not None,
+            LOAD_BALANCES.index(load_balance))))
+    except (TypeError, ValueError, NotImplementedError) as e:
+        failure = e
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    _agree(group, world, device, "ring_flash_attn_func", fields, failure)
+    if slopes is not None:  # (every rank has them, of one shape: agreed above)
+        _agree(group, world, q.device, "ring_flash_attn_func",
+               {f"alibi_slopes[{b}, {h}]": x for b, row in enumerate(slopes.tolist()) for h, x in enumerate(row)})
     ring = _schedule(group, rank, world, lq, lk, load_balance, left, right, slopes is not None)
     features = set(params.features())
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):

@@ -33,6 +33,7 @@ need one (grad mode on and an input that requires grad) raises instead of return
 an output whose backward would fail later.
 """
 
+import numbers
 import operator
 
 import torch
@@ -429,19 +430,22 @@ def _check_append_memory(q, k_cache, v_cache, k, v, blocks, rows, used_rows):
 
 def _check_quantized_append_memory(q, k_cache, v_cache, k, v, k_descale, v_descale, used_rows):
     """The append checks for 8-bit caches: each cache's positions and rows in use distinct, the
-    caches apart, and q, the new k/v (float) and the descales nowhere inside the caches'
-    memory (tensors of other dtypes inside a cache: refused outright)."""
+    caches apart, and q, the new k/v (float) and the descales nowhere inside the memory the
+    append writes: the caches and the two descales (refused outright, by address range)."""
     _check_rows_distinct("k_cache", k_cache, used_rows, k_cache.data_ptr())
     _check_rows_distinct("v_cache", v_cache, used_rows, k_cache.data_ptr())
     ek, ev = _extent(k_cache), _extent(v_cache)
     if not _apart(k_cache, v_cache, ek, ev):
         raise ValueError("k_cache and v_cache overlap in memory: the append would overwrite the other cache; pass "
                          "separate (non-overlapping) caches")
-    for name, t in (("q", q), ("the new k", k), ("the new v", v), ("k_descale", k_descale), ("v_descale", v_descale)):
+    read = (("q", q), ("the new k", k), ("the new v", v), ("k_descale", k_descale), ("v_descale", v_descale))
+    # the descales' appended positions are written too, before q and the new v are read
+    written = (("k_cache", ek), ("v_cache", ev), ("k_descale", _extent(k_descale)), ("v_descale", _extent(v_descale)))
+    for name, t in read:
         et = _extent(t)
-        for cache_name, ec in (("k_cache", ek), ("v_cache", ev)):
-            if et is not None and ec is not None and not (et[1] < ec[0] or ec[1] < et[0]):
-                raise ValueError(f"{name} shares memory with {cache_name}: the append would overwrite it; pass it as a "
+        for target, ew in written:
+            if target != name and et is not None and ew is not None and not (et[1] < ew[0] or ew[1] < et[0]):
+                raise ValueError(f"{name} shares memory with {target}: the append would overwrite it; pass it as a "
                                  "separate tensor")
 
 
@@ -534,9 +538,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError("cache_seqlens is required when appending k/v: it says where they go")
         lengths = [capacity] * batch
         seqlens_t = torch.full((batch,), capacity, dtype=torch.int32, device=device)
-    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        lengths = [cache_seqlens] * batch
-        seqlens_t = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    elif isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        lengths = [int(cache_seqlens)] * batch
+        seqlens_t = None  # made below, once the range is checked (int32)
     elif isinstance(cache_seqlens, torch.Tensor):
         lengths = _check_int32_vector("cache_seqlens", cache_seqlens, batch, device)
         seqlens_t = cache_seqlens
@@ -549,6 +553,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             what = f" + {seqlen_new} new keys" if seqlen_new else ""
             raise ValueError(f"cache_seqlens[{b}] = {n}{what} exceeds the cache capacity of {capacity} positions "
                              f"({'max_blocks * page_size' if block_table is not None else 'k_cache.shape[1]'})")
+    if seqlens_t is None:
+        seqlens_t = torch.full((batch,), lengths[0] if lengths else 0, dtype=torch.int32, device=device)
     ends = [n + seqlen_new for n in lengths]
 
     starts = None

@@ -33,7 +33,9 @@ def quantize_kv(x, dtype=torch.int8):
     """(codes, descale) of ``x`` (..., headdim), one scale per row of the last dim.
 
     Args:
-        x: a float tensor, e.g. keys (batch, seqlen, heads_k, headdim); finite.
+        x: a float tensor, e.g. keys (batch, seqlen, heads_k, headdim); finite and within
+            float32's range (the arithmetic is float32: float64 rows below its smallest
+            magnitude quantize to 0).
         dtype: ``torch.int8`` or ``torch.float8_e4m3fn``.
 
     Returns ``codes`` (x's shape, ``dtype``) and ``descale`` (x's shape without the last dim,
@@ -50,7 +52,10 @@ def quantize_kv(x, dtype=torch.int8):
         raise ValueError("quantize_kv: x needs at least one dim (the head dim is the last)")
     codes, descale = quantize_rows(x, dtype)
     if x.numel() and not bool(torch.isfinite(descale).all()):
-        raise ValueError("quantize_kv: x holds a non-finite value (inf or NaN); an 8-bit code cannot represent it")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("quantize_kv: x holds a non-finite value (inf or NaN); an 8-bit code cannot represent it")
+        raise ValueError(f"quantize_kv: x holds a value beyond float32's range (largest magnitude "
+                         f"{x.abs().max().item():.3g} > {torch.finfo(torch.float32).max:.3g}); the descale is float32")
     return codes, descale
 
 

@@ -236,6 +236,15 @@ def misuse(rank, world):
     attempt("bad load_balance", lambda: fd.ring_flash_attn_func(kv, kv, kv, load_balance="ring"))
     attempt("indivisible shard", lambda: fd.shard(torch.randn(1, 2 * world + 1, 2, 8)))
     attempt("unshard shapes differ", lambda: fd.unshard(torch.randn(1, 2 + 2 * rank, 2, 8)))
+    # arguments only one rank gets wrong, or that differ only in value: every rank raises at
+    # once (a rank refusing its own arguments still joins the cross-rank check)
+    attempt("alibi slopes differ", lambda: fd.ring_flash_attn_func(kv, kv, kv, alibi_slopes=torch.tensor([0.5, 0.25])
+                                                                   * (1 + rank)))
+    attempt("odd zigzag shard on rank 0", lambda: fd.ring_flash_attn_func(*(torch.randn(1, 3 + rank, 2, 8)
+                                                                             for _ in range(3))))
+    attempt("dropout on rank 1", lambda: fd.ring_flash_attn_func(kv, kv, kv, dropout_p=0.1 * rank))
+    attempt("unshard ndim differs", lambda: fd.unshard(torch.randn(*(1,) * rank, 2, 2, 8)))
+    attempt("unshard odd on rank 0", lambda: fd.unshard(torch.randn(1, 3 + rank, 2, 8)))
     # the group still works after every refusal: a good call runs
     good = fd.ring_flash_attn_func(kv, kv, kv, causal=True)
     got["good call after refusals"] = None if torch.isfinite(good).all() else ("bad", "non-finite")

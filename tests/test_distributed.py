@@ -96,10 +96,22 @@ def test_bad_calls_raise_clear_errors_on_every_rank():
         "bad load_balance": ("ValueError", "load_balance must be 'zigzag' or None"),
         "indivisible shard": ("ValueError", "cannot be cut into"),
         "unshard shapes differ": ("ValueError", "ranks disagree on size[1]"),
+        "alibi slopes differ": ("ValueError", "ranks disagree on alibi_slopes[0, 0]: rank 0: 0.5, rank 1: 1"),
+        "unshard ndim differs": ("ValueError", "ranks disagree on ndim"),
         "good call after refusals": None,
+    }
+    # refused on one rank only: that rank's own error there, on the other a ValueError naming it
+    one_rank = {
+        "odd zigzag shard on rank 0": (0, ("ValueError", "odd local length")),
+        "dropout on rank 1": (1, ("NotImplementedError", "dropout is not supported")),
+        "unshard odd on rank 0": (0, ("ValueError", "has odd length")),
     }
     for rank, got in ranks.items():
         assert isinstance(got, dict), f"rank {rank}: {got}"
+        for name, (culprit, own) in one_rank.items():
+            want = own if rank == culprit else ("ValueError", f"rank {culprit} refused its arguments")
+            kind, message = got[name]
+            assert kind == want[0] and want[1] in message, f"rank {rank} {name}: {kind}: {message}"
         for name, want in expected.items():
             if want is None:
                 assert got[name] is None, f"rank {rank} {name}: {got[name]}"

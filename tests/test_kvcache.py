@@ -543,6 +543,9 @@ def test_bad_seqlens_beyond_cache():
     _bad("cache_seqlens must be int32", TypeError, cache_seqlens=torch.tensor([3, 5]))
     _bad(r"cache_seqlens must have shape \(2,\)", cache_seqlens=torch.tensor([3], dtype=torch.int32))
     _bad("negative", cache_seqlens=torch.tensor([-1, 2], dtype=torch.int32))
+    # a Python int beyond int32 gets the same errors (it was torch's "cannot be converted ... overflow")
+    _bad(r"cache_seqlens\[0\] = 2147483648 \+ 1 new keys exceeds", cache_seqlens=2 ** 31)
+    _bad(r"cache_seqlens\[0\] = -2147483649 is negative", cache_seqlens=-2 ** 31 - 1)
     _bad("cache_seqlens is required when appending", cache_seqlens=None)
 
 

@@ -51,6 +51,7 @@ def test_quantize_kv_e4m3_rule():
 
 @pytest.mark.parametrize("bad, kind, match", [
     (torch.tensor([1.0, float("inf")]), ValueError, "non-finite"),
+    (torch.tensor([1e300, 1.0], dtype=torch.float64), ValueError, "beyond float32's range"),  # finite, not "non-finite"
     (torch.tensor([1, 2], dtype=torch.int32), TypeError, "floating-point"),
     (torch.tensor(1.0), ValueError, "at least one dim")])
 def test_quantize_kv_errors(bad, kind, match):
@@ -247,6 +248,14 @@ def _caches(dtype=torch.int8, b=2, s=8, hk=2, d=16):
             torch.ones(b, s, hk), torch.ones(b, s, hk))
 
 
+def _q_inside_k_descale(kc, vc, vd):
+    buf = torch.rand(200) + 0.5
+    kd = buf[:32].view(2, 8, 2)  # position 3's descales are written by the append; q starts at buf[5]
+    q = buf[5:5 + 128].view(2, 1, 4, 16)
+    return fl.flash_attn_with_kvcache(q, kc, vc, torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16), cache_seqlens=3,
+                                      k_descale=kd, v_descale=vd)
+
+
 @pytest.mark.parametrize("call, kind, match", [
     (lambda q, kc, vc, kd, vd: fl.flash_attn_with_kvcache(q, kc, vc), ValueError, "needs k_descale and v_descale"),
     (lambda q, kc, vc, kd, vd: fl.flash_attn_with_kvcache(q, kc, vc, k_descale=kd), ValueError, "v_descale missing"),
@@ -273,6 +282,12 @@ def _caches(dtype=torch.int8, b=2, s=8, hk=2, d=16):
     (lambda q, kc, vc, kd, vd: fl.flash_attn_with_kvcache(q, kc, vc, torch.full((2, 1, 2, 16), float("inf")),
                                                           torch.randn(2, 1, 2, 16), cache_seqlens=3, k_descale=kd,
                                                           v_descale=vd), ValueError, "non-finite"),
+    # q (or the new v) inside a descale the append writes: it was overwritten before being read
+    (lambda q, kc, vc, kd, vd: _q_inside_k_descale(kc, vc, vd), ValueError, "q shares memory with k_descale"),
+    (lambda q, kc, vc, kd, vd: fl.flash_attn_with_kvcache(q, kc, vc, torch.randn(2, 1, 2, 16),
+                                                          kd.view(-1)[:32].view(1, 1, 2, 16).expand(2, 1, 2, 16),
+                                                          cache_seqlens=3, k_descale=kd, v_descale=vd),
+     ValueError, "the new v shares memory with k_descale"),
 ])
 def test_bad_quantized_calls_raise_clear_errors(call, kind, match):
     q = torch.randn(2, 1, 4, 16)
