@@ -10,7 +10,7 @@
 
 While the patch is on, ``torch.nn.functional.scaled_dot_product_attention`` is a wrapper
 that sends the calls flashattn_lite supports (4-D or 3-D float16/bfloat16/float32/float64
-tensors of one dtype, device and batch size, query/key head dims equal and up to 512, a value
+tensors of one dtype (after autocast's cast, inside ``torch.autocast``), device and batch size, query/key head dims equal and up to 512, a value
 head dim up to 512 that may differ, no nested tensors, a bool or float ``attn_mask``
 broadcastable to (batch, heads, L, S), GQA with ``enable_gqa=True``) to
 :func:`flashattn_lite.scaled_dot_product_attention`, and every other call, unchanged, to
@@ -49,7 +49,14 @@ def _supported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     dim = query.dim()
     if dim not in (3, 4) or key.dim() != dim or value.dim() != dim:
         return False
-    if query.dtype not in SUPPORTED_DTYPES or not (query.dtype == key.dtype == value.dtype):
+    cast = None  # inside autocast, the dtype flashattn_lite (as torch) casts them to
+    if query.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(query.device.type):
+        cast = torch.get_autocast_dtype(query.device.type)
+
+    def dtype(t):
+        return cast if cast is not None and t.is_floating_point() and t.dtype != torch.float64 else t.dtype
+
+    if dtype(query) not in SUPPORTED_DTYPES or not (dtype(query) == dtype(key) == dtype(value)):
         return False
     if not (query.device == key.device == value.device) or query.device.type not in ("cpu", "cuda"):
         return False
@@ -64,7 +71,7 @@ def _supported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     if attn_mask is not None:
         if is_causal or not isinstance(attn_mask, torch.Tensor) or attn_mask.device != query.device:
             return False
-        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        if dtype(attn_mask) not in (torch.bool, torch.float32, dtype(query)):
             return False  # torch rejects a float mask of another dtype; let it say so
         full = tuple(query.shape[:-1]) + (key.shape[-2],)
         try:

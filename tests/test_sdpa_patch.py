@@ -172,3 +172,19 @@ def test_float32_mask_of_a_16_bit_call_is_routed_and_not_rounded(routed):
     assert len(routed) == 1
     check = compare("out", ours, ref, theirs, torch.bfloat16, FWD_FACTOR, v.abs().max().item())
     assert check.ok, str(check)
+
+
+def test_mixed_dtypes_inside_autocast_are_routed(routed):
+    # inside torch.autocast, rotary embeddings leave q and k in float32 beside a bf16 v; torch
+    # casts all three, and so does the patch (it routes the call instead of leaving it to torch)
+    g = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, 2, 16, 16, generator=g) for _ in range(2))
+    v = torch.randn(1, 2, 16, 16, generator=g).bfloat16()
+    ref = ORIGINAL(q.bfloat16().double(), k.bfloat16().double(), v.double(), is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs = ORIGINAL(q, k, v, is_causal=True)
+        with fl.patch_sdpa():
+            ours = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert len(routed) == 1 and ours.dtype == theirs.dtype == torch.bfloat16
+    check = compare("out", ours, ref, theirs, torch.bfloat16, FWD_FACTOR, v.abs().max().item())
+    assert check.ok, str(check)
