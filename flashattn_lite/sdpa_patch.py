@@ -10,9 +10,10 @@
 
 While the patch is on, ``torch.nn.functional.scaled_dot_product_attention`` is a wrapper
 that sends the calls flashattn_lite supports (4-D or 3-D float16/bfloat16/float32/float64
-tensors of one dtype (after autocast's cast, inside ``torch.autocast``), device and batch size, query/key head dims equal and up to 512, a value
-head dim up to 512 that may differ, no nested tensors, a bool or float ``attn_mask``
-broadcastable to (batch, heads, L, S), GQA with ``enable_gqa=True``) to
+tensors of one dtype (after autocast's cast, inside ``torch.autocast``), device and batch
+size, query/key head dims equal and up to 512, a value head dim up to 512 that may differ,
+no nested tensors, a bool or float ``attn_mask`` broadcastable to (batch, heads, L, S),
+GQA with ``enable_gqa=True``) to
 :func:`flashattn_lite.scaled_dot_product_attention`, and every other call, unchanged, to
 the function it replaced, so unsupported or invalid calls behave (and raise) exactly as
 before.  Differences on supported calls: a query row that may attend
