@@ -613,6 +613,20 @@ def _(be):
     _on(be, torch.bfloat16, ("attn_mask",), run)
 
 
+@case("func_bf16_dropout_one_key_grad")  # one key: P = 1, so the exact dq and dk are 0
+def _(be):
+    def run():
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(1, n, 2, 32, generator=g).bfloat16().requires_grad_() for n in (32, 1, 1))
+        dout = torch.randn(1, 32, 2, 32, generator=g).bfloat16()
+        with record_dropout() as calls:  # (p = 0.5 would hide it: v / (1 - p) is then a bf16 value)
+            out = fl.flash_attn_func(q, k, v, dropout_p=0.53, softmax_scale=4.0)
+        dq, dk = torch.autograd.grad(out, (q, k), dout)
+        ref, base = reference_results(q, k, v, dout, 4.0, dropout_keep=calls[0].keep(), dropout_p=0.53)
+        _check({"dq": dq, "dk": dk}, ref, base, torch.bfloat16)
+    _on(be, torch.bfloat16, ("dropout",), run)
+
+
 @case("extreme_identical_keys_huge_scores")  # all scores equal and huge: uniform weights
 def _(be):
     dt = _dt(be)
@@ -1860,6 +1874,8 @@ KNOWN_DEFECTS = {
     ("triton", "extreme_bf16_values_near_max"): "the unnormalised float32 accumulator overflows for |v| ~ 1e38",
     ("cuda_emu", "extreme_bf16_values_near_max"): "the unnormalised float32 accumulator overflows for |v| ~ 1e38",
     ("cpu", "sdpa_bf16_row_constant_mask_grad"): _ROWSUM_ROUNDED,
+    ("cpu", "func_bf16_dropout_one_key_grad"): _ROWSUM_ROUNDED,
+    ("triton", "func_bf16_dropout_one_key_grad"): _ROWSUM_ROUNDED,
     ("triton", "sdpa_bf16_row_constant_mask_grad"): _ROWSUM_ROUNDED,
     ("triton", "extreme_bf16_tiny_values"): "Triton's CPU interpreter converts bf16 subnormals inexactly "
                                             "(interpreter only)",
