@@ -1877,8 +1877,6 @@ KNOWN_DEFECTS = {
     ("cpu", "func_bf16_dropout_one_key_grad"): _ROWSUM_ROUNDED,
     ("triton", "func_bf16_dropout_one_key_grad"): _ROWSUM_ROUNDED,
     ("triton", "sdpa_bf16_row_constant_mask_grad"): _ROWSUM_ROUNDED,
-    ("triton", "extreme_bf16_tiny_values"): "Triton's CPU interpreter converts bf16 subnormals inexactly "
-                                            "(interpreter only)",
 }
 
 

@@ -342,3 +342,23 @@ def test_torch_compile_and_fake_tensors():
         out, lse = torch.ops.flashattn_lite.decode(q, kc, vc, table, seqlens, None, 32, 0.25, -1, -1, 0.0, None, 0,
                                                    "cpu", None, k_descale=kd, v_descale=vd)
     assert out.shape == (1, 1, 4, 16) and lse.shape == (1, 4, 1)
+
+
+@pytest.mark.parametrize("magnitude", [1e-3, 1e-4])
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=_name)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_values_with_float16_queries(backend, qdtype, magnitude):
+    """Values of magnitude 1e-4 give descales near 1e-6: Triton rounded P * descale to float16,
+    into its subnormals, and was 2.3e-2 off relative to the output (now P * descale / the
+    tile's largest).  Bound: float16's rounding of P and of the output, relative."""
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 1, 2, 64, generator=g).half()
+    k_codes, k_desc = fl.quantize_kv(torch.randn(1, 64, 1, 64, generator=g), qdtype)
+    v_codes, v_desc = fl.quantize_kv(torch.randn(1, 64, 1, 64, generator=g) * magnitude, qdtype)
+    with torch.no_grad(), fl.use_backend(backend):
+        out = fl.flash_attn_with_kvcache(q, k_codes, v_codes, k_descale=k_desc, v_descale=v_desc, num_splits=1)
+    k64, v64 = dequantize(k_codes, k_desc, torch.float64), dequantize(v_codes, v_desc, torch.float64)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k64.expand(1, 64, 2, 64)) * 64 ** -0.5
+    ref = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v64.expand(1, 64, 2, 64))
+    rel = (out.double() - ref).abs().max() / ref.abs().max()
+    assert rel <= 2 * torch.finfo(torch.float16).eps, rel

@@ -205,3 +205,24 @@ def test_huge_window_is_unbounded(backend):
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (6, 3))])
 def test_softcap_and_alibi(dtype, softcap, alibi, causal, window):
     _check(2, 37, 45, 4, 2, 32, dtype, causal=causal, window=window, softcap=softcap, alibi=alibi)
+
+
+def test_interpreter_rounds_float32_to_bf16_to_nearest_even():
+    """The interpreter truncated float32 -> bf16 casts (the GPU rounds to nearest even); the
+    package's interpreter patch rounds them as torch does, ties, NaN and overflow included."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    triton_backend.patch_interpreter_bf16_dot()
+    bits = torch.randint(0, 2 ** 31, (4096,), dtype=torch.int64)
+    bits[:8] = torch.tensor([0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x7F800000, 0x7FC00001, 0x00008000, 0x00018000,
+                             0x80000000])  # ties both ways, max, inf, NaN, subnormal ties, -0
+    bits[8:16] |= 0x8000  # more ties
+    x = (bits - (bits >= 2 ** 31).long() * 2 ** 32).to(torch.int32).view(torch.float32)
+    x[16:2048] = -x[16:2048]
+    handle = interpreter.TensorHandle(x.numpy(), interpreter.tl.float32)
+    got = interpreter.InterpreterBuilder.cast_impl(None, handle, interpreter.tl.bfloat16).data
+    got = torch.from_numpy(np.asarray(got).view(np.int16)).view(torch.bfloat16)
+    want = x.to(torch.bfloat16)
+    same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+    assert same.all(), (x[~same][:4], got[~same][:4], want[~same][:4])

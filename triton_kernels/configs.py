@@ -498,8 +498,7 @@ _KNOWN_SPILLS_BY_TRITON = {
         ("decode_split", "sm90", "fp32", 512, False): (40, _NO_CANDIDATE),
         ("decode_split", "sm90", "fp32", 64, False): (264, _NO_CANDIDATE),
         ("decode_split", "sm90", "fp32", 64, True): (264, _NO_CANDIDATE),
-        ("decode_split", "sm80", "lowp", 512, "int8"): (232, _NO_CANDIDATE),
-        ("decode_split", "sm80", "lowp", 512, "fp8"): (440, _NO_CANDIDATE),
+        ("decode_split", "sm80", "lowp", 512, "fp8"): (28, _NO_CANDIDATE),
     },
     (3, 5): {
         ("bwd_dkdv", "sm80", "lowp", 16, DROPOUT): (232, _NO_CANDIDATE),
@@ -752,7 +751,7 @@ MLA_HEAD_DIMS = (("fwd", 192, 128), ("bwd_dkdv", 192, 128), ("bwd_dq", 192, 128)
 _DECODE_SPLIT_QUANT = {
     ("sm80", "fp32", 64): KernelConfig(16, 64, 4, 1),
     ("sm80", "fp32", 128): KernelConfig(16, 32, 8, 1),
-    ("sm80", "fp32", 256): KernelConfig(16, 32, 8, 1),
+    ("sm80", "fp32", 256): KernelConfig(16, 32, 16, 1),
     ("sm80", "fp32", 512): KernelConfig(16, 16, 16, 1),
     ("sm80", "lowp", 16): KernelConfig(16, 128, 4, 1),
     ("sm80", "lowp", 512): KernelConfig(16, 16, 16, 1),
@@ -765,14 +764,17 @@ _DECODE_SPLIT_QUANT = {
 
 # The same for an older Triton, whose compiler spills where these do not: per (major, minor),
 # the first spill-free config for both code types of the same search, run with that
-# Triton (benches/results/static_gpu_versions.json); where none was found the config above
-# stays and its bytes are in _KNOWN_SPILLS_BY_TRITON (mods "int8" / "fp8").
+# Triton (benches/results/static_gpu_versions.json); where none was found, the candidate
+# with the fewest spill bytes (or the config above) is used and its bytes are in
+# _KNOWN_SPILLS_BY_TRITON (mods "int8" / "fp8").
 _DECODE_SPLIT_QUANT_BY_TRITON = {
     (3, 4): {
         ("sm80", "fp32", 64): KernelConfig(16, 64, 8, 1),
-        ("sm80", "fp32", 256): KernelConfig(16, 32, 16, 1),
+        ("sm80", "fp32", 512): KernelConfig(16, 16, 8, 1),
         ("sm80", "lowp", 128): KernelConfig(16, 64, 8, 3),
+        ("sm80", "lowp", 512): KernelConfig(16, 16, 8, 1),
         ("sm90", "fp32", 256): KernelConfig(16, 32, 16, 1),
+        ("sm90", "fp32", MAX_DECODE_HEAD_DIM): KernelConfig(16, 16, 16, 1),
         ("sm90", "lowp", MAX_DECODE_HEAD_DIM): KernelConfig(16, 16, 8, 1),
     },
     (3, 5): {
@@ -787,6 +789,7 @@ _DECODE_SPLIT_QUANT_BY_TRITON = {
     (3, 7): {
         ("sm80", "fp32", 128): KernelConfig(16, 32, 16, 1),
         ("sm80", "lowp", 256): KernelConfig(16, 64, 8, 1),
+        ("sm90", "fp32", 128): KernelConfig(16, 32, 16, 1),
         ("sm90", "lowp", 256): KernelConfig(16, 64, 8, 1),
     },
     (3, 8): {

@@ -27,8 +27,10 @@ float8_e4m3fn (2: its bits, decoded here with integer operations, for architectu
 the interpreter without fp8 conversions; 3: Triton's fp8 type, sm_89 and later), and
 KD/VD a float32 descale per (block, row, kv head).  A tile's codes are widened right after
 the load to q's dtype (exact: every int8 and e4m3 value is a bf16/fp16 value), the
-product runs as for a float cache, and each position's descale multiplies its score
-column and, for V, its probability column: the cache is never scaled.
+product runs as for a float cache, each position's key descale multiplies its score
+column, and its value descale its probability column, which is then divided by a running
+max (so the weights stay in [-1, 1] whatever the descales' size): the cache is never
+scaled.
 
 Head dims: Q and K have ``head_dim``, V and the outputs ``head_dim_v`` (absorbed MLA
 decodes with one kv head, D = 576 = 512 latent + 64 rope dims, and Dv = 512).  A D
@@ -65,7 +67,7 @@ def _widen_codes(x, QUANT: tl.constexpr):
 
 
 @triton.jit
-def _decode_tile(acc, m_i, l_i, q, q_tail, K, V, KD, VD, table_row, hk_off_k, hk_off_v, hk_off_kd, hk_off_vd,
+def _decode_tile(acc, m_i, l_i, r_i, q, q_tail, K, V, KD, VD, table_row, hk_off_k, hk_off_v, hk_off_kd, hk_off_vd,
                  start_n, split_hi, qpos,
                  offs_n, offs_d, offs_dt, offs_dv, head_dim, head_dim_v, page_size, left, right, qk_scale,
                  softcap_pre, softcap_post, slope2, stride_kb, stride_ks, stride_vb, stride_vs,
@@ -75,7 +77,8 @@ def _decode_tile(acc, m_i, l_i, q, q_tail, K, V, KD, VD, table_row, hk_off_k, hk
                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, QUANT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     """One BLOCK_N tile of cache positions [start_n, start_n + BLOCK_N) folded into the
-    online softmax of the rows (positions ``qpos``)."""
+    online softmax of the rows (positions ``qpos``).  With an 8-bit cache, ``r_i`` is the
+    running max of the descaled weights (see below); otherwise it passes through."""
     cols = start_n + offs_n
     in_range = cols < split_hi
     if PAGED:
@@ -130,12 +133,24 @@ def _decode_tile(acc, m_i, l_i, q, q_tail, K, V, KD, VD, table_row, hk_off_k, hk
     p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    if QUANT > 0:  # each position's value descale scales its probability column
+    if QUANT > 0:
+        # Each position's value descale scales its probability column, and the products are
+        # divided by a running max of their magnitude, r: the weights the product sees stay
+        # in [-1, 1] with the largest at 1 whatever the descales' size (P * descale alone fell
+        # into float16's subnormals for small descales).  acc holds the sum divided by r; the
+        # row's result is acc * r / l.
         vd = tl.load(VD + blk * stride_vdb + row.to(tl.int64) * stride_vds + hk_off_vd, mask=in_range, other=0.0)
         p = p * vd[None, :]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+        r_old = r_i * alpha
+        r_new = tl.maximum(r_old, tl.max(tl.abs(p), 1))
+        inv = 1.0 / tl.where(r_new > 0, r_new, 1.0)  # (r_new = 0: every weight so far is 0)
+        acc = acc * (r_old * inv)[:, None]
+        acc = tl.dot((p * inv[:, None]).to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    else:
+        r_new = r_i
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i, r_new
 
 
 @triton.jit
@@ -219,6 +234,7 @@ def decode_split_kernel(Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI, K
         slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     table_row = BLOCK_TABLE + off_b * stride_tb
@@ -227,7 +243,7 @@ def decode_split_kernel(Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI, K
     hk_off_kd = off_hk.to(tl.int64) * stride_kdh
     hk_off_vd = off_hk.to(tl.int64) * stride_vdh
     for start_n in range(split_lo, split_hi, BLOCK_N):
-        acc, m_i, l_i = _decode_tile(acc, m_i, l_i, q, q_tail, K, V, KD, VD, table_row, hk_off_k, hk_off_v,
+        acc, m_i, l_i, r_i = _decode_tile(acc, m_i, l_i, r_i, q, q_tail, K, V, KD, VD, table_row, hk_off_k, hk_off_v,
                                      hk_off_kd, hk_off_vd, start_n,
                                      split_hi, qpos, offs_n, offs_d, offs_dt, offs_dv, head_dim, head_dim_v,
                                      page_size, left, right, qk_scale, softcap_pre, softcap_post, slope2,
@@ -238,7 +254,10 @@ def decode_split_kernel(Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI, K
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
+    if QUANT > 0:  # acc holds the sum divided by r
+        acc = acc * (r_i / l_safe)[:, None]
+    else:
+        acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
 
     split = split.to(tl.int64)

@@ -95,7 +95,8 @@ MAX_DECODE_HEAD_DIM = 576
 
 def patch_interpreter_bf16_dot():
     """Work around Triton's CPU interpreter multiplying bf16 ``tl.dot`` operands as raw
-    uint16 bits: widen bf16 operands to fp32 (exact) first, as tensor cores do.
+    uint16 bits: widen bf16 operands to fp32 (exact) first, as tensor cores do; and round
+    its float32 -> bf16 casts to nearest even, as the GPU does.
 
     Touches only the interpreter (never GPU code generation) and is idempotent; it
     is applied whenever the kernels are first used under TRITON_INTERPRET=1.
@@ -118,8 +119,34 @@ def patch_interpreter_bf16_dot():
         return original(self, widen(a), widen(b), d, *args, **kwargs)
 
     builder.create_dot = create_dot
+    _patch_interpreter_bf16_cast(interpreter)
     builder._flashattn_lite_bf16_patch = True
     _patch_interpreter_index(interpreter)
+
+
+def _patch_interpreter_bf16_cast(interpreter):
+    """Triton's interpreter casts float32 to bf16 by dropping the low 16 bits (truncation);
+    the GPU rounds to nearest even.  Round here too, so interpreter results carry the GPU's
+    rounding (a truncated P put a bf16 backward 3x over the tolerance once)."""
+    import numpy as np
+
+    builder = interpreter.InterpreterBuilder
+    original = getattr(builder, "cast_impl", None)
+    if original is None:
+        return
+    tl = interpreter.tl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = np.asarray(src.data, dtype=np.float32)
+            bits = data.view(np.uint32)
+            # add half an ulp of bf16, minus one unless the kept lsb is odd (ties to even)
+            rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+            out = np.where(np.isnan(data), (bits >> np.uint32(16)) | np.uint32(0x40), rounded).astype(np.uint16)
+            return interpreter.TensorHandle(out, dst_type.scalar)
+        return original(self, src, dst_type)
+
+    builder.cast_impl = cast_impl
 
 
 def _patch_interpreter_index(interpreter):
