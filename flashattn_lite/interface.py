@@ -22,16 +22,21 @@ def _unit_last_stride(t):
     return t
 
 
+def autocast_dtype(t, device_type):
+    """The dtype ``t`` has after :func:`autocast_inputs` on ``device_type``: inside
+    ``torch.autocast`` there, a floating dtype other than float64 becomes the autocast dtype
+    (as torch casts for its own SDPA, a lower-precision op); else ``t``'s own."""
+    if (device_type in ("cpu", "cuda") and t.is_floating_point() and t.dtype != torch.float64
+            and torch.is_autocast_enabled(device_type)):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
 def autocast_inputs(*tensors):
-    """Inside ``torch.autocast`` for the tensors' device, floating tensors other than float64
-    are cast to the autocast dtype, as torch does for its own SDPA (a lower-precision op
-    there); otherwise, and for None or bool tensors, they pass unchanged."""
-    device = next(t.device.type for t in tensors if t is not None)
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in tensors)
+    """The tensors cast as torch.autocast for the first one's device casts torch's SDPA
+    inputs (:func:`autocast_dtype`); anything that is not a tensor passes unchanged."""
+    device_type = next(t.device.type for t in tensors if isinstance(t, torch.Tensor))
+    return tuple(t.to(autocast_dtype(t, device_type)) if isinstance(t, torch.Tensor) else t for t in tensors)
 
 
 def _validate_qkv(q, k, v, names, layout, packed=False):
@@ -208,10 +213,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             attn_mask = attn_mask.unsqueeze(0)
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(name, t, 4, "(batch, heads, seqlen, headdim)")
-    if isinstance(attn_mask, torch.Tensor):
-        query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
-    else:
-        query, key, value = autocast_inputs(query, key, value)
+    query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
     dropout_p = check_dropout(dropout_p)
     if attn_mask is not None and is_causal:
         raise ValueError("pass either attn_mask or is_causal=True, not both (as torch)")

@@ -32,7 +32,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .interface import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from .interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, autocast_dtype
 from .interface import scaled_dot_product_attention as _fa_sdpa
 
 __all__ = ["patch_sdpa", "enable_sdpa_patch", "disable_sdpa_patch", "sdpa_patch_enabled"]
@@ -50,12 +50,8 @@ def _supported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     dim = query.dim()
     if dim not in (3, 4) or key.dim() != dim or value.dim() != dim:
         return False
-    cast = None  # inside autocast, the dtype flashattn_lite (as torch) casts them to
-    if query.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(query.device.type):
-        cast = torch.get_autocast_dtype(query.device.type)
-
-    def dtype(t):
-        return cast if cast is not None and t.is_floating_point() and t.dtype != torch.float64 else t.dtype
+    def dtype(t):  # inside torch.autocast, the dtype flashattn_lite (as torch) casts it to
+        return autocast_dtype(t, query.device.type)
 
     if dtype(query) not in SUPPORTED_DTYPES or not (dtype(query) == dtype(key) == dtype(value)):
         return False
